@@ -1,0 +1,1 @@
+"""Benchmarks behind the ``cgfac-bench`` command: training comparison and layer complexity."""

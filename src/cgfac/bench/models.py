@@ -1,0 +1,54 @@
+"""The benchmark models.
+
+* ``autoencoder``: the classic K-FAC benchmark (Hinton & Salakhutdinov 2006; Martens & Grosse
+  2015), 784-1000-500-250-30-250-500-1000-784, sigmoid units, linear code layer; its loss is
+  the Bernoulli cross-entropy of the output logits summed over pixels, averaged over the batch.
+* ``mlp``: an MNIST classifier 784-512-256-10 with ReLU.
+* ``cnn``: a small MNIST CNN, conv(1→16, 5×5, pad 2)-ReLU-maxpool-conv(16→32, 5×5, pad 2)-ReLU-
+  maxpool-linear(32·7·7→10).
+* ``digits``: a classifier for scikit-learn's 8×8 digits, 64-64-10 with tanh (quick runs).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+AUTOENCODER_WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+
+
+def autoencoder() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    widths = AUTOENCODER_WIDTHS
+    code = len(widths) // 2  # index of the 30-unit code layer's output
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i + 1 != code and i + 1 != len(widths) - 1:
+            layers.append(nn.Sigmoid())
+    return nn.Sequential(*layers)
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                         nn.Linear(256, 10))
+
+
+def cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )
+
+
+def digits_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+
+
+MODELS = {"autoencoder": autoencoder, "mlp": mlp, "cnn": cnn, "digits": digits_mlp}
+
+
+def build_model(task: str) -> nn.Sequential:
+    """A fresh model for a task name in :data:`MODELS` (seed torch first for reproducibility)."""
+    if task not in MODELS:
+        raise ValueError(f"task must be one of {tuple(MODELS)}, got {task!r}")
+    return MODELS[task]()
