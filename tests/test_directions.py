@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import (
+    Case,
+    capture,
+    cases,
+    covered,
+    dense_kron,
+    exact_fisher,
+    factors,
+    mean_grad,
+    per_sample_grads,
+    unvec,
+    vec,
+)
 
 import cgfac
-from reference import (Case, capture, cases, covered, dense_kron, exact_fisher, factors, mean_grad,
-                       per_sample_grads, unvec, vec)
 
 CASES = cases()
 DAMPING = 0.05

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import Case, capture, cases, dense_kron, exact_fisher, factors, per_sample_grads, unvec, vec
 
 import cgfac
 from cgfac.exact import ExactRows
 from cgfac.kron import KronRows
-from reference import (Case, capture, cases, dense_kron, exact_fisher, factors, per_sample_grads,
-                       unvec, vec)
 
 CASES = cases()
 

@@ -91,7 +91,7 @@ class CGFAC(Preconditioner):
         """The solve method of a layer: the forced one, or the cheapest by the cost model."""
         if self.solver != "auto":
             return self.solver
-        k = min(self.cg_max_iters, self.last_iters.get(name, 10) + 1)
+        k = min(self.cg_max_iters + 1, self.last_iters.get(name, 10))
         c_eig, c_solve = cost.calibrate(str(grad.device), grad.dtype)
         d_out, d_in = grad.shape
         if isinstance(operator, KronRows):
@@ -127,9 +127,9 @@ class CGFAC(Preconditioner):
             res = cg(lambda v: operator.matvec(v, damping), grad, x0,
                      max_iters=self.cg_max_iters, tol=self.cg_tol(self.steps), diag=diag)
             x = res.x
-            self.last_iters[name] = res.iters
-            st.update(iters=res.iters, rel_residual=res.rel_residual, converged=res.converged,
-                      breakdown=res.breakdown)
+            self.last_iters[name] = res.products
+            st.update(iters=res.iters, products=res.products, rel_residual=res.rel_residual,
+                      converged=res.converged, breakdown=res.breakdown)
         if self.warm_start and x.isfinite().all():
             self.solutions[name] = x.clone()
         return x

@@ -29,7 +29,7 @@ KRON_METHODS = ("cg", "lowrank", "eigen")
 EXACT_METHODS = ("cg", "lowrank")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def calibrate(device: str, dtype: torch.dtype, n: int = 384) -> tuple[float, float]:
     """``(c_eig, c_solve)``: seconds of ``eigh`` / ``solve`` per ``n³``, over a product's."""
     gen = torch.Generator().manual_seed(0)

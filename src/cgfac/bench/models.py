@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from torch import nn
 
 AUTOENCODER_WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
@@ -20,7 +22,7 @@ def autoencoder() -> nn.Sequential:
     layers: list[nn.Module] = []
     widths = AUTOENCODER_WIDTHS
     code = len(widths) // 2  # index of the 30-unit code layer's output
-    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (d_in, d_out) in enumerate(pairwise(widths)):
         layers.append(nn.Linear(d_in, d_out))
         if i + 1 != code and i + 1 != len(widths) - 1:
             layers.append(nn.Sigmoid())

@@ -1,0 +1,196 @@
+"""Public API: registration report, argument checks, hook lifetime, true Fisher."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cgfac
+
+BOTH = [cgfac.CGFAC, cgfac.KFAC]
+
+
+def mixed_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Flatten(), nn.Linear(4 * 16, 8), nn.LayerNorm(8), nn.Linear(8, 3),
+    )
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_registration_report_lists_every_trainable_module(cls, caplog) -> None:
+    model = mixed_model()
+    model[7].bias.requires_grad_(False)  # frozen bias: weight still covered
+    with caplog.at_level(logging.INFO, logger="cgfac"):
+        pre = cls(model, skip_layers=["9"])
+    report = {e.name: e for e in pre.registration_report()}
+    assert set(report) == {"0", "1", "3", "5", "7", "8", "9"}
+    assert [n for n, e in report.items() if e.covered] == ["0", "7"]
+    assert "groups=2" in report["3"].reason
+    assert "reflect" in report["5"].reason
+    assert "not a covered layer type" in report["1"].reason and "LayerNorm" in report["8"].reason
+    assert report["9"].reason == "in skip_layers"
+    assert pre.layers["7"].has_bias is False and pre.layers["7"].d_in == 64
+    assert "keep their plain gradient" in caplog.text and "BatchNorm2d" in caplog.text
+    assert "CGFAC registration" in caplog.text or "KFAC registration" in caplog.text
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_uncovered_layers_keep_plain_gradient(cls) -> None:
+    torch.manual_seed(0)
+    model = mixed_model()
+    pre = cls(model, kl_clip=None)
+    x, y = torch.randn(5, 2, 4, 4), torch.randint(0, 3, (5,))
+    F.cross_entropy(model(x), y).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    pre.step()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p.grad, plain[n])
+        assert changed == (n.split(".")[0] in pre.layers), n
+
+
+def test_frozen_weight_and_skip_by_class() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2), nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    model[1].weight.requires_grad_(False)
+    pre = cgfac.CGFAC(model, skip_layers=[nn.Conv2d])
+    report = {e.name: e for e in pre.registration_report()}
+    assert "0" not in report  # nothing trainable: left alone
+    assert not report["1"].covered and "frozen" in report["1"].reason
+    assert list(pre.layers) == ["2"]
+
+
+@pytest.mark.parametrize("kwargs,exc,word", [
+    ({"damping": 0.0}, ValueError, "damping"),
+    ({"damping": -1.0}, ValueError, "damping"),
+    ({"damping": float("nan")}, ValueError, "damping"),
+    ({"damping": "big"}, TypeError, "damping"),
+    ({"kl_clip": 0.0}, ValueError, "kl_clip"),
+    ({"lr": -0.1}, ValueError, "lr"),
+    ({"loss_reduction": "avg"}, ValueError, "loss_reduction"),
+    ({"fisher": "fake"}, ValueError, "fisher"),
+    ({"skip_layers": [3]}, TypeError, "skip_layers"),
+    ({"curvature": "diag"}, ValueError, "curvature"),
+    ({"solver": "qr"}, ValueError, "solver"),
+    ({"curvature": "exact", "solver": "eigen"}, ValueError, "solver"),
+    ({"cg_max_iters": 0}, ValueError, "cg_max_iters"),
+    ({"cg_max_iters": 2.5}, TypeError, "cg_max_iters"),
+    ({"cg_tol": 0.0}, ValueError, "cg_tol"),
+    ({"warm_start": 1}, TypeError, "warm_start"),
+    ({"curvature_samples": 0}, ValueError, "curvature_samples"),
+    ({"curvature_window": 0}, ValueError, "curvature_window"),
+    ({"factor_decay": 1.5}, ValueError, "factor_decay"),
+])
+def test_bad_cgfac_arguments_name_the_argument(kwargs, exc, word) -> None:
+    with pytest.raises(exc, match=word):
+        cgfac.CGFAC(nn.Linear(2, 2), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,exc,word", [
+    ({"factor_decay": -0.1}, ValueError, "factor_decay"),
+    ({"factor_update_steps": 0}, ValueError, "factor_update_steps"),
+    ({"inv_update_steps": 0}, ValueError, "inv_update_steps"),
+])
+def test_bad_kfac_arguments_name_the_argument(kwargs, exc, word) -> None:
+    with pytest.raises(exc, match=word):
+        cgfac.KFAC(nn.Linear(2, 2), **kwargs)
+
+
+def test_model_without_layers_and_non_module() -> None:
+    with pytest.raises(ValueError, match="model"):
+        cgfac.CGFAC(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
+    with pytest.raises(TypeError, match="model"):
+        cgfac.KFAC("not a model")
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_callable_hyperparameter_checked_at_step(cls) -> None:
+    model = nn.Linear(3, 2)
+    pre = cls(model, damping=lambda step: 1e-2 if step == 0 else float("inf"))
+    for step in range(2):
+        model.zero_grad()
+        model(torch.randn(4, 3)).pow(2).mean().backward()
+        if step == 0:
+            pre.step()
+            assert pre.layer_stats()[""]["damping"] == 1e-2
+        else:
+            with pytest.raises(ValueError, match="damping"):
+                pre.step()
+
+
+def test_remove_and_no_grad_capture_nothing() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    pre = cgfac.CGFAC(model)
+    with torch.no_grad():
+        model(torch.randn(5, 3))
+    model.eval()
+    model(torch.randn(5, 3)).sum().backward()
+    model.train()
+    assert all(not h.chunks for h in pre.layers.values())
+    with pre:
+        model(torch.randn(5, 3))
+        assert all(len(h.chunks) == 1 for h in pre.layers.values())
+    assert all(not h.chunks for h in pre.layers.values())
+    model(torch.randn(5, 3))
+    assert all(not h.chunks for h in pre.layers.values())
+
+
+def test_forward_without_backward_is_not_used() -> None:
+    """An evaluation forward in train mode (no backward) leaves no stale rows in the step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, x_eval = torch.randn(6, 3), torch.randn(9, 3)
+    pre = cgfac.CGFAC(model, kl_clip=None, solver="lowrank")
+    model(x).pow(2).mean().backward()
+    model(x_eval)  # forward only
+    pre.step()
+    assert pre.layer_stats()["0"]["rows"] == 6
+
+
+def test_true_fisher_samples_targets_and_leaves_grad_alone() -> None:
+    """Cross-entropy: each sampled last-layer row is ``softmax(z) − e_ŷ``; ``.grad`` stays untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    pre = cgfac.CGFAC(model, fisher="true")
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    out = model(x)
+    pre.sample_fisher(out, "cross_entropy")
+    assert all(p.grad is None for p in model.parameters())
+    F.cross_entropy(out, y).backward()
+    rows = pre._rows(pre.layers["2"])
+    onehot = torch.softmax(out.detach(), -1) - rows.g
+    assert torch.allclose(onehot.sum(1), torch.ones(64), atol=1e-6)
+    assert set(onehot.round().unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(onehot, onehot.round(), atol=1e-6)
+    # Sampled labels follow the model, not the data labels.
+    assert not torch.equal(onehot.argmax(1), y)
+
+
+@pytest.mark.parametrize("loss_type", ["gaussian", "bernoulli"])
+def test_true_fisher_other_likelihoods(loss_type) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2000)
+    pre = cgfac.KFAC(model, fisher="true")
+    out = model(torch.randn(4, 3))
+    pre.sample_fisher(out, loss_type)
+    g = pre._rows(pre.layers[""]).g
+    if loss_type == "gaussian":  # g = z − ŷ = −ε, ε ~ N(0, 1)
+        assert abs(float(g.mean())) < 0.05 and abs(float(g.var()) - 1) < 0.05
+    else:  # g = σ(z) − ŷ, ŷ ∈ {0, 1}
+        y = torch.sigmoid(out.detach()) - g
+        assert torch.allclose(y, y.round(), atol=1e-6)
+
+
+def test_sample_fisher_needs_true_mode() -> None:
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="fisher"):
+        cgfac.CGFAC(model).sample_fisher(model(torch.randn(1, 2)), "cross_entropy")
+    with pytest.raises(ValueError, match="loss_type"):
+        cgfac.CGFAC(model, fisher="true").sample_fisher(model(torch.randn(1, 2)), "poisson")
