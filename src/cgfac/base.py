@@ -55,8 +55,15 @@ class Preconditioner:
         loss_reduction: "mean" (the loss averages per-sample losses) or "sum".
         fisher: "empirical" (``g`` from the user's backward) or "true" (``g`` from targets
             sampled by :meth:`sample_fisher`; the user's backward only supplies ``∇W``).
-        grad_scaler: a ``torch.amp.GradScaler`` whose scale multiplies the captured gradients.
+        grad_scaler: a ``torch.amp.GradScaler`` whose scale multiplies the captured gradients
+            (call ``scaler.unscale_(optimizer)`` before :meth:`step`).
         seed: seeds the sampler of the true Fisher.
+
+    Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
+    ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
+    ``grad_scaler`` the gradients are left for the scaler, which skips the step itself). A layer
+    whose curvature or solve is not usable keeps its plain gradient for the step (``fallbacks``
+    counts it, a warning and ``layer_stats()[name]["fallback"]`` say why).
     """
 
     def __init__(
@@ -89,6 +96,7 @@ class Preconditioner:
         self.steps = 0
         self.stats: dict[str, dict[str, Any]] = {}
         self.fallbacks = 0
+        self.skipped_steps = 0
         self._sampling = False
         self._generator = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
@@ -204,14 +212,39 @@ class Preconditioner:
             g = g / self.grad_scaler.get_scale()
         return Rows(a=rows.a.to(dtype), g=g, n=rows.n)
 
+    def _no_rows_reason(self) -> str:
+        hint = "call sample_fisher(outputs, loss_type) before backward" if self.fisher == "true" else (
+            "no forward and backward in train mode with grad enabled")
+        return f"no curvature rows captured ({hint})"
+
     def _direction(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         """The layer's natural-gradient direction ``X`` (``d_out × d_in``), or None to keep ∇W."""
         raise NotImplementedError
+
+    def _grads_finite(self) -> bool:
+        total = sum((p.grad.sum() for p in self.model.parameters() if p.grad is not None), torch.tensor(0.0))
+        return bool(torch.isfinite(total))
+
+    def _skip_step(self) -> None:
+        """A non-finite gradient: nothing of this batch is kept, and no parameter may move by it."""
+        for helper in self.layers.values():
+            helper.chunks = []
+        self.skipped_steps += 1
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            return  # the scaler sees the non-finite gradients and skips optimizer.step itself
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        warnings.warn("cgfac: non-finite gradient; every .grad was zeroed and this step skipped",
+                      RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def step(self) -> None:
         """Replace the ``.grad`` of every covered layer by its preconditioned direction."""
         damping = self.damping(self.steps)
+        if not self._grads_finite():
+            self._skip_step()
+            return
         directions: dict[str, tuple[LayerHelper, Tensor, Tensor]] = {}
         for name, helper in self.layers.items():
             grad = helper.grad_matrix()
@@ -268,3 +301,55 @@ class Preconditioner:
     def layer_stats(self) -> dict[str, dict[str, Any]]:
         """Per-layer statistics of the last step (method, iterations, residual, damping, ...)."""
         return {k: dict(v) for k, v in self.stats.items()}
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _layer_state(self, name: str) -> dict[str, Any]:
+        """What shapes this layer's next step (running curvature, decompositions, warm starts)."""
+        return {}
+
+    def _load_layer_state(self, name: str, state: dict[str, Any], device: torch.device) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that shapes the next step; tensors are referenced, as in ``torch.optim``."""
+        return {
+            "type": type(self).__name__,
+            "steps": self.steps,
+            "fallbacks": self.fallbacks,
+            "skipped_steps": self.skipped_steps,
+            "hyperparameters": {k: v.value for k, v in vars(self).items()
+                                if isinstance(v, HyperParam) and not callable(v.value)},
+            "generator": self._generator.get_state(),
+            "generators": {d: g.get_state() for d, g in self._generators.items()},
+            "layers": {name: {"shape": (h.d_out, h.d_in), **self._layer_state(name)}
+                       for name, h in self.layers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; a state of another class or model raises ``ValueError``."""
+        if not isinstance(state, dict) or "layers" not in state:
+            raise ValueError("state_dict: not a cgfac preconditioner state")
+        if state.get("type") != type(self).__name__:
+            raise ValueError(f"state_dict: saved from {state.get('type')}, loading into {type(self).__name__}")
+        mine = {name: (h.d_out, h.d_in) for name, h in self.layers.items()}
+        theirs = {name: tuple(layer["shape"]) for name, layer in state["layers"].items()}
+        if mine != theirs:
+            diff = sorted(f"{n}: saved {theirs.get(n)}, model {mine.get(n)}"
+                          for n in set(mine) | set(theirs) if mine.get(n) != theirs.get(n))
+            raise ValueError("state_dict: saved for a different model: " + "; ".join(diff))
+        for key, value in state["hyperparameters"].items():
+            param = getattr(self, key)
+            if not callable(param.value):
+                param.value = value
+                param(self.steps)  # re-checks bounds
+        self.steps = state["steps"]
+        self.fallbacks = state["fallbacks"]
+        self.skipped_steps = state["skipped_steps"]
+        self._generator.set_state(state["generator"])
+        self._generators = {}
+        for device, gen_state in state["generators"].items():
+            gen = torch.Generator(device=device)
+            gen.set_state(gen_state)
+            self._generators[device] = gen
+        for name, helper in self.layers.items():
+            self._load_layer_state(name, state["layers"][name], helper.module.weight.device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from cgfac import cost
@@ -79,6 +80,7 @@ class CGFAC(Preconditioner):
         self.windows: dict[str, deque[Rows]] = {n: deque(maxlen=self.curvature_window) for n in self.layers}
         self.solutions: dict[str, Tensor] = {}
         self.last_iters: dict[str, int] = {}
+        self.cost_constants: tuple[float, float] | None = None  # (c_eig, c_solve), measured once
 
     def _window_weights(self, count: int) -> list[float]:
         """Running-average weights, oldest first: ``(1 − ρ) ρ^j`` for the batch ``j`` steps ago."""
@@ -92,7 +94,9 @@ class CGFAC(Preconditioner):
         if self.solver != "auto":
             return self.solver
         k = min(self.cg_max_iters + 1, self.last_iters.get(name, 10))
-        c_eig, c_solve = cost.calibrate(str(grad.device), grad.dtype)
+        if self.cost_constants is None:
+            self.cost_constants = cost.calibrate(str(grad.device), grad.dtype)
+        c_eig, c_solve = self.cost_constants
         d_out, d_in = grad.shape
         if isinstance(operator, KronRows):
             costs = cost.kron_costs(operator.a.shape[0], operator.g.shape[0], d_in, d_out, k, c_eig)
@@ -109,7 +113,7 @@ class CGFAC(Preconditioner):
                 return None
             window.append(rows)
         if not window:
-            self.stats[name]["fallback"] = "no curvature rows captured (no forward/backward in train mode)"
+            self.stats[name]["fallback"] = self._no_rows_reason()
             return None
         weights = self._window_weights(len(window))
         build = KronRows if self.curvature == "kron" else ExactRows
@@ -126,10 +130,42 @@ class CGFAC(Preconditioner):
             diag = operator.jacobi(damping) if self.jacobi else None
             res = cg(lambda v: operator.matvec(v, damping), grad, x0,
                      max_iters=self.cg_max_iters, tol=self.cg_tol(self.steps), diag=diag)
-            x = res.x
             self.last_iters[name] = res.products
             st.update(iters=res.iters, products=res.products, rel_residual=res.rel_residual,
                       converged=res.converged, breakdown=res.breakdown)
+            if res.breakdown is not None:
+                st["fallback"] = f"CG breakdown: {res.breakdown}"
+                return None
+            x = res.x
         if self.warm_start and x.isfinite().all():
             self.solutions[name] = x.clone()
         return x
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["cost_constants"] = self.cost_constants
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.cost_constants = state.get("cost_constants")
+
+    def _layer_state(self, name: str) -> dict[str, Any]:
+        state: dict[str, Any] = {"window": [(r.a, r.g, r.n) for r in self.windows[name]]}
+        if name in self.solutions:
+            state["solution"] = self.solutions[name]
+        if name in self.last_iters:
+            state["last_iters"] = self.last_iters[name]
+        return state
+
+    def _load_layer_state(self, name: str, state: dict[str, Any], device: torch.device) -> None:
+        window = self.windows[name]
+        window.clear()
+        for a, g, n in state["window"][-self.curvature_window:]:
+            window.append(Rows(a.to(device).clone(), g.to(device).clone(), n))
+        self.solutions.pop(name, None)
+        self.last_iters.pop(name, None)
+        if "solution" in state:
+            self.solutions[name] = state["solution"].to(device).clone()
+        if "last_iters" in state:
+            self.last_iters[name] = state["last_iters"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from cgfac.base import Preconditioner
@@ -57,7 +58,7 @@ class KFAC(Preconditioner):
         """Fold this step's rows into the running factors; a reason string if they were unusable."""
         rows = self._rows(helper)
         if rows is None:
-            return None if name in self.factors else "no curvature rows captured yet"
+            return None if name in self.factors else self._no_rows_reason()
         a_new, g_new = KronRows.from_rows([rows], [1.0]).factors()
         if not (a_new.isfinite().all() and g_new.isfinite().all()):
             return "non-finite curvature rows (factor update skipped)"
@@ -74,14 +75,40 @@ class KFAC(Preconditioner):
         if self._wants_rows():
             problem = self._update_factors(name, helper)
             if problem is not None:
-                self.stats[name]["fallback"] = problem
                 if name not in self.factors:
+                    self.stats[name]["fallback"] = problem
                     return None
+                self.stats[name]["factor_update"] = problem
         helper.chunks = []
         if name not in self.eigen or self.steps % self.inv_update_steps == 0:
-            self.eigen[name] = KronEigen.from_factors(*self.factors[name])
-            self.eigen_age[name] = 0
+            try:
+                self.eigen[name] = KronEigen.from_factors(*self.factors[name])
+                self.eigen_age[name] = 0
+            except torch.linalg.LinAlgError as err:
+                if name not in self.eigen:
+                    raise
+                self.stats[name]["decomposition_error"] = f"{err} (previous decomposition kept)"
+                self.eigen_age[name] += 1
         else:
             self.eigen_age[name] += 1
         self.stats[name].update(method="eigen", decomposition_age=self.eigen_age[name])
         return self.eigen[name].solve(grad, damping)
+
+    def _layer_state(self, name: str) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if name in self.factors:
+            state["factors"] = self.factors[name]
+        if name in self.eigen:
+            e = self.eigen[name]
+            state["eigen"] = (e.s_a, e.q_a, e.s_g, e.q_g)
+            state["eigen_age"] = self.eigen_age[name]
+        return state
+
+    def _load_layer_state(self, name: str, state: dict[str, Any], device: torch.device) -> None:
+        self.factors.pop(name, None)
+        self.eigen.pop(name, None)
+        if "factors" in state:
+            self.factors[name] = tuple(t.to(device).clone() for t in state["factors"])
+        if "eigen" in state:
+            self.eigen[name] = KronEigen(*(t.to(device).clone() for t in state["eigen"]))
+            self.eigen_age[name] = state["eigen_age"]
