@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cgfac.distributed import WorkAssignment
 from cgfac.fisher import LOSS_TYPES, sampled_loss
 from cgfac.hyperparams import Hyper, HyperParam, choice
 from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
@@ -58,6 +59,8 @@ class Preconditioner:
         grad_scaler: a ``torch.amp.GradScaler`` whose scale multiplies the captured gradients
             (call ``scaler.unscale_(optimizer)`` before :meth:`step`).
         seed: seeds the sampler of the true Fisher.
+        process_group: the ``torch.distributed`` group to work in (default: the world, when
+            initialised); see :mod:`cgfac.distributed`.
 
     Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
     ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
@@ -78,6 +81,7 @@ class Preconditioner:
         fisher: str = "empirical",
         grad_scaler: Any = None,
         seed: int = 0,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -93,6 +97,7 @@ class Preconditioner:
             if not isinstance(s, (str, type)):
                 raise TypeError(f"skip_layers entries must be str or type, got {type(s).__name__}")
         self.grad_scaler = grad_scaler
+        self.dist = WorkAssignment(process_group)
         self.steps = 0
         self.stats: dict[str, dict[str, Any]] = {}
         self.fallbacks = 0
@@ -217,9 +222,41 @@ class Preconditioner:
             "no forward and backward in train mode with grad enabled")
         return f"no curvature rows captured ({hint})"
 
-    def _direction(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
+    def _collect(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
+        """Fold this step's rows into each layer's curvature (with any communication)."""
+        raise NotImplementedError
+
+    def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         """The layer's natural-gradient direction ``X`` (``d_out × d_in``), or None to keep ∇W."""
         raise NotImplementedError
+
+    def _solves_here(self, name: str) -> bool:
+        """Whether this process computes the layer's direction."""
+        return not self._owner_only(name) or self.dist.owns(name)
+
+    def _share(self, directions: dict[str, Tensor | None], active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
+        """Broadcast owner-computed directions; a flag carries "keep the plain gradient"."""
+        if not self.dist.active:
+            return
+        items, buffers = [], {}
+        for name, (_, grad) in active.items():
+            if not self._owner_only(name):
+                continue
+            buf = grad.new_zeros(grad.numel() + 1)
+            x = directions.get(name)
+            if x is not None:
+                buf[:-1] = x.reshape(-1)
+                buf[-1] = 1
+            buffers[name] = buf
+            items.append((self.dist.owner(name), [buf]))
+        self.dist.broadcast_from_owners(items)
+        for name, buf in buffers.items():
+            grad = active[name][1]
+            directions[name] = buf[:-1].reshape(grad.shape) if buf[-1] == 1 else None
+
+    def _owner_only(self, name: str) -> bool:
+        """Whether only the owner computes this layer's direction (so it must be broadcast)."""
+        return True
 
     def _grads_finite(self) -> bool:
         total = sum((p.grad.sum() for p in self.model.parameters() if p.grad is not None), torch.tensor(0.0))
@@ -245,32 +282,37 @@ class Preconditioner:
         if not self._grads_finite():
             self._skip_step()
             return
-        directions: dict[str, tuple[LayerHelper, Tensor, Tensor]] = {}
+        active: dict[str, tuple[LayerHelper, Tensor]] = {}
         for name, helper in self.layers.items():
             grad = helper.grad_matrix()
             if grad is None:
                 helper.chunks = []
                 continue
-            grad = grad.to(self._compute_dtype(helper))
+            active[name] = (helper, grad.to(self._compute_dtype(helper)))
             self.stats[name] = {"damping": damping}
+        self._collect(active)
+        directions: dict[str, Tensor | None] = {}
+        for name, (helper, grad) in active.items():
+            if not self._solves_here(name):
+                continue
+            st = self.stats[name]
             try:
-                x = self._direction(name, helper, grad, damping)
+                x = None if "fallback" in st else self._solve(name, helper, grad, damping)
             except torch.linalg.LinAlgError as err:
                 x = None
-                self.stats[name]["fallback"] = f"solve failed: {err}"
+                st["fallback"] = f"solve failed: {err}"
             if x is not None and not torch.isfinite(x).all():
-                self.stats[name]["fallback"] = "non-finite direction"
+                st["fallback"] = "non-finite direction"
                 x = None
-            if x is None:
-                reason = self.stats[name].get("fallback")
-                if reason is not None:
-                    self.fallbacks += 1
-                    warnings.warn(f"cgfac: layer {name!r} keeps its plain gradient this step: {reason}",
-                                  RuntimeWarning, stacklevel=2)
-                continue
-            directions[name] = (helper, x, grad)
-        scale = self._kl_scale(directions)
-        for helper, x, _ in directions.values():
+            if x is None and "fallback" in st:
+                self.fallbacks += 1
+                warnings.warn(f"cgfac: layer {name!r} keeps its plain gradient this step: {st['fallback']}",
+                              RuntimeWarning, stacklevel=2)
+            directions[name] = x
+        self._share(directions, active)
+        final = {name: (active[name][0], x, active[name][1]) for name, x in directions.items() if x is not None}
+        scale = self._kl_scale(final)
+        for helper, x, _ in final.values():
             helper.set_grad(x.mul_(scale))
         self.steps += 1
 

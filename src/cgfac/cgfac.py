@@ -104,17 +104,37 @@ class CGFAC(Preconditioner):
             costs = cost.exact_costs(operator.a.shape[0], operator.n_samples, d_in, d_out, k, c_solve)
         return cost.choose(costs)
 
-    def _direction(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
-        rows = self._rows(helper, self.curvature_samples)
-        window = self.windows[name]
-        if rows is not None:
-            if not (rows.a.isfinite().all() and rows.g.isfinite().all()):
+    def _collect(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
+        """This step's rows of each layer (gathered on its owner rank) join the layer's window."""
+        rows = {name: self._rows(helper, self.curvature_samples) for name, (helper, _) in active.items()}
+        if self.dist.active and rows:
+            self._gather(rows, active)
+        for name, r in rows.items():
+            if not self.dist.owns(name) or r is None:
+                continue
+            if not (r.a.isfinite().all() and r.g.isfinite().all()):
                 self.stats[name]["fallback"] = "non-finite curvature rows (batch not kept)"
-                return None
-            window.append(rows)
-        if not window:
-            self.stats[name]["fallback"] = self._no_rows_reason()
-            return None
+                continue
+            self.windows[name].append(r)
+        for name in active:
+            if self.dist.owns(name) and not self.windows[name] and "fallback" not in self.stats[name]:
+                self.stats[name]["fallback"] = self._no_rows_reason()
+
+    def _gather(self, rows: dict[str, Rows | None], active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
+        """Replace local rows by all ranks' rows on each layer's owner (None elsewhere)."""
+        grad0 = next(iter(active.values()))[1]
+        counts = self.dist.exchange_counts(
+            [(r.a.shape[0], r.n) if r is not None else (0, 0) for r in rows.values()], grad0.device)
+        if not self.dist.owners:  # solve cost ∝ rows · d_in · d_out (iterations alike)
+            self.dist.assign({name: sum(c[0] for c in cnt) * active[name][0].d_in * active[name][0].d_out
+                              for name, cnt in zip(rows, counts)})
+        for (name, r), cnt in zip(list(rows.items()), counts):
+            helper, grad = active[name]
+            rows[name] = self.dist.gather_rows(r, cnt, self.dist.owner(name), helper.d_in, helper.d_out,
+                                               grad.dtype, grad.device)
+
+    def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
+        window = self.windows[name]
         weights = self._window_weights(len(window))
         build = KronRows if self.curvature == "kron" else ExactRows
         operator = build.from_rows(window, weights)

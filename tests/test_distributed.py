@@ -1,0 +1,54 @@
+"""Two processes on gloo over 127.0.0.1, launched by torchrun from the test, with a timeout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def torchrun(out: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), "--out", str(out), *extra]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "MASTER_ADDR": "127.0.0.1",
+           "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    proc = torchrun(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_directions_equal_single_process_on_global_batch(two_ranks) -> None:
+    for result in two_ranks:
+        for kind, r in result["directions"].items():
+            assert r["max_rel_err"] < 1e-9, (result["rank"], kind, r)
+
+
+def test_training_matches_single_process(two_ranks) -> None:
+    for result in two_ranks:
+        for kind, r in result["training"].items():
+            assert r["max_rel_err"] < 1e-8, (result["rank"], kind, r)
+
+
+def test_communication_is_counted(two_ranks) -> None:
+    """Every method sends something; CG-FAC's owners only receive rows, so ranks differ."""
+    for result in two_ranks:
+        assert all(r["bytes_sent"] > 0 for r in result["directions"].values())
+    cg = [r["directions"]["cgfac-kron-lowrank"]["bytes_sent"] for r in two_ranks]
+    assert cg[0] != cg[1]
+
+
+def test_a_failing_rank_ends_the_run_with_its_error(tmp_path) -> None:
+    proc = torchrun(tmp_path, "--fail-rank", "1", timeout=180)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stdout + proc.stderr
