@@ -52,3 +52,19 @@ def test_a_failing_rank_ends_the_run_with_its_error(tmp_path) -> None:
     proc = torchrun(tmp_path, "--fail-rank", "1", timeout=180)
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stdout + proc.stderr
+
+
+def test_byte_formulas_match_the_counted_bytes(two_ranks) -> None:
+    """``cgfac.bench.comm``'s formulas reproduce what each rank counted (float64, 4 samples each)."""
+    import dist_worker
+
+    from cgfac.bench.comm import layer_shapes, per_rank_bytes
+
+    shapes = layer_shapes(dist_worker.net().float(), (1, 4, 4))
+    local = dist_worker.GLOBAL_BATCH // 2
+    for method, kind, kw in [("cgfac", "cgfac-kron-lowrank", {}),
+                             ("kfac-comm-opt", "kfac-comm-opt", {"inv_update_steps": 1}),
+                             ("kfac-mem-opt", "kfac-mem-opt", {"inv_update_steps": 1})]:
+        want = per_rank_bytes(shapes, local, 2, method, number_bytes=8, **kw)
+        got = [r["directions"][kind]["bytes_sent"] for r in two_ranks]
+        assert got == want, (method, got, want)

@@ -22,6 +22,18 @@ from cgfac.layers import Rows
 BUCKET_BYTES = 25 * 2**20
 
 
+def greedy_assignment(costs: dict[str, float], world: int) -> dict[str, int]:
+    """Longest processing time first: layers by decreasing cost (ties by name), each to the
+    least-loaded rank (ties to the lowest rank)."""
+    load = [0.0] * world
+    owners = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += costs[name]
+    return owners
+
+
 class WorkAssignment:
     """Which rank owns which layer, and the collectives the preconditioners need."""
 
@@ -38,13 +50,8 @@ class WorkAssignment:
 
     # --- assignment ---------------------------------------------------------------------------
     def assign(self, costs: dict[str, float]) -> None:
-        """Greedy LPT: layers by decreasing cost (ties by name), each to the least-loaded rank."""
-        load = [0.0] * self.world
-        self.owners = {}
-        for name in sorted(costs, key=lambda n: (-costs[n], n)):
-            rank = min(range(self.world), key=lambda r: (load[r], r))
-            self.owners[name] = rank
-            load[rank] += costs[name]
+        """Fix the owners by :func:`greedy_assignment` of the per-layer costs."""
+        self.owners = greedy_assignment(costs, self.world)
 
     def owner(self, name: str) -> int:
         return self.owners.get(name, 0)

@@ -6,6 +6,7 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and `
 * ``layer``     one layer's preconditioning time and memory against width (``cgfac.bench.layer``)
 * ``choice``    the automatic method choice against every candidate (``cgfac.bench.choice``)
 * ``cg-iters``  CG iterations to tolerance along a real training run (``cgfac.bench.cg_iters``)
+* ``comm``      bytes sent per rank and step by formula, projected to 8/64/512 ranks (``cgfac.bench.comm``)
 """
 
 from __future__ import annotations
@@ -19,19 +20,24 @@ SUBCOMMANDS = {
     "layer": ("cgfac.bench.layer", "one layer's preconditioning cost against width"),
     "choice": ("cgfac.bench.choice", "automatic solve-method choice against every candidate"),
     "cg-iters": ("cgfac.bench.cg_iters", "CG iterations to tolerance along a training run"),
+    "comm": ("cgfac.bench.comm", "bytes sent per rank and step, projected to many ranks"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cgfac-bench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=module.__doc__)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    """Parse ``COMMAND [options]``; only the chosen subcommand's module is imported."""
+    listing = "\n".join(f"  {name:<9} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items())
+    parser = argparse.ArgumentParser(prog="cgfac-bench", description=__doc__.splitlines()[0],
+                                     epilog="commands:\n" + listing,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=list(SUBCOMMANDS))
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's options (COMMAND --help)")
+    top = parser.parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[top.command][0])
+    sub = argparse.ArgumentParser(prog=f"cgfac-bench {top.command}", description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(sub)
+    return int(module.run(sub.parse_args(top.options)) or 0)
 
 
 if __name__ == "__main__":

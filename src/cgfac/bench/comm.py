@@ -1,0 +1,134 @@
+"""Bytes each rank contributes to collectives per step, by formula, for the benchmark models.
+
+For a covered layer with widths ``d_in`` (bias column included), ``d_out``, ``m`` local rows per
+step (``n`` samples × ``T`` positions), ``b`` bytes per number and ``N`` ranks, rank ``r`` sends:
+
+* DDP's own gradient all-reduce (the baseline every method pays): ``Σ_l d_in d_out b``.
+* CG-FAC: ``16 L`` (row counts, int64) ``+ Σ_{l not owned by r} m (d_in + d_out) b``
+  (its rows, gathered to the owner) ``+ Σ_{l owned by r} (d_in d_out + 1) b`` (the direction
+  and a flag, broadcast). Owners are the greedy assignment by ``N m d_in d_out``. The owner
+  *receives* ``(N − 1) m (d_in + d_out) b`` per layer, which grows with ``N``: bound it with
+  ``curvature_samples`` per rank (``n = ⌈n_global / N⌉``), the ``cg-fac (bounded)`` rows.
+* K-FAC: ``Σ_l (d_in² + d_out² + 1) b / factor_update_steps`` (factor all-reduce; a ring puts
+  ``2 (N − 1)/N`` times that on the wire) plus, comm-opt,
+  ``Σ_{l owned by r} (d_in² + d_out² + d_in + d_out + 1) b / inv_update_steps`` (decompositions
+  broadcast), or, mem-opt, ``Σ_{l owned by r} (d_in d_out + 1) b`` (directions broadcast every
+  step). Owners: the greedy assignment by ``d_in³ + d_out³``.
+
+The 2-process test checks these formulas against the bytes the library counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cgfac.bench.models import build_model
+from cgfac.distributed import greedy_assignment
+from cgfac.layers import make_helper
+
+INPUTS = {"autoencoder": (784,), "mlp": (1, 28, 28), "cnn": (1, 28, 28), "digits": (64,)}
+BATCH = {"autoencoder": 256, "mlp": 256, "cnn": 128, "digits": 128}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    d_in: int
+    d_out: int
+    rows_per_sample: int
+
+
+def layer_shapes(model: torch.nn.Module, input_shape: tuple[int, ...]) -> list[LayerShape]:
+    """Covered layers with their widths and rows per sample, from one forward pass."""
+    shapes, handles = [], []
+    for name, module in model.named_modules():
+        helper = make_helper(name, module)
+        if helper is None or isinstance(helper, str):
+            continue
+
+        def hook(mod, inputs, output, helper=helper):
+            a, n = helper.input_rows(inputs[0])
+            shapes.append(LayerShape(helper.name, helper.d_in, helper.d_out, a.shape[0] // n))
+
+        handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape))
+    for h in handles:
+        h.remove()
+    return shapes
+
+
+def per_rank_bytes(shapes: list[LayerShape], samples: int, world: int, method: str, *, number_bytes: int = 4,
+                   factor_update_steps: int = 1, inv_update_steps: int = 10) -> list[float]:
+    """Mean bytes per step each rank contributes (``samples``: local samples per rank)."""
+    b = number_bytes
+    sent = [0.0] * world
+    if method == "ddp":
+        return [float(sum(s.d_in * s.d_out for s in shapes) * b)] * world
+    if method == "cgfac":
+        m = {s.name: samples * s.rows_per_sample for s in shapes}
+        owners = greedy_assignment({s.name: world * m[s.name] * s.d_in * s.d_out for s in shapes}, world)
+        for r in range(world):
+            sent[r] += 16 * len(shapes)
+            for s in shapes:
+                if owners[s.name] == r:
+                    sent[r] += (s.d_in * s.d_out + 1) * b
+                else:
+                    sent[r] += m[s.name] * (s.d_in + s.d_out) * b
+        return sent
+    owners = greedy_assignment({s.name: s.d_in**3 + s.d_out**3 for s in shapes}, world)
+    for r in range(world):
+        sent[r] += sum((s.d_in**2 + s.d_out**2 + 1) * b for s in shapes) / factor_update_steps
+        for s in shapes:
+            if owners[s.name] != r:
+                continue
+            if method == "kfac-comm-opt":
+                sent[r] += (s.d_in**2 + s.d_out**2 + s.d_in + s.d_out + 1) * b / inv_update_steps
+            elif method == "kfac-mem-opt":
+                sent[r] += (s.d_in * s.d_out + 1) * b
+            else:
+                raise ValueError(f"method must be ddp, cgfac, kfac-comm-opt or kfac-mem-opt, got {method!r}")
+    return sent
+
+
+def projection(task: str, worlds: tuple[int, ...] = (2, 8, 64, 512)) -> list[dict]:
+    """Mean and max MB per rank and step, weak scaling (the task's batch per rank)."""
+    shapes = layer_shapes(build_model(task), INPUTS[task])
+    rows = []
+    for world in worlds:
+        for label, method, samples in [
+            ("DDP gradients (baseline)", "ddp", BATCH[task]),
+            ("CG-FAC, all rows", "cgfac", BATCH[task]),
+            ("CG-FAC, bounded (256 samples in all)", "cgfac", math.ceil(256 / world)),
+            ("K-FAC comm-opt", "kfac-comm-opt", BATCH[task]),
+            ("K-FAC mem-opt", "kfac-mem-opt", BATCH[task]),
+        ]:
+            sent = per_rank_bytes(shapes, samples, world, method)
+            rows.append({"task": task, "ranks": world, "method": label,
+                         "mean_MB": sum(sent) / world / 1e6, "max_MB": max(sent) / 1e6})
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", default="autoencoder,mlp,cnn", help="comma-separated benchmark models")
+    parser.add_argument("--out", default="runs/comm", help="output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = [r for task in args.tasks.split(",") for r in projection(task)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comm.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| task | ranks | method | mean MB sent per rank and step | max MB (busiest rank) |",
+             "|---|---:|---|---:|---:|"]
+    lines += [f"| {r['task']} | {r['ranks']} | {r['method']} | {r['mean_MB']:.3f} | {r['max_MB']:.3f} |" for r in rows]
+    (out / "comm.md").write_text(__doc__ + "\nfloat32, batch per rank: "
+                                 + ", ".join(f"{k} {v}" for k, v in BATCH.items()) + "\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
