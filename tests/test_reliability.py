@@ -347,3 +347,13 @@ def test_train_eval_train_uses_no_stale_rows(cls) -> None:
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_large_float16_gradients_are_not_mistaken_for_overflow() -> None:
+    model = nn.Linear(300, 300).half()
+    pre = cgfac.CGFAC(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 60000.0)  # finite, but their float16 sum would overflow
+    assert pre._grads_finite()
+    model.weight.grad[0, 0] = float("inf")
+    assert not pre._grads_finite()

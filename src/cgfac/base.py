@@ -259,8 +259,9 @@ class Preconditioner:
         return True
 
     def _grads_finite(self) -> bool:
-        total = sum((p.grad.sum() for p in self.model.parameters() if p.grad is not None), torch.tensor(0.0))
-        return bool(torch.isfinite(total))
+        """One reduction over every gradient (float32 sums: a float16 sum must not overflow)."""
+        sums = [p.grad.sum(dtype=torch.float32) for p in self.model.parameters() if p.grad is not None]
+        return not sums or bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]).sum()))
 
     def _skip_step(self) -> None:
         """A non-finite gradient: nothing of this batch is kept, and no parameter may move by it."""
