@@ -113,3 +113,38 @@ def test_window_is_weighted_sum_of_batches() -> None:
         fisher = fisher + wi * exact_fisher(j)
     v = rand(3, 4)
     torch.testing.assert_close(ex.matvec(v, 0.0), unvec(fisher @ vec(v), v.shape))
+
+
+@pytest.mark.parametrize("through_samples", [False, True])
+@pytest.mark.parametrize("d_in,d_out", [(3, 2), (20, 20)])
+def test_exact_gram_and_lowrank_routes(monkeypatch, through_samples: bool, d_in: int, d_out: int) -> None:
+    """Samples of 3 rows: both routes to ``K`` (rows' Gram block sums, per-sample ``J``) are exact."""
+    from cgfac.layers import Rows
+
+    gen = torch.Generator().manual_seed(5)
+    n, t = 4, 3
+    rows = Rows(torch.randn(n * t, d_in, generator=gen, dtype=torch.float64),
+                torch.randn(n * t, d_out, generator=gen, dtype=torch.float64), n)
+    op = ExactRows.from_rows([rows], [1.0])
+    monkeypatch.setattr(ExactRows, "gram_through_samples", lambda self: through_samples)
+    j = torch.einsum("sto,sti->soi", rows.g.reshape(n, t, d_out), rows.a.reshape(n, t, d_in))
+    fisher = exact_fisher(j)
+    torch.testing.assert_close(op.per_sample(), j.reshape(n, -1) / n**0.5)
+    flat = j.transpose(1, 2).reshape(n, -1)
+    torch.testing.assert_close(op.gram(), flat @ flat.T / n)
+    grad = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    system = fisher + 0.3 * torch.eye(d_in * d_out, dtype=torch.float64)
+    want = unvec(torch.linalg.solve(system, vec(grad)), grad.shape)
+    torch.testing.assert_close(op.solve_lowrank(grad, 0.3), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("r_a,r_g", [(3, 50), (50, 3), (50, 60)])
+def test_kron_lowrank_with_more_rows_than_width(r_a: int, r_g: int) -> None:
+    """Each factor side uses min(r, d): the Gram matrix or the explicit factor; both exact."""
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(r_a, 9, generator=gen, dtype=torch.float64)
+    g = torch.randn(r_g, 7, generator=gen, dtype=torch.float64)
+    grad = torch.randn(7, 9, generator=gen, dtype=torch.float64)
+    system = dense_kron(a.T @ a, g.T @ g) + 0.05 * torch.eye(63, dtype=torch.float64)
+    want = unvec(torch.linalg.solve(system, vec(grad)), grad.shape)
+    torch.testing.assert_close(KronRows(a, g).solve_lowrank(grad, 0.05), want, rtol=1e-9, atol=1e-12)

@@ -25,24 +25,27 @@ from cgfac.layers import Rows
 class ExactRows:
     """``F = Σ_s vec(J_s) vec(J_s)ᵀ`` with ``J_s = Σ_{t∈s} g_t a_tᵀ``.
 
-    ``sample`` maps each row to its sample (``None`` when every row is its own sample).
+    ``sample`` maps each row to its sample (``None`` when every row is its own sample);
+    ``segments`` lists ``(samples, rows per sample)`` of the stacked batches, in row order.
     """
 
     a: Tensor
     g: Tensor
     sample: Tensor | None
     n_samples: int
+    segments: list[tuple[int, int]]
 
     @classmethod
     def from_rows(cls, window: Sequence[Rows], weights: Sequence[float]) -> ExactRows:
         a = torch.cat([r.a for r in window])
         g = torch.cat([r.g * (w / r.n) ** 0.5 for r, w in zip(window, weights)])
         n_samples = sum(r.n for r in window)
+        segments = [(r.n, r.rows_per_sample) for r in window]
         if all(r.rows_per_sample == 1 for r in window):
-            return cls(a, g, None, n_samples)
+            return cls(a, g, None, n_samples, segments)
         counts = torch.cat([torch.full((r.n,), r.rows_per_sample) for r in window])
         sample = torch.repeat_interleave(torch.arange(n_samples), counts).to(a.device)
-        return cls(a, g, sample, n_samples)
+        return cls(a, g, sample, n_samples, segments)
 
     def _per_sample(self, c: Tensor) -> Tensor:
         """Row values summed within each sample, as a vector of length ``n_samples``."""
@@ -71,8 +74,29 @@ class ExactRows:
             return None
         return ((self.g * self.g).T @ (self.a * self.a)).add_(damping)
 
+    def per_sample(self) -> Tensor:
+        """The per-sample gradients ``J_s`` as rows of an ``n_samples × (d_out·d_in)`` matrix."""
+        parts, start = [], 0
+        for n, t in self.segments:
+            g = self.g[start: start + n * t].reshape(n, t, -1)
+            a = self.a[start: start + n * t].reshape(n, t, -1)
+            parts.append(torch.bmm(g.transpose(1, 2), a).reshape(n, -1))
+            start += n * t
+        return torch.cat(parts)
+
+    def gram_through_samples(self) -> bool:
+        """Whether ``K`` is cheaper from the per-sample gradients (``r p + n² p``) than from the
+        rows' Gram matrices (``r² (d_in + d_out)``, ``r × r`` memory): samples with many rows."""
+        r, n = self.a.shape[0], self.n_samples
+        p = self.a.shape[1] * self.g.shape[1]
+        return self.sample is not None and r * p + n * n * p < r * r * (self.a.shape[1] + self.g.shape[1])
+
     def gram(self) -> Tensor:
-        """``K_{st} = ⟨J_s, J_t⟩``: block sums of ``(g gᵀ) ⊙ (a aᵀ)`` (``n_samples × n_samples``)."""
+        """``K_{st} = ⟨J_s, J_t⟩`` (``n_samples × n_samples``): block sums of ``(g gᵀ) ⊙ (a aᵀ)``,
+        or ``J Jᵀ`` from the per-sample gradients, whichever is cheaper."""
+        if self.gram_through_samples():
+            j = self.per_sample()
+            return j @ j.T
         k = (self.g @ self.g.T) * (self.a @ self.a.T)
         if self.sample is None:
             return k
@@ -85,8 +109,14 @@ class ExactRows:
 
         (λI + K) z = c,  c_s = ⟨J_s, ∇W⟩,   X = (∇W − Σ_s z_s J_s) / λ
         """
-        k = self.gram()
+        if self.gram_through_samples():
+            j = self.per_sample()
+            k, c = j @ j.T, j @ grad.reshape(-1)
+
+            def vjp(z: Tensor) -> Tensor:
+                return (j.T @ z).reshape(grad.shape)
+        else:
+            k, c, vjp = self.gram(), self.jvp(grad), self.vjp
         k.diagonal().add_(damping)
-        c = self.jvp(grad)
         z = torch.linalg.solve(k, c[:, None])[:, 0]
-        return (grad - self.vjp(z)) / damping
+        return (grad - vjp(z)) / damping

@@ -66,26 +66,32 @@ class KronRows:
         return torch.outer(dg, da).add_(damping)
 
     def solve_lowrank(self, grad: Tensor, damping: float) -> Tensor:
-        """Exact solve through the ``r × r`` Gram matrices (``r ≪ d``).
+        """Exact solve through the eigenpairs of each factor, from whichever is smaller.
 
-        ``a aᵀ = U diag(σ) Uᵀ`` gives the non-zero eigenpairs of ``A``: ``s_A = σ``,
-        ``Q_A = aᵀ U σ^{-1/2}``; likewise for ``G``. With ``C = Q_Gᵀ ∇W Q_A``::
+        With ``r < d`` rows, ``a aᵀ = U diag(σ) Uᵀ`` (``r × r``) gives the non-zero eigenpairs of
+        ``A``: ``s_A = σ``, ``Q_A = aᵀ U σ^{-1/2}``; otherwise ``A`` itself is decomposed. Likewise
+        for ``G``. With ``C = Q_Gᵀ ∇W Q_A``::
 
             X = ∇W/λ + Q_G [C ⊘ (s_G s_Aᵀ + λ) − C/λ] Q_Aᵀ
+
+        (exact: the directions outside ``Q`` are the null space, where the system is ``λX = ∇W``).
         """
-        s_a, q_a = _gram_eig(self.a)
-        s_g, q_g = _gram_eig(self.g)
+        s_a, q_a = factor_eig(self.a)
+        s_g, q_g = factor_eig(self.g)
         c = q_g.T @ grad @ q_a
         inner = c / (torch.outer(s_g, s_a) + damping) - c / damping
         return grad / damping + q_g @ inner @ q_a.T
 
 
-def _gram_eig(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Non-zero eigenpairs of ``rowsᵀ rows`` from the Gram matrix ``rows rowsᵀ``.
+def factor_eig(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of ``rowsᵀ rows`` (``r × d`` rows): the non-zero ones from the ``r × r`` Gram
+    matrix ``rows rowsᵀ`` when ``r < d``, all of them from the ``d × d`` factor otherwise.
 
-    Eigenvalues below ``r · eps · σ_max`` are numerically zero and dropped: the formula in
+    Gram eigenvalues below ``r · eps · σ_max`` are numerically zero and dropped: the formula in
     :meth:`KronRows.solve_lowrank` treats their directions exactly as the null space.
     """
+    if rows.shape[0] >= rows.shape[1]:
+        return eigh(rows.T @ rows)
     gram = rows @ rows.T
     sigma, u = eigh(gram)
     keep = sigma > sigma.max().clamp_min(0) * rows.shape[0] * torch.finfo(rows.dtype).eps * 10
