@@ -30,6 +30,8 @@ from cgfac.kron import KronEigen, KronRows
 from cgfac.layers import LayerHelper, Rows
 
 SOLVERS = ("auto", "cg", "lowrank", "eigen")
+DEFAULT_CG_PRODUCTS = 10  # CG's assumed products per solve before any was measured
+CG_PROBE_STEPS = 50  # how often a layer not solved by CG measures CG's iteration count again
 
 
 class CGFAC(Preconditioner):
@@ -80,7 +82,8 @@ class CGFAC(Preconditioner):
         self.windows: dict[str, deque[Rows]] = {n: deque(maxlen=self.curvature_window) for n in self.layers}
         self.solutions: dict[str, Tensor] = {}
         self.last_iters: dict[str, int] = {}
-        self.cost_constants: tuple[float, float] | None = None  # (c_eig, c_solve), measured once
+        self.probed_at: dict[str, int] = {}
+        self.cost_constants: cost.CostConstants | None = None  # measured once, kept in checkpoints
 
     def _window_weights(self, count: int) -> list[float]:
         """Running-average weights, oldest first: ``(1 − ρ) ρ^j`` for the batch ``j`` steps ago."""
@@ -90,19 +93,31 @@ class CGFAC(Preconditioner):
         return [w / total for w in reversed(raw)]
 
     def method_for(self, name: str, operator: KronRows | ExactRows, grad: Tensor) -> str:
-        """The solve method of a layer: the forced one, or the cheapest by the cost model."""
+        """The solve method of a layer: the forced one, or the cheapest by the cost model.
+
+        CG's cost depends on its iteration count ``k``, known only by running it: the last
+        measured count is used (10 before any). When another method is predicted cheaper but CG
+        would win with one warm-started iteration, CG is run once to measure ``k``: at the
+        layer's first warm-startable step and every ``CG_PROBE_STEPS`` steps after.
+        """
         if self.solver != "auto":
             return self.solver
-        k = min(self.cg_max_iters + 1, self.last_iters.get(name, 10))
         if self.cost_constants is None:
             self.cost_constants = cost.calibrate(str(grad.device), grad.dtype)
-        c_eig, c_solve = self.cost_constants
         d_out, d_in = grad.shape
-        if isinstance(operator, KronRows):
-            costs = cost.kron_costs(operator.a.shape[0], operator.g.shape[0], d_in, d_out, k, c_eig)
-        else:
-            costs = cost.exact_costs(operator.a.shape[0], operator.n_samples, d_in, d_out, k, c_solve)
-        return cost.choose(costs)
+
+        def costs(k: int) -> dict[str, float]:
+            if isinstance(operator, KronRows):
+                return cost.kron_costs(operator.a.shape[0], operator.g.shape[0], d_in, d_out, k, self.cost_constants)
+            return cost.exact_costs(operator.a.shape[0], operator.n_samples, d_in, d_out, k, self.cost_constants)
+
+        k = self.last_iters.get(name)
+        best = cost.choose(costs(DEFAULT_CG_PRODUCTS if k is None else k))
+        probe_due = self.steps - self.probed_at.get(name, -CG_PROBE_STEPS) >= CG_PROBE_STEPS
+        if best != "cg" and probe_due and self.warm_start and name in self.solutions and cost.choose(costs(2)) == "cg":
+            self.probed_at[name] = self.steps
+            return "cg"
+        return best
 
     def _collect(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
         """This step's rows of each layer (gathered on its owner rank) join the layer's window."""
@@ -135,11 +150,14 @@ class CGFAC(Preconditioner):
 
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         window = self.windows[name]
-        weights = self._window_weights(len(window))
         build = KronRows if self.curvature == "kron" else ExactRows
-        operator = build.from_rows(window, weights)
+        return self.solve_operator(name, build.from_rows(window, self._window_weights(len(window))), grad, damping)
+
+    def solve_operator(self, name: str, operator: KronRows | ExactRows, grad: Tensor, damping: float) -> Tensor | None:
+        """One layer's solve as :meth:`step` does it: choose the method, solve, keep the warm
+        start and statistics. None (with ``stats[name]["fallback"]``) keeps the plain gradient."""
         method = self.method_for(name, operator, grad)
-        st = self.stats[name]
+        st = self.stats.setdefault(name, {"damping": damping})
         st.update(method=method, rows=int(operator.a.shape[0]))
         if method == "lowrank":
             x = operator.solve_lowrank(grad, damping)
@@ -163,12 +181,13 @@ class CGFAC(Preconditioner):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["cost_constants"] = self.cost_constants
+        state["cost_constants"] = None if self.cost_constants is None else self.cost_constants.as_tuple()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.cost_constants = state.get("cost_constants")
+        saved = state.get("cost_constants")
+        self.cost_constants = None if saved is None else cost.CostConstants(*saved)
 
     def _layer_state(self, name: str) -> dict[str, Any]:
         state: dict[str, Any] = {"window": [(r.a, r.g, r.n) for r in self.windows[name]]}
@@ -176,6 +195,8 @@ class CGFAC(Preconditioner):
             state["solution"] = self.solutions[name]
         if name in self.last_iters:
             state["last_iters"] = self.last_iters[name]
+        if name in self.probed_at:
+            state["probed_at"] = self.probed_at[name]
         return state
 
     def _load_layer_state(self, name: str, state: dict[str, Any], device: torch.device) -> None:
@@ -185,6 +206,9 @@ class CGFAC(Preconditioner):
             window.append(Rows(a.to(device).clone(), g.to(device).clone(), n))
         self.solutions.pop(name, None)
         self.last_iters.pop(name, None)
+        self.probed_at.pop(name, None)
+        if "probed_at" in state:
+            self.probed_at[name] = state["probed_at"]
         if "solution" in state:
             self.solutions[name] = state["solution"].to(device).clone()
         if "last_iters" in state:
