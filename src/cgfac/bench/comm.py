@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from cgfac.bench.models import build_model
+from cgfac.bench.models import INPUT_SHAPES, build_model
 from cgfac.distributed import greedy_assignment
 from cgfac.layers import make_helper
 
-INPUTS = {"autoencoder": (784,), "mlp": (1, 28, 28), "cnn": (1, 28, 28), "digits": (64,)}
 BATCH = {"autoencoder": 256, "mlp": 256, "cnn": 128, "digits": 128}
 
 
@@ -99,7 +98,7 @@ def per_rank_bytes(shapes: list[LayerShape], samples: int, world: int, method: s
 
 def projection(task: str, worlds: tuple[int, ...] = (2, 8, 64, 512)) -> list[dict]:
     """Mean and max MB per rank and step, weak scaling (the task's batch per rank)."""
-    shapes = layer_shapes(build_model(task), INPUTS[task])
+    shapes = layer_shapes(build_model(task), INPUT_SHAPES[task])
     rows = []
     for world in worlds:
         for label, method, samples in [

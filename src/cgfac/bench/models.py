@@ -47,6 +47,7 @@ def digits_mlp() -> nn.Sequential:
 
 
 MODELS = {"autoencoder": autoencoder, "mlp": mlp, "cnn": cnn, "digits": digits_mlp}
+INPUT_SHAPES = {"autoencoder": (784,), "mlp": (1, 28, 28), "cnn": (1, 28, 28), "digits": (64,)}  # one sample
 
 
 def build_model(task: str) -> nn.Sequential:
