@@ -16,7 +16,7 @@ Candidates for the Kronecker system (rows ``r_a``, ``r_g``; widths ``d_in``, ``d
 
 and for the exact block (``r`` rows, ``n`` samples)::
 
-    cg       k · (thin · 4 r p + 4p + o_iter)
+    cg       k · (thin · 2 r p + 4p + o_iter)        (jvp ``(gV)⊙a``: r p, vjp ``gᵀ diag(c) a``: r p)
     lowrank  min(r² (d_in + d_out), r p + n² p) + 2 r p + c_solve n³ + o_call
 """
 
@@ -109,7 +109,7 @@ def kron_costs(r_a: int, r_g: int, d_in: int, d_out: int, k: int, c: CostConstan
 def exact_costs(rows: int, n: int, d_in: int, d_out: int, k: int, c: CostConstants) -> dict[str, float]:
     p = d_in * d_out
     return {
-        "cg": k * (c.thin * 4 * rows * p + 4 * p + c.o_iter),
+        "cg": k * (c.thin * 2 * rows * p + 4 * p + c.o_iter),
         "lowrank": min(rows**2 * (d_in + d_out), rows * p + n * n * p) + 2 * rows * p
         + c.c_solve * n**3 + c.o_call,
     }

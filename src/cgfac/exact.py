@@ -4,7 +4,7 @@ Sample ``s`` owns rows ``t ∈ s`` of ``a`` (``r × d_in``) and ``g`` (``r × d_
 ``J_s = Σ_{t∈s} g_t a_tᵀ`` (``d_out × d_in``). For a batch of ``n`` samples::
 
     F = (1/n) Σ_s vec(J_s) vec(J_s)ᵀ
-    F V = gᵀ diag(c) a / n,   c_t = Σ_{t'∈s(t)} g_{t'}ᵀ V a_{t'}      (≈ 4 r d_in d_out)
+    F V = gᵀ diag(c) a / n,   c_t = Σ_{t'∈s(t)} g_{t'}ᵀ V a_{t'}      (≈ 2 r d_in d_out)
 
 Rows are stored with ``g`` pre-scaled by ``√(w/n)``, so a window of batches with weights ``w_j``
 is the weighted sum ``F = Σ_j w_j F_j`` and the formulas above lose their ``1/n``.

@@ -14,9 +14,11 @@ to ``X`` (median of repeats per batch, mean over batches):
 * ``lowrank``: the exact Gram-matrix solve; ``eigen`` (kron only): factors + eigh + solve.
 
 ``auto`` is ``CGFAC.method_for`` replayed along the batches with the library's state (the last
-CG iteration count, updated only when it picks ``cg``); its time at a batch is the measured
-time of the candidate it picks there plus the measured time of the decision itself. Per layer
-and curvature: the fastest candidate, auto's pick(s), ``auto / fastest`` (target ≤ 1.10).
+measured CG products, and its CG probes); its time at a batch is the measured time of the
+candidate it picks there plus the measured time of the decision itself. A probe (a warm-started
+CG run to measure the iteration count where CG might win) happens once per ``CG_PROBE_STEPS``
+steps in training, so its extra time is charged at that rate (and reported). Per layer and
+curvature: the fastest candidate, auto's pick(s), ``auto / fastest`` (target ≤ 1.10).
 Candidates whose estimated memory exceeds ``--max-memory-gb`` are skipped (recorded).
 
 The cost model's predictions are checked with a weighted least-squares fit per candidate of
@@ -47,7 +49,7 @@ from cgfac import cost
 from cgfac.bench.layer import Timing, default_device, machine_info, measure
 from cgfac.bench.models import INPUT_SHAPES, build_model
 from cgfac.cg import cg
-from cgfac.cgfac import CGFAC, DEFAULT_CG_PRODUCTS
+from cgfac.cgfac import CG_PROBE_STEPS, CGFAC, DEFAULT_CG_PRODUCTS
 from cgfac.exact import ExactRows
 from cgfac.kron import KronEigen, KronRows
 from cgfac.layers import Rows
@@ -195,7 +197,7 @@ class ChoiceBench:
         pre.last_iters.pop(key, None)
         pre.probed_at.pop(key, None)
         pre.solutions[key] = grads[0]
-        picks, times, ks = [], [], []
+        picks, times, probes, ks = [], [], [], []
         for t, (op, grad) in enumerate(zip(ops, grads)):
             pre.steps = t
             ks.append(pre.last_iters.get(key, DEFAULT_CG_PRODUCTS))
@@ -204,15 +206,24 @@ class ChoiceBench:
                 pre.last_iters[key] = cg_iters[min(t, len(cg_iters) - 1)] + (t > 0)
             if t == 0:
                 continue
-            picks.append(method)
             cand = rec["candidates"].get(method, {})
             steps = cand.get("per_step_ms", [])
-            times.append(steps[t - 1] if t - 1 < len(steps) else cand.get("time_ms", math.inf))
+            ms = steps[t - 1] if t - 1 < len(steps) else cand.get("time_ms", math.inf)
+            if pre.probed_at.get(key) == t:
+                probes.append(ms)
+            else:
+                picks.append(method)
+                times.append(ms)
         decide = self._measure(lambda: pre.method_for(key, ops[-1], grads[-1]), True).seconds * 1e3
         iters = rec["candidates"].get("cg", {}).get("iters")
         actual_k = max(1, round(iters)) if iters is not None else ks[-1]
-        auto_ms = statistics.fmean(times) + decide
+        # A probe (one warm-started CG run to measure its iterations) happens once per
+        # CG_PROBE_STEPS steps, so it is charged at that rate; the steady choice is the rest.
+        steady = statistics.fmean(times) if times else (statistics.fmean(probes) if probes else math.inf)
+        probe_ms = statistics.fmean(probes) if probes else None
+        auto_ms = steady + decide + (0.0 if probe_ms is None else (probe_ms - steady) / CG_PROBE_STEPS)
         return {"auto_picks": dict(Counter(picks)), "auto_ms": auto_ms if math.isfinite(auto_ms) else None,
+                "probe_ms": probe_ms,
                 "decision_ms": decide, "k_predicted": ks[-1],
                 "predicted_cost": predicted_costs(rec["curvature"], ops[-1], grads[-1], ks[-1], calib),
                 "cost_at_measured_iters": predicted_costs(rec["curvature"], ops[-1], grads[-1], actual_k, calib)}
