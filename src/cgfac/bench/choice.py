@@ -214,6 +214,7 @@ class ChoiceBench:
             else:
                 picks.append(method)
                 times.append(ms)
+        picks = picks or ["cg"] * len(probes)  # every timed step was a probe (very short runs)
         decide = self._measure(lambda: pre.method_for(key, ops[-1], grads[-1]), True).seconds * 1e3
         iters = rec["candidates"].get("cg", {}).get("iters")
         actual_k = max(1, round(iters)) if iters is not None else ks[-1]
