@@ -1,0 +1,686 @@
+"""Optimizers compared on one task under the same wall-clock budget per run.
+
+Protocol, for every (optimizer, learning rate) pair of the grid:
+
+* A fresh spawned process, so that its peak memory is its own. There the model is built after
+  ``torch.manual_seed(seed)`` and the batches follow a permutation seeded by ``seed`` (reshuffled
+  every epoch, the incomplete last batch dropped): every run sees the same initial weights and
+  the same batches in the same order.
+* The clock counts training steps only (batch indexing, forward, backward, preconditioner,
+  optimizer step, and a device sync); it stops once the run has spent ``--budget`` seconds.
+  CG-FAC's one-off cost-model calibration (``cgfac.cost.calibrate``, cached per process) runs
+  before the clock starts; its time is recorded as ``calibration_seconds``.
+* Every ``--eval-every`` seconds of that clock (default budget/12), and at the start and end,
+  the training loss is evaluated on a fixed subset of 10,000 training samples (the same for every
+  run), off the clock. The curve is a list of ``(elapsed_train_seconds, step, train_loss)``.
+* A non-finite mini-batch or evaluation loss stops the run, which is recorded as diverged.
+* After the budget: the test metric (test loss for the autoencoder; test accuracy and loss for
+  the classifiers), and the peak resident memory of the training phase (Linux: ``VmHWM`` reset
+  through ``/proc/self/clear_refs`` after data and model are loaded; elsewhere the process-lifetime
+  ``ru_maxrss``), plus ``torch.cuda.max_memory_allocated`` on CUDA.
+
+Tasks (``cgfac.bench.models``): ``autoencoder`` (MNIST, Bernoulli cross-entropy of the logits
+summed over the 784 pixels, averaged over the batch), ``mlp`` and ``cnn`` (MNIST classification,
+cross-entropy), ``digits`` (scikit-learn's 8×8 digits, a quick check). Batch size 256 on MNIST
+(on two CPU cores a step of batch 1000, K-FAC's classic autoencoder setting, costs about four
+times as much and leaves too few steps in a short budget) and 128 on digits.
+
+Optimizers:
+
+* ``adam``: ``torch.optim.Adam`` (default betas).
+* ``sgd``: ``torch.optim.SGD`` with momentum 0.9.
+* ``cgfac-kron``, ``cgfac-exact``: ``cgfac.CGFAC(curvature="kron" | "exact", solver="auto")`` with
+  the curvature of the current batch (``--curvature-window 1``); ``kfac``:
+  ``cgfac.KFAC(factor_decay=0.95, inv_update_steps=10)``. Each preconditions
+  ``torch.optim.SGD`` with momentum 0.9 (kfac-pytorch's setting; momentum 0 made little
+  difference to K-FAC in a 150-step autoencoder trial), the preconditioner's ``lr`` being the
+  optimizer's current one, with the task's damping λ, KL clip κ and Fisher.
+
+The learning-rate grid (``LR_GRID``, the same for every task; ``--lr-grid`` overrides it):
+Adam {1e-3, 3e-3}, SGD {0.03, 0.1}, CG-FAC and K-FAC {0.1, 0.3} (kfac-pytorch's default lr is
+0.1). Per-task second-order settings (``TASKS``; ``--damping``, ``--kl-clip``, ``--fisher``
+override them)::
+
+    task              λ      κ      Fisher
+    autoencoder       1      0.1    true (labels sampled from the model, one extra backward)
+    mlp, cnn, digits  3e-3   1e-3   empirical (the data labels)
+
+The classifiers take kfac-pytorch's defaults (λ 1e-3 to 3e-3, κ 1e-3, empirical Fisher); on
+digits the sampled (true) Fisher trained all three second-order methods far more slowly. The
+autoencoder's loss is summed over 784 pixels, so its Fisher is about 784 times larger. In
+150-step trials there: λ = 1e-3 let the per-batch CG-FAC steps blow the loss up to ~10⁴, and
+κ = 1e-3 shrank every second-order step to a crawl; with the empirical Fisher, the per-batch
+CG-FAC steps descended only ~1–3 loss units per step (for the exact block the predicted
+decrease ``lr·⟨∇, (F + λ)⁻¹∇⟩`` is below ``lr`` whenever ``F`` is the same batch's empirical
+Fisher), while with the true Fisher all three reached the 205–212 plateau (where Adam and SGD
+also pause) within 50 steps.
+
+The best run of each optimizer is the one with the lowest final training loss. The target is the
+lowest training loss Adam reached on any evaluation; time to target is the training time of the
+first evaluation at or below it (resolution: the evaluation interval).
+
+Defaults (``cgfac-bench train``): the autoencoder, 5 optimizers × 2 learning rates × 40 s of
+training; with process start-up, data loading and the 14 evaluations (about 8 s per run on two
+CPU cores) about 8 minutes in all on two idle CPU cores. Writes, into ``--out``
+(default ``runs/train-<task>``): ``results.json`` (curves, settings, machine), ``results.md``,
+``loss_vs_time.png`` and ``loss_vs_steps.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import queue
+import resource
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import cgfac
+from cgfac import cost
+from cgfac.bench.models import build_model
+from cgfac.data import load_digits_data, load_mnist
+
+OPTIMIZERS = ("cgfac-kron", "cgfac-exact", "kfac", "adam", "sgd")
+LR_GRID: dict[str, tuple[float, ...]] = {
+    "cgfac-kron": (0.1, 0.3),
+    "cgfac-exact": (0.1, 0.3),
+    "kfac": (0.1, 0.3),
+    "adam": (1e-3, 3e-3),
+    "sgd": (0.03, 0.1),
+}
+
+DATA_KEYS = ("train_x", "train_y", "test_x", "test_y")
+EVAL_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class Task:
+    """How a task's data is fed and scored."""
+
+    data: str  # "mnist" or "digits"
+    flatten: bool  # feed images as (N, 784) rows
+    loss_type: str  # "bernoulli" (reconstruction) or "cross_entropy" (classification)
+    batch_size: int
+    damping: float  # λ of the second-order methods
+    kl_clip: float  # κ of the second-order methods
+    fisher: str  # "empirical" or "true"
+
+
+TASKS = {
+    "autoencoder": Task("mnist", True, "bernoulli", 256, 1.0, 0.1, "true"),
+    "mlp": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
+    "cnn": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
+    "digits": Task("digits", False, "cross_entropy", 128, 3e-3, 1e-3, "empirical"),
+}
+
+
+@dataclass(frozen=True)
+class SecondOrder:
+    """Settings of the preconditioned runs (CG-FAC and K-FAC)."""
+
+    damping: float
+    kl_clip: float | None
+    momentum: float = 0.9
+    curvature_window: int = 1  # CG-FAC: batches whose rows form the curvature
+    factor_decay: float = 0.95  # K-FAC's running factors
+    inv_update_steps: int = 10  # K-FAC's eigendecomposition interval
+    fisher: str = "empirical"  # "true": targets sampled from the model (one extra backward)
+
+
+SGD_MOMENTUM = 0.9
+
+
+# --- data, loss, evaluation ----------------------------------------------------------------------
+def load_task_data(task_name: str) -> dict[str, Tensor]:
+    """The task's train/test tensors, images flattened where the model takes rows."""
+    task = TASKS[task_name]
+    data = load_mnist() if task.data == "mnist" else load_digits_data()
+    if task.flatten:
+        data = {k: v.reshape(v.shape[0], -1) if k.endswith("_x") else v for k, v in data.items()}
+    return data
+
+
+def task_loss(task: Task, out: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """Mean over the batch of the per-sample loss (for the autoencoder: summed over pixels)."""
+    if task.loss_type == "bernoulli":
+        return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1).mean()
+    return F.cross_entropy(out, y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, x: Tensor, y: Tensor) -> tuple[float, float | None]:
+    """``(mean loss, accuracy or None)`` over ``x``, in chunks, with the model in eval mode."""
+    model.eval()
+    total, correct = 0.0, 0
+    for i in range(0, x.shape[0], EVAL_CHUNK):
+        xb, yb = x[i : i + EVAL_CHUNK], y[i : i + EVAL_CHUNK]
+        out = model(xb)
+        total += task_loss(task, out, xb, yb).item() * xb.shape[0]
+        if task.loss_type == "cross_entropy":
+            correct += int((out.argmax(1) == yb).sum())
+    model.train()
+    accuracy = correct / x.shape[0] if task.loss_type == "cross_entropy" else None
+    return total / x.shape[0], accuracy
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float,
+                   hp: SecondOrder) -> tuple[torch.optim.Optimizer, cgfac.Preconditioner | None]:
+    """The torch optimizer of a run and, for the second-order methods, its preconditioner."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr), None
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM), None
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=hp.momentum)
+
+    def current_lr(step: int) -> float:
+        return opt.param_groups[0]["lr"]
+
+    common: dict[str, Any] = {"damping": hp.damping, "kl_clip": hp.kl_clip, "lr": current_lr,
+                              "fisher": hp.fisher}
+    if name == "kfac":
+        pre: cgfac.Preconditioner = cgfac.KFAC(model, factor_decay=hp.factor_decay,
+                                               inv_update_steps=hp.inv_update_steps, **common)
+    elif name in ("cgfac-kron", "cgfac-exact"):
+        pre = cgfac.CGFAC(model, curvature=name.removeprefix("cgfac-"), curvature_window=hp.curvature_window,
+                          factor_decay=hp.factor_decay, **common)
+    else:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    return opt, pre
+
+
+# --- memory and machine --------------------------------------------------------------------------
+def _status_mb(field: str) -> float | None:
+    """A memory field (``VmRSS``, ``VmHWM``) of ``/proc/self/status`` in MiB, None if unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark to the current RSS (Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_mb("VmHWM") is not None
+
+
+def _peak_rss_mb(reset_worked: bool) -> tuple[float, str]:
+    if reset_worked:
+        peak = _status_mb("VmHWM")
+        if peak is not None:
+            return peak, "training phase (VmHWM reset after setup)"
+    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process lifetime (ru_maxrss)"
+
+
+def cpu_model() -> str:
+    """The CPU model name from ``/proc/cpuinfo``, else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: str, threads: int) -> dict[str, Any]:
+    """Where the numbers were measured."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cgfac": cgfac.__version__,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- one run (in the child process) --------------------------------------------------------------
+def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Train one (optimizer, lr) pair for ``cfg["budget"]`` seconds; the run's record.
+
+    ``cfg``: task, optimizer, lr, budget, batch_size, seed, device, threads, eval_every,
+    eval_samples, data_dir (``.npy`` files of :data:`DATA_KEYS`), hyper (:class:`SecondOrder`).
+    ``progress`` receives the elapsed training seconds at each evaluation.
+    """
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    task = TASKS[cfg["task"]]
+    data = {k: torch.from_numpy(np.load(Path(cfg["data_dir"]) / f"{k}.npy")).to(device) for k in DATA_KEYS}
+    train_x, train_y = data["train_x"], data["train_y"]
+    n, batch, seed = train_x.shape[0], cfg["batch_size"], cfg["seed"]
+    subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: cfg["eval_samples"]]
+    eval_x, eval_y = train_x[subset.to(device)], train_y[subset.to(device)]
+    torch.manual_seed(seed)
+    model = build_model(cfg["task"]).to(device)
+    hp = SecondOrder(**cfg["hyper"])
+    opt, pre = make_optimizer(cfg["optimizer"], model, cfg["lr"], hp)
+    t0 = time.perf_counter()
+    if isinstance(pre, cgfac.CGFAC) and pre.solver == "auto":
+        cost.calibrate(str(next(model.parameters()).device), torch.float32)  # once per process
+    calibration_seconds = time.perf_counter() - t0
+    order = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(n, generator=order).to(device), 0
+
+    rss_start = _status_mb("VmRSS")
+    reset_worked = _reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    curve: list[tuple[float, int, float]] = []
+    elapsed, step, next_eval, diverged = 0.0, 0, 0.0, False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        while True:
+            if elapsed >= next_eval or elapsed >= cfg["budget"]:
+                loss_now, _ = evaluate(model, task, eval_x, eval_y)
+                curve.append((elapsed, step, loss_now))
+                if progress is not None:
+                    progress(elapsed)
+                if not math.isfinite(loss_now):
+                    diverged = True
+                    break
+                if elapsed >= cfg["budget"]:
+                    break
+                while next_eval <= elapsed:
+                    next_eval += cfg["eval_every"]
+            t0 = time.perf_counter()
+            if pos + batch > n:
+                perm, pos = torch.randperm(n, generator=order).to(device), 0
+            idx = perm[pos : pos + batch]
+            pos += batch
+            xb, yb = train_x[idx], train_y[idx]
+            opt.zero_grad(set_to_none=True)
+            out = model(xb)
+            loss = task_loss(task, out, xb, yb)
+            if pre is not None and hp.fisher == "true":
+                pre.sample_fisher(out, task.loss_type)
+            loss.backward()
+            if pre is not None:
+                pre.step()
+            opt.step()
+            batch_loss = loss.item()  # synchronises
+            _sync(device)
+            elapsed += time.perf_counter() - t0
+            step += 1
+            if not math.isfinite(batch_loss):
+                diverged = True
+                curve.append((elapsed, step, batch_loss))
+                break
+
+    peak_mb, peak_scope = _peak_rss_mb(reset_worked)
+    test_loss, test_accuracy = evaluate(model, task, data["test_x"], data["test_y"])
+    record: dict[str, Any] = {
+        "optimizer": cfg["optimizer"],
+        "lr": cfg["lr"],
+        "steps": step,
+        "train_seconds": elapsed,
+        "ms_per_step": 1000 * elapsed / step if step else None,
+        "diverged": diverged,
+        "curve": curve,
+        "final_train_loss": curve[-1][2],
+        "best_train_loss": min((c[2] for c in curve if math.isfinite(c[2])), default=math.nan),
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
+        "rss_start_mb": rss_start,
+        "peak_rss_mb": peak_mb,
+        "peak_rss_scope": peak_scope,
+        "runtime_warnings": len(caught),
+        "calibration_seconds": calibration_seconds,
+    }
+    if device.type == "cuda":
+        record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if pre is not None:
+        record["fallbacks"] = pre.fallbacks
+        record["last_layer_stats"] = pre.layer_stats()
+    return record
+
+
+def _child_main(cfg: dict[str, Any], messages: Any) -> None:
+    """Entry point of a spawned run: posts ``("progress", seconds)`` and one ``("result", record)``."""
+    try:
+        record = train_run(cfg, lambda seconds: messages.put(("progress", seconds)))
+    except Exception as err:  # reported in the comparison instead of ending it
+        record = {"optimizer": cfg["optimizer"], "lr": cfg["lr"], "error": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc()}
+    messages.put(("result", record))
+
+
+def run_isolated(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> dict[str, Any]:
+    """Run :func:`train_run` in a fresh spawned process and return its record."""
+    ctx = multiprocessing.get_context("spawn")
+    messages = ctx.Queue()
+    proc = ctx.Process(target=_child_main, args=(cfg, messages), daemon=True)
+    proc.start()
+    record = None
+    while record is None:
+        try:
+            kind, payload = messages.get(timeout=1.0 if proc.is_alive() else 5.0)
+        except queue.Empty:
+            if proc.is_alive():
+                continue
+            break
+        if kind == "progress":
+            on_progress(payload)
+        else:
+            record = payload
+    proc.join()
+    if record is None:
+        record = {"optimizer": cfg["optimizer"], "lr": cfg["lr"],
+                  "error": f"worker process exited with code {proc.exitcode} and no result"}
+    return record
+
+
+# --- the comparison ------------------------------------------------------------------------------
+def parse_lr_grid(text: str | None, optimizers: Sequence[str]) -> dict[str, list[float]]:
+    """:data:`LR_GRID`, overridden by ``"0.1,0.3"`` (all) or ``"adam=1e-3;kfac=0.1,0.3"``."""
+    grid = {name: list(LR_GRID[name]) for name in optimizers}
+    if not text:
+        return grid
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        names, _, values = part.rpartition("=")
+        targets = [names.strip()] if names else list(optimizers)
+        try:
+            lrs = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--lr-grid: not a list of numbers: {values!r}") from None
+        if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
+            raise ValueError(f"--lr-grid: learning rates must be positive numbers, got {values!r}")
+        for name in targets:
+            if name not in grid:
+                raise ValueError(f"--lr-grid: {name!r} is not among the optimizers {tuple(optimizers)}")
+            grid[name] = lrs
+    return grid
+
+
+def _usable(run: dict[str, Any]) -> bool:
+    return "error" not in run and not run["diverged"] and math.isfinite(run["final_train_loss"])
+
+
+def best_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per optimizer: the usable run with the lowest final training loss, else its first run.
+
+    (In the record, ``best`` maps each optimizer to its best run's index in ``runs``.)"""
+    best: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        name, current = run["optimizer"], best.get(run["optimizer"])
+        if current is None or (_usable(run) and (not _usable(current)
+                                                 or run["final_train_loss"] < current["final_train_loss"])):
+            best[name] = run
+    return best
+
+
+def adam_target(runs: Sequence[dict[str, Any]]) -> float | None:
+    """The lowest training loss any Adam run reached at an evaluation, None without one."""
+    losses = [c[2] for r in runs if r["optimizer"] == "adam" and "error" not in r for c in r["curve"]
+              if math.isfinite(c[2])]
+    return min(losses) if losses else None
+
+
+def time_to(run: dict[str, Any], target: float | None) -> float | None:
+    """Training seconds of the first evaluation at or below ``target`` (None: not reached)."""
+    if target is None or "error" in run:
+        return None
+    return next((t for t, _, loss in run["curve"] if loss <= target), None)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None, tuples lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "–" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def settings_text(name: str, hp: SecondOrder) -> str:
+    """The settings column of a run's optimizer."""
+    if name == "adam":
+        return "Adam (β = 0.9, 0.999)"
+    if name == "sgd":
+        return f"SGD, momentum {SGD_MOMENTUM}"
+    text = f"SGD momentum {hp.momentum}, damping {hp.damping:g}, KL clip {hp.kl_clip}, {hp.fisher} Fisher"
+    if name == "kfac":
+        return text + f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps"
+    return text + f", solver auto, curvature window {hp.curvature_window}"
+
+
+def write_markdown(path: Path, record: dict[str, Any]) -> None:
+    """``results.md``: the best run per optimizer, then every run of the grid."""
+    s, m = record["settings"], record["machine"]
+    hp = SecondOrder(**s["hyper"])
+    classify = TASKS[s["task"]].loss_type == "cross_entropy"
+    target = record["target_train_loss"]
+    lines = [
+        f"# Training comparison: {s['task']}",
+        "",
+        f"Budget {s['budget']:g} s of training per run (evaluation excluded), batch {s['batch_size']}, "
+        f"seed {s['seed']}, device {m['device']}, {m['threads']} threads, {m['cpu']}, torch {m['torch']}.",
+        f"Training loss evaluated on {s['eval_samples']} fixed training samples every "
+        f"{s['eval_every']:.3g} s of training.",
+        "Target: the lowest training loss Adam reached, "
+        + (f"{target:.4g}." if target is not None else "none (no Adam run)."),
+        "",
+        "| optimizer | lr | settings | ms/step | steps | peak RSS MB (+ over start) | final train loss | "
+        + ("test accuracy | test loss" if classify else "test loss") + " | time to target (s) |",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if classify else "---|") + "---|",
+    ]
+    for name, index in record["best"].items():
+        run = record["runs"][index]
+        if "error" in run:
+            lines.append(f"| {name} | {run['lr']:g} | error: {run['error']} |")
+            continue
+        status = " (diverged)" if run["diverged"] else ""
+        peak, start = run["peak_rss_mb"], run["rss_start_mb"]
+        mem = _fmt(peak, ".0f") + (f" (+{peak - start:.0f})" if start is not None else "")
+        if run.get("peak_cuda_mb") is not None:
+            mem += f"; CUDA {run['peak_cuda_mb']:.0f}"
+        test = (f"{_fmt(run['test_accuracy'], '.2%')} | {_fmt(run['test_loss'])}" if classify
+                else _fmt(run["test_loss"]))
+        reached = time_to(run, target)
+        reach = "n/a" if target is None else ("not reached" if reached is None else f"{reached:.1f}")
+        lines.append(f"| {name} | {run['lr']:g} | {settings_text(name, hp)} | "
+                     f"{_fmt(run['ms_per_step'], '.1f')} | {run['steps']} | {mem} | "
+                     f"{_fmt(run['final_train_loss'])}{status} | {test} | {reach} |")
+    lines += ["", "## Every run of the grid", "", "| optimizer | lr | steps | final train loss | status |",
+              "|---|---|---|---|---|"]
+    for run in record["runs"]:
+        if "error" in run:
+            lines.append(f"| {run['optimizer']} | {run['lr']:g} | – | – | error |")
+        else:
+            lines.append(f"| {run['optimizer']} | {run['lr']:g} | {run['steps']} | "
+                         f"{_fmt(run['final_train_loss'])} | {'diverged' if run['diverged'] else 'ok'} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(out: Path, record: dict[str, Any]) -> None:
+    """``loss_vs_time.png`` and ``loss_vs_steps.png``: the best run of each optimizer.
+
+    The y axis is logarithmic when the losses span more than a factor of 10."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = record["target_train_loss"]
+    for fname, column, xlabel in (("loss_vs_time.png", 0, "training time (s)"),
+                                  ("loss_vs_steps.png", 1, "step")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        losses: list[float] = []
+        for name, index in record["best"].items():
+            run = record["runs"][index]
+            points = [c for c in run.get("curve", []) if math.isfinite(c[2])]
+            if not points:
+                continue
+            losses += [c[2] for c in points]
+            label = f"{name} (lr {run['lr']:g})" + (", diverged" if run["diverged"] else "")
+            ax.plot([c[column] for c in points], [c[2] for c in points], marker=".", label=label)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="Adam's best")
+        if losses and min(losses) > 0 and max(losses) > 10 * min(losses):  # log scale where it helps
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"training loss ({record['settings']['eval_samples']} samples)")
+        ax.set_title(f"{record['settings']['task']}: best run per optimizer")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+
+
+def save_arrays(data: dict[str, Tensor], directory: Path) -> None:
+    """Write the task's tensors as ``.npy`` files for the spawned runs (no pickle involved)."""
+    for key in DATA_KEYS:
+        np.save(directory / f"{key}.npy", data[key].numpy())
+
+
+# --- command line --------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--task", choices=tuple(TASKS), default="autoencoder")
+    parser.add_argument("--budget", type=float, default=40.0, help="training seconds per run (default 40)")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                        help=f"comma-separated subset of {','.join(OPTIMIZERS)}")
+    parser.add_argument("--lr-grid", default=None,
+                        help='override the grid: "0.1,0.3" for all, or "adam=1e-3,3e-3;kfac=0.1"')
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default 256 (MNIST tasks), 128 (digits)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/train-<task>)")
+    parser.add_argument("--device", default=default_device(), help="default cuda if available, else cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads in each run (default: torch's default here)")
+    parser.add_argument("--eval-every", type=float, default=None,
+                        help="training seconds between evaluations (default budget/12)")
+    parser.add_argument("--eval-samples", type=int, default=10_000,
+                        help="size of the fixed training subset for the training loss")
+    parser.add_argument("--damping", type=float, default=None,
+                        help="damping of the second-order methods (default: the task's)")
+    parser.add_argument("--kl-clip", type=float, default=None,
+                        help="KL clip of the second-order steps (default: the task's); 0 disables it")
+    parser.add_argument("--momentum", type=float, default=SecondOrder.momentum,
+                        help="SGD momentum under the preconditioners")
+    parser.add_argument("--curvature-window", type=int, default=SecondOrder.curvature_window,
+                        help="CG-FAC: number of recent batches whose rows form the curvature")
+    parser.add_argument("--fisher", choices=("empirical", "true"), default=None,
+                        help="Fisher of the second-order methods (default: the task's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    unknown = [o for o in optimizers if o not in OPTIMIZERS]
+    if unknown or not optimizers:
+        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {','.join(OPTIMIZERS)}")
+    try:
+        grid = parse_lr_grid(args.lr_grid, optimizers)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if args.budget <= 0 or min(args.threads, args.eval_samples, args.curvature_window) < 1:
+        raise SystemExit("--budget, --threads, --eval-samples and --curvature-window must be positive")
+    task = TASKS[args.task]
+    batch = args.batch_size or task.batch_size
+    eval_every = args.eval_every or args.budget / 12
+    kl_clip = task.kl_clip if args.kl_clip is None else args.kl_clip
+    hp = SecondOrder(damping=task.damping if args.damping is None else args.damping, kl_clip=kl_clip or None,
+                     momentum=args.momentum, curvature_window=args.curvature_window,
+                     fisher=args.fisher or task.fisher)
+    out = args.out or Path("runs") / f"train-{args.task}"
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_task_data(args.task)
+    settings = {
+        "task": args.task, "budget": args.budget, "batch_size": batch, "seed": args.seed,
+        "eval_every": eval_every, "eval_samples": min(args.eval_samples, data["train_x"].shape[0]),
+        "optimizers": optimizers, "lr_grid": grid, "hyper": asdict(hp), "sgd_momentum": SGD_MOMENTUM,
+        "n_train": data["train_x"].shape[0], "n_test": data["test_x"].shape[0],
+    }
+    from tqdm import tqdm
+
+    jobs = [(name, lr) for name in optimizers for lr in grid[name]]
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cgfac-train-") as tmp:
+        save_arrays(data, Path(tmp))
+        del data
+        with tqdm(total=len(jobs) * args.budget, unit="s", desc=args.task, dynamic_ncols=True,
+                  bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s train [{elapsed}<{remaining}]") as bar:
+            for i, (name, lr) in enumerate(jobs):
+                bar.set_description(f"{name} lr={lr:g}")
+                start = i * args.budget
+
+                def advance(seconds: float, start: float = start) -> None:
+                    bar.update(max(0.0, min(start + seconds, start + args.budget) - bar.n))
+
+                cfg = {**settings, "optimizer": name, "lr": lr, "device": args.device,
+                       "threads": args.threads, "data_dir": tmp}
+                result = run_isolated(cfg, advance)
+                advance(args.budget)
+                runs.append(result)
+                if "error" in result:
+                    bar.write(f"{name} lr={lr:g}: error: {result['error']}")
+                else:
+                    bar.set_postfix_str(f"last: {name} {result['final_train_loss']:.4g}"
+                                        + (" diverged" if result["diverged"] else ""))
+    best = best_runs(runs)
+    target = adam_target(runs)
+    record = {
+        "args": {k: str(v) if isinstance(v, Path) else v
+                 for k, v in vars(args).items() if not k.startswith("_")},
+        "settings": settings,
+        "machine": machine_info(args.device, args.threads),
+        "target_train_loss": target,
+        "runs": runs,
+        "best": {name: runs.index(run) for name, run in best.items()},
+        "time_to_target": {name: time_to(run, target) for name, run in best.items()},
+    }
+    (out / "results.json").write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
+    write_markdown(out / "results.md", record)
+    write_plots(out, record)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, loss_vs_time.png, loss_vs_steps.png")
+    print((out / "results.md").read_text())
+    return 1 if any("error" in r for r in runs) else 0

@@ -1,0 +1,86 @@
+"""Smoke tests of ``cgfac-bench train`` and ``cgfac-bench cg-iters`` on the quick digits task."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cgfac.bench import cli, train
+
+GRID = "cgfac-kron=0.1;cgfac-exact=0.1;kfac=0.1;adam=0.003;sgd=0.1"
+
+
+def test_train_smoke(tmp_path: Path) -> None:
+    rc = cli.main(["train", "--task", "digits", "--budget", "0.5", "--eval-every", "0.1", "--threads", "1",
+                   "--lr-grid", GRID, "--out", str(tmp_path)])
+    assert rc == 0
+    for name in ("results.json", "results.md", "loss_vs_time.png", "loss_vs_steps.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert set(record["best"]) == set(train.OPTIMIZERS)
+    assert len(record["runs"]) == len(train.OPTIMIZERS)
+    for name, index in record["best"].items():
+        run = record["runs"][index]
+        assert run["optimizer"] == name and "error" not in run and not run["diverged"]
+        assert math.isfinite(run["final_train_loss"]) and run["steps"] > 0
+        assert run["curve"][0][:2] == [0.0, 0] and run["curve"][-1][0] >= 0.5
+        assert 0.0 <= run["test_accuracy"] <= 1.0 and run["peak_rss_mb"] > 0
+    assert math.isfinite(record["target_train_loss"])
+    assert record["time_to_target"]["adam"] is not None
+    assert record["machine"]["torch"] == torch.__version__ and record["settings"]["hyper"]["damping"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in train.OPTIMIZERS)
+
+
+def test_divergence_is_recorded_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-finite loss stops the run and marks it diverged; it never wins 'best'."""
+    train.save_arrays(train.load_task_data("digits"), tmp_path)
+    real_loss, calls = train.task_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * math.nan if len(calls) > 20 else loss
+
+    monkeypatch.setattr(train, "task_loss", poisoned)
+    cfg = {"task": "digits", "optimizer": "kfac", "lr": 0.1, "budget": 5.0, "batch_size": 64, "seed": 0,
+           "device": "cpu", "threads": 1, "eval_every": 100.0, "eval_samples": 100, "data_dir": str(tmp_path),
+           "hyper": {"damping": 3e-3, "kl_clip": 1e-3}}
+    run = train.train_run(cfg)
+    assert run["diverged"] and run["train_seconds"] < 5.0 and not math.isfinite(run["final_train_loss"])
+    ok = {**run, "diverged": False, "final_train_loss": 2.0, "lr": 0.3}
+    assert train.best_runs([run, ok])["kfac"] is ok
+    assert train.best_runs([run])["kfac"] is run
+
+
+def test_lr_grid_and_target_helpers() -> None:
+    assert train.parse_lr_grid(None, ["adam"]) == {"adam": list(train.LR_GRID["adam"])}
+    assert train.parse_lr_grid("0.5", ["adam", "sgd"]) == {"adam": [0.5], "sgd": [0.5]}
+    assert train.parse_lr_grid("sgd=0.2,0.4", ["adam", "sgd"])["sgd"] == [0.2, 0.4]
+    for bad in ("kfac=0.1", "adam=-1", "adam=x"):
+        with pytest.raises(ValueError):
+            train.parse_lr_grid(bad, ["adam"])
+    runs = [{"optimizer": "adam", "curve": [(0.0, 0, 3.0), (1.0, 10, 1.0)]},
+            {"optimizer": "kfac", "curve": [(0.0, 0, 3.0), (0.5, 4, 0.9)]}]
+    target = train.adam_target(runs)
+    assert target == 1.0
+    assert train.time_to(runs[1], target) == 0.5 and train.time_to(runs[1], 0.1) is None
+
+
+def test_cg_iters_smoke(tmp_path: Path) -> None:
+    rc = cli.main(["cg-iters", "--task", "digits", "--steps", "4", "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    for name in ("results.json", "results.md", "cg_iters.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert len(record["train_loss"]) == 4 and all(math.isfinite(v) for v in record["train_loss"])
+    for layer in record["layers"].values():
+        assert len(layer["warm"]) == len(layer["cold"]) == 4
+        assert layer["warm"][0] == layer["cold"][0]  # step 0: both start from zero on the same system
+        assert all(isinstance(i, int) and 0 <= i <= 200 for i in layer["warm"] + layer["cold"])
+        assert layer["cold_summary"]["solves"] == 3
+    assert "| all |" in (tmp_path / "results.md").read_text()
