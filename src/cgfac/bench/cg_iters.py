@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 import cgfac
+from cgfac.bench.machine import default_device, machine_info
 from cgfac.bench.models import build_model
-from cgfac.bench.train import LR_GRID, TASKS, _finite, default_device, load_task_data, machine_info, task_loss
+from cgfac.bench.train import LR_GRID, TASKS, _finite, load_task_data, task_loss
 from cgfac.cg import cg
 from cgfac.kron import KronRows
 
@@ -88,7 +89,7 @@ def write_markdown(path: Path, record: dict[str, Any]) -> None:
         f"{s['steps']} steps of CGFAC(curvature='kron', solver='cg', Jacobi), batch {s['batch_size']}, "
         f"SGD lr {s['lr']:g} momentum {s['momentum']}, damping {s['damping']:g}, KL clip {s['kl_clip']}, "
         f"{s['fisher']} Fisher, "
-        f"CG tolerance {s['cg_tol']:g}, cap {s['cg_max_iters']} iterations; device {m['device']}, {m['cpu']}, "
+        f"CG tolerance {s['cg_tol']:g}, cap {s['cg_max_iters']} iterations; device {m['device']}, {m['cpu_model']}, "
         f"torch {m['torch']}. Statistics over steps 1–{s['steps'] - 1} (step 0 has no warm start). "
         "A warm start costs one product more than its iterations (its initial residual); cold: none.",
         "",

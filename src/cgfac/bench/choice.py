@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cgfac import cost
-from cgfac.bench.layer import Timing, default_device, machine_info, measure
+from cgfac.bench.layer import Timing, measure
+from cgfac.bench.machine import default_device, machine_info
 from cgfac.bench.models import INPUT_SHAPES, build_model
 from cgfac.cg import cg
 from cgfac.cgfac import CG_PROBE_STEPS, CGFAC, DEFAULT_CG_PRODUCTS
@@ -385,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("cgfac-bench choice: --steps and --repeats must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else default_device()
+    device = torch.device(args.device or default_device())
     pre_kwargs = {k: v for k, v in (("damping", args.damping), ("cg_tol", args.cg_tol),
                                      ("cg_max_iters", args.cg_max_iters)) if v is not None}
     calib = cost.calibrate(str(torch.empty(0, device=device).device), torch.float32)

@@ -41,7 +41,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections import Counter
@@ -55,6 +54,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cgfac import cost
+from cgfac.bench.machine import default_device, machine_info
 from cgfac.cg import CGResult, cg
 from cgfac.cgfac import CGFAC
 from cgfac.kron import KronEigen, KronRows
@@ -176,22 +176,6 @@ def check_memory_probe(device: torch.device, n: int = 256) -> dict[str, float]:
     return {"n": n, "eigh_peak_over_n2_floats": eig / unit, "matmul_peak_over_n2_floats": mm / unit}
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Platform, torch version and threads, CPU model, and the GPU's name on CUDA."""
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "cpu_model": cpu, "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def int_list(text: str) -> list[int]:
     """``"256,512"`` → ``[256, 512]`` (argparse type)."""
     try:
@@ -201,10 +185,6 @@ def int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
@@ -731,7 +711,7 @@ def run(args: argparse.Namespace) -> int:
     s = settings_from(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else default_device()
+    device = torch.device(args.device or default_device())
     torch.manual_seed(s.seed)
     probe = check_memory_probe(device)
     calibration = cost.calibrate(str(torch.empty(0, device=device).device), torch.float32)

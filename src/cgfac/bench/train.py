@@ -72,8 +72,6 @@ import argparse
 import json
 import math
 import multiprocessing
-import os
-import platform
 import queue
 import resource
 import sys
@@ -93,6 +91,7 @@ from torch import Tensor, nn
 
 import cgfac
 from cgfac import cost
+from cgfac.bench.machine import default_device, machine_info
 from cgfac.bench.models import build_model
 from cgfac.data import load_digits_data, load_mnist
 
@@ -234,40 +233,6 @@ def _peak_rss_mb(reset_worked: bool) -> tuple[float, str]:
             return peak, "training phase (VmHWM reset after setup)"
     scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process lifetime (ru_maxrss)"
-
-
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo``, else ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(device: str, threads: int) -> dict[str, Any]:
-    """Where the numbers were measured."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "cgfac": cgfac.__version__,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "device": device,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _sync(device: torch.device) -> None:
@@ -500,7 +465,7 @@ def write_markdown(path: Path, record: dict[str, Any]) -> None:
         f"# Training comparison: {s['task']}",
         "",
         f"Budget {s['budget']:g} s of training per run (evaluation excluded), batch {s['batch_size']}, "
-        f"seed {s['seed']}, device {m['device']}, {m['threads']} threads, {m['cpu']}, torch {m['torch']}.",
+        f"seed {s['seed']}, device {m['device']}, {m['threads']} threads, {m['cpu_model']}, torch {m['torch']}.",
         f"Training loss evaluated on {s['eval_samples']} fixed training samples every "
         f"{s['eval_every']:.3g} s of training.",
         "Target: the lowest training loss Adam reached, "
