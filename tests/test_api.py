@@ -194,3 +194,20 @@ def test_sample_fisher_needs_true_mode() -> None:
         cgfac.CGFAC(model).sample_fisher(model(torch.randn(1, 2)), "cross_entropy")
     with pytest.raises(ValueError, match="loss_type"):
         cgfac.CGFAC(model, fisher="true").sample_fisher(model(torch.randn(1, 2)), "poisson")
+
+
+def test_solve_dtype_float64_on_a_float32_model() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    grads = []
+    for dtype, model_dtype in [(None, torch.float64), (torch.float64, torch.float32)]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(model_dtype)
+        pre = cgfac.CGFAC(model, solve_dtype=dtype, damping=1e-4, kl_clip=None, solver="lowrank")
+        F.cross_entropy(model(x.to(model_dtype)), y).backward()
+        pre.step()
+        grads.append(model[0].weight.grad.double())
+    assert grads[1].dtype == torch.float64
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)  # float32 inputs, float64 solve
+    with pytest.raises(TypeError, match="solve_dtype"):
+        cgfac.CGFAC(nn.Linear(2, 2), solve_dtype=torch.int32)

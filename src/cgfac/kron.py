@@ -68,9 +68,9 @@ class KronRows:
     def solve_lowrank(self, grad: Tensor, damping: float) -> Tensor:
         """Exact solve through the eigenpairs of each factor, from whichever is smaller.
 
-        With ``r < d`` rows, ``a aᵀ = U diag(σ) Uᵀ`` (``r × r``) gives the non-zero eigenpairs of
-        ``A``: ``s_A = σ``, ``Q_A = aᵀ U σ^{-1/2}``; otherwise ``A`` itself is decomposed. Likewise
-        for ``G``. With ``C = Q_Gᵀ ∇W Q_A``::
+        With ``r < d`` rows, the ``r`` eigenpairs of ``A`` that can be non-zero come from a QR of
+        ``aᵀ`` and an ``r × r`` eigendecomposition (:func:`factor_eig`); otherwise ``A`` itself is
+        decomposed. Likewise for ``G``. With ``C = Q_Gᵀ ∇W Q_A``::
 
             X = ∇W/λ + Q_G [C ⊘ (s_G s_Aᵀ + λ) − C/λ] Q_Aᵀ
 
@@ -84,19 +84,19 @@ class KronRows:
 
 
 def factor_eig(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenpairs of ``rowsᵀ rows`` (``r × d`` rows): the non-zero ones from the ``r × r`` Gram
-    matrix ``rows rowsᵀ`` when ``r < d``, all of them from the ``d × d`` factor otherwise.
+    """Eigenpairs of ``rowsᵀ rows`` (``rows``: ``r × d``), at most ``min(r, d)`` of them.
 
-    Gram eigenvalues below ``r · eps · σ_max`` are numerically zero and dropped: the formula in
-    :meth:`KronRows.solve_lowrank` treats their directions exactly as the null space.
+    With ``r < d``: Householder QR ``rowsᵀ = Q R`` (``Q``: ``d × r`` orthonormal), then
+    ``rowsᵀ rows = Q (R Rᵀ) Qᵀ`` and ``R Rᵀ = V diag(s) Vᵀ`` give ``(s, Q V)``, orthonormal to
+    machine precision (the Gram route ``Q = rowsᵀ U σ^{-1/2}`` loses orthogonality for small
+    ``σ``, and the low-rank formula then cancels catastrophically in float32). Otherwise the
+    ``d × d`` factor itself is decomposed.
     """
     if rows.shape[0] >= rows.shape[1]:
         return eigh(rows.T @ rows)
-    gram = rows @ rows.T
-    sigma, u = eigh(gram)
-    keep = sigma > sigma.max().clamp_min(0) * rows.shape[0] * torch.finfo(rows.dtype).eps * 10
-    sigma, u = sigma[keep], u[:, keep]
-    return sigma, (rows.T @ u) / sigma.sqrt()
+    q, r = torch.linalg.qr(rows.T)
+    s, v = eigh(r @ r.T)
+    return s, q @ v
 
 
 def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
