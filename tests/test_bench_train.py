@@ -84,3 +84,15 @@ def test_cg_iters_smoke(tmp_path: Path) -> None:
         assert all(isinstance(i, int) and 0 <= i <= 200 for i in layer["warm"] + layer["cold"])
         assert layer["cold_summary"]["solves"] == 3
     assert "| all |" in (tmp_path / "results.md").read_text()
+
+
+def test_train_on_two_processes_through_torchrun(tmp_path: Path) -> None:
+    """``--nproc 2``: each run is launched by torchrun (gloo) with DDP; rank 0 reports."""
+    out = tmp_path / "ddp"
+    code = cli.main(["train", "--task", "digits", "--budget", "1", "--optimizers", "cgfac-kron",
+                     "--lr-grid", "0.1", "--nproc", "2", "--threads", "2", "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "results.json").read_text())
+    (run,) = record["runs"]
+    assert "error" not in run, run.get("traceback")
+    assert run["processes"] == 2 and run["steps"] > 0 and math.isfinite(run["final_train_loss"])

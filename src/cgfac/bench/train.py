@@ -69,11 +69,15 @@ CPU cores) about 8 minutes in all on two idle CPU cores. Writes, into ``--out``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import math
 import multiprocessing
+import os
 import queue
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,8 +90,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 import cgfac
 from cgfac import cost
@@ -250,6 +256,11 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
     """
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     task = TASKS[cfg["task"]]
     data = {k: torch.from_numpy(np.load(Path(cfg["data_dir"]) / f"{k}.npy")).to(device) for k in DATA_KEYS}
     train_x, train_y = data["train_x"], data["train_y"]
@@ -258,6 +269,8 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
     eval_x, eval_y = train_x[subset.to(device)], train_y[subset.to(device)]
     torch.manual_seed(seed)
     model = build_model(cfg["task"]).to(device)
+    if distributed:  # every rank trains on its shard of the same global batch
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     hp = SecondOrder(**cfg["hyper"])
     opt, pre = make_optimizer(cfg["optimizer"], model, cfg["lr"], hp)
     t0 = time.perf_counter()
@@ -276,22 +289,26 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         while True:
-            if elapsed >= next_eval or elapsed >= cfg["budget"]:
+            # Rank 0's clock decides when to evaluate and stop; the others follow its broadcast.
+            decision = torch.tensor([elapsed >= next_eval or elapsed >= cfg["budget"], 0], dtype=torch.int32,
+                                    device=device)
+            if decision[0] and rank == 0:
                 loss_now, _ = evaluate(model, task, eval_x, eval_y)
                 curve.append((elapsed, step, loss_now))
                 if progress is not None:
                     progress(elapsed)
-                if not math.isfinite(loss_now):
-                    diverged = True
-                    break
-                if elapsed >= cfg["budget"]:
-                    break
+                diverged = not math.isfinite(loss_now)
+                decision[1] = int(diverged or elapsed >= cfg["budget"])
                 while next_eval <= elapsed:
                     next_eval += cfg["eval_every"]
+            if distributed:
+                dist.broadcast(decision, src=0)
+            if decision[1]:
+                break
             t0 = time.perf_counter()
             if pos + batch > n:
                 perm, pos = torch.randperm(n, generator=order).to(device), 0
-            idx = perm[pos : pos + batch]
+            idx = perm[pos : pos + batch].chunk(world)[rank]
             pos += batch
             xb, yb = train_x[idx], train_y[idx]
             opt.zero_grad(set_to_none=True)
@@ -307,16 +324,19 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
             _sync(device)
             elapsed += time.perf_counter() - t0
             step += 1
-            if not math.isfinite(batch_loss):
+            if not math.isfinite(batch_loss) and not distributed:  # across ranks: the evaluation sees it
                 diverged = True
                 curve.append((elapsed, step, batch_loss))
                 break
 
+    if rank != 0:
+        return {}  # rank 0 holds the curve and reports
     peak_mb, peak_scope = _peak_rss_mb(reset_worked)
     test_loss, test_accuracy = evaluate(model, task, data["test_x"], data["test_y"])
     record: dict[str, Any] = {
         "optimizer": cfg["optimizer"],
         "lr": cfg["lr"],
+        "processes": world,
         "steps": step,
         "train_seconds": elapsed,
         "ms_per_step": 1000 * elapsed / step if step else None,
@@ -350,8 +370,47 @@ def _child_main(cfg: dict[str, Any], messages: Any) -> None:
     messages.put(("result", record))
 
 
+def run_torchrun(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> dict[str, Any]:
+    """Run :func:`train_run` on ``cfg["nproc"]`` processes launched by ``torchrun --standalone``
+    (gloo on CPU, NCCL on CUDA); rank 0 reports progress through a file and writes the record."""
+    work = Path(tempfile.mkdtemp(prefix="cgfac-torchrun-", dir=cfg["data_dir"]))
+    (work / "cfg.json").write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg["nproc"]),
+           "-m", "cgfac.bench.train", str(work)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while proc.poll() is None:
+        time.sleep(1.0)
+        with contextlib.suppress(OSError, ValueError):
+            on_progress(float((work / "progress").read_text()))
+    output = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode == 0 and (work / "result.json").exists():
+        return json.loads((work / "result.json").read_text())
+    return {"optimizer": cfg["optimizer"], "lr": cfg["lr"],
+            "error": f"torchrun exited with code {proc.returncode}", "traceback": output[-4000:]}
+
+
+def torchrun_worker(work: Path) -> None:
+    """One rank under torchrun: join the process group, train, rank 0 writes the record."""
+    cfg = json.loads((work / "cfg.json").read_text())
+    dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        rank = dist.get_rank()
+
+        def progress(seconds: float) -> None:
+            (work / "progress").write_text(str(seconds))
+
+        record = train_run(cfg, progress if rank == 0 else None)
+        if rank == 0:
+            (work / "result.json").write_text(json.dumps(_finite(record)))
+    finally:
+        dist.destroy_process_group()
+
+
 def run_isolated(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> dict[str, Any]:
-    """Run :func:`train_run` in a fresh spawned process and return its record."""
+    """Run :func:`train_run` in a fresh spawned process (or under torchrun) and return its record."""
+    if cfg.get("nproc", 1) > 1:
+        return run_torchrun(cfg, on_progress)
     ctx = multiprocessing.get_context("spawn")
     messages = ctx.Queue()
     proc = ctx.Process(target=_child_main, args=(cfg, messages), daemon=True)
@@ -558,6 +617,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="default 256 (MNIST tasks), 128 (digits)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes per run, launched by torchrun (DDP; the batch is the global batch)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/train-<task>)")
     parser.add_argument("--device", default=default_device(), help="default cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -587,8 +648,8 @@ def run(args: argparse.Namespace) -> int:
         grid = parse_lr_grid(args.lr_grid, optimizers)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    if args.budget <= 0 or min(args.threads, args.eval_samples, args.curvature_window) < 1:
-        raise SystemExit("--budget, --threads, --eval-samples and --curvature-window must be positive")
+    if args.budget <= 0 or min(args.threads, args.eval_samples, args.curvature_window, args.nproc) < 1:
+        raise SystemExit("--budget, --threads, --eval-samples, --curvature-window and --nproc must be positive")
     task = TASKS[args.task]
     batch = args.batch_size or task.batch_size
     eval_every = args.eval_every or args.budget / 12
@@ -603,7 +664,7 @@ def run(args: argparse.Namespace) -> int:
         "task": args.task, "budget": args.budget, "batch_size": batch, "seed": args.seed,
         "eval_every": eval_every, "eval_samples": min(args.eval_samples, data["train_x"].shape[0]),
         "optimizers": optimizers, "lr_grid": grid, "hyper": asdict(hp), "sgd_momentum": SGD_MOMENTUM,
-        "n_train": data["train_x"].shape[0], "n_test": data["test_x"].shape[0],
+        "n_train": data["train_x"].shape[0], "n_test": data["test_x"].shape[0], "nproc": args.nproc,
     }
     from tqdm import tqdm
 
@@ -622,7 +683,7 @@ def run(args: argparse.Namespace) -> int:
                     bar.update(max(0.0, min(start + seconds, start + args.budget) - bar.n))
 
                 cfg = {**settings, "optimizer": name, "lr": lr, "device": args.device,
-                       "threads": args.threads, "data_dir": tmp}
+                       "threads": max(1, args.threads // args.nproc), "data_dir": tmp}
                 result = run_isolated(cfg, advance)
                 advance(args.budget)
                 runs.append(result)
@@ -649,3 +710,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, loss_vs_time.png, loss_vs_steps.png")
     print((out / "results.md").read_text())
     return 1 if any("error" in r for r in runs) else 0
+
+
+if __name__ == "__main__":  # a rank launched by run_torchrun: python -m cgfac.bench.train WORK_DIR
+    torchrun_worker(Path(sys.argv[1]))
