@@ -6,9 +6,10 @@ Per covered layer and step, with rows ``a``, ``g`` from back-propagation (``cgfa
     curvature="exact":  (F + λ I) vec X = vec ∇W          (the whole empirical-Fisher block)
 
 ``solver`` picks how: ``"cg"`` (Jacobi-preconditioned CG, warm-started from the layer's last
-solution), ``"lowrank"`` (exact, through the ``n × n`` Gram matrices), ``"eigen"`` (kron only:
-explicit factors, eigendecomposed every step) or ``"auto"`` (the cheapest by
-:mod:`cgfac.cost`). Curvature rows can be bounded to the first ``curvature_samples`` samples of
+solution), ``"lowrank"`` (exact: kron through a QR of the rows and ``r × r`` eigendecompositions
+per factor, exact through the ``n × n`` Gram matrix of per-sample gradients and Woodbury),
+``"eigen"`` (kron only: explicit factors, eigendecomposed every step) or ``"auto"`` (the
+cheapest by :mod:`cgfac.cost`). Curvature rows can be bounded to the first ``curvature_samples`` samples of
 each batch and extended to a window of the last ``curvature_window`` batches with K-FAC's
 running-average weights ``(1 − ρ) ρ^j`` (``ρ = factor_decay``), renormalised to sum to one.
 """
