@@ -75,3 +75,12 @@ def test_choice_tiny(tmp_path) -> None:
         assert sum(r["auto_picks"].values()) == 1
         assert _positive(r["ratio"]) and r["ratio"] >= 1.0  # auto's pick plus its decision ≥ the fastest
     assert {"kron-cg", "exact-cg"} <= set(report["calibration_fit"])
+
+
+def test_comm_smoke(tmp_path) -> None:
+    """``cgfac-bench comm`` writes its projection table; every method sends a positive volume."""
+    assert cli.main(["comm", "--tasks", "digits", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "comm.json").read_text())
+    assert {r["ranks"] for r in rows} == {2, 8, 64, 512}
+    assert all(r["mean_MB"] > 0 and r["max_MB"] >= r["mean_MB"] for r in rows)
+    assert "K-FAC comm-opt" in (tmp_path / "comm.md").read_text()
