@@ -13,6 +13,8 @@ about ``2 (N − 1)/N`` times its payload on the wire, a tree broadcast ``N − 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -20,6 +22,16 @@ from torch import Tensor
 from cgfac.layers import Rows
 
 BUCKET_BYTES = 25 * 2**20
+
+
+def _finish(pending: list[tuple[list[Tensor], Tensor, Any]]) -> None:
+    """Wait for each asynchronous collective, then copy its flat buffer back into its tensors."""
+    for tensors, flat, work in pending:
+        work.wait()
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].reshape(t.shape))
+            offset += t.numel()
 
 
 def greedy_assignment(costs: dict[str, float], world: int) -> dict[str, int]:
@@ -110,12 +122,7 @@ class WorkAssignment:
             flat = torch.cat([t.reshape(-1) for t in bucket])
             pending.append((bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
             self.bytes_sent += flat.numel() * flat.element_size()
-        for bucket, flat, work in pending:
-            work.wait()
-            offset = 0
-            for t in bucket:
-                t.copy_(flat[offset: offset + t.numel()].reshape(t.shape))
-                offset += t.numel()
+        _finish(pending)
 
     def broadcast_from_owners(self, items: list[tuple[int, list[Tensor]]]) -> None:
         """Broadcast each item's tensors (in place) from its source rank, asynchronously."""
@@ -128,9 +135,4 @@ class WorkAssignment:
                 self.bytes_sent += flat.numel() * flat.element_size()
             work = dist.broadcast(flat, src=self._global_rank(src), group=self.group, async_op=True)
             pending.append((tensors, flat, work))
-        for tensors, flat, work in pending:
-            work.wait()
-            offset = 0
-            for t in tensors:
-                t.copy_(flat[offset: offset + t.numel()].reshape(t.shape))
-                offset += t.numel()
+        _finish(pending)
