@@ -125,10 +125,12 @@ class Task:
     damping: float  # λ of the second-order methods
     kl_clip: float  # κ of the second-order methods
     fisher: str  # "empirical" or "true"
+    curvature_samples: int | None = None  # CG-FAC's curvature rows per batch (None: the whole batch)
 
 
 TASKS = {
-    "autoencoder": Task("mnist", True, "bernoulli", 256, 1.0, 0.1, "true"),
+    # 64 curvature samples: 85 ms/step instead of 173 and a lower loss after 20 s (measured here).
+    "autoencoder": Task("mnist", True, "bernoulli", 256, 1.0, 0.1, "true", 64),
     "mlp": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
     "cnn": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
     "digits": Task("digits", False, "cross_entropy", 128, 3e-3, 1e-3, "empirical"),
@@ -143,6 +145,7 @@ class SecondOrder:
     kl_clip: float | None
     momentum: float = 0.9
     curvature_window: int = 1  # CG-FAC: batches whose rows form the curvature
+    curvature_samples: int | None = None  # CG-FAC: samples of each batch used for curvature (None: all)
     factor_decay: float = 0.95  # K-FAC's running factors
     inv_update_steps: int = 10  # K-FAC's eigendecomposition interval
     fisher: str = "empirical"  # "true": targets sampled from the model (one extra backward)
@@ -203,7 +206,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float,
                                                inv_update_steps=hp.inv_update_steps, **common)
     elif name in ("cgfac-kron", "cgfac-exact"):
         pre = cgfac.CGFAC(model, curvature=name.removeprefix("cgfac-"), curvature_window=hp.curvature_window,
-                          factor_decay=hp.factor_decay, **common)
+                          curvature_samples=hp.curvature_samples, factor_decay=hp.factor_decay, **common)
     else:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     return opt, pre
@@ -511,7 +514,8 @@ def settings_text(name: str, hp: SecondOrder) -> str:
     text = f"SGD momentum {hp.momentum}, damping {hp.damping:g}, KL clip {hp.kl_clip}, {hp.fisher} Fisher"
     if name == "kfac":
         return text + f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps"
-    return text + f", solver auto, curvature window {hp.curvature_window}"
+    samples = "all" if hp.curvature_samples is None else hp.curvature_samples
+    return text + f", solver auto, curvature window {hp.curvature_window}, curvature samples {samples}"
 
 
 def write_markdown(path: Path, record: dict[str, Any]) -> None:
@@ -635,6 +639,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SGD momentum under the preconditioners")
     parser.add_argument("--curvature-window", type=int, default=SecondOrder.curvature_window,
                         help="CG-FAC: number of recent batches whose rows form the curvature")
+    parser.add_argument("--curvature-samples", type=int, default=None,
+                        help="CG-FAC: samples of each batch whose rows form the curvature (default: the task's)")
     parser.add_argument("--fisher", choices=("empirical", "true"), default=None,
                         help="Fisher of the second-order methods (default: the task's)")
 
@@ -656,6 +662,7 @@ def run(args: argparse.Namespace) -> int:
     kl_clip = task.kl_clip if args.kl_clip is None else args.kl_clip
     hp = SecondOrder(damping=task.damping if args.damping is None else args.damping, kl_clip=kl_clip or None,
                      momentum=args.momentum, curvature_window=args.curvature_window,
+                     curvature_samples=args.curvature_samples or task.curvature_samples,
                      fisher=args.fisher or task.fisher)
     out = args.out or Path("runs") / f"train-{args.task}"
     out.mkdir(parents=True, exist_ok=True)
