@@ -109,12 +109,14 @@ def estimated_bytes(curvature: str, method: str, op: KronRows | ExactRows, n: in
     r_a, r_g = op.a.shape[0], op.g.shape[0]
     p = d_in * d_out
     narrow = r_g * r_a * (d_in + d_out) < (r_g + r_a) * p  # KronRows.matvec's choice of order
+    q_a, q_g = min(r_a, d_in), min(r_g, d_out)  # factor_eig: QR of the rows, or the d × d factor
+    exact_gram = n * p + n * n if isinstance(op, ExactRows) and op.gram_through_samples() else 4 * r_a**2
     floats = {
         ("kron", "cg"): r_a * d_in + r_g * d_out + (r_a * r_g if narrow else 0) + 10 * p,
-        ("kron", "lowrank"): 3 * (r_a**2 + r_g**2) + 2 * (r_a * d_in + r_g * d_out) + r_a * r_g + 4 * p,
+        ("kron", "lowrank"): 3 * (q_a**2 + q_g**2) + 2 * (q_a * d_in + q_g * d_out) + q_a * q_g + 4 * p,
         ("kron", "eigen"): 4 * (d_in**2 + d_out**2) + 4 * p,
         ("exact", "cg"): 2 * r_a * (d_in + d_out) + 10 * p,
-        ("exact", "lowrank"): 4 * r_a**2 + 2 * n**2 + 2 * r_a * (d_in + d_out) + 4 * p,
+        ("exact", "lowrank"): exact_gram + 2 * n**2 + 2 * r_a * (d_in + d_out) + 4 * p,
     }[(curvature, method)]
     return 4 * floats
 
