@@ -84,6 +84,7 @@ class CGFAC(Preconditioner):
         self.solutions: dict[str, Tensor] = {}
         self.last_iters: dict[str, int] = {}
         self.probed_at: dict[str, int] = {}
+        self.probe_budget: dict[str, tuple[int, str]] = {}  # a pending probe: (products, alternative)
         self.cost_constants: cost.CostConstants | None = None  # measured once, kept in checkpoints
 
     def _window_weights(self, count: int) -> list[float]:
@@ -98,8 +99,10 @@ class CGFAC(Preconditioner):
 
         CG's cost depends on its iteration count ``k``, known only by running it: the last
         measured count is used (10 before any). When another method is predicted cheaper but CG
-        would win with one warm-started iteration, CG is run once to measure ``k``: at the
-        layer's first warm-startable step and every ``CG_PROBE_STEPS`` steps after.
+        would win with one warm-started iteration, CG is probed: run with at most the products
+        it could spend and still win (``probe_budget``), at the layer's first warm-startable step
+        and every ``CG_PROBE_STEPS`` steps after. A probe that does not converge within that
+        budget records that CG loses, and the step is solved by the alternative.
         """
         if self.solver != "auto":
             return self.solver
@@ -113,10 +116,13 @@ class CGFAC(Preconditioner):
             return cost.exact_costs(operator.a.shape[0], operator.n_samples, d_in, d_out, k, self.cost_constants)
 
         k = self.last_iters.get(name)
-        best = cost.choose(costs(DEFAULT_CG_PRODUCTS if k is None else k))
+        predicted = costs(DEFAULT_CG_PRODUCTS if k is None else k)
+        best = cost.choose(predicted)
         probe_due = self.steps - self.probed_at.get(name, -CG_PROBE_STEPS) >= CG_PROBE_STEPS
-        if best != "cg" and probe_due and self.warm_start and name in self.solutions and cost.choose(costs(2)) == "cg":
+        budget = int(predicted[best] // costs(1)["cg"])  # CG products that would still win
+        if best != "cg" and probe_due and self.warm_start and name in self.solutions and budget >= 2:
             self.probed_at[name] = self.steps
+            self.probe_budget[name] = (budget, best)
             return "cg"
         return best
 
@@ -160,22 +166,29 @@ class CGFAC(Preconditioner):
         method = self.method_for(name, operator, grad)
         st = self.stats.setdefault(name, {"damping": damping})
         st.update(method=method, rows=int(operator.a.shape[0]))
+        x = None
+        if method == "cg":
+            x0 = self.solutions.get(name) if self.warm_start else None
+            budget, alternative = self.probe_budget.pop(name, (None, None))
+            max_iters = self.cg_max_iters if budget is None else min(self.cg_max_iters, budget - (x0 is not None))
+            res = cg(lambda v: operator.matvec(v, damping), grad, x0, max_iters=max_iters,
+                     tol=self.cg_tol(self.steps), diag=operator.jacobi(damping) if self.jacobi else None)
+            st.update(iters=res.iters, products=res.products, rel_residual=res.rel_residual,
+                      converged=res.converged, breakdown=res.breakdown)
+            if budget is not None and not res.converged:  # the probe shows CG loses on this layer
+                self.last_iters[name] = self.cg_max_iters + 1
+                method = alternative
+                st.update(method=method, probe=f"CG not converged in {res.products} products")
+            else:
+                self.last_iters[name] = res.products
+                if res.breakdown is not None:
+                    st["fallback"] = f"CG breakdown: {res.breakdown}"
+                    return None
+                x = res.x
         if method == "lowrank":
             x = operator.solve_lowrank(grad, damping)
         elif method == "eigen":
             x = KronEigen.from_factors(*operator.factors()).solve(grad, damping)
-        else:
-            x0 = self.solutions.get(name) if self.warm_start else None
-            diag = operator.jacobi(damping) if self.jacobi else None
-            res = cg(lambda v: operator.matvec(v, damping), grad, x0,
-                     max_iters=self.cg_max_iters, tol=self.cg_tol(self.steps), diag=diag)
-            self.last_iters[name] = res.products
-            st.update(iters=res.iters, products=res.products, rel_residual=res.rel_residual,
-                      converged=res.converged, breakdown=res.breakdown)
-            if res.breakdown is not None:
-                st["fallback"] = f"CG breakdown: {res.breakdown}"
-                return None
-            x = res.x
         if self.warm_start and x.isfinite().all():
             self.solutions[name] = x.clone()
         return x
