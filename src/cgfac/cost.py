@@ -11,9 +11,9 @@ Candidates for the Kronecker system (rows ``r_a``, ``r_g``; widths ``d_in``, ``d
 ``p = d_in·d_out``; ``k`` CG products; ``q_a = min(r_a, d_in)``, ``q_g = min(r_g, d_out)``)::
 
     cg       k · (thin · min((r_g + r_a) p + r_g r_a (d_in + d_out), 2 (r_g + r_a) p) + 4p + o_iter)
+    eigen    r_a d_in² + r_g d_out² + c_eig (d_in³ + d_out³) + 2p (d_in + d_out) + o_call
     lowrank  Σ_sides [(c_qr + 1) r² d + (c_eig + 1) r³  if r < d  else  r d² + c_eig d³]
              + (q_g + q_a) p + q_g q_a (d_in + d_out) + o_call
-    eigen    r_a d_in² + r_g d_out² + c_eig (d_in³ + d_out³) + 2p (d_in + d_out) + o_call
 
 and for the exact block (``r`` rows, ``n`` samples)::
 
@@ -101,12 +101,12 @@ def kron_costs(r_a: int, r_g: int, d_in: int, d_out: int, k: int, c: CostConstan
     p = d_in * d_out
     product = min((r_g + r_a) * p + r_g * r_a * (d_in + d_out), 2 * (r_g + r_a) * p)
     q_a, q_g = min(r_a, d_in), min(r_g, d_out)
-    return {
+    return {  # eigen before lowrank: with r ≥ d on both sides lowrank is eigen plus arithmetic (a tie)
         "cg": k * (c.thin * product + 4 * p + c.o_iter),
-        "lowrank": _side(r_a, d_in, c) + _side(r_g, d_out, c)
-        + (q_g + q_a) * p + q_g * q_a * (d_in + d_out) + c.o_call,
         "eigen": r_a * d_in**2 + r_g * d_out**2 + c.c_eig * (d_in**3 + d_out**3)
         + 2 * p * (d_in + d_out) + c.o_call,
+        "lowrank": _side(r_a, d_in, c) + _side(r_g, d_out, c)
+        + (q_g + q_a) * p + q_g * q_a * (d_in + d_out) + c.o_call,
     }
 
 
