@@ -238,8 +238,10 @@ def test_cg_probe_is_bounded_and_falls_back_to_the_cheaper_method(monkeypatch) -
     pre.solve_operator("w", op, grad, 1e-3)
     assert pre.layer_stats()["w"]["method"] == "lowrank" and "probe" not in pre.layer_stats()["w"]
     # A well-conditioned layer converges within the budget: CG keeps the step.
+    assert "w" not in pre.solutions  # no CG due next step: no warm start kept
     pre.steps = 1000
     pre.stats.clear()
+    pre.solutions["w"] = torch.zeros_like(grad)  # kept by step 999, the step before a due probe
     easy = KronRows(torch.eye(20, dtype=torch.float64)[:12] * 1e-3, g * 1e-3)
     pre.solve_operator("w", easy, grad, 1.0)
     assert pre.layer_stats()["w"]["method"] == "cg" and pre.layer_stats()["w"]["converged"]

@@ -118,13 +118,16 @@ class CGFAC(Preconditioner):
         k = self.last_iters.get(name)
         predicted = costs(DEFAULT_CG_PRODUCTS if k is None else k)
         best = cost.choose(predicted)
-        probe_due = self.steps - self.probed_at.get(name, -CG_PROBE_STEPS) >= CG_PROBE_STEPS
         budget = int(predicted[best] // costs(1)["cg"])  # CG products that would still win
-        if best != "cg" and probe_due and self.warm_start and name in self.solutions and budget >= 2:
+        if best != "cg" and self._probe_due(name, self.steps) and self.warm_start and name in self.solutions \
+                and budget >= 2:
             self.probed_at[name] = self.steps
             self.probe_budget[name] = (budget, best)
             return "cg"
         return best
+
+    def _probe_due(self, name: str, step: int) -> bool:
+        return step - self.probed_at.get(name, -CG_PROBE_STEPS) >= CG_PROBE_STEPS
 
     def _collect(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
         """This step's rows of each layer (gathered on its owner rank) join the layer's window."""
@@ -189,8 +192,13 @@ class CGFAC(Preconditioner):
             x = operator.solve_lowrank(grad, damping)
         elif method == "eigen":
             x = KronEigen.from_factors(*operator.factors()).solve(grad, damping)
-        if self.warm_start and x.isfinite().all():
+        # A warm start is kept only where CG may run next step (a d_out × d_in copy and its memory).
+        cg_next = method == "cg" or self.solver == "cg" or (
+            self.solver == "auto" and self._probe_due(name, self.steps + 1))
+        if self.warm_start and cg_next and x.isfinite().all():
             self.solutions[name] = x.clone()
+        else:
+            self.solutions.pop(name, None)
         return x
 
     def state_dict(self) -> dict[str, Any]:
