@@ -245,3 +245,15 @@ def test_cg_probe_is_bounded_and_falls_back_to_the_cheaper_method(monkeypatch) -
     easy = KronRows(torch.eye(20, dtype=torch.float64)[:12] * 1e-3, g * 1e-3)
     pre.solve_operator("w", easy, grad, 1.0)
     assert pre.layer_stats()["w"]["method"] == "cg" and pre.layer_stats()["w"]["converged"]
+
+
+def test_cost_tie_goes_to_eigen_when_rows_outnumber_both_widths() -> None:
+    """With r ≥ d on both sides the low-rank route is eigen plus arithmetic: equal costs, eigen."""
+    from cgfac import cost
+
+    c = cost.CostConstants(9.0, 4.0, 6.0, 1.1, 4e6, 8e6)
+    for r_a, r_g, d_in, d_out in [(100352, 100352, 26, 16), (1000, 1000, 501, 1000)]:
+        costs = cost.kron_costs(r_a, r_g, d_in, d_out, 10**6, c)
+        assert costs["eigen"] == pytest.approx(costs["lowrank"], rel=1e-12)
+        assert cost.choose(costs) == "eigen"
+    assert cost.choose(cost.kron_costs(64, 64, 1000, 1000, 10**6, c)) == "lowrank"

@@ -120,5 +120,7 @@ def exact_costs(rows: int, n: int, d_in: int, d_out: int, k: int, c: CostConstan
 
 
 def choose(costs: dict[str, float]) -> str:
-    """The candidate with the smallest predicted cost (the first listed on a tie)."""
-    return min(costs, key=costs.__getitem__)
+    """The candidate with the smallest predicted cost; on a tie (within rounding of sums taken in
+    another order) the first listed."""
+    lowest = min(costs.values())
+    return next(name for name, value in costs.items() if value <= lowest * (1 + 1e-9))
