@@ -140,7 +140,7 @@ def test_exact_gram_and_lowrank_routes(monkeypatch, through_samples: bool, d_in:
 
 @pytest.mark.parametrize("r_a,r_g", [(3, 50), (50, 3), (50, 60)])
 def test_kron_lowrank_with_more_rows_than_width(r_a: int, r_g: int) -> None:
-    """Each factor side uses min(r, d): the Gram matrix or the explicit factor; both exact."""
+    """Each factor side uses min(r, d): QR of the rows or the explicit factor; both exact."""
     gen = torch.Generator().manual_seed(6)
     a = torch.randn(r_a, 9, generator=gen, dtype=torch.float64)
     g = torch.randn(r_g, 7, generator=gen, dtype=torch.float64)

@@ -74,9 +74,7 @@ class KFAC(Preconditioner):
         if self.dist.active and not self.dist.owners:
             self.dist.assign({n: h.d_in**3 + h.d_out**3 for n, h in self.layers.items()})
         if self._wants_rows():
-            self._update_factors(active)
-        for helper, _ in active.values():
-            helper.chunks = []
+            self._update_factors(active)  # takes (and so clears) every active layer's rows
         for name in active:
             if name not in self.factors:
                 self.stats[name].setdefault("fallback", self._no_rows_reason())
