@@ -406,6 +406,7 @@ def torchrun_worker(work: Path) -> None:
         record = train_run(cfg, progress if rank == 0 else None)
         if rank == 0:
             (work / "result.json").write_text(json.dumps(_finite(record)))
+        dist.barrier()  # rank 0 evaluates and writes last: tearing gloo down under it aborted it
     finally:
         dist.destroy_process_group()
 
