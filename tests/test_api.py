@@ -19,7 +19,7 @@ def mixed_model() -> nn.Module:
         nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Conv2d(4, 4, 3, groups=2, padding=1), nn.ReLU(),
         nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-        nn.Flatten(), nn.Linear(4 * 16, 8), nn.LayerNorm(8), nn.Linear(8, 3),
+        nn.Flatten(), nn.Linear(4 * 16, 8), nn.LayerNorm(8), nn.Linear(8, 3), nn.PReLU(),
     )
 
 
@@ -30,14 +30,14 @@ def test_registration_report_lists_every_trainable_module(cls, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="cgfac"):
         pre = cls(model, skip_layers=["9"])
     report = {e.name: e for e in pre.registration_report()}
-    assert set(report) == {"0", "1", "3", "5", "7", "8", "9"}
-    assert [n for n, e in report.items() if e.covered] == ["0", "7"]
-    assert "groups=2" in report["3"].reason
-    assert "reflect" in report["5"].reason
-    assert "not a covered layer type" in report["1"].reason and "LayerNorm" in report["8"].reason
+    assert set(report) == {"0", "1", "3", "5", "7", "8", "9", "10"}
+    assert [n for n, e in report.items() if e.covered] == ["0", "1", "3", "5", "7", "8"]
+    assert "groups=2" in report["3"].reason and set(pre.layers) >= {"3:group0", "3:group1"}
+    assert "feature-blocks" in report["1"].reason and "feature-blocks" in report["8"].reason
+    assert "not a covered layer type" in report["10"].reason and "PReLU" in report["10"].reason
     assert report["9"].reason == "in skip_layers"
     assert pre.layers["7"].has_bias is False and pre.layers["7"].d_in == 64
-    assert "keep their plain gradient" in caplog.text and "BatchNorm2d" in caplog.text
+    assert "keep their plain gradient" in caplog.text and "PReLU" in caplog.text
     assert "CGFAC registration" in caplog.text or "KFAC registration" in caplog.text
 
 
@@ -50,9 +50,10 @@ def test_uncovered_layers_keep_plain_gradient(cls) -> None:
     F.cross_entropy(model(x), y).backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     pre.step()
+    covered = {e.name for e in pre.registration_report() if e.covered}
     for n, p in model.named_parameters():
         changed = not torch.equal(p.grad, plain[n])
-        assert changed == (n.split(".")[0] in pre.layers), n
+        assert changed == (n.split(".")[0] in covered), n
 
 
 def test_frozen_weight_and_skip_by_class() -> None:
@@ -105,7 +106,7 @@ def test_bad_kfac_arguments_name_the_argument(kwargs, exc, word) -> None:
 
 def test_model_without_layers_and_non_module() -> None:
     with pytest.raises(ValueError, match="model"):
-        cgfac.CGFAC(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
+        cgfac.CGFAC(nn.Sequential(nn.ReLU(), nn.PReLU()))
     with pytest.raises(TypeError, match="model"):
         cgfac.KFAC("not a model")
 

@@ -153,7 +153,8 @@ def test_cg_breakdown_falls_back_to_plain_gradient(monkeypatch) -> None:
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     with pytest.warns(RuntimeWarning, match="CG breakdown"):
         pre.step()
-    assert all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters())
+    # the LayerNorm ("4") is solved directly (its exact per-feature blocks), not by CG
+    assert all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters() if not n.startswith("4."))
     assert pre.fallbacks == 3
 
 

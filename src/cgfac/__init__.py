@@ -3,6 +3,7 @@
 from cgfac.base import Preconditioner, ReportEntry
 from cgfac.cgfac import CGFAC
 from cgfac.kfac import KFAC
+from cgfac.layers import LayerGroup, LayerHelper, register_layer_helper
 
-__all__ = ["CGFAC", "KFAC", "Preconditioner", "ReportEntry"]
+__all__ = ["CGFAC", "KFAC", "LayerGroup", "LayerHelper", "Preconditioner", "ReportEntry", "register_layer_helper"]
 __version__ = "0.1.0"

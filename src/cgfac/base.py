@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from cgfac.distributed import WorkAssignment
 from cgfac.fisher import LOSS_TYPES, sampled_loss
 from cgfac.hyperparams import Hyper, HyperParam, choice
 from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
+from cgfac.layers.registry import HelperFactory, check_overrides
 
 logger = logging.getLogger("cgfac")
 
@@ -64,6 +65,9 @@ class Preconditioner:
         solve_dtype: dtype of curvature and solves (default: the parameters' dtype, at least
             float32). ``torch.float64`` when λ is tiny against the curvature's scale: a solve's
             relative error is about ``eps · (s_max + λ) / λ``.
+        layer_helpers: ``{module type: factory}`` overriding the global registry
+            (:func:`cgfac.register_layer_helper`) for this preconditioner; the most-derived
+            registered class of a module wins, an override over a global entry at one class.
 
     Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
     ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
@@ -86,6 +90,7 @@ class Preconditioner:
         seed: int = 0,
         process_group: Any = None,
         solve_dtype: torch.dtype | None = None,
+        layer_helpers: Mapping[type, HelperFactory] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -104,6 +109,8 @@ class Preconditioner:
         if solve_dtype is not None and not (isinstance(solve_dtype, torch.dtype) and solve_dtype.is_floating_point):
             raise TypeError(f"solve_dtype must be a floating torch.dtype, got {solve_dtype!r}")
         self.solve_dtype = solve_dtype
+        self.layer_helpers = check_overrides(layer_helpers)
+        self._forward_passes = 0
         self.dist = WorkAssignment(process_group)
         self.steps = 0
         self.stats: dict[str, dict[str, Any]] = {}
@@ -117,7 +124,8 @@ class Preconditioner:
         self.report: list[ReportEntry] = []
         self._register(model)
         if not self.layers:
-            raise ValueError("model: no Linear or Conv2d layer with a trainable weight to precondition")
+            raise ValueError("model: no covered layer with trainable parameters to precondition "
+                             "(see cgfac.register_layer_helper)")
         self._log_report()
 
     # --- registration -----------------------------------------------------------------------
@@ -130,21 +138,61 @@ class Preconditioner:
         return False
 
     def _register(self, model: nn.Module) -> None:
+        """Every module with trainable parameters of its own: its helper (one or more units, each
+        a block solved on its own), or the reason it keeps its plain gradient."""
         self._handles = []
+        claimed: dict[int, tuple[str, bool]] = {}  # child module id -> (parent name, parent covered)
+        entries: list[tuple[str, nn.Module, Any]] = []
         for name, module in model.named_modules():
-            helper = make_helper(name, module)
+            kind = type(module).__name__
+            if id(module) in claimed:
+                parent, ok = claimed[id(module)]
+                if any(p.requires_grad for p in module.parameters(recurse=False)):
+                    reason = f"covered by {parent!r}" if ok else f"part of {parent!r}, which is not preconditioned"
+                    self.report.append(ReportEntry(name, kind, ok, reason))
+                continue
+            helper = make_helper(name, module, self.layer_helpers)
             if helper is None:
                 continue
-            kind = type(module).__name__
             if isinstance(helper, str):
                 self.report.append(ReportEntry(name, kind, False, helper))
-            elif self._skipped(name, module):
+                continue
+            skipped = self._skipped(name, module)
+            for child in helper.claims():
+                claimed[id(child)] = (name, not skipped)
+            if skipped:
                 self.report.append(ReportEntry(name, kind, False, "in skip_layers"))
-            else:
-                self.layers[name] = helper
-                shape = f"{helper.d_out}x{helper.d_in}" + (" (bias as last column)" if helper.has_bias else "")
-                self.report.append(ReportEntry(name, kind, True, f"layer matrix {shape}"))
-                self._handles.append(module.register_forward_hook(self._forward_hook(helper)))
+                continue
+            entries.append((name, module, helper))
+        shared = self._shared_parameters(entries)
+        for name, module, helper in entries:
+            kind = type(module).__name__
+            if name in shared:
+                self.report.append(ReportEntry(name, kind, False, shared[name]))
+                continue
+            for unit in helper.units():
+                self.layers[unit.name] = unit
+            self.report.append(ReportEntry(name, kind, True, helper.describe()))
+            self._handles += helper.attach(self)
+        if self.layers:
+            self._handles.append(model.register_forward_pre_hook(self._count_forward_pass))
+
+    @staticmethod
+    def _shared_parameters(entries: list[tuple[str, nn.Module, Any]]) -> dict[str, str]:
+        """Modules whose parameters another covered module also uses (e.g. a tied embedding and
+        output layer): two layer matrices of one Parameter cannot both replace its gradient."""
+        users: dict[int, list[str]] = {}
+        for name, _, helper in entries:
+            for pid in {id(p) for unit in helper.units() for p in unit.params()}:
+                users.setdefault(pid, []).append(name)
+        out = {}
+        for names in users.values():
+            if len(names) > 1:
+                for n in names:
+                    others = ", ".join(repr(o) for o in names if o != n)
+                    out[n] = (f"shares a Parameter with {others} (a Parameter used by several modules "
+                              "is not covered: plain gradient)")
+        return out
 
     def _log_report(self) -> None:
         logger.info("%s registration:\n  %s", type(self).__name__, "\n  ".join(map(str, self.report)))
@@ -164,23 +212,23 @@ class Preconditioner:
         """Whether this step's forward passes should record curvature rows."""
         return True
 
-    def _forward_hook(self, helper: LayerHelper):
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if not (module.training and torch.is_grad_enabled() and self._wants_rows()):
-                return
-            if not isinstance(output, Tensor) or not output.requires_grad:
-                return
-            a, n = helper.input_rows(inputs[0].detach())
-            chunk = Chunk(a=a, n=n)
-            helper.chunks.append(chunk)
-            output.register_hook(lambda grad: self._capture_grad(helper, chunk, grad))
+    def _count_forward_pass(self, module: nn.Module, inputs: tuple) -> None:
+        self._forward_passes += 1
 
-        return hook
+    def capturing(self, module: nn.Module) -> bool:
+        """Whether a forward call of ``module`` now should record curvature rows."""
+        return module.training and torch.is_grad_enabled() and self._wants_rows()
 
-    def _capture_grad(self, helper: LayerHelper, chunk: Chunk, grad_output: Tensor) -> None:
+    def record_input(self, unit: LayerHelper, a: Tensor, n: int) -> Chunk:
+        """A forward call's input rows of one unit; its output gradient is paired later."""
+        chunk = Chunk(a=a, n=n, forward_pass=self._forward_passes)
+        unit.chunks.append(chunk)
+        return chunk
+
+    def record_output_grad(self, unit: LayerHelper, chunk: Chunk, g: Tensor) -> None:
+        """Output-gradient rows of a chunk (summed over backward passes)."""
         if self.fisher == "true" and not self._sampling:
             return  # the user's backward only supplies ∇W
-        g = helper.output_rows(grad_output.detach())
         if self._sampling:
             g = g * chunk.n  # the sampled loss is a mean over this chunk's rows
             chunk.per_sample = True
@@ -202,7 +250,7 @@ class Preconditioner:
             gen.manual_seed(int(torch.randint(2**62, (1,), generator=self._generator)))
             self._generators[device] = gen
         loss = sampled_loss(outputs, loss_type, self._generators[device])
-        params = [p for h in self.layers.values() for p in h.params()]
+        params = list({id(p): p for h in self.layers.values() for p in h.params()}.values())
         self._sampling = True
         try:
             torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -213,7 +261,7 @@ class Preconditioner:
     def _compute_dtype(self, helper: LayerHelper) -> torch.dtype:
         if self.solve_dtype is not None:
             return self.solve_dtype
-        return torch.promote_types(helper.module.weight.dtype, torch.float32)
+        return torch.promote_types(helper.dtype, torch.float32)
 
     def _rows(self, helper: LayerHelper, max_samples: int | None = None) -> Rows | None:
         """This step's rows for a layer, in the compute dtype, unscaled by any GradScaler."""
@@ -404,4 +452,4 @@ class Preconditioner:
             gen.set_state(gen_state)
             self._generators[device] = gen
         for name, helper in self.layers.items():
-            self._load_layer_state(name, state["layers"][name], helper.module.weight.device)
+            self._load_layer_state(name, state["layers"][name], helper.device)

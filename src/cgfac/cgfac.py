@@ -155,13 +155,17 @@ class CGFAC(Preconditioner):
                               for name, cnt in zip(rows, counts)})
         for (name, r), cnt in zip(list(rows.items()), counts):
             helper, grad = active[name]
-            rows[name] = self.dist.gather_rows(r, cnt, self.dist.owner(name), helper.d_in, helper.d_out,
+            rows[name] = self.dist.gather_rows(r, cnt, self.dist.owner(name), *helper.row_widths,
                                                grad.dtype, grad.device)
 
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         window = self.windows[name]
-        build = KronRows if self.curvature == "kron" else ExactRows
-        return self.solve_operator(name, build.from_rows(window, self._window_weights(len(window))), grad, damping)
+        operator = helper.operator(self.curvature, window, self._window_weights(len(window)))
+        if hasattr(operator, "solve"):  # a direct exact solve (embedding, normalisation blocks)
+            self.stats[name].update(method=operator.method, rows=sum(int(r.a.shape[0]) for r in window))
+            self.solutions.pop(name, None)
+            return operator.solve(grad, damping)
+        return self.solve_operator(name, operator, grad, damping)
 
     def solve_operator(self, name: str, operator: KronRows | ExactRows, grad: Tensor, damping: float) -> Tensor | None:
         """One layer's solve as :meth:`step` does it: choose the method, solve, keep the warm

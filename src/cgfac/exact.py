@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from cgfac.layers import Rows
+if TYPE_CHECKING:
+    from cgfac.layers import Rows
 
 
 @dataclass
@@ -91,13 +93,17 @@ class ExactRows:
         p = self.a.shape[1] * self.g.shape[1]
         return self.sample is not None and r * p + n * n * p < r * r * (self.a.shape[1] + self.g.shape[1])
 
+    def _a_gram(self) -> Tensor:
+        """``a aᵀ`` (``r × r``): the inner products of the input rows."""
+        return self.a @ self.a.T
+
     def gram(self) -> Tensor:
         """``K_{st} = ⟨J_s, J_t⟩`` (``n_samples × n_samples``): block sums of ``(g gᵀ) ⊙ (a aᵀ)``,
         or ``J Jᵀ`` from the per-sample gradients, whichever is cheaper."""
         if self.gram_through_samples():
             j = self.per_sample()
             return j @ j.T
-        k = (self.g @ self.g.T) * (self.a @ self.a.T)
+        k = (self.g @ self.g.T) * self._a_gram()
         if self.sample is None:
             return k
         n = self.n_samples

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from cgfac.base import Preconditioner
 from cgfac.hyperparams import Hyper, HyperParam, choice, positive_int
-from cgfac.kron import KronEigen, KronRows
 from cgfac.layers import LayerHelper
 
 
@@ -57,8 +56,8 @@ class KFAC(Preconditioner):
         self.strategy = choice("strategy", strategy, ("comm-opt", "mem-opt"))
         self.steps = 0
         super().__init__(model, **kwargs)
-        self.factors: dict[str, tuple[Tensor, Tensor]] = {}
-        self.eigen: dict[str, KronEigen] = {}
+        self.factors: dict[str, tuple[Tensor, ...]] = {}  # (A, G); per-layer-type for other blocks
+        self.eigen: dict[str, Any] = {}  # KronEigen, or the layer type's decomposition
         self.eigen_age: dict[str, int] = {}
 
     def _wants_rows(self) -> bool:
@@ -72,7 +71,7 @@ class KFAC(Preconditioner):
 
     def _collect(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
         if self.dist.active and not self.dist.owners:
-            self.dist.assign({n: h.d_in**3 + h.d_out**3 for n, h in self.layers.items()})
+            self.dist.assign({n: h.decomposition_cost() for n, h in self.layers.items()})
         if self._wants_rows():
             self._update_factors(active)  # takes (and so clears) every active layer's rows
         for name in active:
@@ -80,28 +79,27 @@ class KFAC(Preconditioner):
                 self.stats[name].setdefault("fallback", self._no_rows_reason())
         self._refresh_decompositions([n for n in active if n in self.factors])
 
-    def _batch_factors(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+    def _batch_factors(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> dict[str, tuple[Tensor, ...]]:
         """This batch's factors per layer, averaged over ranks weighted by their samples."""
         local = {}
         for name, (helper, _) in active.items():
             rows = self._rows(helper)
             if rows is not None:
-                local[name] = (*KronRows.from_rows([rows], [1.0]).factors(), rows.n)
+                local[name] = (helper.kfac_factors(rows), rows.n)
         if not self.dist.active:
-            return {name: (a, g) for name, (a, g, _) in local.items()}
+            return {name: fs for name, (fs, _) in local.items()}
         buffers = {}
         for name, (helper, grad) in active.items():
-            a, g, n = local.get(name, (grad.new_zeros(helper.d_in, helper.d_in),
-                                       grad.new_zeros(helper.d_out, helper.d_out), 0))
-            buffers[name] = [a * n, g * n, grad.new_full((1,), float(n))]
+            fs, n = local.get(name, (helper.kfac_zero_factors(grad), 0))
+            buffers[name] = [*(f * n for f in fs), grad.new_full((1,), float(n))]
         self.dist.all_reduce_sum([t for bufs in buffers.values() for t in bufs])
-        return {name: (a / n, g / n) for name, (a, g, n) in buffers.items() if n > 0}
+        return {name: tuple(f / bufs[-1] for f in bufs[:-1]) for name, bufs in buffers.items() if bufs[-1] > 0}
 
     def _update_factors(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
         """Fold this batch's factors into the running factors; non-finite ones are skipped."""
         rho = self.factor_decay(self.steps)
-        for name, (a_new, g_new) in self._batch_factors(active).items():
-            if not (a_new.isfinite().all() and g_new.isfinite().all()):
+        for name, new in self._batch_factors(active).items():
+            if not all(f.isfinite().all() for f in new):
                 problem = "non-finite curvature rows (factor update skipped)"
                 if name in self.factors:
                     self.stats[name]["factor_update"] = problem
@@ -109,22 +107,21 @@ class KFAC(Preconditioner):
                     self.stats[name]["fallback"] = problem
                 continue
             if name not in self.factors:
-                self.factors[name] = (a_new, g_new)
+                self.factors[name] = new
             else:
-                a_old, g_old = self.factors[name]
-                self.factors[name] = (a_old.mul_(rho).add_(a_new, alpha=1 - rho),
-                                      g_old.mul_(rho).add_(g_new, alpha=1 - rho))
+                self.factors[name] = tuple(old.mul_(rho).add_(f, alpha=1 - rho)
+                                           for old, f in zip(self.factors[name], new))
 
     def _refresh_decompositions(self, names: list[str]) -> None:
         """Eigendecompose due layers on their owners; comm-opt broadcasts the results."""
         due = [n for n in names if self._holds_decomposition(n)
                and (n not in self.eigen or self.steps % self.inv_update_steps == 0)]
-        fresh: dict[str, KronEigen | None] = {}
+        fresh: dict[str, Any] = {}
         for name in due:
             if not self.dist.owns(name):
                 continue
             try:
-                fresh[name] = KronEigen.from_factors(*self.factors[name])
+                fresh[name] = self.layers[name].kfac_decompose(self.factors[name])
             except torch.linalg.LinAlgError as err:
                 fresh[name] = None
                 self.stats[name]["decomposition_error"] = str(err)
@@ -145,21 +142,19 @@ class KFAC(Preconditioner):
             if name in self.eigen and name not in due:
                 self.eigen_age[name] += 1
 
-    def _broadcast_decompositions(self, due: list[str], fresh: dict[str, KronEigen | None]) -> None:
+    def _broadcast_decompositions(self, due: list[str], fresh: dict[str, Any]) -> None:
         items = []
         buffers = {}
         for name in due:
-            a, g = self.factors[name]
+            helper, factors = self.layers[name], self.factors[name]
             e = fresh.get(name)
-            flag = a.new_ones(1) if e is not None else a.new_zeros(1)
-            if e is None:
-                e = KronEigen(a.new_zeros(a.shape[0]), torch.zeros_like(a),
-                              g.new_zeros(g.shape[0]), torch.zeros_like(g))
-            buffers[name] = (e, flag)
-            items.append((self.dist.owner(name), [e.s_a, e.q_a, e.s_g, e.q_g, flag]))
+            flag = factors[0].new_ones(1) if e is not None else factors[0].new_zeros(1)
+            tensors = list(e.tensors()) if e is not None else helper.kfac_empty_decomposition(factors)
+            buffers[name] = (tensors, flag)
+            items.append((self.dist.owner(name), [*tensors, flag]))
         self.dist.broadcast_from_owners(items)
-        for name, (e, flag) in buffers.items():
-            fresh[name] = e if flag.item() == 1 else None
+        for name, (tensors, flag) in buffers.items():
+            fresh[name] = self.layers[name].kfac_decomposition(tensors) if flag.item() == 1 else None
 
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         self.stats[name].update(method="eigen", decomposition_age=self.eigen_age[name])
@@ -171,7 +166,7 @@ class KFAC(Preconditioner):
             state["factors"] = self.factors[name]
         if name in self.eigen:
             e = self.eigen[name]
-            state["eigen"] = (e.s_a, e.q_a, e.s_g, e.q_g)
+            state["eigen"] = tuple(e.tensors())
             state["eigen_age"] = self.eigen_age[name]
         return state
 
@@ -181,5 +176,5 @@ class KFAC(Preconditioner):
         if "factors" in state:
             self.factors[name] = tuple(t.to(device).clone() for t in state["factors"])
         if "eigen" in state:
-            self.eigen[name] = KronEigen(*(t.to(device).clone() for t in state["eigen"]))
+            self.eigen[name] = self.layers[name].kfac_decomposition([t.to(device).clone() for t in state["eigen"]])
             self.eigen_age[name] = state["eigen_age"]

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from cgfac.layers import Rows
+if TYPE_CHECKING:
+    from cgfac.layers import Rows
 
 
 @dataclass
@@ -137,3 +139,6 @@ class KronEigen:
         c = self.q_g.T @ grad @ self.q_a
         c /= torch.outer(self.s_g, self.s_a) + damping
         return self.q_g @ c @ self.q_a.T
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.s_a, self.q_a, self.s_g, self.q_g

@@ -1,0 +1,40 @@
+"""Per-layer-type helpers: how a module's inputs and output gradients become curvature rows.
+
+* :mod:`~cgfac.layers.base`: the protocol (:class:`LayerHelper`, :class:`LayerGroup`, rows).
+* :mod:`~cgfac.layers.registry`: which helper covers which module type.
+* one module per family: :mod:`~cgfac.layers.linear`, :mod:`~cgfac.layers.conv`,
+  :mod:`~cgfac.layers.embedding`, :mod:`~cgfac.layers.norm`, :mod:`~cgfac.layers.attention`.
+"""
+
+from torch import nn
+
+from cgfac.layers.attention import MultiheadAttentionHelper, mha_helper
+from cgfac.layers.base import Capture, Chunk, LayerGroup, LayerHelper, Rows, join_per_sample
+from cgfac.layers.conv import Conv2dHelper, ConvHelper, conv_helper, conv_pads, transposed_conv_reason, unfold_patches
+from cgfac.layers.embedding import EmbeddingHelper, embedding_helper
+from cgfac.layers.linear import LinearHelper, linear_helper
+from cgfac.layers.norm import NormHelper, norm_helper
+from cgfac.layers.registry import (
+    HelperFactory,
+    find_factory,
+    make_helper,
+    register_layer_helper,
+    registered_helpers,
+)
+
+register_layer_helper(nn.Linear, linear_helper)
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer_helper(_conv, conv_helper)
+for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_layer_helper(_conv, transposed_conv_reason)
+register_layer_helper(nn.Embedding, embedding_helper)
+for _norm in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    register_layer_helper(_norm, norm_helper)
+register_layer_helper(nn.MultiheadAttention, mha_helper)
+
+__all__ = [
+    "Capture", "Chunk", "Conv2dHelper", "ConvHelper", "EmbeddingHelper", "HelperFactory", "LayerGroup",
+    "LayerHelper", "LinearHelper", "MultiheadAttentionHelper", "NormHelper", "Rows", "conv_helper", "conv_pads",
+    "embedding_helper", "find_factory", "join_per_sample", "linear_helper", "make_helper", "mha_helper",
+    "norm_helper", "register_layer_helper", "registered_helpers", "transposed_conv_reason", "unfold_patches",
+]

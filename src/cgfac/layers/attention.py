@@ -1,0 +1,167 @@
+"""``nn.MultiheadAttention``: its in-projection (packed ``in_proj_weight`` or separate
+``q/k/v_proj_weight``) and its ``out_proj``.
+
+``F.multi_head_attention_forward`` applies ``F.linear`` to the module's own parameters, so no
+module hook fires for the projections (``out_proj`` is never called as a module either). This
+helper re-implements nothing: after the module's forward it walks the autograd graph of the
+attention output (down to the inputs), finds the matrix products (``addmm``/``mm``) whose weight
+operand is (a slice of) one of the projection weights, takes the rows ``a`` from the product's
+saved input and the rows ``g`` from a pre-hook on that autograd node (the gradient with respect
+to the projection's output).
+
+Blocks: ``name:q_proj``, ``name:k_proj``, ``name:v_proj`` (each ``E × (E_in + 1)``: the packed
+weight is split into its three projections, which have different inputs in cross-attention) and
+``name.out_proj``. Samples are the batch elements (sequences), with ``T`` = sequence length rows
+each (the KFC / "K-FAC expand" convention), so ``curvature="exact"`` is the per-sequence Fisher.
+``bias_k``/``bias_v`` (``add_bias_kv=True``) keep their plain gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from cgfac.layers.base import Capture, LayerGroup, LayerHelper
+
+# Autograd nodes between a parameter and the matrix product using it (transposes, slices).
+_VIEW_NODES = {"TBackward0", "TransposeBackward0", "PermuteBackward0", "SplitBackward0",
+               "SplitWithSizesBackward0", "UnbindBackward0", "SliceBackward0", "ViewBackward0",
+               "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0", "SelectBackward0"}
+# (node type, index of the weight operand in next_functions, saved input, saved weight operand)
+_PRODUCTS = {"AddmmBackward0": (2, "_saved_mat1", "_saved_mat2"),
+             "MmBackward0": (1, "_saved_self", "_saved_mat2")}
+
+
+class ProjectionHelper(LayerHelper):
+    """One projection: rows come from the autograd graph (see the module docstring)."""
+
+    def describe(self) -> str:
+        return super().describe()
+
+
+def _weight_param(node) -> Tensor | None:
+    """The leaf tensor reached from a product's weight operand through view-like nodes."""
+    seen = 0
+    while node is not None and seen < 16:
+        name = type(node).__name__
+        if name == "AccumulateGrad":
+            return node.variable
+        if name not in _VIEW_NODES:
+            return None
+        nexts = [nx for nx, _ in node.next_functions if nx is not None]
+        if len(nexts) != 1:
+            return None
+        node, seen = nexts[0], seen + 1
+    return None
+
+
+def find_products(root, params: Sequence[Tensor], stop: set) -> list[tuple[object, Tensor, Tensor, int, int]]:
+    """``(node, param, saved input, first weight row, rows)`` for every product in the graph
+    above ``root`` (not beyond ``stop``) whose weight operand is a slice of one of ``params``."""
+    ids = {id(p): p for p in params}
+    found, seen, stack = [], set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        kind = _PRODUCTS.get(type(node).__name__)
+        if kind is not None:
+            w_index, saved_in, saved_w = kind
+            param = _weight_param(node.next_functions[w_index][0])
+            if param is not None and id(param) in ids:
+                w_t = getattr(node, saved_w)  # (E_in, rows): the weight slice, transposed
+                row0 = (w_t.storage_offset() - param.storage_offset()) // param.stride(0)
+                found.append((node, param, getattr(node, saved_in), row0, w_t.shape[1]))
+        if type(node).__name__ != "AccumulateGrad":
+            stack.extend(nx for nx, _ in node.next_functions)
+    return found
+
+
+class MultiheadAttentionHelper(LayerGroup):
+    """The projections of an ``nn.MultiheadAttention`` (see the module docstring)."""
+
+    def __init__(self, name: str, module: nn.MultiheadAttention, parts: list[LayerHelper], note: str) -> None:
+        super().__init__(name, module, parts, note)
+
+    def claims(self) -> list[nn.Module]:
+        return [self.module.out_proj]
+
+    def attach(self, capture: Capture) -> list[RemovableHandle]:
+        module = self.module
+        units = self.parts
+        params = list({id(u.weight): u.weight for u in units}.values())
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            if not capture.capturing(mod):
+                return
+            out = output[0] if isinstance(output, tuple) else output
+            if not isinstance(out, Tensor) or out.grad_fn is None:
+                return
+            names = ("query", "key", "value")
+            inputs = [args[i] if len(args) > i else kwargs.get(names[i]) for i in range(3)]
+            query = inputs[0]
+            batched = query.dim() == 3
+            n = (query.shape[0] if mod.batch_first else query.shape[1]) if batched else 1
+            stop = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
+            for node, param, x, row0, rows in find_products(out.grad_fn, params, stop):
+                x = x.detach()
+                length = x.shape[0] // n
+                a = x.reshape(length, n, -1).transpose(0, 1).reshape(length * n, -1)  # (L, N) → (N, L)
+                targets = []
+                for unit in units:
+                    if unit.weight is not param:
+                        continue
+                    u0 = 0 if unit.out_slice is None else unit.out_slice.start
+                    if row0 <= u0 and u0 + unit.d_out <= row0 + rows:
+                        chunk = capture.record_input(unit, unit.with_ones(a), n)
+                        targets.append((unit, chunk, slice(u0 - row0, u0 - row0 + unit.d_out)))
+                if targets:
+                    node.register_prehook(_grad_hook(capture, targets, n, length))
+
+        return [module.register_forward_hook(hook, with_kwargs=True)]
+
+
+def _grad_hook(capture: Capture, targets: list, n: int, length: int):
+    def prehook(grad_outputs: tuple) -> None:
+        g = grad_outputs[0]
+        if g is None:
+            return
+        g = g.detach()
+        g = g.reshape(length, n, -1).transpose(0, 1).reshape(length * n, -1)
+        for unit, chunk, cols in targets:
+            capture.record_output_grad(unit, chunk, g[:, cols])
+
+    return prehook
+
+
+def mha_helper(name: str, module: nn.MultiheadAttention) -> MultiheadAttentionHelper | str:
+    e = module.embed_dim
+    parts: list[LayerHelper] = []
+    bias = module.in_proj_bias
+    has_bias = bias is not None and bias.requires_grad
+    plain = []
+    if module._qkv_same_embed_dim:
+        weights = [(module.in_proj_weight, slice(i * e, (i + 1) * e)) for i in range(3)]
+    else:
+        weights = [(module.q_proj_weight, None), (module.k_proj_weight, None), (module.v_proj_weight, None)]
+    for i, (tag, (w, sl)) in enumerate(zip(("q_proj", "k_proj", "v_proj"), weights)):
+        if not w.requires_grad:
+            plain.append(f"{tag} (frozen)")
+            continue
+        parts.append(ProjectionHelper(f"{name}:{tag}", module, has_bias, weight=w, bias=bias, out_slice=sl,
+                                      bias_slice=slice(i * e, (i + 1) * e)))
+    out = module.out_proj
+    if out.weight.requires_grad:
+        out_bias = out.bias is not None and out.bias.requires_grad
+        parts.append(ProjectionHelper(f"{name}.out_proj", out, out_bias))
+    else:
+        plain.append("out_proj (frozen)")
+    if module.bias_k is not None:
+        plain.append("bias_k, bias_v")
+    if not parts:
+        return "every projection weight is frozen"
+    note = "samples = sequences; " + (f"plain gradient: {', '.join(plain)}" if plain else "all projections")
+    return MultiheadAttentionHelper(name, module, parts, note)

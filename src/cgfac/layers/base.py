@@ -1,0 +1,302 @@
+"""The layer-helper protocol: how a module's parameters become one or more curvature blocks.
+
+A *unit* (:class:`LayerHelper`) is one block the preconditioners solve on its own: a layer matrix
+``W`` of shape ``d_out × d_in`` (the bias, when trained, is the last column) with curvature rows
+``a`` (inputs) and ``g`` (per-sample output gradients), ``r = n·T`` rows for ``n`` samples, the
+``T`` rows of a sample contiguous. A module may own several units (a grouped convolution: one per
+group; attention: its projections), gathered by a :class:`LayerGroup`.
+
+Three block structures exist (``LayerHelper.structure``):
+
+* ``"kron"``: dense rows; ``G X A + λX = ∇W`` (K-FAC) or the exact empirical-Fisher block, solved
+  by :mod:`cgfac.kron` / :mod:`cgfac.exact` (CG, low-rank, eigen).
+* ``"diag-kron"``: the input factor ``A`` is diagonal (one-hot rows, e.g. ``nn.Embedding``), the
+  rows ``a`` hold indices; solved exactly and directly.
+* ``"feature-blocks"``: a small exact block per feature (normalisation layers), solved directly.
+
+A unit decides which curvature operator represents it (:meth:`LayerHelper.operator`) and, for
+K-FAC, its factors and their decomposition (:meth:`LayerHelper.kfac_factors`,
+:meth:`LayerHelper.kfac_decompose`); the defaults are the dense Kronecker ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from cgfac.exact import ExactRows
+from cgfac.kron import KronEigen, KronRows
+
+
+@dataclass
+class Rows:
+    """Curvature rows of one layer: ``a`` (``r × d_in``), ``g`` (``r × d_out``), ``n`` samples."""
+
+    a: Tensor
+    g: Tensor
+    n: int
+
+    @property
+    def rows_per_sample(self) -> int:
+        return self.a.shape[0] // self.n
+
+
+@dataclass(eq=False)
+class Chunk:
+    """Inputs of one forward call, paired with the output gradients of its backward pass(es).
+
+    ``forward_pass`` numbers the model's forward passes: chunks of one pass with the same sample
+    count are uses of one layer by the same samples (a module called several times), and their
+    rows are joined per sample (like extra positions of a convolution)."""
+
+    a: Tensor
+    n: int
+    g: Tensor | None = None
+    per_sample: bool = False  # True when ``g`` already holds per-sample gradients
+    forward_pass: int = 0
+
+
+class Capture(Protocol):
+    """What a helper's hooks report to (implemented by :class:`cgfac.base.Preconditioner`)."""
+
+    def capturing(self, module: nn.Module) -> bool: ...
+
+    def record_input(self, unit: LayerHelper, a: Tensor, n: int) -> Chunk: ...
+
+    def record_output_grad(self, unit: LayerHelper, chunk: Chunk, g: Tensor) -> None: ...
+
+
+class LayerHelper:
+    """One curvature block (a *unit*) of a module. Subclasses define how rows are extracted.
+
+    Args:
+        name: the unit's name (the module's name, or ``module_name:part`` for a part).
+        module: the module whose forward hook captures the rows.
+        has_bias: whether the bias is trained (then it is the last column of the layer matrix).
+        weight, bias: the tensors of the layer matrix (default ``module.weight``/``module.bias``).
+        out_slice: the rows (dim 0) of ``weight``/``bias`` this unit owns (default all).
+    """
+
+    structure = "kron"
+
+    def __init__(self, name: str, module: nn.Module, has_bias: bool, *, weight: Tensor | None = None,
+                 bias: Tensor | None = None, out_slice: slice | None = None,
+                 bias_slice: slice | None = None) -> None:
+        self.name = name
+        self.module = module
+        self.has_bias = has_bias
+        self.weight = module.weight if weight is None else weight
+        self.bias = (module.bias if bias is None else bias) if has_bias else None
+        self.out_slice = out_slice
+        self.bias_slice = out_slice if bias_slice is None else bias_slice
+        self.chunks: list[Chunk] = []
+
+    # --- the layer matrix ---------------------------------------------------------------------
+    def _rows_of(self, t: Tensor) -> Tensor:
+        return t if self.out_slice is None else t[self.out_slice]
+
+    def _bias_of(self, t: Tensor) -> Tensor:
+        return t if self.bias_slice is None else t[self.bias_slice]
+
+    @property
+    def d_out(self) -> int:
+        return self._rows_of(self.weight).shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.weight[0].numel() + int(self.has_bias)
+
+    @property
+    def row_widths(self) -> tuple[int, int]:
+        """Widths of the rows ``a`` and ``g`` (for communication): ``(d_in, d_out)`` by default."""
+        return self.d_in, self.d_out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def params(self) -> list[Tensor]:
+        ps = [self.weight]
+        if self.has_bias:
+            ps.append(self.bias)
+        return ps
+
+    def grad_matrix(self) -> Tensor | None:
+        """``∇W`` as a ``d_out × d_in`` matrix (bias last column), or None when a grad is missing."""
+        if self.weight.grad is None or (self.has_bias and self.bias.grad is None):
+            return None
+        gw = self._rows_of(self.weight.grad).reshape(self.d_out, -1)
+        if self.has_bias:
+            gw = torch.cat([gw, self._bias_of(self.bias.grad).reshape(-1, 1)], dim=1)
+        return gw
+
+    def set_grad(self, x: Tensor) -> None:
+        """Write a ``d_out × d_in`` matrix back into the parameters' ``.grad``."""
+        if self.has_bias:
+            b = self._bias_of(self.bias.grad)
+            b.copy_(x[:, -1].reshape_as(b))
+            x = x[:, :-1]
+        w = self._rows_of(self.weight.grad)
+        w.copy_(x.reshape_as(w))
+
+    # --- rows ---------------------------------------------------------------------------------
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        """Rows ``a`` (with the ones column) and the sample count of one forward input."""
+        raise NotImplementedError
+
+    def output_rows(self, grad_output: Tensor) -> Tensor:
+        """Rows ``g`` (``r × d_out``) of a gradient with respect to the layer output."""
+        raise NotImplementedError
+
+    def with_ones(self, a: Tensor) -> Tensor:
+        if not self.has_bias:
+            return a
+        return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+
+    # --- coverage protocol (shared with LayerGroup) ---------------------------------------------
+    def units(self) -> list[LayerHelper]:
+        return [self]
+
+    def claims(self) -> list[nn.Module]:
+        """Other modules (children) whose parameters this helper covers."""
+        return []
+
+    def describe(self) -> str:
+        shape = f"layer matrix {self.d_out}x{self.d_in}" + (" (bias as last column)" if self.has_bias else "")
+        return shape if self.structure == "kron" else f"{shape}, {self.structure}"
+
+    def attach(self, capture: Capture) -> list[RemovableHandle]:
+        return [self.module.register_forward_hook(unit_forward_hook(self.units(), capture))]
+
+    # --- curvature ------------------------------------------------------------------------------
+    def operator(self, curvature: str, window: Sequence[Rows], weights: Sequence[float]) -> Any:
+        """The curvature of a window of batches: an object with ``matvec``/``jacobi``/
+        ``solve_lowrank`` (solved by CG, low-rank or eigen) or with ``solve(grad, damping)`` and
+        ``method`` (a direct exact solve)."""
+        build = KronRows if curvature == "kron" else ExactRows
+        return build.from_rows(window, weights)
+
+    def kfac_factors(self, rows: Rows) -> tuple[Tensor, ...]:
+        """This batch's K-FAC factors (averaged over ranks by weight ``n``)."""
+        return KronRows.from_rows([rows], [1.0]).factors()
+
+    def kfac_zero_factors(self, like: Tensor) -> tuple[Tensor, ...]:
+        return like.new_zeros(self.d_in, self.d_in), like.new_zeros(self.d_out, self.d_out)
+
+    def kfac_decompose(self, factors: Sequence[Tensor]) -> Any:
+        """An object with ``solve(grad, damping)`` and ``tensors()`` (for broadcasts, checkpoints)."""
+        return KronEigen.from_factors(*factors)
+
+    def kfac_decomposition(self, tensors: Sequence[Tensor]) -> Any:
+        """Rebuild :meth:`kfac_decompose`'s result from its ``tensors()``."""
+        return KronEigen(*tensors)
+
+    def kfac_empty_decomposition(self, factors: Sequence[Tensor]) -> list[Tensor]:
+        """Zero tensors shaped like ``kfac_decompose(factors).tensors()`` (broadcast buffers)."""
+        a, g = factors
+        return [a.new_zeros(a.shape[0]), torch.zeros_like(a), g.new_zeros(g.shape[0]), torch.zeros_like(g)]
+
+    def decomposition_cost(self) -> float:
+        return float(self.d_in**3 + self.d_out**3)
+
+    # --- capture ------------------------------------------------------------------------------
+    def take_rows(self, *, mean_reduced: bool, max_samples: int | None) -> Rows | None:
+        """Pair and stack the captured chunks into per-sample :class:`Rows`, then forget them.
+
+        Empirical rows hold raw output gradients; with a mean-reduced loss over all captured
+        samples they become per-sample gradients when multiplied by the total sample count
+        (``mean_reduced``; a summed loss gives them as they are). Chunks without a backward pass
+        are dropped. Chunks of one forward pass with the same sample count (a module called
+        several times) are the same samples: their rows are joined per sample. ``max_samples``
+        keeps the first samples (batches are shuffled).
+        """
+        chunks = [c for c in self.chunks if c.g is not None]
+        self.chunks = []
+        if not chunks:
+            return None
+        groups: list[list[Chunk]] = []
+        for c in chunks:
+            last = groups[-1] if groups else None
+            if last is not None and last[0].forward_pass == c.forward_pass and last[0].n == c.n:
+                last.append(c)
+            else:
+                groups.append([c])
+        n_total = sum(grp[0].n for grp in groups)
+        a_parts, g_parts, n = [], [], 0
+        for grp in groups:
+            gs = [c.g if c.per_sample else c.g * (n_total if mean_reduced else 1) for c in grp]
+            a_parts.append(join_per_sample([c.a for c in grp], grp[0].n))
+            g_parts.append(join_per_sample(gs, grp[0].n))
+            n += grp[0].n
+        a, g = torch.cat(a_parts), torch.cat(g_parts)
+        if max_samples is not None and n > max_samples:
+            t = a.shape[0] // n
+            a, g, n = a[: max_samples * t], g[: max_samples * t], max_samples
+        return Rows(a=a, g=g, n=n)
+
+
+def join_per_sample(parts: list[Tensor], n: int) -> Tensor:
+    """Rows of several uses by the same ``n`` samples, each sample's rows contiguous."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p.reshape(n, -1, *p.shape[1:]) for p in parts], dim=1).reshape(-1, *parts[0].shape[1:])
+
+
+def unit_forward_hook(units: list[LayerHelper], capture: Capture) -> Callable:
+    """A forward hook recording every unit's input rows, and a tensor hook on the output for ``g``."""
+
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        if not capture.capturing(module):
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        x = inputs[0].detach()
+        chunks = []
+        for unit in units:
+            a, n = unit.input_rows(x)
+            chunks.append(capture.record_input(unit, a, n))
+
+        def on_grad(grad: Tensor) -> None:
+            grad = grad.detach()
+            for unit, chunk in zip(units, chunks):
+                capture.record_output_grad(unit, chunk, unit.output_rows(grad))
+
+        output.register_hook(on_grad)
+
+    return hook
+
+
+class LayerGroup:
+    """Several units of one module (the groups of a convolution, the projections of attention)."""
+
+    def __init__(self, name: str, module: nn.Module, parts: list[LayerHelper], note: str = "") -> None:
+        self.name = name
+        self.module = module
+        self.parts = parts
+        self.note = note
+
+    def units(self) -> list[LayerHelper]:
+        return list(self.parts)
+
+    def claims(self) -> list[nn.Module]:
+        return []
+
+    def describe(self) -> str:
+        shapes = ", ".join(f"{u.name}: {u.describe()}" for u in self.parts)
+        return f"{len(self.parts)} blocks ({shapes})" + (f"; {self.note}" if self.note else "")
+
+    def attach(self, capture: Capture) -> list[RemovableHandle]:
+        return [self.module.register_forward_hook(unit_forward_hook(self.units(), capture))]
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
