@@ -7,6 +7,7 @@ damped systems solved densely (``torch.kron``, ``torch.linalg.solve``; column-ma
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -47,7 +48,9 @@ def exact_direction(jac: Tensor, grad_w: Tensor, damping: float = DAMPING) -> Te
 
 def per_sample_params(model: nn.Module, loss: Callable, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Per-sample gradients of every parameter: sample ``s`` is ``x[s]``, ``y[s]``, with loss
-    ``loss(model(x[s:s+1]), y[s:s+1])``."""
+    ``loss(model(x[s:s+1]), y[s:s+1])``. Runs on a copy (``functional_call`` does not restore a
+    module registered under two names)."""
+    model = copy.deepcopy(model)
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def sample_loss(p, xs, ys):

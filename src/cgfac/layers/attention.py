@@ -25,13 +25,12 @@ from torch.utils.hooks import RemovableHandle
 
 from cgfac.layers.base import Capture, LayerGroup, LayerHelper
 
-# Autograd nodes between a parameter and the matrix product using it (transposes, slices).
-_VIEW_NODES = {"TBackward0", "TransposeBackward0", "PermuteBackward0", "SplitBackward0",
-               "SplitWithSizesBackward0", "UnbindBackward0", "SliceBackward0", "ViewBackward0",
-               "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0", "SelectBackward0"}
-# (node type, index of the weight operand in next_functions, saved input, saved weight operand)
-_PRODUCTS = {"AddmmBackward0": (2, "_saved_mat1", "_saved_mat2"),
-             "MmBackward0": (1, "_saved_self", "_saved_mat2")}
+# Autograd nodes between a parameter and the matrix product using it: transposes, and splits of
+# the packed weight along its rows (``w.split``/``w.chunk`` in ``F.multi_head_attention_forward``).
+_VIEW_NODES = {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0"}
+_SPLITS = {"SplitBackward0", "SplitWithSizesBackward0", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0"}
+# (node type, index of the weight operand in next_functions, saved input)
+_PRODUCTS = {"AddmmBackward0": (2, "_saved_mat1"), "MmBackward0": (1, "_saved_self")}
 
 
 class ProjectionHelper(LayerHelper):
@@ -41,26 +40,40 @@ class ProjectionHelper(LayerHelper):
         return super().describe()
 
 
-def _weight_param(node) -> Tensor | None:
-    """The leaf tensor reached from a product's weight operand through view-like nodes."""
-    seen = 0
-    while node is not None and seen < 16:
+def _weight_param(node) -> tuple[Tensor, int, int] | None:
+    """The leaf tensor reached from a product's weight operand through transposes and row splits,
+    with the rows (dim 0) of it that the operand holds: ``(param, first row, rows)``."""
+    row0, rows = 0, None
+    for _ in range(16):
+        if node is None:
+            return None
         name = type(node).__name__
         if name == "AccumulateGrad":
-            return node.variable
-        if name not in _VIEW_NODES:
+            param = node.variable
+            return param, row0, param.shape[0] if rows is None else rows
+        if name not in _VIEW_NODES and name not in _SPLITS:
             return None
-        nexts = [nx for nx, _ in node.next_functions if nx is not None]
+        nexts = [(nx, i) for nx, i in node.next_functions if nx is not None]
         if len(nexts) != 1:
             return None
-        node, seen = nexts[0], seen + 1
+        nx, index = nexts[0]
+        if type(nx).__name__ in _SPLITS:
+            if rows is not None or getattr(nx, "_saved_dim", 0) != 0:
+                return None
+            if hasattr(nx, "_saved_split_sizes"):
+                sizes = list(nx._saved_split_sizes)
+                row0, rows = sum(sizes[:index]), sizes[index]
+            else:
+                size = nx._saved_split_size
+                row0, rows = index * size, size
+        node = nx
     return None
 
 
 def find_products(root, params: Sequence[Tensor], stop: set) -> list[tuple[object, Tensor, Tensor, int, int]]:
     """``(node, param, saved input, first weight row, rows)`` for every product in the graph
     above ``root`` (not beyond ``stop``) whose weight operand is a slice of one of ``params``."""
-    ids = {id(p): p for p in params}
+    ids = {id(p) for p in params}
     found, seen, stack = [], set(), [root]
     while stack:
         node = stack.pop()
@@ -69,12 +82,10 @@ def find_products(root, params: Sequence[Tensor], stop: set) -> list[tuple[objec
         seen.add(node)
         kind = _PRODUCTS.get(type(node).__name__)
         if kind is not None:
-            w_index, saved_in, saved_w = kind
-            param = _weight_param(node.next_functions[w_index][0])
-            if param is not None and id(param) in ids:
-                w_t = getattr(node, saved_w)  # (E_in, rows): the weight slice, transposed
-                row0 = (w_t.storage_offset() - param.storage_offset()) // param.stride(0)
-                found.append((node, param, getattr(node, saved_in), row0, w_t.shape[1]))
+            w_index, saved_in = kind
+            hit = _weight_param(node.next_functions[w_index][0])
+            if hit is not None and id(hit[0]) in ids:
+                found.append((node, hit[0], getattr(node, saved_in), hit[1], hit[2]))
         if type(node).__name__ != "AccumulateGrad":
             stack.extend(nx for nx, _ in node.next_functions)
     return found
