@@ -157,7 +157,8 @@ class KFAC(Preconditioner):
             fresh[name] = self.layers[name].kfac_decomposition(tensors) if flag.item() == 1 else None
 
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
-        self.stats[name].update(method="eigen", decomposition_age=self.eigen_age[name])
+        method = getattr(self.eigen[name], "method", "eigen")  # normalisation layers: "feature-blocks"
+        self.stats[name].update(method=method, decomposition_age=self.eigen_age[name])
         return self.eigen[name].solve(grad, damping)
 
     def _layer_state(self, name: str) -> dict[str, Any]:
