@@ -384,6 +384,11 @@ class Preconditioner:
         return min(1.0, (self.kl_clip(self.steps) / abs(vg)) ** 0.5)
 
     # --- lifetime -----------------------------------------------------------------------------
+    def discard_captured(self) -> None:
+        """Forget the rows captured since the last step (e.g. of an evaluation-only backward)."""
+        for helper in self.layers.values():
+            helper.chunks = []
+
     def remove(self) -> None:
         """Remove every hook; the preconditioner captures nothing afterwards."""
         for h in self._handles:

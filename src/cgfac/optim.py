@@ -1,0 +1,483 @@
+"""K-FAC and CG-FAC as ``torch.optim`` optimizers that own the update (Martens & Grosse 2015, §6–7).
+
+The preconditioner (:class:`cgfac.KFAC` or :class:`cgfac.CGFAC`) turns the gradient ``∇h`` into the
+damped natural-gradient direction ``Δ = −(C̃ + λI)⁻¹ ∇h`` (``C̃``: the Kronecker or per-layer
+curvature, ``λ``: the damping). The optimizer then takes the update ::
+
+    δ = lr · α · Δ + μ · δ₀                               (δ₀: the previous update)
+
+where ``(α, μ)`` minimise the quadratic model of the loss on this batch ::
+
+    M(δ) = ∇hᵀδ + ½ δᵀ (C + λI) δ                        (C: the exact GGN, = Fisher for these losses)
+    [α, μ]ᵀ = −[[ΔᵀC̄Δ, ΔᵀC̄δ₀], [δ₀ᵀC̄Δ, δ₀ᵀC̄δ₀]]⁻¹ [∇hᵀΔ, ∇hᵀδ₀]ᵀ,   C̄ = C + (λ + wd)I
+
+(``adaptive="lr+momentum"``; ``"lr"`` solves for ``α`` alone with ``μ`` = the group's
+``momentum``; ``"none"`` takes ``α = 1``, i.e. SGD with momentum on the preconditioned direction).
+The products ``Cv`` are exact: one forward-mode pass (``torch.autograd.forward_ad``) through the
+model per vector gives ``Jv`` at the inputs recorded from the closure's forward, and the output
+Hessian of the likelihood (``loss_type``) closes the form ``vᵀCw = (1/r) Σ_rows (Jv)ᵀ H (Jw)``:
+
+* ``"cross_entropy"``: logits, ``H = diag(p) − ppᵀ``, ``p = softmax(z)`` (loss: mean over rows);
+* ``"bernoulli"``: logits, ``H = diag(p(1 − p))``, ``p = σ(z)`` (loss: summed over the last
+  dimension, mean over rows);
+* ``"gaussian"``/``"mse"``: ``H = I`` (loss: ``½‖y − z‖²`` summed over the last dimension, mean over rows).
+
+The loss the closure returns must follow that convention (these are also the conventions of
+:func:`cgfac.fisher.sampled_loss`).
+
+Every ``damping_interval`` (``T``) steps the Levenberg–Marquardt rule (§6.5) adapts ``λ`` from the
+reduction ratio on the same batch ::
+
+    ρ = (h(θ + δ) − h(θ)) / (M(δ) − M(0)),  M without λ (kfac-jax's default)
+    λ ← λ / ω if ρ < 1/4,   λ ← λ · ω if ρ > 3/4,   ω = damping_decay^T,  λ ∈ [min_damping, max_damping]
+
+A non-finite ``ρ`` counts as a failure. ``h(θ + δ)`` needs the loss at the new point: the closure is
+called once more (with curvature capture paused; its gradients are discarded), so adaptive damping
+requires ``step(closure)``. A non-finite loss at the new point undoes the update.
+
+Units: ``λ`` is in the units of the Fisher of the *mean* loss with per-sample gradients (as
+kfac-jax's). kfac-pytorch builds ``G`` from the mean loss's output gradients, ``1/n²`` of this
+library's, so its ``damping`` corresponds to ``damping · n²`` here (``n``: the batch size).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from cgfac.base import Preconditioner
+from cgfac.cgfac import CGFAC as _CGFACPreconditioner
+from cgfac.fisher import LOSS_TYPES
+from cgfac.hyperparams import _check, choice, positive_int
+from cgfac.kfac import KFAC as _KFACPreconditioner
+
+ADAPTIVE = ("lr+momentum", "lr", "none")
+
+
+def output_quad_form(outputs: Tensor, u: Tensor, w: Tensor, loss_type: str) -> Tensor:
+    """``(1/r) Σ_rows uᵀ H w`` with ``H`` the Hessian of the likelihood ``loss_type`` at ``outputs``.
+
+    Rows are every leading position of ``outputs`` (last dimension: classes or features); the
+    sum is in float64.
+    """
+    z = outputs.reshape(-1, outputs.shape[-1]).double()
+    u = u.reshape(z.shape).double()
+    w = w.reshape(z.shape).double()
+    rows = z.shape[0]
+    if loss_type == "cross_entropy":
+        p = torch.softmax(z, dim=-1)
+        return ((p * u * w).sum() - ((p * u).sum(-1) * (p * w).sum(-1)).sum()) / rows
+    if loss_type == "bernoulli":
+        p = torch.sigmoid(z)
+        return (p * (1 - p) * u * w).sum() / rows
+    if loss_type in ("gaussian", "mse"):
+        return (u * w).sum() / rows
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+class _Forward:
+    """One recorded forward pass of the model: its inputs, RNG state and (detached) outputs."""
+
+    __slots__ = ("args", "kwargs", "outputs", "rng", "rows")
+
+    def __init__(self, args: tuple, kwargs: dict, outputs: Tensor, rng: dict[str, Tensor]) -> None:
+        self.args, self.kwargs, self.outputs, self.rng = args, kwargs, outputs, rng
+        self.rows = outputs.reshape(-1, outputs.shape[-1]).shape[0] if outputs.dim() > 0 else 1
+
+
+class SecondOrderOptimizer(torch.optim.Optimizer):
+    """Base of :class:`cgfac.optim.KFAC` and :class:`cgfac.optim.CGFAC` (see the module docstring).
+
+    Args:
+        model: the module to train; every trainable parameter is optimised (one param group).
+        preconditioner: a :class:`cgfac.KFAC` or :class:`cgfac.CGFAC` on ``model``.
+        lr: multiplies the step ``α`` (1 keeps the quadratic model's step; with ``adaptive="none"``
+            it is the step size itself). Schedulers act on it as usual.
+        momentum: ``μ`` when it is not adapted.
+        weight_decay: L2 coefficient ``wd``, added to the gradient before preconditioning and to the
+            curvature of the quadratic model (the loss is ``h + ½ wd ‖θ‖²``).
+        loss_type: the likelihood of the loss (see the module docstring); needed for the exact
+            quadratic model, and for ``fisher="true"`` (targets are then sampled automatically).
+        adaptive: ``"lr+momentum"``, ``"lr"`` or ``"none"``.
+        adapt_damping: Levenberg–Marquardt adaptation of ``λ`` (needs ``step(closure)``).
+        damping_interval: ``T``, steps between adaptations.
+        damping_decay: ``ω = damping_decay^T``.
+        min_damping, max_damping: the range of ``λ``.
+        quad_samples: use only the first this-many samples of each recorded forward for the
+            curvature products of the quadratic model (None: all).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        preconditioner: Preconditioner,
+        *,
+        lr: float = 1.0,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        loss_type: str | None = None,
+        adaptive: str = "lr+momentum",
+        adapt_damping: bool = True,
+        damping_interval: int = 5,
+        damping_decay: float = 0.95,
+        min_damping: float = 1e-6,
+        max_damping: float = 1e6,
+        quad_samples: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(preconditioner, Preconditioner):
+            raise TypeError(f"preconditioner must be a cgfac Preconditioner, got {type(preconditioner).__name__}")
+        _check("lr", lr, low=0.0, low_open=True, high=None)
+        _check("momentum", momentum, low=0.0, low_open=False, high=None)
+        _check("weight_decay", weight_decay, low=0.0, low_open=False, high=None)
+        self.adaptive = choice("adaptive", adaptive, ADAPTIVE)
+        if loss_type is not None:
+            choice("loss_type", loss_type, LOSS_TYPES)
+        if self.adaptive != "none" and loss_type is None:
+            raise ValueError(f"loss_type is needed by adaptive={adaptive!r} (the quadratic model's curvature); "
+                             f"one of {LOSS_TYPES}, or adaptive='none'")
+        if preconditioner.fisher == "true" and loss_type is None:
+            raise ValueError("loss_type is needed by fisher='true' (targets are sampled from the model's outputs)")
+        if adapt_damping and self.adaptive == "none":
+            raise ValueError("adapt_damping needs the quadratic model: set adaptive='lr' or 'lr+momentum', "
+                             "or adapt_damping=False")
+        if not isinstance(adapt_damping, bool):
+            raise TypeError(f"adapt_damping must be a bool, got {type(adapt_damping).__name__}")
+        self.loss_type = loss_type
+        self.adapt_damping = adapt_damping
+        self.damping_interval = positive_int("damping_interval", damping_interval)
+        self.damping_decay = _check("damping_decay", damping_decay, low=0.0, low_open=True, high=1.0)
+        self.min_damping = _check("min_damping", min_damping, low=0.0, low_open=True, high=None)
+        self.max_damping = _check("max_damping", max_damping, low=self.min_damping, low_open=False, high=None)
+        self.quad_samples = positive_int("quad_samples", quad_samples, allow_none=True)
+        if preconditioner.model is not model:
+            raise ValueError("preconditioner must be built on the same model")
+        if callable(preconditioner.damping.value):
+            raise ValueError("damping: the optimizer adapts λ itself; give a float, not a schedule")
+        if preconditioner.kl_clip is not None and self.adaptive != "none":
+            raise ValueError("kl_clip: the quadratic model sets the step; use kl_clip=None with adaptive steps")
+        self.model = model
+        self.preconditioner = preconditioner
+        params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        self.damping = float(preconditioner.damping.value)
+        self.steps = 0
+        self.skipped_steps = 0
+        self.last: dict[str, float] = {}
+        self._forwards: list[_Forward] = []
+        self._recording = True
+        self._names = {p: n for n, p in model.named_parameters()}
+        self._handle: RemovableHandle | None = model.register_forward_hook(self._root_hook, with_kwargs=True)
+        self._pre_handle: RemovableHandle | None = model.register_forward_pre_hook(self._root_pre_hook)
+        self._rng: dict[str, Tensor] = {}
+
+    # --- recording the closure's forward ------------------------------------------------------
+    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if self._recording and module.training and torch.is_grad_enabled():
+            self._rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                self._rng["cuda"] = torch.cuda.get_rng_state()
+
+    def _root_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not (self._recording and module.training and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, Tensor):
+            if self.adaptive != "none" or self.preconditioner.fisher == "true":
+                raise TypeError(f"the model must return a Tensor for the quadratic model and the true Fisher, "
+                                f"got {type(output).__name__}")
+            return
+        self._forwards.append(_Forward(args, kwargs, output.detach(), self._rng))
+        if self.preconditioner.fisher == "true" and output.requires_grad:
+            self.preconditioner.sample_fisher(output, self.loss_type or "")
+
+    # --- curvature products -------------------------------------------------------------------
+    def _tangent_outputs(self, fwd: _Forward, tangents: dict[str, Tensor]) -> Tensor:
+        """``J v`` at a recorded forward: the model run once in forward mode, buffers untouched."""
+        named = dict(self.model.named_parameters())
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        args, kwargs = fwd.args, fwd.kwargs
+        if self.quad_samples is not None:
+            args = tuple(a[: self.quad_samples] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
+        devices = [torch.cuda.current_device()] if "cuda" in fwd.rng else []
+        self._recording = False
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), fwAD.dual_level():
+                if "cpu" in fwd.rng:
+                    torch.set_rng_state(fwd.rng["cpu"])
+                if "cuda" in fwd.rng:
+                    torch.cuda.set_rng_state(fwd.rng["cuda"])
+                params = {n: fwAD.make_dual(p, tangents[n]) if n in tangents else p for n, p in named.items()}
+                out = torch.func.functional_call(self.model, {**params, **buffers}, args, kwargs)
+                tangent = fwAD.unpack_dual(out).tangent
+        finally:
+            self._recording = True
+        if tangent is None:
+            tangent = torch.zeros_like(out)
+        return tangent
+
+    def _curvature_gram(self, vectors: list[dict[str, Tensor]]) -> Tensor:
+        """``[vᵢᵀ C vⱼ]`` (float64): the exact GGN over every forward recorded this step, each
+        weighted by its share of the rows."""
+        assert self.loss_type is not None
+        k = len(vectors)
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        parts = []
+        for fwd in self._forwards:
+            outputs = fwd.outputs if self.quad_samples is None else fwd.outputs[: self.quad_samples]
+            parts.append((fwd, outputs, outputs.reshape(-1, outputs.shape[-1]).shape[0]))
+        total = sum(rows for _, _, rows in parts)
+        for fwd, outputs, rows in parts:
+            jv = [self._tangent_outputs(fwd, v) for v in vectors]
+            for i in range(k):
+                for j in range(i, k):
+                    q = output_quad_form(outputs, jv[i], jv[j], self.loss_type).cpu() * (rows / total)
+                    gram[i, j] += q
+                    if i != j:
+                        gram[j, i] += q
+        return gram
+
+    # --- the step -----------------------------------------------------------------------------
+    def _loss_value(self, closure: Callable[[], Any]) -> float:
+        with torch.enable_grad():
+            loss = closure()
+        if loss is None:
+            raise ValueError("closure must return the loss")
+        return float(loss.detach() if isinstance(loss, Tensor) else loss)
+
+    def _l2(self) -> float:
+        total = 0.0
+        for group in self.param_groups:
+            if group["weight_decay"]:
+                total += 0.5 * group["weight_decay"] * sum(float(p.detach().double().pow(2).sum())
+                                                           for p in group["params"])
+        return total
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One update. ``closure`` (zero the gradients, forward, backward, return the loss) is
+        required for adaptive damping; without it, a forward and backward must have run."""
+        if closure is None and self.adapt_damping:
+            raise ValueError("closure: adapt_damping=True needs step(closure) to measure the loss at the new "
+                             "point (or build the optimizer with adapt_damping=False)")
+        loss = None
+        if closure is not None:
+            self._forwards = []
+            with torch.enable_grad():
+                loss = closure()
+            if loss is None:
+                raise ValueError("closure must return the loss")
+        forwards, self._forwards = self._forwards, []
+        pre = self.preconditioner
+        # ∇h with the L2 term; kept for the model's linear term.
+        grads: dict[Tensor, Tensor] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["weight_decay"]:
+                    p.grad.add_(p, alpha=group["weight_decay"])
+                grads[p] = p.grad.clone()
+        pre.damping.value = self.damping + self._max_weight_decay()
+        skipped = pre.skipped_steps
+        pre.step()
+        if pre.skipped_steps != skipped or not grads:
+            self.skipped_steps += 1
+            return loss
+        self._forwards = forwards
+        try:
+            self._update(grads, loss, closure)
+        finally:
+            self._forwards = []
+        self.steps += 1
+        return loss
+
+    def _max_weight_decay(self) -> float:
+        return max((g["weight_decay"] for g in self.param_groups), default=0.0)
+
+    def _update(self, grads: dict[Tensor, Tensor], loss: Any, closure: Callable[[], Any] | None) -> None:
+        params = list(grads)
+        delta = {p: -p.grad for p in params}  # Δ = −(C̃ + λI)⁻¹ ∇h
+        prev = {p: self.state[p].get("prev_update") for p in params}
+        has_prev = all(v is not None for v in prev.values()) and self.steps > 0
+        lr = {p: g["lr"] for g in self.param_groups for p in g["params"]}
+        mom = {p: g["momentum"] for g in self.param_groups for p in g["params"]}
+        damping = self.damping + self._max_weight_decay()
+        info: dict[str, float] = {"damping": self.damping}
+        coeffs: tuple[float, float]
+        quad_change: float | None = None
+        if self.adaptive == "none":
+            alpha, mu = 1.0, 1.0
+            coeffs = (alpha, mu)
+        else:
+            vectors = [delta] + ([prev] if has_prev else [])
+            names = [{self._names[p]: v[p] for p in params} for v in vectors]  # type: ignore[index]
+            gram = self._curvature_gram(names)  # vᵢᵀ C vⱼ
+            dots = torch.tensor([[sum(float((a[p].double() * b[p].double()).sum()) for p in params)  # type: ignore
+                                  for b in vectors] for a in vectors], dtype=torch.float64)
+            lin = torch.tensor([sum(float((grads[p].double() * v[p].double()).sum()) for p in params)  # type: ignore
+                                for v in vectors], dtype=torch.float64)
+            damped = gram + damping * dots
+            info.update(dir_curvature=float(gram[0, 0]), dir_grad=float(lin[0]))
+            c = self._solve_coefficients(damped, lin, has_prev, mom)
+            if c is None:
+                self.skipped_steps += 1
+                self.damping = min(self.max_damping, self.damping / self._omega())
+                warnings.warn("cgfac: the quadratic model gave no finite step; step skipped, damping raised",
+                              RuntimeWarning, stacklevel=3)
+                for p in params:
+                    p.grad.copy_(grads[p])
+                return
+            coeffs = c
+            alpha, mu = c
+            # Model change of the update actually applied (group lr scales α), without damping.
+            scale = [alpha * lr[params[0]], mu] if has_prev else [alpha * lr[params[0]]]
+            v = torch.tensor(scale, dtype=torch.float64)
+            quad_change = float(lin @ v + 0.5 * v @ (gram + self._max_weight_decay() * dots) @ v)
+            info.update(alpha=alpha, mu=mu if has_prev else 0.0, quad_change=quad_change)
+        # The update, δ = lr α Δ + μ δ₀.
+        updates = {}
+        for p in params:
+            u = delta[p].mul(lr[p] * coeffs[0])
+            if prev[p] is not None and self.steps > 0:
+                u.add_(prev[p], alpha=coeffs[1] * (mom[p] if self.adaptive == "none" else 1.0))
+            updates[p] = u
+        if not all(bool(torch.isfinite(u).all()) for u in updates.values()):
+            self.skipped_steps += 1
+            warnings.warn("cgfac: non-finite update; step skipped", RuntimeWarning, stacklevel=3)
+            return
+        for p in params:
+            p.add_(updates[p])
+            self.state[p]["prev_update"] = updates[p]
+            p.grad.copy_(grads[p])
+        if self.adapt_damping and closure is not None and (self.steps + 1) % self.damping_interval == 0:
+            info.update(self._adapt_damping(float(loss), quad_change, closure, updates))
+        self.last = info
+
+    def _omega(self) -> float:
+        return self.damping_decay ** self.damping_interval
+
+    def _solve_coefficients(self, damped: Tensor, lin: Tensor, has_prev: bool,
+                            mom: dict[Tensor, float]) -> tuple[float, float] | None:
+        """Minimise ``½ cᵀ damped c + linᵀ c`` over the adapted coefficients."""
+        if not (torch.isfinite(damped).all() and torch.isfinite(lin).all()):
+            return None
+        momentum = next(iter(mom.values()))
+        if self.adaptive == "lr+momentum" and has_prev:
+            det = damped[0, 0] * damped[1, 1] - damped[0, 1] ** 2
+            if det > 1e-12 * damped[0, 0] * damped[1, 1]:
+                sol = -torch.linalg.solve(damped, lin)
+                return float(sol[0]), float(sol[1])
+        if damped[0, 0] <= 0:
+            return None
+        mu = momentum if has_prev else 0.0
+        # With μ fixed: α = −(lin₀ + μ M₀₁) / M₀₀.
+        cross = float(damped[0, 1]) * mu if has_prev else 0.0
+        return float(-(lin[0] + cross) / damped[0, 0]), mu
+
+    def _adapt_damping(self, loss: float, quad_change: float | None, closure: Callable[[], Any],
+                       updates: dict[Tensor, Tensor]) -> dict[str, float]:
+        pre = self.preconditioner
+        self._recording = False
+        try:
+            new_loss = self._loss_value(closure) + self._l2()
+        finally:
+            pre.discard_captured()
+            self._recording = True
+        old_loss = loss + self._l2_before(updates)
+        if not math.isfinite(new_loss):
+            for p, u in updates.items():
+                p.sub_(u)
+                self.state[p].pop("prev_update", None)
+            warnings.warn("cgfac: non-finite loss after the update; update undone, damping raised",
+                          RuntimeWarning, stacklevel=4)
+        rho = (new_loss - old_loss) / quad_change if quad_change is not None and quad_change < 0 else -math.inf
+        if not math.isfinite(rho) or rho < 0.25:
+            self.damping = min(self.max_damping, self.damping / self._omega())
+        elif rho > 0.75:
+            self.damping = max(self.min_damping, self.damping * self._omega())
+        return {"rho": rho, "new_loss": new_loss, "damping_next": self.damping}
+
+    def _l2_before(self, updates: dict[Tensor, Tensor]) -> float:
+        total = 0.0
+        for group in self.param_groups:
+            if group["weight_decay"]:
+                total += 0.5 * group["weight_decay"] * sum(
+                    float((p.detach() - updates[p]).double().pow(2).sum()) for p in group["params"] if p in updates)
+        return total
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state (per-parameter previous updates, param groups), the adapted
+        damping and counters, and the preconditioner's own state."""
+        state = super().state_dict()
+        state["cgfac"] = {"damping": self.damping, "steps": self.steps, "skipped_steps": self.skipped_steps,
+                          "preconditioner": self.preconditioner.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "cgfac" not in state_dict:
+            raise ValueError("state_dict: not saved from a cgfac optimizer (no 'cgfac' entry)")
+        ours = state_dict["cgfac"]
+        self.preconditioner.load_state_dict(ours["preconditioner"])
+        rest = {k: v for k, v in state_dict.items() if k != "cgfac"}
+        super().load_state_dict(rest)
+        self.damping = float(ours["damping"])
+        self.steps = int(ours["steps"])
+        self.skipped_steps = int(ours["skipped_steps"])
+
+    def remove(self) -> None:
+        """Remove every hook (the optimizer's and the preconditioner's)."""
+        for h in (self._handle, self._pre_handle):
+            if h is not None:
+                h.remove()
+        self._handle = self._pre_handle = None
+        self.preconditioner.remove()
+
+
+_OPTIMIZER_ARGS = ("lr", "momentum", "weight_decay", "loss_type", "adaptive", "adapt_damping", "damping_interval",
+                   "damping_decay", "min_damping", "max_damping", "quad_samples")
+
+
+def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    opt = {k: v for k, v in kwargs.items() if k in _OPTIMIZER_ARGS}
+    pre = {k: v for k, v in kwargs.items() if k not in _OPTIMIZER_ARGS}
+    return opt, pre
+
+
+class KFAC(SecondOrderOptimizer):
+    """K-FAC that owns the update: :class:`cgfac.KFAC` directions, the quadratic-model step and
+    momentum, Levenberg–Marquardt damping (see the module docstring).
+
+    ``cgfac.optim.KFAC(model, loss_type="cross_entropy", damping=1e-2)``; every keyword of
+    :class:`SecondOrderOptimizer` (``lr``, ``momentum``, ``adaptive``, ...) and of
+    :class:`cgfac.KFAC` (``damping`` — the initial λ —, ``factor_decay``, ``inv_update_steps``,
+    ``fisher``, ...) is accepted. ``kl_clip`` defaults to None: the quadratic model sets the step.
+    """
+
+    def __init__(self, model: nn.Module, *, damping: float = 1e-2, kl_clip: float | None = None,
+                 **kwargs: Any) -> None:
+        opt, pre = _split(kwargs)
+        super().__init__(model, _KFACPreconditioner(model, damping=damping, kl_clip=kl_clip, **pre), **opt)
+
+
+class CGFAC(SecondOrderOptimizer):
+    """CG-FAC that owns the update: :class:`cgfac.CGFAC` directions (warm-started CG, low-rank or
+    eigen solves chosen per layer as ``λ`` moves), the quadratic-model step and momentum,
+    Levenberg–Marquardt damping (see the module docstring). Keywords as :class:`KFAC`'s, with
+    :class:`cgfac.CGFAC`'s (``curvature``, ``solver``, ``curvature_window``, ...)."""
+
+    def __init__(self, model: nn.Module, *, damping: float = 1e-2, kl_clip: float | None = None,
+                 **kwargs: Any) -> None:
+        opt, pre = _split(kwargs)
+        super().__init__(model, _CGFACPreconditioner(model, damping=damping, kl_clip=kl_clip, **pre), **opt)
+
+
+__all__ = ["CGFAC", "KFAC", "SecondOrderOptimizer", "output_quad_form"]
