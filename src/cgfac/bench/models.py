@@ -13,19 +13,37 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+import torch
 from torch import nn
 
 AUTOENCODER_WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
 
-def autoencoder() -> nn.Sequential:
+def autoencoder(activation: str = "sigmoid", init: str = "default") -> nn.Sequential:
+    """The deep autoencoder; ``activation`` "sigmoid" | "tanh", ``init`` "default" (PyTorch's
+    ``U(±1/√fan_in)``), "glorot" (Glorot-uniform weights with the activation's gain, zero biases:
+    kfac-jax's and TensorFlow K-FAC's examples) or "sparse" (Martens 2010: 15 non-zero ``N(0, 1)``
+    incoming weights per unit, zero biases)."""
     layers: list[nn.Module] = []
     widths = AUTOENCODER_WIDTHS
     code = len(widths) // 2  # index of the 30-unit code layer's output
     for i, (d_in, d_out) in enumerate(pairwise(widths)):
-        layers.append(nn.Linear(d_in, d_out))
+        linear = nn.Linear(d_in, d_out)
+        if init == "glorot":
+            nn.init.xavier_uniform_(linear.weight, gain=nn.init.calculate_gain(activation))
+            nn.init.zeros_(linear.bias)
+        elif init == "sparse":
+            with torch.no_grad():
+                linear.weight.zero_()
+                linear.bias.zero_()
+                k = min(15, d_in)
+                for row in range(d_out):
+                    linear.weight[row, torch.randperm(d_in)[:k]] = torch.randn(k)
+        elif init != "default":
+            raise ValueError(f"init must be 'default', 'glorot' or 'sparse', got {init!r}")
+        layers.append(linear)
         if i + 1 != code and i + 1 != len(widths) - 1:
-            layers.append(nn.Sigmoid())
+            layers.append({"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[activation]())
     return nn.Sequential(*layers)
 
 
@@ -46,8 +64,10 @@ def digits_mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
 
 
-MODELS = {"autoencoder": autoencoder, "mlp": mlp, "cnn": cnn, "digits": digits_mlp}
-INPUT_SHAPES = {"autoencoder": (784,), "mlp": (1, 28, 28), "cnn": (1, 28, 28), "digits": (64,)}  # one sample
+MODELS = {"autoencoder": autoencoder,
+          "autoencoder-tanh": lambda: autoencoder("tanh", "glorot"),
+          "autoencoder-sparse": lambda: autoencoder("sigmoid", "sparse"), "mlp": mlp, "cnn": cnn, "digits": digits_mlp}
+INPUT_SHAPES = {"autoencoder": (784,), "autoencoder-tanh": (784,), "autoencoder-sparse": (784,), "mlp": (1, 28, 28), "cnn": (1, 28, 28), "digits": (64,)}  # one sample
 
 
 def build_model(task: str) -> nn.Sequential:
