@@ -32,8 +32,9 @@ reduction ratio on the same batch ::
     λ ← λ / ω if ρ < 1/4,   λ ← λ · ω if ρ > 3/4,   ω = damping_decay^T,  λ ∈ [min_damping, max_damping]
 
 A non-finite ``ρ`` counts as a failure. ``h(θ + δ)`` needs the loss at the new point: the closure is
-called once more (with curvature capture paused; its gradients are discarded), so adaptive damping
-requires ``step(closure)``. A non-finite loss at the new point undoes the update.
+called once more (with curvature capture paused; its gradients are discarded and the model's
+buffers, e.g. BatchNorm running statistics, restored), so adaptive damping requires
+``step(closure)``. A non-finite loss at the new point undoes the update.
 
 Units: ``λ`` is in the units of the Fisher of the *mean* loss with per-sample gradients (as
 kfac-jax's). kfac-pytorch builds ``G`` from the mean loss's output gradients, ``1/n²`` of this
@@ -359,6 +360,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             p.grad.copy_(grads[p])
         if self.adapt_damping and closure is not None and (self.steps + 1) % self.damping_interval == 0:
             info.update(self._adapt_damping(float(loss), quad_change, closure, updates))
+            for p in params:  # the evaluation's gradients are discarded: .grad is ∇h at θ again
+                if p.grad is None:
+                    p.grad = grads[p].clone()
+                else:
+                    p.grad.copy_(grads[p])
         self.last = info
 
     def _omega(self) -> float:
@@ -386,11 +392,15 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                        updates: dict[Tensor, Tensor]) -> dict[str, float]:
         pre = self.preconditioner
         self._recording = False
+        # The evaluation is not a training forward: buffers (BatchNorm running statistics) are kept.
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
         try:
             new_loss = self._loss_value(closure) + self._l2()
         finally:
             pre.discard_captured()
             self._recording = True
+            for b, saved in buffers:
+                b.copy_(saved)
         old_loss = loss + self._l2_before(updates)
         if not math.isfinite(new_loss):
             for p, u in updates.items():
