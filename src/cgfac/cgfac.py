@@ -27,7 +27,7 @@ from cgfac.base import Preconditioner
 from cgfac.cg import cg
 from cgfac.exact import ExactRows
 from cgfac.hyperparams import Hyper, HyperParam, choice, positive_int
-from cgfac.kron import KronEigen, KronRows
+from cgfac.kron import DAMPING_FORMS, KronEigen, KronRows
 from cgfac.layers import LayerHelper, Rows
 
 SOLVERS = ("auto", "cg", "lowrank", "eigen")
@@ -48,6 +48,10 @@ class CGFAC(Preconditioner):
         curvature_samples: use only the first this-many samples of each batch for curvature.
         curvature_window: number of recent batches whose rows form the curvature.
         factor_decay: ρ of the running-average weights over the window.
+        damping_form: "exact" (``G X A + λX = ∇W``) or "factored" (``(G + γ_G)X(A + γ_A) = ∇W``,
+            Tikhonov split by ``π``, see :mod:`cgfac.kron`; curvature="kron" only, every solver).
+            Blocks that are not Kronecker products (embeddings, normalisation layers) keep their
+            own exact damping.
     """
 
     def __init__(
@@ -63,9 +67,14 @@ class CGFAC(Preconditioner):
         curvature_samples: int | None = None,
         curvature_window: int = 1,
         factor_decay: Hyper = 0.95,
+        damping_form: str = "exact",
         **kwargs: Any,
     ) -> None:
         self.curvature = choice("curvature", curvature, ("kron", "exact"))
+        self.damping_form = choice("damping_form", damping_form, DAMPING_FORMS)
+        if self.damping_form == "factored" and self.curvature != "kron":
+            raise ValueError("damping_form='factored' needs curvature='kron' (the exact block has no factors to "
+                             "split the damping between)")
         self.solver = choice("solver", solver, SOLVERS)
         if self.curvature == "exact" and self.solver == "eigen":
             raise ValueError("solver='eigen' needs curvature='kron' (the exact block is never formed)")
@@ -174,12 +183,15 @@ class CGFAC(Preconditioner):
         st = self.stats.setdefault(name, {"damping": damping})
         st.update(method=method, rows=int(operator.a.shape[0]))
         x = None
+        form = {"form": "factored"} if self.damping_form == "factored" and isinstance(operator, KronRows) else {}
+        if form:
+            st["damping_form"] = "factored"
         if method == "cg":
             x0 = self.solutions.get(name) if self.warm_start else None
             budget, alternative = self.probe_budget.pop(name, (None, None))
             max_iters = self.cg_max_iters if budget is None else min(self.cg_max_iters, budget - (x0 is not None))
-            res = cg(lambda v: operator.matvec(v, damping), grad, x0, max_iters=max_iters,
-                     tol=self.cg_tol(self.steps), diag=operator.jacobi(damping) if self.jacobi else None)
+            res = cg(lambda v: operator.matvec(v, damping, **form), grad, x0, max_iters=max_iters,
+                     tol=self.cg_tol(self.steps), diag=operator.jacobi(damping, **form) if self.jacobi else None)
             st.update(iters=res.iters, products=res.products, rel_residual=res.rel_residual,
                       converged=res.converged, breakdown=res.breakdown)
             if budget is not None and not res.converged:  # the probe shows CG loses on this layer
@@ -193,9 +205,9 @@ class CGFAC(Preconditioner):
                     return None
                 x = res.x
         if method == "lowrank":
-            x = operator.solve_lowrank(grad, damping)
+            x = operator.solve_lowrank(grad, damping, **form)
         elif method == "eigen":
-            x = KronEigen.from_factors(*operator.factors()).solve(grad, damping)
+            x = KronEigen.from_factors(*operator.factors()).solve(grad, damping, **form)
         # A warm start is kept only where CG may run next step (a d_out × d_in copy and its memory).
         cg_next = method == "cg" or self.solver == "cg" or (
             self.solver == "auto" and self._probe_due(name, self.steps + 1))

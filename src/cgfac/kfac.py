@@ -8,7 +8,17 @@ they are eigendecomposed, and every step the direction is ::
     X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (s_G s_Aᵀ + λ)] Q_Aᵀ
 
 which solves ``G X A + λX = ∇W`` exactly for the current factors (damping added exactly to the
-Kronecker product, not split between the factors).
+Kronecker product, not split between the factors; ``damping_form="exact"``). With
+``damping_form="factored"`` (Martens & Grosse 2015, §6.3) it solves
+``(G + γ_G I) X (A + γ_A I) = ∇W``, ``γ_A = π√λ``, ``γ_G = √λ/π``,
+``π = √((tr(A)/d_in) / (tr(G)/d_out))``:
+``X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ ((s_G + γ_G)(s_A + γ_A)ᵀ)] Q_Aᵀ``. Layers whose blocks are not
+Kronecker products (embeddings' diagonal input factor, normalisation layers' feature blocks)
+keep their own exact damping.
+
+``factor_warmup`` sets how the running factors start: ``"first"`` (the first batch initialises
+them), or ``"mean"`` (kfac-jax): the ``t``-th update (``t = 0, 1, ...``) uses the decay
+``min(ρ, 1 − 1/(t + 1))``, so the early factors are the plain mean of the batches seen.
 
 Across processes (KAISA, Pauloski et al. 2021): batch factors are averaged over ranks by a
 bucketed asynchronous all-reduce (weighted by each rank's samples); each layer's
@@ -27,6 +37,7 @@ from torch import Tensor, nn
 
 from cgfac.base import Preconditioner
 from cgfac.hyperparams import Hyper, HyperParam, choice, positive_int
+from cgfac.kron import DAMPING_FORMS, KronEigen
 from cgfac.layers import LayerHelper
 
 
@@ -38,6 +49,9 @@ class KFAC(Preconditioner):
         factor_update_steps: refresh the factors every this-many steps.
         inv_update_steps: recompute the eigendecompositions every this-many steps.
         strategy: "comm-opt" or "mem-opt", the KAISA trade-off (only matters across processes).
+        damping_form: "exact" (``G X A + λX = ∇W``) or "factored" (Tikhonov split by ``π``).
+        factor_warmup: "first" (the first batch initialises the factors) or "mean" (decay
+            ``min(ρ, 1 − 1/(t + 1))`` at the ``t``-th factor update).
     """
 
     def __init__(
@@ -48,8 +62,12 @@ class KFAC(Preconditioner):
         factor_update_steps: int = 1,
         inv_update_steps: int = 10,
         strategy: str = "comm-opt",
+        damping_form: str = "exact",
+        factor_warmup: str = "first",
         **kwargs: Any,
     ) -> None:
+        self.damping_form = choice("damping_form", damping_form, DAMPING_FORMS)
+        self.factor_warmup = choice("factor_warmup", factor_warmup, ("first", "mean"))
         self.factor_decay = HyperParam("factor_decay", factor_decay, low=0.0, high=1.0)
         self.factor_update_steps = positive_int("factor_update_steps", factor_update_steps)
         self.inv_update_steps = positive_int("inv_update_steps", inv_update_steps)
@@ -59,6 +77,7 @@ class KFAC(Preconditioner):
         self.factors: dict[str, tuple[Tensor, ...]] = {}  # (A, G); per-layer-type for other blocks
         self.eigen: dict[str, Any] = {}  # KronEigen, or the layer type's decomposition
         self.eigen_age: dict[str, int] = {}
+        self.factor_updates: dict[str, int] = {}  # batches folded into each layer's factors
 
     def _wants_rows(self) -> bool:
         return self.steps % self.factor_update_steps == 0
@@ -106,11 +125,14 @@ class KFAC(Preconditioner):
                 else:
                     self.stats[name]["fallback"] = problem
                 continue
+            t = self.factor_updates.get(name, 0)
+            decay = min(rho, 1 - 1 / (t + 1)) if self.factor_warmup == "mean" else rho
             if name not in self.factors:
                 self.factors[name] = new
             else:
-                self.factors[name] = tuple(old.mul_(rho).add_(f, alpha=1 - rho)
+                self.factors[name] = tuple(old.mul_(decay).add_(f, alpha=1 - decay)
                                            for old, f in zip(self.factors[name], new))
+            self.factor_updates[name] = t + 1
 
     def _refresh_decompositions(self, names: list[str]) -> None:
         """Eigendecompose due layers on their owners; comm-opt broadcasts the results."""
@@ -159,7 +181,11 @@ class KFAC(Preconditioner):
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         method = getattr(self.eigen[name], "method", "eigen")  # normalisation layers: "feature-blocks"
         self.stats[name].update(method=method, decomposition_age=self.eigen_age[name])
-        return self.eigen[name].solve(grad, damping)
+        eigen = self.eigen[name]
+        if self.damping_form == "factored" and isinstance(eigen, KronEigen):
+            self.stats[name]["damping_form"] = "factored"
+            return eigen.solve(grad, damping, form="factored")
+        return eigen.solve(grad, damping)
 
     def _layer_state(self, name: str) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -169,11 +195,18 @@ class KFAC(Preconditioner):
             e = self.eigen[name]
             state["eigen"] = tuple(e.tensors())
             state["eigen_age"] = self.eigen_age[name]
+        if self.factor_warmup == "mean" and name in self.factor_updates:
+            state["factor_updates"] = self.factor_updates[name]
         return state
 
     def _load_layer_state(self, name: str, state: dict[str, Any], device: torch.device) -> None:
         self.factors.pop(name, None)
         self.eigen.pop(name, None)
+        self.factor_updates.pop(name, None)
+        if "factor_updates" in state:
+            self.factor_updates[name] = state["factor_updates"]
+        elif "factors" in state:  # saved with factor_warmup="first": at least one batch folded in
+            self.factor_updates[name] = 1
         if "factors" in state:
             self.factors[name] = tuple(t.to(device).clone() for t in state["factors"])
         if "eigen" in state:

@@ -7,7 +7,13 @@ batch of ``n`` samples with ``T`` rows each (KFC scaling)::
     ã = a / √(n·T)      A = aᵀa / (n·T)    (inputs averaged over samples and positions)
     g̃ = g / √n          G = gᵀg / n        (output gradients summed over positions)
 
-The damped system of a layer is ``G X A + λ X = ∇W`` (``X``, ``∇W``: ``d_out × d_in``).
+The damped system of a layer is ``G X A + λ X = ∇W`` (``X``, ``∇W``: ``d_out × d_in``) with
+``damping_form="exact"``, or with factored Tikhonov damping (Martens & Grosse 2015, §6.3;
+``damping_form="factored"``) ``(G + γ_G I) X (A + γ_A I) = ∇W``, where ::
+
+    π = √((tr(A)/d_in) / (tr(G)/d_out)),   γ_A = π √λ,   γ_G = √λ / π
+
+(``π = 1`` when a trace is zero).
 """
 
 from __future__ import annotations
@@ -21,6 +27,19 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from cgfac.layers import Rows
+
+DAMPING_FORMS = ("exact", "factored")
+
+
+def factored_damping(trace_a: float, d_in: int, trace_g: float, d_out: int, damping: float) -> tuple[float, float]:
+    """``(γ_A, γ_G)`` of factored Tikhonov damping: ``γ_A = π√λ``, ``γ_G = √λ/π`` with
+    ``π = √((tr(A)/d_in) / (tr(G)/d_out))`` (``π = 1`` when either trace is not positive)."""
+    mean_a, mean_g = trace_a / d_in, trace_g / d_out
+    pi = (mean_a / mean_g) ** 0.5 if mean_a > 0 and mean_g > 0 else 1.0
+    if not (pi == pi and 0 < pi < float("inf")):
+        pi = 1.0
+    root = damping**0.5
+    return pi * root, root / pi
 
 
 @dataclass
@@ -41,8 +60,14 @@ class KronRows:
         """The explicit factors ``(A, G)``: ``O(r d²)`` time, ``O(d²)`` memory."""
         return self.a.T @ self.a, self.g.T @ self.g
 
-    def matvec(self, v: Tensor, damping: float) -> Tensor:
-        """``G V A + λV`` without forming ``A`` or ``G``.
+    def factored_damping(self, damping: float) -> tuple[float, float]:
+        """``(γ_A, γ_G)`` for this curvature (see :func:`factored_damping`)."""
+        return factored_damping(float((self.a * self.a).sum()), self.a.shape[1],
+                                float((self.g * self.g).sum()), self.g.shape[1], damping)
+
+    def matvec(self, v: Tensor, damping: float, form: str = "exact") -> Tensor:
+        """``G V A + λV`` without forming ``A`` or ``G``; with ``form="factored"``
+        ``(G + γ_G)V(A + γ_A) = GVA + γ_A GV + γ_G VA + γ_A γ_G V``.
 
         Two orders, both exact, the cheaper one is taken: through ``d_out × d_in``
         intermediates, ``GV = gᵀ(gV)`` then ``((GV)aᵀ)a`` (``2(r_g + r_a) d_in d_out``
@@ -50,6 +75,12 @@ class KronRows:
         ``(gᵀM)a`` (``(r_g + r_a) d_in d_out + r_g r_a (d_in + d_out)``).
         """
         a, g = self.a, self.g
+        if form == "factored":
+            gamma_a, gamma_g = self.factored_damping(damping)
+            gv = g.T @ (g @ v)
+            out = (gv @ a.T) @ a
+            out.add_(gv, alpha=gamma_a).add_((v @ a.T) @ a, alpha=gamma_g)
+            return out.add_(v, alpha=gamma_a * gamma_g)
         r_a, r_g = a.shape[0], g.shape[0]
         d_out, d_in = v.shape
         wide = (r_g + r_a) * d_in * d_out
@@ -61,13 +92,17 @@ class KronRows:
             out = (gv @ a.T) @ a
         return out.add_(v, alpha=damping)
 
-    def jacobi(self, damping: float) -> Tensor:
-        """``diag(G) diag(A)ᵀ + λ``: the diagonal of ``A ⊗ G + λI`` as a ``d_out × d_in`` matrix."""
+    def jacobi(self, damping: float, form: str = "exact") -> Tensor:
+        """``diag(G) diag(A)ᵀ + λ``: the diagonal of ``A ⊗ G + λI`` as a ``d_out × d_in`` matrix
+        (factored: ``(diag G + γ_G)(diag A + γ_A)ᵀ``)."""
         dg = (self.g * self.g).sum(0)
         da = (self.a * self.a).sum(0)
+        if form == "factored":
+            gamma_a, gamma_g = factored_damping(float(da.sum()), da.shape[0], float(dg.sum()), dg.shape[0], damping)
+            return torch.outer(dg + gamma_g, da + gamma_a)
         return torch.outer(dg, da).add_(damping)
 
-    def solve_lowrank(self, grad: Tensor, damping: float) -> Tensor:
+    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
         """Exact solve through the eigenpairs of each factor, from whichever is smaller.
 
         With ``r < d`` rows, the ``r`` eigenpairs of ``A`` that can be non-zero come from a QR of
@@ -77,9 +112,15 @@ class KronRows:
             X = ∇W/λ + Q_G [C ⊘ (s_G s_Aᵀ + λ) − C/λ] Q_Aᵀ
 
         (exact: the directions outside ``Q`` are the null space, where the system is ``λX = ∇W``).
+        Factored damping is separable, each side through
+        ``(A + γI)⁻¹ = Q diag(1/(s + γ) − 1/γ) Qᵀ + I/γ``.
         """
         s_a, q_a = factor_eig(self.a)
         s_g, q_g = factor_eig(self.g)
+        if form == "factored":
+            gamma_a, gamma_g = self.factored_damping(damping)
+            y = grad / gamma_g + q_g @ ((1 / (s_g + gamma_g) - 1 / gamma_g)[:, None] * (q_g.T @ grad))
+            return y / gamma_a + ((y @ q_a) * (1 / (s_a + gamma_a) - 1 / gamma_a)) @ q_a.T
         c = q_g.T @ grad @ q_a
         inner = c / (torch.outer(s_g, s_a) + damping) - c / damping
         return grad / damping + q_g @ inner @ q_a.T
@@ -134,9 +175,15 @@ class KronEigen:
         s_g, q_g = eigh(g_factor)
         return cls(s_a, q_a, s_g, q_g)
 
-    def solve(self, grad: Tensor, damping: float) -> Tensor:
-        """``X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (s_G s_Aᵀ + λ)] Q_Aᵀ``."""
+    def solve(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+        """``X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (s_G s_Aᵀ + λ)] Q_Aᵀ``; factored:
+        ``X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ ((s_G + γ_G)(s_A + γ_A)ᵀ)] Q_Aᵀ``."""
         c = self.q_g.T @ grad @ self.q_a
+        if form == "factored":
+            gamma_a, gamma_g = factored_damping(float(self.s_a.sum()), self.s_a.shape[0],
+                                                float(self.s_g.sum()), self.s_g.shape[0], damping)
+            c /= torch.outer(self.s_g + gamma_g, self.s_a + gamma_a)
+            return self.q_g @ c @ self.q_a.T
         c /= torch.outer(self.s_g, self.s_a) + damping
         return self.q_g @ c @ self.q_a.T
 
