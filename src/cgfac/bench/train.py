@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import multiprocessing
@@ -101,13 +102,22 @@ from cgfac.bench.machine import default_device, machine_info
 from cgfac.bench.models import build_model
 from cgfac.data import load_digits_data, load_mnist
 
-OPTIMIZERS = ("cgfac-kron", "cgfac-exact", "kfac", "adam", "sgd")
+ADAPTIVE = ("kfac-adaptive", "cgfac-kron-adaptive", "cgfac-exact-adaptive")  # cgfac.optim: own the update
+PRECONDITIONED = ("cgfac-kron", "cgfac-exact", "kfac")  # a preconditioner under SGD with momentum
+PEERS = ("adam", "sgd", "soap", "shampoo")
+ALL_OPTIMIZERS = ADAPTIVE + PRECONDITIONED + PEERS
+OPTIMIZERS = ("cgfac-kron", "cgfac-exact", "kfac", "adam", "sgd")  # the default list without --tuned
 LR_GRID: dict[str, tuple[float, ...]] = {
     "cgfac-kron": (0.1, 0.3),
     "cgfac-exact": (0.1, 0.3),
     "kfac": (0.1, 0.3),
+    "kfac-adaptive": (1.0,),  # a multiplier of the quadratic model's step
+    "cgfac-kron-adaptive": (1.0,),
+    "cgfac-exact-adaptive": (1.0,),
     "adam": (1e-3, 3e-3),
     "sgd": (0.03, 0.1),
+    "soap": (1e-3, 3e-3),
+    "shampoo": (0.03, 0.1),
 }
 
 DATA_KEYS = ("train_x", "train_y", "test_x", "test_y")
@@ -130,7 +140,9 @@ class Task:
 
 TASKS = {
     # 64 curvature samples: 85 ms/step instead of 173 and a lower loss after 20 s (measured here).
-    "autoencoder": Task("mnist", True, "bernoulli", 256, 1.0, 0.1, "true", 64),
+    "autoencoder": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 64),
+    "autoencoder-tanh": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 64),
+    "autoencoder-sparse": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 64),
     "mlp": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
     "cnn": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
     "digits": Task("digits", False, "cross_entropy", 128, 3e-3, 1e-3, "empirical"),
@@ -149,9 +161,24 @@ class SecondOrder:
     factor_decay: float = 0.95  # K-FAC's running factors
     inv_update_steps: int = 10  # K-FAC's eigendecomposition interval
     fisher: str = "empirical"  # "true": targets sampled from the model (one extra backward)
+    adaptive: str = "lr+momentum"  # the *-adaptive optimizers: what the quadratic model chooses
+    quad_samples: int | None = None  # the *-adaptive optimizers: samples for the GGN products (None: all)
 
 
 SGD_MOMENTUM = 0.9
+
+# Each optimizer's learning rate (and damping) chosen by the tuning grid of benchmarks/tuning-<task>
+# (short runs, see benchmarks/run_all.sh); `cgfac-bench train --tuned` runs these side by side.
+TUNED: dict[str, dict[str, dict[str, float]]] = {
+    "autoencoder-tanh": {
+        "kfac-adaptive": {"lr": 1.0, "damping": 1e-2},
+        "cgfac-exact-adaptive": {"lr": 1.0, "damping": 1e-2},
+        "adam": {"lr": 1e-3},
+        "sgd": {"lr": 0.03},
+        "soap": {"lr": 3e-3},
+        "shampoo": {"lr": 0.1},
+    },
+}
 
 
 # --- data, loss, evaluation ----------------------------------------------------------------------
@@ -187,20 +214,46 @@ def evaluate(model: nn.Module, task: Task, x: Tensor, y: Tensor) -> tuple[float,
     return total / x.shape[0], accuracy
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float,
-                   hp: SecondOrder) -> tuple[torch.optim.Optimizer, cgfac.Preconditioner | None]:
-    """The torch optimizer of a run and, for the second-order methods, its preconditioner."""
+def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
+                   loss_type: str = "cross_entropy") -> tuple[torch.optim.Optimizer, cgfac.Preconditioner | None]:
+    """The torch optimizer of a run and, for the preconditioned runs, its preconditioner.
+
+    The ``*-adaptive`` optimizers are :mod:`cgfac.optim`'s (they own the update; ``lr`` multiplies
+    the quadratic model's step, ``hp.damping`` is the initial λ); ``kfac``, ``cgfac-*`` are
+    preconditioners under SGD with momentum and the KL clip; SOAP and Shampoo come from
+    ``pytorch-optimizer`` (the ``bench`` extra), SOAP with its defaults, Shampoo as its scalable
+    variant with the preconditioner recomputed every 20 steps (its default, 1000, never would in a
+    short run).
+    """
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr), None
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM), None
+    if name in ("soap", "shampoo"):
+        try:
+            import pytorch_optimizer
+        except ImportError:
+            raise RuntimeError(f"{name} needs pytorch-optimizer: pip install 'cgfac[bench]'") from None
+        if name == "soap":
+            return pytorch_optimizer.SOAP(model.parameters(), lr=lr), None
+        return pytorch_optimizer.ScalableShampoo(model.parameters(), lr=lr, preconditioning_compute_steps=20), None
+    if name in ADAPTIVE:
+        common = {"damping": hp.damping, "fisher": hp.fisher, "loss_type": loss_type, "lr": lr,
+                  "adaptive": hp.adaptive, "adapt_damping": hp.adaptive != "none", "quad_samples": hp.quad_samples}
+        if hp.adaptive == "none":
+            common["momentum"] = hp.momentum
+        if name == "kfac-adaptive":
+            return cgfac.optim.KFAC(model, factor_decay=hp.factor_decay, inv_update_steps=hp.inv_update_steps,
+                                    **common), None
+        return cgfac.optim.CGFAC(model, curvature=name.split("-")[1], curvature_window=hp.curvature_window,
+                                 curvature_samples=hp.curvature_samples, factor_decay=hp.factor_decay,
+                                 **common), None
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=hp.momentum)
 
     def current_lr(step: int) -> float:
         return opt.param_groups[0]["lr"]
 
-    common: dict[str, Any] = {"damping": hp.damping, "kl_clip": hp.kl_clip, "lr": current_lr,
-                              "fisher": hp.fisher}
+    common = {"damping": hp.damping, "kl_clip": hp.kl_clip, "lr": current_lr, "fisher": hp.fisher}
     if name == "kfac":
         pre: cgfac.Preconditioner = cgfac.KFAC(model, factor_decay=hp.factor_decay,
                                                inv_update_steps=hp.inv_update_steps, **common)
@@ -208,7 +261,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float,
         pre = cgfac.CGFAC(model, curvature=name.removeprefix("cgfac-"), curvature_window=hp.curvature_window,
                           curvature_samples=hp.curvature_samples, factor_decay=hp.factor_decay, **common)
     else:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        raise ValueError(f"optimizer must be one of {ALL_OPTIMIZERS}, got {name!r}")
     return opt, pre
 
 
@@ -258,6 +311,9 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
     ``progress`` receives the elapsed training seconds at each evaluation.
     """
     torch.set_num_threads(cfg["threads"])
+    # Saturated sigmoid units produce subnormal floats, which cost the CPU up to 10x per operation
+    # (measured: K-FAC steps on the autoencoder went from 0.25 s to 3 s); flushed for every optimizer.
+    torch.set_flush_denormal(True)
     device = torch.device(cfg["device"])
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -274,10 +330,12 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
     model = build_model(cfg["task"]).to(device)
     if distributed:  # every rank trains on its shard of the same global batch
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    hp = SecondOrder(**cfg["hyper"])
-    opt, pre = make_optimizer(cfg["optimizer"], model, cfg["lr"], hp)
+    hp = SecondOrder(**{**cfg["hyper"], **({"damping": cfg["damping"]} if cfg.get("damping") else {})})
+    opt, pre = make_optimizer(cfg["optimizer"], model, cfg["lr"], hp, task.loss_type)
+    owner = opt if isinstance(opt, cgfac.optim.SecondOrderOptimizer) else None  # owns the update
+    solver_pre = owner.preconditioner if owner is not None else pre
     t0 = time.perf_counter()
-    if isinstance(pre, cgfac.CGFAC) and pre.solver == "auto":
+    if isinstance(solver_pre, cgfac.CGFAC) and solver_pre.solver == "auto":
         cost.calibrate(str(next(model.parameters()).device), torch.float32)  # once per process
     calibration_seconds = time.perf_counter() - t0
     order = torch.Generator().manual_seed(seed)
@@ -314,15 +372,24 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
             idx = perm[pos : pos + batch].chunk(world)[rank]
             pos += batch
             xb, yb = train_x[idx], train_y[idx]
-            opt.zero_grad(set_to_none=True)
-            out = model(xb)
-            loss = task_loss(task, out, xb, yb)
-            if pre is not None and hp.fisher == "true":
-                pre.sample_fisher(out, task.loss_type)
-            loss.backward()
-            if pre is not None:
-                pre.step()
-            opt.step()
+            if owner is not None:
+                def closure(xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
+                    opt.zero_grad(set_to_none=True)
+                    loss = task_loss(task, model(xb), xb, yb)
+                    loss.backward()
+                    return loss
+
+                loss = owner.step(closure)
+            else:
+                opt.zero_grad(set_to_none=True)
+                out = model(xb)
+                loss = task_loss(task, out, xb, yb)
+                if pre is not None and hp.fisher == "true":
+                    pre.sample_fisher(out, task.loss_type)
+                loss.backward()
+                if pre is not None:
+                    pre.step()
+                opt.step()
             batch_loss = loss.item()  # synchronises
             _sync(device)
             elapsed += time.perf_counter() - t0
@@ -357,10 +424,23 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
     }
     if device.type == "cuda":
         record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if pre is not None:
-        record["fallbacks"] = pre.fallbacks
-        record["last_layer_stats"] = pre.layer_stats()
+    if solver_pre is not None:
+        record["fallbacks"] = solver_pre.fallbacks
+        record["last_layer_stats"] = solver_pre.layer_stats()
+        record["coverage"] = coverage(solver_pre)
+    if owner is not None:
+        record["final_damping"] = owner.damping
+        record["last_step"] = owner.last
+    record["damping"] = hp.damping
+    record["seed"] = cfg["seed"]
     return record
+
+
+def coverage(pre: cgfac.Preconditioner) -> dict[str, int]:
+    """Preconditioned parameters against all trainable ones (counts of scalars)."""
+    covered = {id(p) for h in pre.layers.values() for p in h.params()}
+    params = [p for p in pre.model.parameters() if p.requires_grad]
+    return {"covered": sum(p.numel() for p in params if id(p) in covered), "total": sum(p.numel() for p in params)}
 
 
 def _child_main(cfg: dict[str, Any], messages: Any) -> None:
@@ -439,9 +519,10 @@ def run_isolated(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> d
 
 
 # --- the comparison ------------------------------------------------------------------------------
-def parse_lr_grid(text: str | None, optimizers: Sequence[str]) -> dict[str, list[float]]:
-    """:data:`LR_GRID`, overridden by ``"0.1,0.3"`` (all) or ``"adam=1e-3;kfac=0.1,0.3"``."""
-    grid = {name: list(LR_GRID[name]) for name in optimizers}
+def parse_grid(text: str | None, optimizers: Sequence[str], defaults: dict[str, Sequence[float]],
+               flag: str = "--lr-grid") -> dict[str, list[float]]:
+    """``defaults`` for ``optimizers``, overridden by ``"0.1,0.3"`` (all) or ``"adam=1e-3;kfac=0.1,0.3"``."""
+    grid = {name: list(defaults[name]) for name in optimizers}
     if not text:
         return grid
     for part in filter(None, (p.strip() for p in text.split(";"))):
@@ -450,31 +531,64 @@ def parse_lr_grid(text: str | None, optimizers: Sequence[str]) -> dict[str, list
         try:
             lrs = [float(v) for v in values.split(",") if v.strip()]
         except ValueError:
-            raise ValueError(f"--lr-grid: not a list of numbers: {values!r}") from None
+            raise ValueError(f"{flag}: not a list of numbers: {values!r}") from None
         if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
-            raise ValueError(f"--lr-grid: learning rates must be positive numbers, got {values!r}")
+            raise ValueError(f"{flag}: values must be positive numbers, got {values!r}")
         for name in targets:
             if name not in grid:
-                raise ValueError(f"--lr-grid: {name!r} is not among the optimizers {tuple(optimizers)}")
+                raise ValueError(f"{flag}: {name!r} is not among the optimizers {tuple(optimizers)}")
             grid[name] = lrs
     return grid
+
+
+def parse_lr_grid(text: str | None, optimizers: Sequence[str]) -> dict[str, list[float]]:
+    """:data:`LR_GRID`, overridden by ``"0.1,0.3"`` (all) or ``"adam=1e-3;kfac=0.1,0.3"``."""
+    return parse_grid(text, optimizers, LR_GRID)
 
 
 def _usable(run: dict[str, Any]) -> bool:
     return "error" not in run and not run["diverged"] and math.isfinite(run["final_train_loss"])
 
 
+def config_key(run: dict[str, Any]) -> tuple[str, float, float | None]:
+    """A run's configuration: optimizer, learning rate and (second-order methods) damping."""
+    return run["optimizer"], run["lr"], run.get("damping") if run["optimizer"] not in PEERS else None
+
+
+def _score(run: dict[str, Any]) -> float:
+    return run["final_train_loss"] if _usable(run) else math.inf
+
+
+def configs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs grouped by :func:`config_key` over seeds: final losses, median, spread, median run.
+
+    A configuration with a diverged or failed seed scores ``inf`` for that seed."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(config_key(run), []).append(run)
+    out = []
+    for (name, lr, damping), members in groups.items():
+        scores = sorted(_score(r) for r in members)
+        median = float(np.median(scores)) if all(map(math.isfinite, scores)) else (
+            scores[(len(scores) - 1) // 2])
+        ordered = sorted(members, key=_score)
+        out.append({"optimizer": name, "lr": lr, "damping": damping, "seeds": [r.get("seed") for r in members],
+                    "final_losses": [_score(r) for r in members], "median": median,
+                    "min": scores[0], "max": scores[-1], "median_run": ordered[(len(ordered) - 1) // 2]})
+    return out
+
+
 def best_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per optimizer: the usable run with the lowest final training loss, else its first run.
+    """Per optimizer: the median-seed run of its configuration with the lowest median final
+    training loss (a single seed: the run itself); an optimizer whose runs all failed gives its first run.
 
     (In the record, ``best`` maps each optimizer to its best run's index in ``runs``.)"""
     best: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        name, current = run["optimizer"], best.get(run["optimizer"])
-        if current is None or (_usable(run) and (not _usable(current)
-                                                 or run["final_train_loss"] < current["final_train_loss"])):
-            best[name] = run
-    return best
+    for cfg in configs(runs):
+        name, current = cfg["optimizer"], best.get(cfg["optimizer"])
+        if current is None or cfg["median"] < current["median"]:
+            best[name] = cfg
+    return {name: cfg["median_run"] for name, cfg in best.items()}
 
 
 def adam_target(runs: Sequence[dict[str, Any]]) -> float | None:
@@ -489,6 +603,28 @@ def time_to(run: dict[str, Any], target: float | None) -> float | None:
     if target is None or "error" in run:
         return None
     return next((t for t, _, loss in run["curve"] if loss <= target), None)
+
+
+def loss_at(run: dict[str, Any], seconds: float) -> float | None:
+    """The training loss at ``seconds`` of training, linear between evaluations (None: not reached)."""
+    curve = run.get("curve", [])
+    for (t0, _, l0), (t1, _, l1) in itertools.pairwise(curve):
+        if t0 <= seconds <= t1 and math.isfinite(l0) and math.isfinite(l1):
+            return l0 + (l1 - l0) * (seconds - t0) / (t1 - t0) if t1 > t0 else l1
+    return None
+
+
+def time_to_interpolated(run: dict[str, Any], target: float | None) -> float | None:
+    """Training seconds at which the loss first reaches ``target``, linear between evaluations."""
+    if target is None or "error" in run:
+        return None
+    curve = run.get("curve", [])
+    if curve and curve[0][2] <= target:
+        return curve[0][0]
+    for (t0, _, l0), (t1, _, l1) in itertools.pairwise(curve):
+        if math.isfinite(l1) and l1 <= target:
+            return t1 if not (math.isfinite(l0) and l0 > l1) else t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
 
 
 def _finite(obj: Any) -> Any:
@@ -506,13 +642,25 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
     return "–" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def settings_text(name: str, hp: SecondOrder) -> str:
+def settings_text(name: str, hp: SecondOrder, damping: float | None = None) -> str:
     """The settings column of a run's optimizer."""
     if name == "adam":
         return "Adam (β = 0.9, 0.999)"
     if name == "sgd":
         return f"SGD, momentum {SGD_MOMENTUM}"
-    text = f"SGD momentum {hp.momentum}, damping {hp.damping:g}, KL clip {hp.kl_clip}, {hp.fisher} Fisher"
+    if name == "soap":
+        return "SOAP (pytorch-optimizer defaults)"
+    if name == "shampoo":
+        return "ScalableShampoo (preconditioner every 20 steps)"
+    lam = hp.damping if damping is None else damping
+    if name in ADAPTIVE:
+        text = (f"cgfac.optim, initial damping {lam:g} (LM-adapted), step and momentum: {hp.adaptive}, "
+                f"{hp.fisher} Fisher")
+        if name == "kfac-adaptive":
+            return text + f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps"
+        samples = "all" if hp.curvature_samples is None else hp.curvature_samples
+        return text + f", curvature window {hp.curvature_window}, curvature samples {samples}"
+    text = f"SGD momentum {hp.momentum}, damping {lam:g}, KL clip {hp.kl_clip}, {hp.fisher} Fisher"
     if name == "kfac":
         return text + f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps"
     samples = "all" if hp.curvature_samples is None else hp.curvature_samples
@@ -520,30 +668,40 @@ def settings_text(name: str, hp: SecondOrder) -> str:
 
 
 def write_markdown(path: Path, record: dict[str, Any]) -> None:
-    """``results.md``: the best run per optimizer, then every run of the grid."""
+    """``results.md``: the best configuration per optimizer (median over seeds), then every run."""
     s, m = record["settings"], record["machine"]
     hp = SecondOrder(**s["hyper"])
     classify = TASKS[s["task"]].loss_type == "cross_entropy"
     target = record["target_train_loss"]
+    t_ref, ref_loss = s["reference_seconds"], record.get("adam_loss_at_reference")
+    seeds = s.get("seeds", [s["seed"]])
     lines = [
         f"# Training comparison: {s['task']}",
         "",
         f"Budget {s['budget']:g} s of training per run (evaluation excluded), batch {s['batch_size']}, "
-        f"seed {s['seed']}, device {m['device']}, {m['threads']} threads, {m['cpu_model']}, torch {m['torch']}.",
+        f"seeds {', '.join(map(str, seeds))}, device {m['device']}, {m['threads']} threads, {m['cpu_model']}, "
+        f"torch {m['torch']}.",
         f"Training loss evaluated on {s['eval_samples']} fixed training samples every "
-        f"{s['eval_every']:.3g} s of training.",
+        f"{s['eval_every']:.3g} s of training. Each optimizer's row is its configuration with the lowest "
+        "median final training loss over the seeds, shown by its median-seed run.",
         "Target: the lowest training loss Adam reached, "
-        + (f"{target:.4g}." if target is not None else "none (no Adam run)."),
+        + (f"{target:.4g}." if target is not None else "none (no Adam run).")
+        + f" Reference: Adam's loss at {t_ref:g} s, "
+        + (f"{ref_loss:.4g}" if ref_loss is not None else "n/a")
+        + "; 'time to reference' is the (interpolated) training time each run needs to reach it.",
         "",
-        "| optimizer | lr | settings | ms/step | steps | peak RSS MB (+ over start) | final train loss | "
-        + ("test accuracy | test loss" if classify else "test loss") + " | time to target (s) |",
-        "|---|---|---|---|---|---|---|" + ("---|---|" if classify else "---|") + "---|",
+        "| optimizer | lr | settings | ms/step | steps | peak RSS MB (+ over start) | final train loss "
+        "(median [min, max]) | " + ("test accuracy | test loss" if classify else "test loss")
+        + " | time to target (s) | time to reference (s) | covered params |",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if classify else "---|") + "---|---|---|",
     ]
+    by_config = {(c["optimizer"], c["lr"], c["damping"]): c for c in configs(record["runs"])}
     for name, index in record["best"].items():
         run = record["runs"][index]
         if "error" in run:
             lines.append(f"| {name} | {run['lr']:g} | error: {run['error']} |")
             continue
+        cfg = by_config[config_key(run)]
         status = " (diverged)" if run["diverged"] else ""
         peak, start = run["peak_rss_mb"], run["rss_start_mb"]
         mem = _fmt(peak, ".0f") + (f" (+{peak - start:.0f})" if start is not None else "")
@@ -553,22 +711,33 @@ def write_markdown(path: Path, record: dict[str, Any]) -> None:
                 else _fmt(run["test_loss"]))
         reached = time_to(run, target)
         reach = "n/a" if target is None else ("not reached" if reached is None else f"{reached:.1f}")
-        lines.append(f"| {name} | {run['lr']:g} | {settings_text(name, hp)} | "
+        to_ref = time_to_interpolated(run, ref_loss)
+        ref = "n/a" if ref_loss is None else ("not reached" if to_ref is None else f"{to_ref:.1f}")
+        final = _fmt(cfg["median"]) + (f" [{_fmt(cfg['min'])}, {_fmt(cfg['max'])}]" if len(cfg["seeds"]) > 1
+                                       else "")
+        cov = run.get("coverage")
+        covered = f"{cov['covered'] / cov['total']:.0%}" if cov else "–"
+        lines.append(f"| {name} | {run['lr']:g} | {settings_text(name, hp, run.get('damping'))} | "
                      f"{_fmt(run['ms_per_step'], '.1f')} | {run['steps']} | {mem} | "
-                     f"{_fmt(run['final_train_loss'])}{status} | {test} | {reach} |")
-    lines += ["", "## Every run of the grid", "", "| optimizer | lr | steps | final train loss | status |",
-              "|---|---|---|---|---|"]
+                     f"{final}{status} | {test} | {reach} | {ref} | {covered} |")
+    lines += ["", "## Every run", "", "| optimizer | lr | damping | seed | steps | final train loss | final damping "
+              "| status |", "|---|---|---|---|---|---|---|---|"]
     for run in record["runs"]:
+        damping = "–" if run["optimizer"] in PEERS else _fmt(run.get("damping"))
         if "error" in run:
-            lines.append(f"| {run['optimizer']} | {run['lr']:g} | – | – | error |")
+            lines.append(f"| {run['optimizer']} | {run['lr']:g} | {damping} | {run.get('seed', '–')} | – | – | – "
+                         "| error |")
         else:
-            lines.append(f"| {run['optimizer']} | {run['lr']:g} | {run['steps']} | "
-                         f"{_fmt(run['final_train_loss'])} | {'diverged' if run['diverged'] else 'ok'} |")
+            lines.append(f"| {run['optimizer']} | {run['lr']:g} | {damping} | {run.get('seed', '–')} | "
+                         f"{run['steps']} | {_fmt(run['final_train_loss'])} | {_fmt(run.get('final_damping'))} | "
+                         f"{'diverged' if run['diverged'] else 'ok'} |")
     path.write_text("\n".join(lines) + "\n")
 
 
 def write_plots(out: Path, record: dict[str, Any]) -> None:
-    """``loss_vs_time.png`` and ``loss_vs_steps.png``: the best run of each optimizer.
+    """``loss_vs_time.png`` and ``loss_vs_steps.png`` (the best run of each optimizer), and, when
+    the grid has several dampings or learning rates for a second-order method,
+    ``loss_vs_damping_lr.png`` (median final loss of every configuration).
 
     The y axis is logarithmic when the losses span more than a factor of 10."""
     import matplotlib
@@ -602,6 +771,35 @@ def write_plots(out: Path, record: dict[str, Any]) -> None:
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
+    grid = [c for c in configs(record["runs"]) if c["optimizer"] not in PEERS]
+    names = sorted({c["optimizer"] for c in grid})
+    if not any(len({(c["lr"], c["damping"]) for c in grid if c["optimizer"] == n}) > 1 for n in names):
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    finite = [c["median"] for c in grid if math.isfinite(c["median"])]
+    vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    for ax, name in zip(axes[0], names):
+        mine = [c for c in grid if c["optimizer"] == name]
+        ok = [c for c in mine if math.isfinite(c["median"])]
+        bad = [c for c in mine if not math.isfinite(c["median"])]
+        sc = ax.scatter([c["damping"] for c in ok], [c["lr"] for c in ok], c=[c["median"] for c in ok],
+                        cmap="viridis_r", vmin=vmin, vmax=vmax, s=120)
+        for c in ok:
+            ax.annotate(f"{c['median']:.0f}", (c["damping"], c["lr"]), fontsize=7, ha="center", va="bottom",
+                        xytext=(0, 6), textcoords="offset points")
+        if bad:
+            ax.scatter([c["damping"] for c in bad], [c["lr"] for c in bad], marker="x", color="red",
+                       label="diverged")
+            ax.legend(fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("damping λ (initial, for *-adaptive)")
+        ax.set_ylabel("lr")
+        ax.set_title(name, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.colorbar(sc, ax=axes[0].tolist(), label="median final training loss")
+    fig.savefig(out / "loss_vs_damping_lr.png", dpi=120)
+    plt.close(fig)
 
 
 def save_arrays(data: dict[str, Tensor], directory: Path) -> None:
@@ -615,12 +813,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--task", choices=tuple(TASKS), default="autoencoder")
     parser.add_argument("--budget", type=float, default=40.0, help="training seconds per run (default 40)")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                        help=f"comma-separated subset of {','.join(OPTIMIZERS)}")
+    parser.add_argument("--optimizers", default=None,
+                        help=f"comma-separated subset of {','.join(ALL_OPTIMIZERS)} (default: "
+                             f"{','.join(OPTIMIZERS)}; with --tuned, the task's tuned ones)")
+    parser.add_argument("--tuned", action="store_true",
+                        help="each optimizer at its tuned learning rate and damping (TUNED); the grids override")
+    parser.add_argument("--damping-grid", default=None,
+                        help='dampings of the second-order methods, like --lr-grid: "0.01,0.1" or "kfac=1;..." '
+                             "(default: the task's damping)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, each run once per seed (default: --seed)")
+    parser.add_argument("--adaptive", choices=("lr+momentum", "lr", "none"), default=SecondOrder.adaptive,
+                        help="the *-adaptive optimizers: what the quadratic model chooses ('none': fixed lr, "
+                             "momentum --momentum, fixed damping)")
+    parser.add_argument("--quad-samples", type=int, default=None,
+                        help="the *-adaptive optimizers: samples of each batch for the GGN products (default all)")
+    parser.add_argument("--reference-seconds", type=float, default=None,
+                        help="'time to reference' is the time to reach Adam's loss at this many seconds "
+                             "(default min(60, budget/5))")
     parser.add_argument("--lr-grid", default=None,
                         help='override the grid: "0.1,0.3" for all, or "adam=1e-3,3e-3;kfac=0.1"')
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="default 256 (MNIST tasks), 128 (digits)")
+                        help="default 1000 (autoencoders), 256 (other MNIST tasks), 128 (digits)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes per run, launched by torchrun (DDP; the batch is the global batch)")
@@ -647,61 +860,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    unknown = [o for o in optimizers if o not in OPTIMIZERS]
+    tuned = TUNED.get(args.task, {}) if args.tuned else {}
+    if args.tuned and not tuned:
+        raise SystemExit(f"--tuned: no tuned settings for task {args.task!r}; tuned tasks: {', '.join(TUNED)}")
+    listed = args.optimizers or ",".join(tuned or OPTIMIZERS)
+    optimizers = [o.strip() for o in listed.split(",") if o.strip()]
+    unknown = [o for o in optimizers if o not in ALL_OPTIMIZERS]
     if unknown or not optimizers:
-        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {','.join(OPTIMIZERS)}")
+        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {','.join(ALL_OPTIMIZERS)}")
+    task = TASKS[args.task]
+    lr_defaults = {n: (tuned[n]["lr"],) if n in tuned else LR_GRID[n] for n in ALL_OPTIMIZERS}
+    damping_defaults = {n: (tuned[n]["damping"],) if n in tuned and "damping" in tuned[n]
+                        else (task.damping if args.damping is None else args.damping,) for n in ALL_OPTIMIZERS}
     try:
-        grid = parse_lr_grid(args.lr_grid, optimizers)
+        grid = parse_grid(args.lr_grid, optimizers, lr_defaults)
+        dampings = parse_grid(args.damping_grid, optimizers, damping_defaults, "--damping-grid")
+        seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
     except ValueError as err:
         raise SystemExit(str(err)) from None
+    if any(o in ADAPTIVE for o in optimizers) and args.nproc > 1:
+        raise SystemExit("--nproc > 1: the *-adaptive optimizers are not run across processes by this benchmark yet")
     if args.budget <= 0 or min(args.threads, args.eval_samples, args.curvature_window, args.nproc) < 1:
         raise SystemExit("--budget, --threads, --eval-samples, --curvature-window and --nproc must be positive")
-    task = TASKS[args.task]
     batch = args.batch_size or task.batch_size
     eval_every = args.eval_every or args.budget / 12
     kl_clip = task.kl_clip if args.kl_clip is None else args.kl_clip
     hp = SecondOrder(damping=task.damping if args.damping is None else args.damping, kl_clip=kl_clip or None,
                      momentum=args.momentum, curvature_window=args.curvature_window,
                      curvature_samples=args.curvature_samples or task.curvature_samples,
-                     fisher=args.fisher or task.fisher)
+                     fisher=args.fisher or task.fisher, adaptive=args.adaptive, quad_samples=args.quad_samples)
     out = args.out or Path("runs") / f"train-{args.task}"
     out.mkdir(parents=True, exist_ok=True)
     data = load_task_data(args.task)
     settings = {
-        "task": args.task, "budget": args.budget, "batch_size": batch, "seed": args.seed,
+        "task": args.task, "budget": args.budget, "batch_size": batch, "seed": args.seed, "seeds": seeds,
+        "damping_grid": dampings, "tuned": bool(tuned),
+        "reference_seconds": args.reference_seconds or min(60.0, args.budget / 5),
         "eval_every": eval_every, "eval_samples": min(args.eval_samples, data["train_x"].shape[0]),
         "optimizers": optimizers, "lr_grid": grid, "hyper": asdict(hp), "sgd_momentum": SGD_MOMENTUM,
         "n_train": data["train_x"].shape[0], "n_test": data["test_x"].shape[0], "nproc": args.nproc,
     }
     from tqdm import tqdm
 
-    jobs = [(name, lr) for name in optimizers for lr in grid[name]]
+    jobs = [(name, lr, damping if name not in PEERS else None, seed) for name in optimizers for lr in grid[name]
+            for damping in (dampings[name] if name not in PEERS else [None]) for seed in seeds]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cgfac-train-") as tmp:
         save_arrays(data, Path(tmp))
         del data
         with tqdm(total=len(jobs) * args.budget, unit="s", desc=args.task, dynamic_ncols=True,
                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s train [{elapsed}<{remaining}]") as bar:
-            for i, (name, lr) in enumerate(jobs):
-                bar.set_description(f"{name} lr={lr:g}")
+            for i, (name, lr, damping, seed) in enumerate(jobs):
+                label = f"{name} lr={lr:g}" + (f" λ={damping:g}" if damping is not None else "") + f" seed={seed}"
+                bar.set_description(label)
                 start = i * args.budget
 
                 def advance(seconds: float, start: float = start) -> None:
                     bar.update(max(0.0, min(start + seconds, start + args.budget) - bar.n))
 
-                cfg = {**settings, "optimizer": name, "lr": lr, "device": args.device,
+                cfg = {**settings, "optimizer": name, "lr": lr, "damping": damping, "seed": seed, "device": args.device,
                        "threads": max(1, args.threads // args.nproc), "data_dir": tmp}
                 result = run_isolated(cfg, advance)
                 advance(args.budget)
                 runs.append(result)
                 if "error" in result:
-                    bar.write(f"{name} lr={lr:g}: error: {result['error']}")
+                    result.update(damping=damping, seed=seed)
+                    bar.write(f"{label}: error: {result['error']}")
                 else:
                     bar.set_postfix_str(f"last: {name} {result['final_train_loss']:.4g}"
                                         + (" diverged" if result["diverged"] else ""))
     best = best_runs(runs)
     target = adam_target(runs)
+    reference = loss_at(best["adam"], settings["reference_seconds"]) if "adam" in best else None
     record = {
         "args": {k: str(v) if isinstance(v, Path) else v
                  for k, v in vars(args).items() if not k.startswith("_")},
@@ -711,6 +941,9 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs,
         "best": {name: runs.index(run) for name, run in best.items()},
         "time_to_target": {name: time_to(run, target) for name, run in best.items()},
+        "adam_loss_at_reference": reference,
+        "time_to_reference": {name: time_to_interpolated(run, reference) for name, run in best.items()},
+        "configs": [{k: v for k, v in c.items() if k != "median_run"} for c in configs(runs)],
     }
     (out / "results.json").write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
     write_markdown(out / "results.md", record)
