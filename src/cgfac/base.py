@@ -29,6 +29,8 @@ from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
 from cgfac.layers.registry import HelperFactory, check_overrides
 
 logger = logging.getLogger("cgfac")
+VANISHING_KL_SCALE = 1e-3  # a KL clip scaling the step by less than this makes it vanish
+DAMPING_SWAMPS = 1e3  # damping above this multiple of the largest curvature eigenvalue swamps it
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class Preconditioner:
         self.stats: dict[str, dict[str, Any]] = {}
         self.fallbacks = 0
         self.skipped_steps = 0
+        self._warned_vanishing = False
         self._sampling = False
         self._generator = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
@@ -372,7 +375,45 @@ class Preconditioner:
         scale = self._kl_scale(final)
         for helper, x, _ in final.values():
             helper.set_grad(x.mul_(scale))
+        self._check_vanishing(final, scale, damping)
         self.steps += 1
+
+    def _check_vanishing(self, final: dict[str, tuple[LayerHelper, Tensor, Tensor]], scale: float,
+                         damping: float) -> None:
+        """Report settings that make the step vanish: the KL clip's ``ν`` below
+        ``VANISHING_KL_SCALE``, or ``λ`` above ``DAMPING_SWAMPS`` × a bound on the largest
+        curvature eigenvalue (``curvature_bound`` in the layer's stats, e.g. ``tr(A)·tr(G)``).
+        Recorded in :meth:`layer_stats` (``"step_vanishes"``) every step; warned once."""
+        problems = []
+        if self.kl_clip is not None:
+            for name in final:
+                self.stats[name]["kl_scale"] = scale
+            if scale < VANISHING_KL_SCALE:
+                note = (f"the KL clip scales the step by nu={scale:.3g} < {VANISHING_KL_SCALE:g}: "
+                        f"raise kl_clip (now {self.kl_clip(self.steps):.3g}) or set kl_clip=None")
+                for name in final:
+                    self.stats[name]["step_vanishes"] = note
+                problems.append(note)
+        swamped = []
+        for name in final:
+            bound = self.stats[name].get("curvature_bound")
+            if bound is not None and damping > DAMPING_SWAMPS * bound:
+                note = (f"damping={damping:.3g} > {DAMPING_SWAMPS:g} x the layer's largest curvature eigenvalue "
+                        f"(at most {bound:.3g}): the direction is about grad/damping; lower damping")
+                st = self.stats[name]
+                st["step_vanishes"] = f"{st['step_vanishes']}; {note}" if "step_vanishes" in st else note
+                swamped.append(name)
+        if swamped:
+            problems.append(f"damping={damping:.3g} swamps the curvature of layer(s) "
+                            f"{', '.join(repr(n) for n in swamped)} (> {DAMPING_SWAMPS:g} x a bound on their "
+                            "largest eigenvalue, tr(A)·tr(G)): the step is about grad/damping; lower damping")
+        if problems and not self._warned_vanishing:
+            self._warned_vanishing = True
+            warnings.warn(
+                "cgfac: the step vanishes: " + "; ".join(problems) + ". Units: G is built here from per-sample "
+                "gradients (n x the mean loss's output gradients), so kfac-pytorch's damping and kl_clip "
+                "correspond to damping·n² and kl_clip·n² here (n: the batch size). Reported once; see "
+                "layer_stats()[name]['step_vanishes'].", RuntimeWarning, stacklevel=3)
 
     def _kl_scale(self, directions: dict[str, tuple[LayerHelper, Tensor, Tensor]]) -> float:
         if self.kl_clip is None or not directions:

@@ -182,6 +182,8 @@ class CGFAC(Preconditioner):
         method = self.method_for(name, operator, grad)
         st = self.stats.setdefault(name, {"damping": damping})
         st.update(method=method, rows=int(operator.a.shape[0]))
+        if isinstance(operator, KronRows):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
+            st["curvature_bound"] = float((operator.a * operator.a).sum()) * float((operator.g * operator.g).sum())
         x = None
         form = {"form": "factored"} if self.damping_form == "factored" and isinstance(operator, KronRows) else {}
         if form:

@@ -182,6 +182,8 @@ class KFAC(Preconditioner):
         method = getattr(self.eigen[name], "method", "eigen")  # normalisation layers: "feature-blocks"
         self.stats[name].update(method=method, decomposition_age=self.eigen_age[name])
         eigen = self.eigen[name]
+        if isinstance(eigen, KronEigen):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
+            self.stats[name]["curvature_bound"] = float(eigen.s_a.sum()) * float(eigen.s_g.sum())
         if self.damping_form == "factored" and isinstance(eigen, KronEigen):
             self.stats[name]["damping_form"] = "factored"
             return eigen.solve(grad, damping, form="factored")
