@@ -33,6 +33,7 @@ from cgfac.layers import LayerHelper, Rows
 SOLVERS = ("auto", "cg", "lowrank", "eigen")
 DEFAULT_CG_PRODUCTS = 10  # CG's assumed products per solve before any was measured
 CG_PROBE_STEPS = 50  # how often a layer not solved by CG measures CG's iteration count again
+STALE_DAMPING_RATIO = 2.0  # a CG count measured at a damping this far off (either way) is re-measured
 
 
 class CGFAC(Preconditioner):
@@ -92,6 +93,7 @@ class CGFAC(Preconditioner):
         self.windows: dict[str, deque[Rows]] = {n: deque(maxlen=self.curvature_window) for n in self.layers}
         self.solutions: dict[str, Tensor] = {}
         self.last_iters: dict[str, int] = {}
+        self.iters_damping: dict[str, float] = {}  # the damping each layer's last_iters was measured at
         self.probed_at: dict[str, int] = {}
         self.probe_budget: dict[str, tuple[int, str]] = {}  # a pending probe: (products, alternative)
         self.cost_constants: cost.CostConstants | None = None  # measured once, kept in checkpoints
@@ -103,7 +105,8 @@ class CGFAC(Preconditioner):
         total = sum(raw) or 1.0
         return [w / total for w in reversed(raw)]
 
-    def method_for(self, name: str, operator: KronRows | ExactRows, grad: Tensor) -> str:
+    def method_for(self, name: str, operator: KronRows | ExactRows, grad: Tensor,
+                   damping: float | None = None) -> str:
         """The solve method of a layer: the forced one, or the cheapest by the cost model.
 
         CG's cost depends on its iteration count ``k``, known only by running it: the last
@@ -112,6 +115,11 @@ class CGFAC(Preconditioner):
         it could spend and still win (``probe_budget``), at the layer's first warm-startable step
         and every ``CG_PROBE_STEPS`` steps after. A probe that does not converge within that
         budget records that CG loses, and the step is solved by the alternative.
+
+        The count depends on ``λ`` (CG needs more iterations as ``λ`` shrinks): it is remembered
+        with the damping it was measured at, and once ``λ`` has moved by more than a factor
+        ``STALE_DAMPING_RATIO`` since, it is stale and CG is probed at once (from the warm start
+        when one is kept, cold otherwise), as the periodic probe does.
         """
         if self.solver != "auto":
             return self.solver
@@ -128,10 +136,16 @@ class CGFAC(Preconditioner):
         predicted = costs(DEFAULT_CG_PRODUCTS if k is None else k)
         best = cost.choose(predicted)
         budget = int(predicted[best] // costs(1)["cg"])  # CG products that would still win
-        if best != "cg" and self._probe_due(name, self.steps) and self.warm_start and name in self.solutions \
-                and budget >= 2:
+        measured_at = self.iters_damping.get(name)
+        stale = k is not None and damping is not None and measured_at is not None and not (
+            1 / STALE_DAMPING_RATIO <= damping / measured_at <= STALE_DAMPING_RATIO)
+        periodic = self._probe_due(name, self.steps) and self.warm_start and name in self.solutions
+        if best != "cg" and (periodic or stale) and budget >= 2:
             self.probed_at[name] = self.steps
             self.probe_budget[name] = (budget, best)
+            self.stats.setdefault(name, {})["probe"] = (
+                f"damping moved from {measured_at:.3g} to {damping:.3g} since CG's count was measured"
+                if stale else "periodic")
             return "cg"
         return best
 
@@ -179,8 +193,9 @@ class CGFAC(Preconditioner):
     def solve_operator(self, name: str, operator: KronRows | ExactRows, grad: Tensor, damping: float) -> Tensor | None:
         """One layer's solve as :meth:`step` does it: choose the method, solve, keep the warm
         start and statistics. None (with ``stats[name]["fallback"]``) keeps the plain gradient."""
-        method = self.method_for(name, operator, grad)
+        method = self.method_for(name, operator, grad, damping)
         st = self.stats.setdefault(name, {"damping": damping})
+        st.setdefault("damping", damping)
         st.update(method=method, rows=int(operator.a.shape[0]))
         if isinstance(operator, KronRows):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
             st["curvature_bound"] = float((operator.a * operator.a).sum()) * float((operator.g * operator.g).sum())
@@ -196,10 +211,12 @@ class CGFAC(Preconditioner):
                      tol=self.cg_tol(self.steps), diag=operator.jacobi(damping, **form) if self.jacobi else None)
             st.update(iters=res.iters, products=res.products, rel_residual=res.rel_residual,
                       converged=res.converged, breakdown=res.breakdown)
+            self.iters_damping[name] = damping
             if budget is not None and not res.converged:  # the probe shows CG loses on this layer
                 self.last_iters[name] = self.cg_max_iters + 1
                 method = alternative
-                st.update(method=method, probe=f"CG not converged in {res.products} products")
+                reason = st.get("probe", "periodic")
+                st.update(method=method, probe=f"CG not converged in {res.products} products ({reason})")
             else:
                 self.last_iters[name] = res.products
                 if res.breakdown is not None:
@@ -235,6 +252,8 @@ class CGFAC(Preconditioner):
             state["solution"] = self.solutions[name]
         if name in self.last_iters:
             state["last_iters"] = self.last_iters[name]
+        if name in self.iters_damping:
+            state["iters_damping"] = self.iters_damping[name]
         if name in self.probed_at:
             state["probed_at"] = self.probed_at[name]
         return state
@@ -246,7 +265,10 @@ class CGFAC(Preconditioner):
             window.append(Rows(a.to(device).clone(), g.to(device).clone(), n))
         self.solutions.pop(name, None)
         self.last_iters.pop(name, None)
+        self.iters_damping.pop(name, None)
         self.probed_at.pop(name, None)
+        if "iters_damping" in state:
+            self.iters_damping[name] = state["iters_damping"]
         if "probed_at" in state:
             self.probed_at[name] = state["probed_at"]
         if "solution" in state:
