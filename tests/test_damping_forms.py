@@ -143,10 +143,10 @@ def test_optimizer_accepts_damping_form():
         loss = 0.5 * (model(x) - y).pow(2).sum(-1).mean()
         loss.backward()
         return loss
-    first = float(closure())
+    first = float(closure().detach())
     for _ in range(3):
         opt.step(closure)
-    assert float(closure()) < first
+    assert float(closure().detach()) < first
 
 
 # --- factor warm-up ------------------------------------------------------------------------------

@@ -271,7 +271,7 @@ def test_bad_step_raises_damping_good_step_lowers_it():
                    damping_decay=0.8, max_damping=1.5, adaptive="lr")
     x, y = make_data("cross_entropy")
     closure = closure_for(model, opt, x, y, "cross_entropy")
-    loss0 = float(closure())
+    loss0 = float(closure().detach())
     opt.step(closure)
     assert opt.last["new_loss"] > loss0
     assert opt.last["rho"] < 0
@@ -417,12 +417,12 @@ def test_optimizers_train(make):
     x, y = make_data("cross_entropy")
     opt = make(model)
     closure = closure_for(model, opt, x, y, "cross_entropy")
-    first = float(closure())
+    first = float(closure().detach())
     seen = capture_gram(opt)
     for _ in range(4):
         opt.step(closure)
         assert math.isfinite(opt.last["alpha"]) and opt.last["alpha"] > 0
-    assert float(closure()) < first
+    assert float(closure().detach()) < first
     stats = opt.preconditioner.layer_stats()
     assert set(stats) == {"0", "2"} and all("fallback" not in s for s in stats.values())
     assert opt.skipped_steps == 0 and opt.preconditioner.fallbacks == 0
