@@ -96,3 +96,52 @@ def test_train_on_two_processes_through_torchrun(tmp_path: Path) -> None:
     (run,) = record["runs"]
     assert "error" not in run, run.get("traceback")
     assert run["processes"] == 2 and run["steps"] > 0 and math.isfinite(run["final_train_loss"])
+
+
+def _run_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str, optimizers: str, grid: str) -> dict:
+    monkeypatch.setattr(train, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)  # the parent loads the data for the runs
+    monkeypatch.setattr(train, "TEXT_MAX_TEST_BYTES", 8 * 1024)
+    rc = cli.main(["train", "--task", task, "--budget", "0.5", "--threads", "1", "--eval-samples", "16",
+                   "--optimizers", optimizers, "--lr-grid", grid, "--out", str(tmp_path)])
+    assert rc == 0
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def test_train_transformer_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The byte-level LM: held-out bits per byte and coverage recorded, and shown in the table."""
+    record = _run_task(tmp_path, monkeypatch, "transformer", "kfac,adamw", "kfac=0.1;adamw=0.003")
+    assert record["settings"]["eval_samples"] == 16 and record["settings"]["batch_size"] == 32
+    for run in record["runs"]:
+        assert "error" not in run, run.get("traceback")
+        assert run["steps"] > 0 and math.isfinite(run["final_train_loss"])
+        assert run["test_bits_per_byte"] == pytest.approx(run["test_loss"] / math.log(2))
+        assert 0 < run["test_bits_per_byte"] < 9  # a uniform guess over 256 bytes is 8 bits
+    kfac = record["runs"][record["best"]["kfac"]]
+    assert kfac["coverage"]["covered"] == kfac["coverage"]["total"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "held-out bits/byte" in table and "| adamw |" in table and "| kfac |" in table
+
+
+def test_train_cnn_norm_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = _run_task(tmp_path, monkeypatch, "cnn-norm", "kfac", "0.1")
+    (run,) = record["runs"]
+    assert "error" not in run, run.get("traceback")
+    assert run["steps"] > 0 and 0.0 <= run["test_accuracy"] <= 1.0
+    assert run["coverage"]["covered"] == run["coverage"]["total"]
+
+
+def test_adaptive_on_transformer_reports_forward_ad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cgfac.optim's forward-mode products fail through nn.MultiheadAttention's fused CPU attention
+    (torch 2.13: no forward AD for _scaled_dot_product_flash_attention_for_cpu); the run says so."""
+    monkeypatch.setattr(train, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)
+    monkeypatch.setattr(train, "TEXT_MAX_TEST_BYTES", 8 * 1024)
+    train.save_arrays(train.load_task_data("transformer"), tmp_path)
+    cfg = {"task": "transformer", "optimizer": "kfac-adaptive", "lr": 1.0, "budget": 5.0, "batch_size": 4,
+           "seed": 0, "device": "cpu", "threads": 1, "eval_every": 100.0, "eval_samples": 4,
+           "data_dir": str(tmp_path), "hyper": {"damping": 3e-3, "kl_clip": 1e-3}}
+    try:
+        run = train.train_run(cfg)
+    except RuntimeError as err:
+        assert "forward-mode AD" in str(err)
+    else:  # a torch with forward AD through the fused attention
+        assert run["steps"] > 0

@@ -4,7 +4,8 @@ For each configuration ``model:batch`` (default the autoencoder at batch 256 and
 at 256, the CNN at 128) a model from :mod:`cgfac.bench.models` (seeded, train mode, fixed
 weights) sees ``--steps + 1`` fresh random batches of the right shape (autoencoder: uniform
 pixels, Bernoulli cross-entropy against themselves; classifiers: uniform inputs, random labels,
-cross-entropy). A ``CGFAC`` instance captures each covered layer's real rows (conv layers:
+cross-entropy; the transformer: uniform random tokens, a random next byte per position).
+A ``CGFAC`` instance captures each covered layer's real rows (conv layers:
 ``n·T`` patch rows) and ``∇W``. For both curvatures (``kron``: ``KronRows``; ``exact``:
 ``ExactRows``) every candidate solve is timed on batches ``1..steps`` from the built operator
 to ``X`` (median of repeats per batch, mean over batches):
@@ -48,7 +49,7 @@ from tqdm import tqdm
 from cgfac import cost
 from cgfac.bench.layer import Timing, measure
 from cgfac.bench.machine import default_device, machine_info
-from cgfac.bench.models import INPUT_SHAPES, build_model
+from cgfac.bench.models import INPUT_SHAPES, build_model, example_input
 from cgfac.cg import cg
 from cgfac.cgfac import CG_PROBE_STEPS, CGFAC, DEFAULT_CG_PRODUCTS
 from cgfac.exact import ExactRows
@@ -76,12 +77,12 @@ def parse_configs(text: str) -> list[tuple[str, int]]:
 
 def batch_loss(task: str, model: nn.Module, batch: int, gen: torch.Generator, device: torch.device) -> Tensor:
     """The training loss of one random batch (mean over samples)."""
-    x = torch.rand(batch, *INPUT_SHAPES[task], generator=gen).to(device)
+    x = example_input(task, batch, gen).to(device)
     out = model(x)
     if task == "autoencoder":
         return F.binary_cross_entropy_with_logits(out, x, reduction="sum") / batch
-    labels = torch.randint(out.shape[-1], (batch,), generator=gen).to(device)
-    return F.cross_entropy(out, labels)
+    labels = torch.randint(out.shape[-1], out.shape[:-1], generator=gen).to(device)  # per position for LMs
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1))
 
 
 def capture(task: str, batch: int, steps: int, pre_kwargs: dict[str, Any], seed: int,

@@ -15,6 +15,13 @@ step (``n`` samples × ``T`` positions), ``b`` bytes per number and ``N`` ranks,
   broadcast), or, mem-opt, ``Σ_{l owned by r} (d_in d_out + 1) b`` (directions broadcast every
   step). Owners: the greedy assignment by ``d_in³ + d_out³``.
 
+Units are the library's registry's (``make_helper``): the projections of ``nn.MultiheadAttention``
+(packed ``in_proj`` split per projection), embeddings, normalisation layers. A CG-FAC row is as
+wide as the unit's ``row_widths`` (``d_in + d_out`` except an embedding, whose ``a`` row is one
+token index: ``1 + d_out``). The K-FAC terms use ``d_in² + d_out²`` for every unit, an upper bound
+for embeddings (diagonal input factor) and normalisation layers (per-feature blocks). Token
+models (the transformer) are fed int64 tokens (:func:`cgfac.bench.models.example_input`).
+
 The 2-process test checks these formulas against the bytes the library counts.
 """
 
@@ -28,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from cgfac.bench.models import INPUT_SHAPES, build_model
+from cgfac.bench.models import build_model, example_input
 from cgfac.distributed import greedy_assignment
-from cgfac.layers import make_helper
+from cgfac.layers import Chunk, LayerHelper, make_helper
 
-BATCH = {"autoencoder": 256, "mlp": 256, "cnn": 128, "digits": 128}
+BATCH = {"autoencoder": 256, "mlp": 256, "cnn": 128, "digits": 128, "transformer": 32, "cnn-norm": 128}
 
 
 @dataclass(frozen=True)
@@ -41,26 +48,49 @@ class LayerShape:
     d_in: int
     d_out: int
     rows_per_sample: int
+    row_width: int = 0  # width of one curvature row a and g together (0: d_in + d_out)
 
 
-def layer_shapes(model: torch.nn.Module, input_shape: tuple[int, ...]) -> list[LayerShape]:
-    """Covered layers with their widths and rows per sample, from one forward pass."""
-    shapes, handles = [], []
+class _ShapeRecorder:
+    """A :class:`cgfac.layers.Capture` that only notes each unit's row counts and widths."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch  # samples of the model's input (a Linear on a sequence counts positions as its n)
+        self.shapes: list[LayerShape] = []
+
+    def capturing(self, module: torch.nn.Module) -> bool:
+        return True
+
+    def record_input(self, unit: LayerHelper, a: torch.Tensor, n: int) -> Chunk:
+        self.shapes.append(LayerShape(unit.name, unit.d_in, unit.d_out, a.shape[0] // self.batch,
+                                      sum(unit.row_widths)))
+        return Chunk(a=a, n=n)
+
+    def record_output_grad(self, unit: LayerHelper, chunk: Chunk, g: torch.Tensor) -> None:
+        pass
+
+
+def layer_shapes(model: torch.nn.Module, input_shape: tuple[int, ...] | torch.Tensor) -> list[LayerShape]:
+    """Covered layers (every unit the library's registry makes) with their widths and rows per
+    sample, from one forward pass of a zero input of ``input_shape`` (one sample) or of the
+    given input tensor (token models take int64 inputs: :func:`cgfac.bench.models.example_input`)."""
+    helpers = []
     for name, module in model.named_modules():
         helper = make_helper(name, module)
-        if helper is None or isinstance(helper, str):
-            continue
-
-        def hook(mod, inputs, output, helper=helper):
-            a, n = helper.input_rows(inputs[0])
-            shapes.append(LayerShape(helper.name, helper.d_in, helper.d_out, a.shape[0] // n))
-
-        handles.append(module.register_forward_hook(hook))
-    with torch.no_grad():
-        model(torch.zeros(1, *input_shape))
-    for h in handles:
-        h.remove()
-    return shapes
+        if helper is not None and not isinstance(helper, str):
+            helpers.append(helper)
+    claimed = {id(m) for h in helpers for m in h.claims()}
+    x = input_shape if isinstance(input_shape, torch.Tensor) else torch.zeros(1, *input_shape)
+    recorder, handles = _ShapeRecorder(x.shape[0]), []
+    for helper in helpers:
+        if id(helper.module) not in claimed:
+            handles += helper.attach(recorder)
+    try:
+        model(x)  # with autograd on: the hooks skip outputs that need no gradient
+    finally:
+        for h in handles:
+            h.remove()
+    return recorder.shapes
 
 
 def per_rank_bytes(shapes: list[LayerShape], samples: int, world: int, method: str, *, number_bytes: int = 4,
@@ -79,7 +109,7 @@ def per_rank_bytes(shapes: list[LayerShape], samples: int, world: int, method: s
                 if owners[s.name] == r:
                     sent[r] += (s.d_in * s.d_out + 1) * b
                 else:
-                    sent[r] += m[s.name] * (s.d_in + s.d_out) * b
+                    sent[r] += m[s.name] * (s.row_width or s.d_in + s.d_out) * b
         return sent
     owners = greedy_assignment({s.name: s.d_in**3 + s.d_out**3 for s in shapes}, world)
     for r in range(world):
@@ -98,13 +128,15 @@ def per_rank_bytes(shapes: list[LayerShape], samples: int, world: int, method: s
 
 def projection(task: str, worlds: tuple[int, ...] = (2, 8, 64, 512)) -> list[dict]:
     """Mean and max MB per rank and step, weak scaling (the task's batch per rank)."""
-    shapes = layer_shapes(build_model(task), INPUT_SHAPES[task])
+    if task not in BATCH:
+        raise SystemExit(f"comm: no batch size for task {task!r}; tasks: {','.join(BATCH)}")
+    shapes = layer_shapes(build_model(task), example_input(task, 1))
     rows = []
     for world in worlds:
         for label, method, samples in [
             ("DDP gradients (baseline)", "ddp", BATCH[task]),
             ("CG-FAC, all rows", "cgfac", BATCH[task]),
-            ("CG-FAC, bounded (256 samples in all)", "cgfac", math.ceil(256 / world)),
+            ("CG-FAC, bounded (256 samples in all)", "cgfac", min(BATCH[task], math.ceil(256 / world))),
             ("K-FAC comm-opt", "kfac-comm-opt", BATCH[task]),
             ("K-FAC mem-opt", "kfac-mem-opt", BATCH[task]),
         ]:
@@ -115,7 +147,7 @@ def projection(task: str, worlds: tuple[int, ...] = (2, 8, 64, 512)) -> list[dic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", default="autoencoder,mlp,cnn", help="comma-separated benchmark models")
+    parser.add_argument("--tasks", default="autoencoder,mlp,cnn,transformer", help="comma-separated benchmark models")
     parser.add_argument("--out", default="runs/comm", help="output directory")
 
 

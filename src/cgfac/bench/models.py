@@ -142,6 +142,18 @@ INPUT_SHAPES = {"autoencoder": (784,), "autoencoder-tanh": (784,), "autoencoder-
                 "transformer": (128,), "cnn-norm": (1, 28, 28)}
 
 
+VOCAB = {"transformer": 256}  # token models: int64 inputs in 0..vocab-1
+
+
+def example_input(task: str, batch: int, generator: torch.Generator | None = None) -> Tensor:
+    """A random input batch of the task's model: int64 tokens in ``0..VOCAB[task]-1`` for token
+    models, else ``torch.rand`` floats of :data:`INPUT_SHAPES` (the same draw as before)."""
+    shape = (batch, *INPUT_SHAPES[task])
+    if task in VOCAB:
+        return torch.randint(VOCAB[task], shape, generator=generator)
+    return torch.rand(shape, generator=generator)
+
+
 def build_model(task: str) -> nn.Module:
     """A fresh model for a task name in :data:`MODELS` (seed torch first for reproducibility)."""
     if task not in MODELS:

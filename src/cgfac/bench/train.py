@@ -21,7 +21,14 @@ Protocol, for every (optimizer, learning rate) pair of the grid:
 
 Tasks (``cgfac.bench.models``): ``autoencoder`` (MNIST, Bernoulli cross-entropy of the logits
 summed over the 784 pixels, averaged over the batch), ``mlp`` and ``cnn`` (MNIST classification,
-cross-entropy), ``digits`` (scikit-learn's 8×8 digits, a quick check). Batch size 256 on MNIST
+cross-entropy), ``cnn-norm`` (the same with BatchNorm, GroupNorm and a depthwise block), ``digits``
+(scikit-learn's 8×8 digits, a quick check), ``transformer`` (a byte-level LM on the standard
+library's source, :func:`cgfac.data.load_stdlib_text` with context 128, capped to the first 4 MiB of
+the training files and 256 KiB of the held-out ones, see ``TEXT_MAX_*``; batch 32 sequences; loss:
+cross-entropy over every position, so the curvature rows are positions; training loss on 256 fixed
+sequences; test metric: held-out bits per byte = loss / ln 2, and next-byte accuracy).
+``adamw``: ``torch.optim.AdamW`` with weight decay 0.01. The ``*-adaptive`` optimizers fail on the
+transformer with torch 2.13 on CPU: no forward AD for the fused attention kernel. Batch size 256 on MNIST
 (on two CPU cores a step of batch 1000, K-FAC's classic autoencoder setting, costs about four
 times as much and leaves too few steps in a short budget) and 128 on digits.
 
@@ -100,11 +107,11 @@ import cgfac
 from cgfac import cost
 from cgfac.bench.machine import default_device, machine_info
 from cgfac.bench.models import build_model
-from cgfac.data import load_digits_data, load_mnist
+from cgfac.data import load_digits_data, load_mnist, load_stdlib_text
 
 ADAPTIVE = ("kfac-adaptive", "cgfac-kron-adaptive", "cgfac-exact-adaptive")  # cgfac.optim: own the update
 PRECONDITIONED = ("cgfac-kron", "cgfac-exact", "kfac")  # a preconditioner under SGD with momentum
-PEERS = ("adam", "sgd", "soap", "shampoo")
+PEERS = ("adam", "adamw", "sgd", "soap", "shampoo")
 ALL_OPTIMIZERS = ADAPTIVE + PRECONDITIONED + PEERS
 OPTIMIZERS = ("cgfac-kron", "cgfac-exact", "kfac", "adam", "sgd")  # the default list without --tuned
 LR_GRID: dict[str, tuple[float, ...]] = {
@@ -115,6 +122,7 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "cgfac-kron-adaptive": (1.0,),
     "cgfac-exact-adaptive": (1.0,),
     "adam": (1e-3, 3e-3),
+    "adamw": (1e-3, 3e-3),
     "sgd": (0.03, 0.1),
     "soap": (1e-3, 3e-3),
     "shampoo": (0.03, 0.1),
@@ -122,13 +130,21 @@ LR_GRID: dict[str, tuple[float, ...]] = {
 
 DATA_KEYS = ("train_x", "train_y", "test_x", "test_y")
 EVAL_CHUNK = 1000
+LM_EVAL_CHUNK = 64  # sequences per evaluation chunk of the LM (64 × 128 × 256 logits)
+ADAMW_WEIGHT_DECAY = 0.01
+# The LM task's data (load_stdlib_text): context 128, the first 4 MiB of the training documents
+# (32,263 windows of 129 bytes) and the first 256 KiB of the held-out ones (2,032 windows), so that
+# the held-out evaluation after a run costs about as much as MNIST's. Tests lower the caps.
+TEXT_CONTEXT = 128
+TEXT_MAX_TRAIN_BYTES = 4 * 2**20
+TEXT_MAX_TEST_BYTES = 256 * 2**10
 
 
 @dataclass(frozen=True)
 class Task:
     """How a task's data is fed and scored."""
 
-    data: str  # "mnist" or "digits"
+    data: str  # "mnist", "digits" or "stdlib-text" (byte-level LM: x, y of shape (N, context))
     flatten: bool  # feed images as (N, 784) rows
     loss_type: str  # "bernoulli" (reconstruction) or "cross_entropy" (classification)
     batch_size: int
@@ -136,6 +152,12 @@ class Task:
     kl_clip: float  # κ of the second-order methods
     fisher: str  # "empirical" or "true"
     curvature_samples: int | None = None  # CG-FAC's curvature rows per batch (None: the whole batch)
+    eval_samples: int = 10_000  # the fixed training subset of the training-loss curve (--eval-samples)
+
+    @property
+    def lm(self) -> bool:
+        """A language model: logits (batch, context, 256), the loss a mean over every position."""
+        return self.data == "stdlib-text"
 
 
 TASKS = {
@@ -146,6 +168,9 @@ TASKS = {
     "mlp": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
     "cnn": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
     "digits": Task("digits", False, "cross_entropy", 128, 3e-3, 1e-3, "empirical"),
+    "cnn-norm": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
+    # 32 sequences of 128 bytes (4096 positions, the rows of every layer); 256 sequences evaluated.
+    "transformer": Task("stdlib-text", False, "cross_entropy", 32, 3e-3, 1e-3, "empirical", eval_samples=256),
 }
 
 
@@ -185,6 +210,8 @@ TUNED: dict[str, dict[str, dict[str, float]]] = {
 def load_task_data(task_name: str) -> dict[str, Tensor]:
     """The task's train/test tensors, images flattened where the model takes rows."""
     task = TASKS[task_name]
+    if task.lm:
+        return load_stdlib_text(TEXT_CONTEXT, TEXT_MAX_TRAIN_BYTES, TEXT_MAX_TEST_BYTES)
     data = load_mnist() if task.data == "mnist" else load_digits_data()
     if task.flatten:
         data = {k: v.reshape(v.shape[0], -1) if k.endswith("_x") else v for k, v in data.items()}
@@ -192,7 +219,10 @@ def load_task_data(task_name: str) -> dict[str, Tensor]:
 
 
 def task_loss(task: Task, out: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """Mean over the batch of the per-sample loss (for the autoencoder: summed over pixels)."""
+    """Mean over the batch of the per-sample loss (for the autoencoder: summed over pixels; for the
+    LM: the mean over every position of the next-byte cross-entropy, in nats)."""
+    if task.lm:
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
     if task.loss_type == "bernoulli":
         return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1).mean()
     return F.cross_entropy(out, y)
@@ -200,17 +230,19 @@ def task_loss(task: Task, out: Tensor, x: Tensor, y: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, x: Tensor, y: Tensor) -> tuple[float, float | None]:
-    """``(mean loss, accuracy or None)`` over ``x``, in chunks, with the model in eval mode."""
+    """``(mean loss, accuracy or None)`` over ``x``, in chunks, with the model in eval mode (the
+    LM: mean over every position, and the next-byte accuracy over positions)."""
     model.eval()
     total, correct = 0.0, 0
-    for i in range(0, x.shape[0], EVAL_CHUNK):
-        xb, yb = x[i : i + EVAL_CHUNK], y[i : i + EVAL_CHUNK]
+    chunk = LM_EVAL_CHUNK if task.lm else EVAL_CHUNK
+    for i in range(0, x.shape[0], chunk):
+        xb, yb = x[i : i + chunk], y[i : i + chunk]
         out = model(xb)
         total += task_loss(task, out, xb, yb).item() * xb.shape[0]
         if task.loss_type == "cross_entropy":
-            correct += int((out.argmax(1) == yb).sum())
+            correct += int((out.argmax(-1 if task.lm else 1) == yb).sum())
     model.train()
-    accuracy = correct / x.shape[0] if task.loss_type == "cross_entropy" else None
+    accuracy = correct / y.numel() if task.loss_type == "cross_entropy" else None
     return total / x.shape[0], accuracy
 
 
@@ -227,6 +259,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
     """
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr), None
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ADAMW_WEIGHT_DECAY), None
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM), None
     if name in ("soap", "shampoo"):
@@ -379,7 +413,14 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
                     loss.backward()
                     return loss
 
-                loss = owner.step(closure)
+                try:
+                    loss = owner.step(closure)
+                except NotImplementedError as err:
+                    if "forward AD" not in str(err):
+                        raise
+                    raise RuntimeError(f"{cfg['optimizer']} needs forward-mode AD (torch.autograd.forward_ad) through "
+                                       f"the whole model for its GGN products, and this model has an operation "
+                                       f"without it: {str(err).splitlines()[0]}") from err
             else:
                 opt.zero_grad(set_to_none=True)
                 out = model(xb)
@@ -415,7 +456,7 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
         "final_train_loss": curve[-1][2],
         "best_train_loss": min((c[2] for c in curve if math.isfinite(c[2])), default=math.nan),
         "test_loss": test_loss,
-        "test_accuracy": test_accuracy,
+        "test_accuracy": test_accuracy,  # the LM: next-byte accuracy over held-out positions
         "rss_start_mb": rss_start,
         "peak_rss_mb": peak_mb,
         "peak_rss_scope": peak_scope,
@@ -431,6 +472,9 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
     if owner is not None:
         record["final_damping"] = owner.damping
         record["last_step"] = owner.last
+    if task.lm:  # held-out loss in bits per byte (the loss is in nats per position, one byte each)
+        record["test_bits_per_byte"] = test_loss / math.log(2)
+        record["final_train_bits_per_byte"] = record["final_train_loss"] / math.log(2)
     record["damping"] = hp.damping
     record["seed"] = cfg["seed"]
     return record
@@ -646,6 +690,8 @@ def settings_text(name: str, hp: SecondOrder, damping: float | None = None) -> s
     """The settings column of a run's optimizer."""
     if name == "adam":
         return "Adam (β = 0.9, 0.999)"
+    if name == "adamw":
+        return f"AdamW (β = 0.9, 0.999, weight decay {ADAMW_WEIGHT_DECAY:g})"
     if name == "sgd":
         return f"SGD, momentum {SGD_MOMENTUM}"
     if name == "soap":
@@ -671,7 +717,8 @@ def write_markdown(path: Path, record: dict[str, Any]) -> None:
     """``results.md``: the best configuration per optimizer (median over seeds), then every run."""
     s, m = record["settings"], record["machine"]
     hp = SecondOrder(**s["hyper"])
-    classify = TASKS[s["task"]].loss_type == "cross_entropy"
+    lm = TASKS[s["task"]].lm
+    classify = TASKS[s["task"]].loss_type == "cross_entropy" and not lm
     target = record["target_train_loss"]
     t_ref, ref_loss = s["reference_seconds"], record.get("adam_loss_at_reference")
     seeds = s.get("seeds", [s["seed"]])
@@ -691,9 +738,10 @@ def write_markdown(path: Path, record: dict[str, Any]) -> None:
         + "; 'time to reference' is the (interpolated) training time each run needs to reach it.",
         "",
         "| optimizer | lr | settings | ms/step | steps | peak RSS MB (+ over start) | final train loss "
-        "(median [min, max]) | " + ("test accuracy | test loss" if classify else "test loss")
+        "(median [min, max]) | " + ("held-out bits/byte | next-byte accuracy" if lm else
+                                    "test accuracy | test loss" if classify else "test loss")
         + " | time to target (s) | time to reference (s) | covered params |",
-        "|---|---|---|---|---|---|---|" + ("---|---|" if classify else "---|") + "---|---|---|",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if classify or lm else "---|") + "---|---|---|",
     ]
     by_config = {(c["optimizer"], c["lr"], c["damping"]): c for c in configs(record["runs"])}
     for name, index in record["best"].items():
@@ -707,8 +755,12 @@ def write_markdown(path: Path, record: dict[str, Any]) -> None:
         mem = _fmt(peak, ".0f") + (f" (+{peak - start:.0f})" if start is not None else "")
         if run.get("peak_cuda_mb") is not None:
             mem += f"; CUDA {run['peak_cuda_mb']:.0f}"
-        test = (f"{_fmt(run['test_accuracy'], '.2%')} | {_fmt(run['test_loss'])}" if classify
-                else _fmt(run["test_loss"]))
+        if lm:
+            test = f"{_fmt(run.get('test_bits_per_byte'), '.4f')} | {_fmt(run['test_accuracy'], '.2%')}"
+        elif classify:
+            test = f"{_fmt(run['test_accuracy'], '.2%')} | {_fmt(run['test_loss'])}"
+        else:
+            test = _fmt(run["test_loss"])
         reached = time_to(run, target)
         reach = "n/a" if target is None else ("not reached" if reached is None else f"{reached:.1f}")
         to_ref = time_to_interpolated(run, ref_loss)
@@ -833,7 +885,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-grid", default=None,
                         help='override the grid: "0.1,0.3" for all, or "adam=1e-3,3e-3;kfac=0.1"')
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="default 1000 (autoencoders), 256 (other MNIST tasks), 128 (digits)")
+                        help="default 1000 (autoencoders), 256 (other MNIST tasks), 128 (digits), "
+                             "32 sequences (transformer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes per run, launched by torchrun (DDP; the batch is the global batch)")
@@ -843,8 +896,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads in each run (default: torch's default here)")
     parser.add_argument("--eval-every", type=float, default=None,
                         help="training seconds between evaluations (default budget/12)")
-    parser.add_argument("--eval-samples", type=int, default=10_000,
-                        help="size of the fixed training subset for the training loss")
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="size of the fixed training subset for the training loss (default: the task's, "
+                             "10,000 samples; transformer: 256 sequences)")
     parser.add_argument("--damping", type=float, default=None,
                         help="damping of the second-order methods (default: the task's)")
     parser.add_argument("--kl-clip", type=float, default=None,
@@ -880,7 +934,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(str(err)) from None
     if any(o in ADAPTIVE for o in optimizers) and args.nproc > 1:
         raise SystemExit("--nproc > 1: the *-adaptive optimizers are not run across processes by this benchmark yet")
-    if args.budget <= 0 or min(args.threads, args.eval_samples, args.curvature_window, args.nproc) < 1:
+    eval_samples = task.eval_samples if args.eval_samples is None else args.eval_samples
+    if args.budget <= 0 or min(args.threads, eval_samples, args.curvature_window, args.nproc) < 1:
         raise SystemExit("--budget, --threads, --eval-samples, --curvature-window and --nproc must be positive")
     batch = args.batch_size or task.batch_size
     eval_every = args.eval_every or args.budget / 12
@@ -896,7 +951,7 @@ def run(args: argparse.Namespace) -> int:
         "task": args.task, "budget": args.budget, "batch_size": batch, "seed": args.seed, "seeds": seeds,
         "damping_grid": dampings, "tuned": bool(tuned),
         "reference_seconds": args.reference_seconds or min(60.0, args.budget / 5),
-        "eval_every": eval_every, "eval_samples": min(args.eval_samples, data["train_x"].shape[0]),
+        "eval_every": eval_every, "eval_samples": min(eval_samples, data["train_x"].shape[0]),
         "optimizers": optimizers, "lr_grid": grid, "hyper": asdict(hp), "sgd_momentum": SGD_MOMENTUM,
         "n_train": data["train_x"].shape[0], "n_test": data["test_x"].shape[0], "nproc": args.nproc,
     }
