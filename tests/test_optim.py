@@ -17,8 +17,16 @@ from torch.func import functional_call, jacrev
 import cgfac
 from cgfac.optim import output_quad_form
 
-torch.set_default_dtype(torch.float64)
 N, D_IN, HIDDEN, K = 24, 4, 5, 3
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """float64 by default for this module's tests only (a module-level switch leaked into every test)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def make_data(loss_type: str, seed: int = 0, n: int = N) -> tuple[Tensor, Tensor]:
