@@ -145,3 +145,21 @@ def test_adaptive_on_transformer_reports_forward_ad(tmp_path: Path, monkeypatch:
         assert "forward-mode AD" in str(err)
     else:  # a torch with forward AD through the fused attention
         assert run["steps"] > 0
+
+
+def test_tuned_settings_with_hyper_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--tuned`` runs each listed optimizer at its tuned lr, damping and SecondOrder overrides."""
+    monkeypatch.setitem(train.TUNED, "digits", {
+        "cgfac-kron-adaptive": {"lr": 0.5, "damping": 0.05, "hyper": {"curvature_window": 3}},
+        "adam": {"lr": 2e-3},
+    })
+    rc = cli.main(["train", "--task", "digits", "--tuned", "--budget", "0.3", "--eval-every", "0.1",
+                   "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    runs = {r["optimizer"]: r for r in record["runs"]}
+    assert set(runs) == {"cgfac-kron-adaptive", "adam"}
+    assert runs["cgfac-kron-adaptive"]["lr"] == 0.5 and runs["cgfac-kron-adaptive"]["damping"] == 0.05
+    assert runs["cgfac-kron-adaptive"]["hyper"]["curvature_window"] == 3
+    assert runs["adam"]["lr"] == 2e-3 and runs["adam"]["hyper"]["curvature_window"] == 1
+    assert "curvature window 3" in (tmp_path / "results.md").read_text()

@@ -192,16 +192,18 @@ class SecondOrder:
 
 SGD_MOMENTUM = 0.9
 
-# Each optimizer's learning rate (and damping) chosen by the tuning grid of benchmarks/tuning-<task>
-# (short runs, see benchmarks/run_all.sh); `cgfac-bench train --tuned` runs these side by side.
-TUNED: dict[str, dict[str, dict[str, float]]] = {
+# Each optimizer's learning rate, damping (initial λ for *-adaptive) and any SecondOrder settings
+# ("hyper") chosen by the tuning grids of benchmarks/tuning-<task>* (short runs, one seed, the
+# commands in benchmarks/run_all.sh); `cgfac-bench train --tuned` runs these side by side.
+TUNED: dict[str, dict[str, dict[str, Any]]] = {
     "autoencoder-tanh": {
-        "kfac-adaptive": {"lr": 1.0, "damping": 1e-2},
-        "cgfac-exact-adaptive": {"lr": 1.0, "damping": 1e-2},
-        "adam": {"lr": 1e-3},
-        "sgd": {"lr": 0.03},
-        "soap": {"lr": 3e-3},
-        "shampoo": {"lr": 0.1},
+        "kfac-adaptive": {"lr": 1.0, "damping": 0.1},  # λ0 ∈ {1e-3, 1e-2, 0.1}: 75.4, 69.5, 67.4 at 40 s
+        "cgfac-kron-adaptive": {"lr": 1.0, "damping": 0.1,  # 79.6 at 30 s (exact curvature: 86.0)
+                                "hyper": {"curvature_window": 8, "curvature_samples": 125}},
+        "adam": {"lr": 1e-3},  # {1e-3, 3e-3}: 72.9, 79.7 at 40 s
+        "soap": {"lr": 3e-3},  # {1e-3, 3e-3}: 211.5, 97.8
+        "sgd": {"lr": 3e-3},  # {3e-3, 1e-2, 0.03, 0.1}: 104.7, 209.8 (30 s), 1834, 8841 (40 s)
+        "shampoo": {"lr": 3e-3},  # {3e-3, 1e-2, 0.03, 0.1}: 191.8, 354.4 (30 s), 2021, 7322 (40 s)
     },
 }
 
@@ -364,7 +366,8 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
     model = build_model(cfg["task"]).to(device)
     if distributed:  # every rank trains on its shard of the same global batch
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    hp = SecondOrder(**{**cfg["hyper"], **({"damping": cfg["damping"]} if cfg.get("damping") else {})})
+    hp = SecondOrder(**{**cfg["hyper"], **cfg.get("hyper_overrides", {}),
+                        **({"damping": cfg["damping"]} if cfg.get("damping") else {})})
     opt, pre = make_optimizer(cfg["optimizer"], model, cfg["lr"], hp, task.loss_type)
     owner = opt if isinstance(opt, cgfac.optim.SecondOrderOptimizer) else None  # owns the update
     solver_pre = owner.preconditioner if owner is not None else pre
@@ -476,6 +479,7 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
         record["test_bits_per_byte"] = test_loss / math.log(2)
         record["final_train_bits_per_byte"] = record["final_train_loss"] / math.log(2)
     record["damping"] = hp.damping
+    record["hyper"] = asdict(hp)
     record["seed"] = cfg["seed"]
     return record
 
@@ -769,7 +773,8 @@ def write_markdown(path: Path, record: dict[str, Any]) -> None:
                                        else "")
         cov = run.get("coverage")
         covered = f"{cov['covered'] / cov['total']:.0%}" if cov else "–"
-        lines.append(f"| {name} | {run['lr']:g} | {settings_text(name, hp, run.get('damping'))} | "
+        run_hp = SecondOrder(**run["hyper"]) if "hyper" in run else hp
+        lines.append(f"| {name} | {run['lr']:g} | {settings_text(name, run_hp, run.get('damping'))} | "
                      f"{_fmt(run['ms_per_step'], '.1f')} | {run['steps']} | {mem} | "
                      f"{final}{status} | {test} | {reach} | {ref} | {covered} |")
     lines += ["", "## Every run", "", "| optimizer | lr | damping | seed | steps | final train loss | final damping "
@@ -974,6 +979,7 @@ def run(args: argparse.Namespace) -> int:
                     bar.update(max(0.0, min(start + seconds, start + args.budget) - bar.n))
 
                 cfg = {**settings, "optimizer": name, "lr": lr, "damping": damping, "seed": seed, "device": args.device,
+                       "hyper_overrides": tuned.get(name, {}).get("hyper", {}),
                        "threads": max(1, args.threads // args.nproc), "data_dir": tmp}
                 result = run_isolated(cfg, advance)
                 advance(args.budget)
