@@ -23,3 +23,19 @@ print(";".join(f"{n}={best[n]}" for n in ("cgfac-kron", "adam", "sgd") if n in b
 PY
 )
 $B train --budget 300 --optimizers cgfac-kron,adam,sgd --lr-grid "$lrs" --out benchmarks/train-autoencoder-300s
+
+# --- Issue 8: second-order training that wins (cgfac.optim), batch 1000, subnormals flushed ---
+# Tuning on short runs (one seed): K-FAC's initial damping, the peers' learning rates.
+$B train --task autoencoder-tanh --budget 40 --optimizers kfac-adaptive,adam,sgd,soap,shampoo \
+  --lr-grid "kfac-adaptive=1;adam=1e-3,3e-3;sgd=0.03,0.1;soap=1e-3,3e-3;shampoo=0.03,0.1" \
+  --damping-grid "kfac-adaptive=1e-3,1e-2,1e-1" --out benchmarks/tuning-autoencoder-tanh
+$B train --task autoencoder-tanh --budget 30 --optimizers cgfac-kron-adaptive,cgfac-exact-adaptive,sgd,shampoo \
+  --lr-grid "cgfac-kron-adaptive=1;cgfac-exact-adaptive=1;sgd=0.003,0.01;shampoo=0.003,0.01" --damping-grid "0.1" \
+  --curvature-window 8 --curvature-samples 125 --out benchmarks/tuning-autoencoder-tanh-2
+# The 300 s target: the contenders with 3 seeds, the others with one.
+$B train --task autoencoder-tanh --budget 300 --optimizers kfac-adaptive,adam,soap \
+  --lr-grid "kfac-adaptive=1;adam=1e-3;soap=3e-3" --damping-grid "0.1" --seeds 0,1,2 --reference-seconds 60 \
+  --out benchmarks/train-autoencoder-tanh-300s
+$B train --task autoencoder-tanh --budget 300 --optimizers cgfac-kron-adaptive,sgd,shampoo \
+  --lr-grid "cgfac-kron-adaptive=1;sgd=0.003;shampoo=0.003" --damping-grid "0.1" --curvature-window 8 \
+  --curvature-samples 125 --reference-seconds 60 --out benchmarks/train-autoencoder-tanh-300s-others
