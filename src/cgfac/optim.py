@@ -53,6 +53,17 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+try:  # torch >= 2.3: fused attention kernels have no forward-mode AD; the math kernel does
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def _forward_ad_attention() -> Any:
+        return sdpa_kernel(SDPBackend.MATH)
+except ImportError:  # pragma: no cover - torch 2.2
+    import contextlib
+
+    def _forward_ad_attention() -> Any:
+        return contextlib.nullcontext()
+
 from cgfac.base import Preconditioner
 from cgfac.cgfac import CGFAC as _CGFACPreconditioner
 from cgfac.fisher import LOSS_TYPES
@@ -210,7 +221,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         devices = [torch.cuda.current_device()] if "cuda" in fwd.rng else []
         self._recording = False
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), fwAD.dual_level():
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), fwAD.dual_level(), \
+                    _forward_ad_attention():
                 if "cpu" in fwd.rng:
                     torch.set_rng_state(fwd.rng["cpu"])
                 if "cuda" in fwd.rng:
