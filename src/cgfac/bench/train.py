@@ -340,6 +340,16 @@ def _sync(device: torch.device) -> None:
 
 # --- one run (in the child process) --------------------------------------------------------------
 def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """:func:`_train_run` with subnormal floats flushed, restored afterwards (the flag is global to
+    the process: left on, it broke hypothesis in the test process that called this)."""
+    torch.set_flush_denormal(True)
+    try:
+        return _train_run(cfg, progress)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = None) -> dict[str, Any]:
     """Train one (optimizer, lr) pair for ``cfg["budget"]`` seconds; the run's record.
 
     ``cfg``: task, optimizer, lr, budget, batch_size, seed, device, threads, eval_every,
@@ -347,9 +357,8 @@ def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = No
     ``progress`` receives the elapsed training seconds at each evaluation.
     """
     torch.set_num_threads(cfg["threads"])
-    # Saturated sigmoid units produce subnormal floats, which cost the CPU up to 10x per operation
-    # (measured: K-FAC steps on the autoencoder went from 0.25 s to 3 s); flushed for every optimizer.
-    torch.set_flush_denormal(True)
+    # Subnormal floats are flushed (train_run): saturated sigmoid units produce them, and they cost
+    # the CPU up to 10x per operation (K-FAC steps on the autoencoder went from 0.25 s to 3 s).
     device = torch.device(cfg["device"])
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
