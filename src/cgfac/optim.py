@@ -265,12 +265,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             raise ValueError("closure must return the loss")
         return float(loss.detach() if isinstance(loss, Tensor) else loss)
 
-    def _l2(self) -> float:
+    def _l2(self, undo: dict[Tensor, Tensor] | None = None) -> float:
+        """``½ Σ wd ‖θ‖²`` over every parameter, at ``θ − undo`` where ``undo`` is given (the
+        point before an update)."""
+        undo = undo or {}
         total = 0.0
         for group in self.param_groups:
             if group["weight_decay"]:
-                total += 0.5 * group["weight_decay"] * sum(float(p.detach().double().pow(2).sum())
-                                                           for p in group["params"])
+                total += 0.5 * group["weight_decay"] * sum(
+                    float((p.detach() - undo[p] if p in undo else p.detach()).double().pow(2).sum())
+                    for p in group["params"])
         return total
 
     @torch.no_grad()
@@ -413,7 +417,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             self._recording = True
             for b, saved in buffers:
                 b.copy_(saved)
-        old_loss = loss + self._l2_before(updates)
+        old_loss = loss + self._l2(undo=updates)
         if not math.isfinite(new_loss):
             for p, u in updates.items():
                 p.sub_(u)
@@ -426,14 +430,6 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         elif rho > 0.75:
             self.damping = max(self.min_damping, self.damping * self._omega())
         return {"rho": rho, "new_loss": new_loss, "damping_next": self.damping}
-
-    def _l2_before(self, updates: dict[Tensor, Tensor]) -> float:
-        total = 0.0
-        for group in self.param_groups:
-            if group["weight_decay"]:
-                total += 0.5 * group["weight_decay"] * sum(
-                    float((p.detach() - updates[p]).double().pow(2).sum()) for p in group["params"] if p in updates)
-        return total
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
