@@ -120,6 +120,7 @@ class Preconditioner:
         self.skipped_steps = 0
         self._warned_vanishing = False
         self._sampling = False
+        self._sample_targets: list[tuple[list[LayerHelper], Tensor]] = []  # fisher="true": layer outputs
         self._generator = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.model = model
@@ -228,6 +229,13 @@ class Preconditioner:
         unit.chunks.append(chunk)
         return chunk
 
+    def record_output(self, units: list[LayerHelper], output: Tensor) -> None:
+        """A forward call's output whose gradient gives these units' ``g`` (through a tensor hook):
+        the sampled backward of the true Fisher asks for the gradients of these outputs instead of
+        the parameters', so no weight gradient is computed for them."""
+        if self.fisher == "true":
+            self._sample_targets.append((units, output))
+
     def record_output_grad(self, unit: LayerHelper, chunk: Chunk, g: Tensor) -> None:
         """Output-gradient rows of a chunk (summed over backward passes)."""
         if self.fisher == "true" and not self._sampling:
@@ -253,10 +261,20 @@ class Preconditioner:
             gen.manual_seed(int(torch.randint(2**62, (1,), generator=self._generator)))
             self._generators[device] = gen
         loss = sampled_loss(outputs, loss_type, self._generators[device])
-        params = list({id(p): p for h in self.layers.values() for p in h.params()}.values())
+        # Back-propagate to the covered layers' outputs (their tensor hooks record g) and, for
+        # units captured another way (attention's projections), to their parameters.
+        targets, by_output = [], set()
+        for units, out in self._sample_targets:
+            if out.requires_grad:
+                targets.append(out)
+                by_output.update(id(u) for u in units)
+        self._sample_targets = []
+        params = {id(p): p for h in self.layers.values() for u in h.units() if id(u) not in by_output
+                  for p in u.params()}
+        targets.extend(params.values())
         self._sampling = True
         try:
-            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
         finally:
             self._sampling = False
 
@@ -340,6 +358,7 @@ class Preconditioner:
     def step(self) -> None:
         """Replace the ``.grad`` of every covered layer by its preconditioned direction."""
         damping = self.damping(self.steps)
+        self._sample_targets = []
         if not self._grads_finite():
             self._skip_step()
             return
@@ -429,6 +448,7 @@ class Preconditioner:
         """Forget the rows captured since the last step (e.g. of an evaluation-only backward)."""
         for helper in self.layers.values():
             helper.chunks = []
+        self._sample_targets = []
 
     def remove(self) -> None:
         """Remove every hook; the preconditioner captures nothing afterwards."""
@@ -437,6 +457,7 @@ class Preconditioner:
         self._handles = []
         for helper in self.layers.values():
             helper.chunks = []
+        self._sample_targets = []
 
     def __enter__(self) -> Preconditioner:
         return self
