@@ -280,12 +280,25 @@ def test_bad_step_raises_damping_good_step_lowers_it():
     x, y = make_data("cross_entropy")
     closure = closure_for(model, opt, x, y, "cross_entropy")
     loss0 = float(closure().detach())
+    t0 = theta(model)
     opt.step(closure)
     assert opt.last["new_loss"] > loss0
     assert opt.last["rho"] < 0
     assert opt.damping == pytest.approx(1.0 / 0.8)
+    # The loss rose on the update's own batch: the update is undone (reject_worse) with its momentum.
+    assert opt.last["rejected"] == 1.0 and opt.rejected_steps == 1
+    torch.testing.assert_close(theta(model), t0, rtol=0, atol=1e-15)
+    assert all("prev_update" not in opt.state[p] for p in model.parameters())
     opt.step(closure)
     assert opt.damping == 1.5
+    # reject_worse=False keeps a rising update.
+    model = mlp()
+    opt = kfac_opt(model, loss_type="cross_entropy", lr=50.0, damping=1.0, damping_interval=1, adaptive="lr",
+                   reject_worse=False)
+    t0 = theta(model)
+    opt.step(closure_for(model, opt, x, y, "cross_entropy"))
+    assert opt.last["rho"] < 0 and opt.last["rejected"] == 0.0 and opt.rejected_steps == 0
+    assert not torch.allclose(theta(model), t0)
 
 
 def test_damping_adapted_every_interval_only():

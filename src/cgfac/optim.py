@@ -124,6 +124,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         min_damping, max_damping: the range of ``λ``.
         quad_samples: use only the first this-many samples of each recorded forward for the
             curvature products of the quadratic model (None: all).
+        reject_worse: when ``λ`` is adapted and the loss on the update's own batch went *up*
+            (``h(θ + δ) > h(θ)``), undo the update and drop the momentum (a trust-region
+            rejection; counted in ``rejected_steps``). A non-finite loss is always undone.
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         min_damping: float = 1e-6,
         max_damping: float = 1e6,
         quad_samples: int | None = None,
+        reject_worse: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -163,6 +167,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                              "or adapt_damping=False")
         if not isinstance(adapt_damping, bool):
             raise TypeError(f"adapt_damping must be a bool, got {type(adapt_damping).__name__}")
+        if not isinstance(reject_worse, bool):
+            raise TypeError(f"reject_worse must be a bool, got {type(reject_worse).__name__}")
+        self.reject_worse = reject_worse
+        self.rejected_steps = 0
         self.loss_type = loss_type
         self.adapt_damping = adapt_damping
         self.damping_interval = positive_int("damping_interval", damping_interval)
@@ -418,10 +426,14 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             for b, saved in buffers:
                 b.copy_(saved)
         old_loss = loss + self._l2(undo=updates)
-        if not math.isfinite(new_loss):
+        finite = math.isfinite(new_loss)
+        rejected = not finite or (self.reject_worse and new_loss > old_loss)
+        if rejected:
             for p, u in updates.items():
                 p.sub_(u)
                 self.state[p].pop("prev_update", None)
+            self.rejected_steps += 1
+        if not finite:
             warnings.warn("cgfac: non-finite loss after the update; update undone, damping raised",
                           RuntimeWarning, stacklevel=4)
         rho = (new_loss - old_loss) / quad_change if quad_change is not None and quad_change < 0 else -math.inf
@@ -429,7 +441,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             self.damping = min(self.max_damping, self.damping / self._omega())
         elif rho > 0.75:
             self.damping = max(self.min_damping, self.damping * self._omega())
-        return {"rho": rho, "new_loss": new_loss, "damping_next": self.damping}
+        return {"rho": rho, "new_loss": new_loss, "damping_next": self.damping, "rejected": float(rejected)}
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -437,7 +449,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         damping and counters, and the preconditioner's own state."""
         state = super().state_dict()
         state["cgfac"] = {"damping": self.damping, "steps": self.steps, "skipped_steps": self.skipped_steps,
-                          "preconditioner": self.preconditioner.state_dict()}
+                          "rejected_steps": self.rejected_steps, "preconditioner": self.preconditioner.state_dict()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -450,6 +462,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.damping = float(ours["damping"])
         self.steps = int(ours["steps"])
         self.skipped_steps = int(ours["skipped_steps"])
+        self.rejected_steps = int(ours.get("rejected_steps", 0))
 
     def remove(self) -> None:
         """Remove every hook (the optimizer's and the preconditioner's)."""
@@ -461,7 +474,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
 
 _OPTIMIZER_ARGS = ("lr", "momentum", "weight_decay", "loss_type", "adaptive", "adapt_damping", "damping_interval",
-                   "damping_decay", "min_damping", "max_damping", "quad_samples")
+                   "damping_decay", "min_damping", "max_damping", "quad_samples", "reject_worse")
 
 
 def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
