@@ -13,6 +13,7 @@ its plain gradient and is listed in :meth:`registration_report`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -70,6 +71,12 @@ class Preconditioner:
         layer_helpers: ``{module type: factory}`` overriding the global registry
             (:func:`cgfac.register_layer_helper`) for this preconditioner; the most-derived
             registered class of a module wins, an override over a global entry at one class.
+        damping_scale: "absolute" (every layer is damped by λ) or "relative": layer ``l`` is
+            damped by ``λ·s_l``, ``s_l = tr(C_l)/dim`` the mean diagonal of its curvature
+            (``tr(A)·tr(G)/(d_in·d_out)`` for a Kronecker block). Relative damping is unit-free
+            and follows each layer's own scale: where back-propagated gradients shrink layer by
+            layer (deep sigmoid networks), one absolute λ swamps the early layers' curvature.
+            ``layer_stats()[name]`` has the layer's ``damping`` and ``curvature_scale``.
 
     Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
     ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
@@ -93,6 +100,7 @@ class Preconditioner:
         process_group: Any = None,
         solve_dtype: torch.dtype | None = None,
         layer_helpers: Mapping[type, HelperFactory] | None = None,
+        damping_scale: str = "absolute",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -112,6 +120,8 @@ class Preconditioner:
             raise TypeError(f"solve_dtype must be a floating torch.dtype, got {solve_dtype!r}")
         self.solve_dtype = solve_dtype
         self.layer_helpers = check_overrides(layer_helpers)
+        self.damping_scale = choice("damping_scale", damping_scale, ("absolute", "relative"))
+        self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
         self._forward_passes = 0
         self.dist = WorkAssignment(process_group)
         self.steps = 0
@@ -295,6 +305,22 @@ class Preconditioner:
             g = g / self.grad_scaler.get_scale()
         return Rows(a=rows.a.to(dtype), g=g, n=rows.n)
 
+    def _layer_damping(self, name: str, damping: float, curvature: Any) -> float:
+        """The damping of one layer's solve: ``λ`` (absolute) or ``λ·s_l`` (relative, ``s_l`` from
+        ``curvature.mean_diagonal()``), plus :attr:`damping_offset`; recorded in ``stats``."""
+        st = self.stats.setdefault(name, {})
+        lam = damping
+        if self.damping_scale == "relative":
+            scale = curvature.mean_diagonal()
+            if math.isfinite(scale) and scale > 0:
+                lam = damping * scale
+                st["curvature_scale"] = scale
+            else:
+                st["curvature_scale"] = f"{scale} (not positive: absolute damping this step)"
+        lam += self.damping_offset
+        st["damping"] = lam
+        return lam
+
     def _no_rows_reason(self) -> str:
         hint = "call sample_fisher(outputs, loss_type) before backward" if self.fisher == "true" else (
             "no forward and backward in train mode with grad enabled")
@@ -416,8 +442,9 @@ class Preconditioner:
         swamped = []
         for name in final:
             bound = self.stats[name].get("curvature_bound")
-            if bound is not None and damping > DAMPING_SWAMPS * bound:
-                note = (f"damping={damping:.3g} > {DAMPING_SWAMPS:g} x the layer's largest curvature eigenvalue "
+            lam = self.stats[name].get("damping", damping)
+            if bound is not None and lam > DAMPING_SWAMPS * bound:
+                note = (f"damping={lam:.3g} > {DAMPING_SWAMPS:g} x the layer's largest curvature eigenvalue "
                         f"(at most {bound:.3g}): the direction is about grad/damping; lower damping")
                 st = self.stats[name]
                 st["step_vanishes"] = f"{st['step_vanishes']}; {note}" if "step_vanishes" in st else note

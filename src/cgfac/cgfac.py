@@ -184,6 +184,7 @@ class CGFAC(Preconditioner):
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         window = self.windows[name]
         operator = helper.operator(self.curvature, window, self._window_weights(len(window)))
+        damping = self._layer_damping(name, damping, operator)
         if hasattr(operator, "solve"):  # a direct exact solve (embedding, normalisation blocks)
             self.stats[name].update(method=operator.method, rows=sum(int(r.a.shape[0]) for r in window))
             self.solutions.pop(name, None)

@@ -188,6 +188,7 @@ class KFAC(Preconditioner):
         method = getattr(self.eigen[name], "method", "eigen")  # normalisation layers: "feature-blocks"
         self.stats[name].update(method=method, decomposition_age=self.eigen_age[name])
         eigen = self.eigen[name]
+        damping = self._layer_damping(name, damping, eigen)
         if isinstance(eigen, KronEigen):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
             self.stats[name]["curvature_bound"] = float(eigen.s_a.sum()) * float(eigen.s_g.sum())
         if self.damping_form == "factored" and isinstance(eigen, KronEigen):

@@ -60,6 +60,10 @@ class KronRows:
         """The explicit factors ``(A, G)``: ``O(r d²)`` time, ``O(d²)`` memory."""
         return self.a.T @ self.a, self.g.T @ self.g
 
+    def mean_diagonal(self) -> float:
+        """``tr(A)·tr(G)/(d_in·d_out)``, the mean eigenvalue of ``A ⊗ G``."""
+        return float((self.a * self.a).sum()) * float((self.g * self.g).sum()) / (self.a.shape[1] * self.g.shape[1])
+
     def factored_damping(self, damping: float) -> tuple[float, float]:
         """``(γ_A, γ_G)`` for this curvature (see :func:`factored_damping`)."""
         return factored_damping(float((self.a * self.a).sum()), self.a.shape[1],
@@ -202,6 +206,10 @@ class KronEigen:
         c = self.q_g.T @ grad @ self.q_a
         c /= torch.outer(self.s_g, self.s_a) + damping
         return self.q_g @ c @ self.q_a.T
+
+    def mean_diagonal(self) -> float:
+        """``tr(A)·tr(G)/(d_in·d_out)``, the mean eigenvalue of ``A ⊗ G``."""
+        return float(self.s_a.mean()) * float(self.s_g.mean())
 
     def _gammas(self, damping: float) -> tuple[float, float]:
         return factored_damping(float(self.s_a.sum()), self.s_a.shape[0], float(self.s_g.sum()),

@@ -310,7 +310,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     p.grad.add_(p, alpha=group["weight_decay"])
                 grads[p] = p.grad.clone()
-        pre.damping.value = self.damping + self._max_weight_decay()
+        pre.damping.value = self.damping
+        pre.damping_offset = self._max_weight_decay()
         skipped = pre.skipped_steps
         pre.step()
         if pre.skipped_steps != skipped or not grads:
@@ -323,6 +324,20 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             self._forwards = []
         self.steps += 1
         return loss
+
+    def _param_damping(self, damping: float) -> dict[Tensor, float]:
+        """Each covered parameter's damping in this step's solve (``layer_stats()[name]["damping"]``:
+        ``λ + wd``, or ``λ·s_l + wd`` with ``damping_scale="relative"``); others use ``damping``."""
+        pre = self.preconditioner
+        out: dict[Tensor, float] = {}
+        for name, helper in pre.layers.items():
+            lam = pre.stats.get(name, {}).get("damping")
+            if lam is None or "fallback" in pre.stats.get(name, {}):
+                continue
+            for unit in helper.units():
+                for p in unit.params():
+                    out[p] = float(lam)
+        return out
 
     def _max_weight_decay(self) -> float:
         return max((g["weight_decay"] for g in self.param_groups), default=0.0)
@@ -347,9 +362,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             gram = self._curvature_gram(names)  # vᵢᵀ C vⱼ
             dots = torch.tensor([[sum(float((a[p].double() * b[p].double()).sum()) for p in params)  # type: ignore
                                   for b in vectors] for a in vectors], dtype=torch.float64)
+            lam = self._param_damping(damping)  # λ_p: the damping each parameter's solve used
+            damped_dots = torch.tensor([[sum(lam.get(p, damping) * float((a[p].double() * b[p].double()).sum())
+                                             for p in params)  # type: ignore
+                                         for b in vectors] for a in vectors], dtype=torch.float64)
             lin = torch.tensor([sum(float((grads[p].double() * v[p].double()).sum()) for p in params)  # type: ignore
                                 for v in vectors], dtype=torch.float64)
-            damped = gram + damping * dots
+            damped = gram + damped_dots
             info.update(dir_curvature=float(gram[0, 0]), dir_grad=float(lin[0]))
             c = self._solve_coefficients(damped, lin, has_prev, mom)
             if c is None:
