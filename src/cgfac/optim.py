@@ -325,6 +325,23 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
+    @staticmethod
+    def _inner_products(vectors: list[dict[Tensor, Tensor]], grads: dict[Tensor, Tensor], params: list[Tensor],
+                        lam: dict[Tensor, float], damping: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``[vᵢ·vⱼ]``, ``[Σ_p λ_p vᵢ,ₚ·vⱼ,ₚ]`` and ``[∇h·vᵢ]`` in float64, one small product per parameter."""
+        k = len(vectors)
+        dev = params[0].device
+        dots = torch.zeros(k, k, dtype=torch.float64, device=dev)
+        damped = torch.zeros(k, k, dtype=torch.float64, device=dev)
+        lin = torch.zeros(k, dtype=torch.float64, device=dev)
+        for p in params:
+            v = torch.stack([vec[p].reshape(-1) for vec in vectors]).double()
+            pair = v @ v.T
+            dots += pair
+            damped += lam.get(p, damping) * pair
+            lin += v @ grads[p].reshape(-1).double()
+        return dots.cpu(), damped.cpu(), lin.cpu()
+
     def _param_damping(self, damping: float) -> dict[Tensor, float]:
         """Each covered parameter's damping in this step's solve (``layer_stats()[name]["damping"]``:
         ``λ + wd``, or ``λ·s_l + wd`` with ``damping_scale="relative"``); others use ``damping``."""
@@ -360,14 +377,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             vectors = [delta] + ([prev] if has_prev else [])
             names = [{self._names[p]: v[p] for p in params} for v in vectors]  # type: ignore[index]
             gram = self._curvature_gram(names)  # vᵢᵀ C vⱼ
-            dots = torch.tensor([[sum(float((a[p].double() * b[p].double()).sum()) for p in params)  # type: ignore
-                                  for b in vectors] for a in vectors], dtype=torch.float64)
             lam = self._param_damping(damping)  # λ_p: the damping each parameter's solve used
-            damped_dots = torch.tensor([[sum(lam.get(p, damping) * float((a[p].double() * b[p].double()).sum())
-                                             for p in params)  # type: ignore
-                                         for b in vectors] for a in vectors], dtype=torch.float64)
-            lin = torch.tensor([sum(float((grads[p].double() * v[p].double()).sum()) for p in params)  # type: ignore
-                                for v in vectors], dtype=torch.float64)
+            dots, damped_dots, lin = self._inner_products(vectors, grads, params, lam, damping)
             damped = gram + damped_dots
             info.update(dir_curvature=float(gram[0, 0]), dir_grad=float(lin[0]))
             c = self._solve_coefficients(damped, lin, has_prev, mom)

@@ -190,6 +190,8 @@ class SecondOrder:
     quad_samples: int | None = None  # the *-adaptive optimizers: samples for the GGN products (None: all)
     kfac_samples: int | None = None  # K-FAC: samples of each batch for the factors (None: all)
     min_damping: float = 1e-6  # the *-adaptive optimizers: lower bound of the LM-adapted λ
+    damping_form: str = "exact"  # "exact" or "factored" (K-FAC and CG-FAC kron)
+    damping_scale: str = "absolute"  # "absolute" or "relative" (λ times each layer's mean curvature)
 
 
 SGD_MOMENTUM = 0.9
@@ -278,12 +280,14 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
     if name in ADAPTIVE:
         common = {"damping": hp.damping, "fisher": hp.fisher, "loss_type": loss_type, "lr": lr,
                   "adaptive": hp.adaptive, "adapt_damping": hp.adaptive != "none", "quad_samples": hp.quad_samples,
-                  "min_damping": hp.min_damping}
+                  "min_damping": hp.min_damping, "damping_scale": hp.damping_scale}
         if hp.adaptive == "none":
             common["momentum"] = hp.momentum
         if name == "kfac-adaptive":
             return cgfac.optim.KFAC(model, factor_decay=hp.factor_decay, inv_update_steps=hp.inv_update_steps,
-                                    curvature_samples=hp.kfac_samples, **common), None
+                                    curvature_samples=hp.kfac_samples, damping_form=hp.damping_form, **common), None
+        if name == "cgfac-kron-adaptive":
+            common["damping_form"] = hp.damping_form
         return cgfac.optim.CGFAC(model, curvature=name.split("-")[1], curvature_window=hp.curvature_window,
                                  curvature_samples=hp.curvature_samples, factor_decay=hp.factor_decay,
                                  **common), None
@@ -292,7 +296,10 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
     def current_lr(step: int) -> float:
         return opt.param_groups[0]["lr"]
 
-    common = {"damping": hp.damping, "kl_clip": hp.kl_clip, "lr": current_lr, "fisher": hp.fisher}
+    common = {"damping": hp.damping, "kl_clip": hp.kl_clip, "lr": current_lr, "fisher": hp.fisher,
+              "damping_scale": hp.damping_scale}
+    if name in ("kfac", "cgfac-kron"):
+        common["damping_form"] = hp.damping_form
     if name == "kfac":
         pre: cgfac.Preconditioner = cgfac.KFAC(model, factor_decay=hp.factor_decay,
                                                inv_update_steps=hp.inv_update_steps,
@@ -745,6 +752,10 @@ def settings_text(name: str, hp: SecondOrder, damping: float | None = None) -> s
                 f"{hp.fisher} Fisher")
         if hp.min_damping != SecondOrder.min_damping:
             text += f", min damping {hp.min_damping:g}"
+        if hp.damping_form != "exact":
+            text += f", {hp.damping_form} damping"
+        if hp.damping_scale != "absolute":
+            text += f", {hp.damping_scale} damping scale"
         if hp.quad_samples is not None:
             text += f", {hp.quad_samples} samples for the quadratic model"
         if name == "kfac-adaptive":
