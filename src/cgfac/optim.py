@@ -142,7 +142,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         adapt_damping: bool = True,
         damping_interval: int = 5,
         damping_decay: float = 0.95,
-        min_damping: float = 1e-6,
+        min_damping: float = 1e-3,
         max_damping: float = 1e6,
         quad_samples: int | None = None,
         reject_worse: bool = True,

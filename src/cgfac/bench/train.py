@@ -189,7 +189,7 @@ class SecondOrder:
     adaptive: str = "lr+momentum"  # the *-adaptive optimizers: what the quadratic model chooses
     quad_samples: int | None = None  # the *-adaptive optimizers: samples for the GGN products (None: all)
     kfac_samples: int | None = None  # K-FAC: samples of each batch for the factors (None: all)
-    min_damping: float = 1e-6  # the *-adaptive optimizers: lower bound of the LM-adapted λ
+    min_damping: float = 1e-3  # the *-adaptive optimizers: lower bound of the LM-adapted λ (the library default)
     damping_form: str = "exact"  # "exact" or "factored" (K-FAC and CG-FAC kron)
     damping_scale: str = "absolute"  # "absolute" or "relative" (λ times each layer's mean curvature)
 
