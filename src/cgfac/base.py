@@ -13,6 +13,7 @@ its plain gradient and is listed in :meth:`registration_report`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -27,7 +28,7 @@ from cgfac.fisher import sampled_loss
 from cgfac.hyperparams import Hyper, HyperParam
 from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
 from cgfac.layers.registry import HelperFactory, check_overrides
-from cgfac.options import FisherKind, LossReduction, LossType, check
+from cgfac.options import DampingScale, FisherKind, LossReduction, LossType, check
 from cgfac.state import LayerState, StateView
 
 logger = logging.getLogger("cgfac")
@@ -72,6 +73,12 @@ class Preconditioner:
         layer_helpers: ``{module type: factory}`` overriding the global registry
             (:func:`cgfac.register_layer_helper`) for this preconditioner; the most-derived
             registered class of a module wins, an override over a global entry at one class.
+        damping_scale: "absolute" (every layer is damped by λ) or "relative": layer ``l`` is
+            damped by ``λ·s_l``, ``s_l = tr(C_l)/dim`` the mean diagonal of its curvature
+            (``tr(A)·tr(G)/(d_in·d_out)`` for a Kronecker block). Relative damping is unit-free
+            and follows each layer's own scale: where back-propagated gradients shrink layer by
+            layer (deep sigmoid networks), one absolute λ swamps the early layers' curvature.
+            ``layer_stats()[name]`` has the layer's ``damping`` and ``curvature_scale``.
 
     Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
     ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
@@ -95,6 +102,7 @@ class Preconditioner:
         process_group: Any = None,
         solve_dtype: torch.dtype | None = None,
         layer_helpers: Mapping[type, HelperFactory] | None = None,
+        damping_scale: DampingScale = "absolute",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -114,6 +122,8 @@ class Preconditioner:
             raise TypeError(f"solve_dtype must be a floating torch.dtype, got {solve_dtype!r}")
         self.solve_dtype = solve_dtype
         self.layer_helpers = check_overrides(layer_helpers)
+        self.damping_scale: DampingScale = check("damping_scale", damping_scale, DampingScale)
+        self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
         self._forward_passes = 0
         self.dist = WorkAssignment(process_group)
         self.steps = 0
@@ -122,6 +132,7 @@ class Preconditioner:
         self.skipped_steps = 0
         self._warned_vanishing = False
         self._sampling = False
+        self._sample_targets: list[tuple[list[LayerHelper], Tensor]] = []  # fisher="true": layer outputs
         self._generator = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.model = model
@@ -253,6 +264,13 @@ class Preconditioner:
         unit.chunks.append(chunk)
         return chunk
 
+    def record_output(self, units: list[LayerHelper], output: Tensor) -> None:
+        """A forward call's output whose gradient gives these units' ``g`` (through a tensor hook):
+        the sampled backward of the true Fisher asks for the gradients of these outputs instead of
+        the parameters', so no weight gradient is computed for them."""
+        if self.fisher == "true":
+            self._sample_targets.append((units, output))
+
     def record_output_grad(self, unit: LayerHelper, chunk: Chunk, g: Tensor) -> None:
         """Output-gradient rows of a chunk (summed over backward passes)."""
         if self.fisher == "true" and not self._sampling:
@@ -278,10 +296,21 @@ class Preconditioner:
             gen.manual_seed(int(torch.randint(2**62, (1,), generator=self._generator)))
             self._generators[device] = gen
         loss = sampled_loss(outputs, loss_type, self._generators[device])
-        params = list({id(p): p for h in self.layers.values() for p in h.params()}.values())
+        # Back-propagate to the covered layers' outputs (their tensor hooks record g) and, for
+        # units captured another way (attention's projections), to their parameters.
+        targets: list[Tensor] = []
+        by_output: set[int] = set()
+        for units, out in self._sample_targets:
+            if out.requires_grad:
+                targets.append(out)
+                by_output.update(id(u) for u in units)
+        self._sample_targets = []
+        params = {id(p): p for h in self.layers.values() for u in h.units() if id(u) not in by_output
+                  for p in u.params()}
+        targets.extend(params.values())
         self._sampling = True
         try:
-            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
         finally:
             self._sampling = False
 
@@ -301,6 +330,22 @@ class Preconditioner:
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             g = g / self.grad_scaler.get_scale()
         return Rows(a=rows.a.to(dtype), g=g, n=rows.n)
+
+    def _layer_damping(self, name: str, damping: float, curvature: Any) -> float:
+        """The damping of one layer's solve: ``λ`` (absolute) or ``λ·s_l`` (relative, ``s_l`` from
+        ``curvature.mean_diagonal()``), plus :attr:`damping_offset`; recorded in ``stats``."""
+        st = self.stats.setdefault(name, {})
+        lam = damping
+        if self.damping_scale == "relative":
+            scale = curvature.mean_diagonal()
+            if math.isfinite(scale) and scale > 0:
+                lam = damping * scale
+                st["curvature_scale"] = scale
+            else:
+                st["curvature_scale"] = f"{scale} (not positive: absolute damping this step)"
+        lam += self.damping_offset
+        st["damping"] = lam
+        return lam
 
     def _no_rows_reason(self) -> str:
         hint = "call sample_fisher(outputs, loss_type) before backward" if self.fisher == "true" else (
@@ -365,6 +410,7 @@ class Preconditioner:
     def step(self) -> None:
         """Replace the ``.grad`` of every covered layer by its preconditioned direction."""
         damping = self.damping(self.steps)
+        self._sample_targets = []
         if not self._grads_finite():
             self._skip_step()
             return
@@ -422,8 +468,9 @@ class Preconditioner:
         swamped = []
         for name in final:
             bound = self.stats[name].get("curvature_bound")
-            if bound is not None and damping > DAMPING_SWAMPS * bound:
-                note = (f"damping={damping:.3g} > {DAMPING_SWAMPS:g} x the layer's largest curvature eigenvalue "
+            lam = self.stats[name].get("damping", damping)
+            if bound is not None and lam > DAMPING_SWAMPS * bound:
+                note = (f"damping={lam:.3g} > {DAMPING_SWAMPS:g} x the layer's largest curvature eigenvalue "
                         f"(at most {bound:.3g}): the direction is about grad/damping; lower damping")
                 st = self.stats[name]
                 st["step_vanishes"] = f"{st['step_vanishes']}; {note}" if "step_vanishes" in st else note
@@ -454,6 +501,7 @@ class Preconditioner:
         """Forget the rows captured since the last step (e.g. of an evaluation-only backward)."""
         for helper in self.layers.values():
             helper.chunks = []
+        self._sample_targets = []
 
     def remove(self) -> None:
         """Remove every hook; the preconditioner captures nothing afterwards."""
@@ -462,6 +510,7 @@ class Preconditioner:
         self._handles = []
         for helper in self.layers.values():
             helper.chunks = []
+        self._sample_targets = []
 
     def __enter__(self) -> Preconditioner:
         return self

@@ -188,6 +188,7 @@ class CGFAC(Preconditioner):
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         window = self._window(name)
         operator = helper.operator(self.curvature, list(window), window.weights(self.factor_decay(self.steps)))
+        damping = self._layer_damping(name, damping, operator)
         if isinstance(operator, DirectCurvature):  # a closed-form exact solve (embedding, normalisation blocks)
             self.stats[name].update(method=operator.method, rows=window.num_rows)
             self.states[name].solver.solution = None

@@ -23,6 +23,8 @@ FisherKind = Literal["empirical", "true"]
 LossType = Literal["cross_entropy", "gaussian", "mse", "bernoulli"]
 Strategy = Literal["comm-opt", "mem-opt"]
 FactorWarmup = Literal["first", "mean"]
+DampingScale = Literal["absolute", "relative"]
+"""``"absolute"``: every layer damped by λ; ``"relative"``: by ``λ·tr(C_l)/dim`` (its mean diagonal)."""
 
 def values(option_type: Any) -> tuple[str, ...]:
     """The allowed strings of a ``Literal`` type."""

@@ -56,6 +56,10 @@ class Curvature(Protocol):
         """Explicit Kronecker factors ``(A, G)`` with ``C V = G V A``, or None (not a Kronecker product)."""
         ...
 
+    def mean_diagonal(self) -> float:
+        """``tr(C)/(d_out·d_in)``, the scale of ``damping_scale="relative"``."""
+        ...
+
 
 @runtime_checkable
 class DirectCurvature(Protocol):
