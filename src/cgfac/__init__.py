@@ -6,13 +6,14 @@
   (quadratic-model step and momentum, Levenberg–Marquardt damping; ``opt.step(closure)``).
 """
 
-from cgfac import optim
+from cgfac import checkpoint, optim
 from cgfac.base import Preconditioner, ReportEntry
 from cgfac.cgfac import CGFAC
 from cgfac.kfac import KFAC
 from cgfac.layers import LayerGroup, LayerHelper, register_layer_helper
 
 __all__ = [
-    "CGFAC", "KFAC", "LayerGroup", "LayerHelper", "Preconditioner", "ReportEntry", "optim", "register_layer_helper",
+    "CGFAC", "KFAC", "LayerGroup", "LayerHelper", "Preconditioner", "ReportEntry", "checkpoint", "optim",
+    "register_layer_helper",
 ]
 __version__ = "0.1.0"
