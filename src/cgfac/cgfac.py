@@ -12,11 +12,20 @@ per factor, exact through the ``n × n`` Gram matrix of per-sample gradients and
 cheapest by :mod:`cgfac.cost`). Curvature rows can be bounded to the first ``curvature_samples`` samples of
 each batch and extended to a window of the last ``curvature_window`` batches with K-FAC's
 running-average weights ``(1 − ρ) ρ^j`` (``ρ = factor_decay``), renormalised to sum to one.
+
+Across processes a layer's curvature reaches its owner rank by one of two routes, chosen per layer
+and step by the bytes each rank sends (``comm="auto"``, :func:`cgfac.distributed.choose_comm`):
+gathering every rank's rows (``(N − 1)/N · m (d_in + d_out)`` numbers per rank for ``m`` rows),
+or, for Kronecker blocks of ``curvature="kron"``, reducing the factor sums ``aᵀa``, ``gᵀg``
+(``d_in² + d_out²``) — cheaper when rows outnumber the widths, as for convolutions' patch rows.
+A reduced batch enters the window as explicit factors (:class:`cgfac.kron.KronFactors`); the
+direction is the same either way. ``layer_stats()[name]["comm"]`` says which route was taken.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,15 +34,28 @@ from torch import Tensor, nn
 from cgfac import cost
 from cgfac.base import Preconditioner
 from cgfac.cg import cg
+from cgfac.distributed import COMM_METHODS, choose_comm, comm_bytes
 from cgfac.exact import ExactRows
 from cgfac.hyperparams import Hyper, HyperParam, choice, positive_int
-from cgfac.kron import DAMPING_FORMS, KronEigen, KronRows
+from cgfac.kron import DAMPING_FORMS, KronEigen, KronFactors, KronRows
 from cgfac.layers import LayerHelper, Rows
 
 SOLVERS = ("auto", "cg", "lowrank", "eigen")
 DEFAULT_CG_PRODUCTS = 10  # CG's assumed products per solve before any was measured
 CG_PROBE_STEPS = 50  # how often a layer not solved by CG measures CG's iteration count again
 STALE_DAMPING_RATIO = 2.0  # a CG count measured at a damping this far off (either way) is re-measured
+COMM = ("auto", *COMM_METHODS)
+
+
+@dataclass
+class FactorBatch:
+    """One batch's Kronecker curvature as factors summed over ranks: ``A = Σ aᵀa / rows``,
+    ``G = Σ gᵀg / n`` (what :class:`cgfac.kron.KronRows` would form from the gathered rows)."""
+
+    A: Tensor
+    G: Tensor
+    n: int
+    rows: int
 
 
 class CGFAC(Preconditioner):
@@ -53,6 +75,9 @@ class CGFAC(Preconditioner):
             Tikhonov split by ``π``, see :mod:`cgfac.kron`; curvature="kron" only, every solver).
             Blocks that are not Kronecker products (embeddings, normalisation layers) keep their
             own exact damping.
+        comm: across processes, how a layer's curvature reaches its owner: "auto" (fewer bytes
+            per rank, per layer), "gather-rows" or "reduce-factors" (Kronecker blocks of
+            curvature="kron" only; other blocks always gather rows).
     """
 
     def __init__(
@@ -69,9 +94,11 @@ class CGFAC(Preconditioner):
         curvature_window: int = 1,
         factor_decay: Hyper = 0.95,
         damping_form: str = "exact",
+        comm: str = "auto",
         **kwargs: Any,
     ) -> None:
         self.curvature = choice("curvature", curvature, ("kron", "exact"))
+        self.comm = choice("comm", comm, COMM)
         self.damping_form = choice("damping_form", damping_form, DAMPING_FORMS)
         if self.damping_form == "factored" and self.curvature != "kron":
             raise ValueError("damping_form='factored' needs curvature='kron' (the exact block has no factors to "
@@ -90,7 +117,8 @@ class CGFAC(Preconditioner):
         self.curvature_window = positive_int("curvature_window", curvature_window)
         self.factor_decay = HyperParam("factor_decay", factor_decay, low=0.0, high=1.0)
         super().__init__(model, **kwargs)
-        self.windows: dict[str, deque[Rows]] = {n: deque(maxlen=self.curvature_window) for n in self.layers}
+        self.windows: dict[str, deque[Rows | FactorBatch]] = {
+            n: deque(maxlen=self.curvature_window) for n in self.layers}
         self.solutions: dict[str, Tensor] = {}
         self.last_iters: dict[str, int] = {}
         self.iters_damping: dict[str, float] = {}  # the damping each layer's last_iters was measured at
@@ -128,6 +156,8 @@ class CGFAC(Preconditioner):
         d_out, d_in = grad.shape
 
         def costs(k: int) -> dict[str, float]:
+            if isinstance(operator, KronFactors):
+                return cost.kron_costs(*operator.row_counts, d_in, d_out, k, self.cost_constants)
             if isinstance(operator, KronRows):
                 return cost.kron_costs(operator.a.shape[0], operator.g.shape[0], d_in, d_out, k, self.cost_constants)
             return cost.exact_costs(operator.a.shape[0], operator.n_samples, d_in, d_out, k, self.cost_constants)
@@ -160,7 +190,8 @@ class CGFAC(Preconditioner):
         for name, r in rows.items():
             if not self.dist.owns(name) or r is None:
                 continue
-            if not (r.a.isfinite().all() and r.g.isfinite().all()):
+            parts = (r.A, r.G) if isinstance(r, FactorBatch) else (r.a, r.g)
+            if not all(t.isfinite().all() for t in parts):
                 self.stats[name]["fallback"] = "non-finite curvature rows (batch not kept)"
                 continue
             self.windows[name].append(r)
@@ -168,21 +199,68 @@ class CGFAC(Preconditioner):
             if self.dist.owns(name) and not self.windows[name] and "fallback" not in self.stats[name]:
                 self.stats[name]["fallback"] = self._no_rows_reason()
 
-    def _gather(self, rows: dict[str, Rows | None], active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
-        """Replace local rows by all ranks' rows on each layer's owner (None elsewhere)."""
+    def comm_route(self, helper: LayerHelper, max_rows: int) -> tuple[str, dict[str, float] | None]:
+        """How a layer's curvature reaches its owner this step (see the module docstring), and
+        the bytes per rank of both routes where both are possible."""
+        if self.curvature != "kron" or helper.structure != "kron":
+            return "gather-rows", None
+        sizes = comm_bytes(helper.d_in, helper.d_out, max_rows, self.dist.world, row_width=sum(helper.row_widths),
+                           number_bytes=torch.tensor([], dtype=self._compute_dtype(helper)).element_size())
+        if self.comm != "auto":
+            return self.comm, sizes
+        return choose_comm(helper.d_in, helper.d_out, max_rows, self.dist.world,
+                           row_width=sum(helper.row_widths)), sizes
+
+    def _gather(self, rows: dict[str, Rows | FactorBatch | None],
+                active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
+        """Replace local rows by all ranks' rows (or their summed factors) on each layer's owner
+        (None elsewhere)."""
         grad0 = next(iter(active.values()))[1]
         counts = self.dist.exchange_counts(
             [(r.a.shape[0], r.n) if r is not None else (0, 0) for r in rows.values()], grad0.device)
         if not self.dist.owners:  # solve cost ∝ rows · d_in · d_out (iterations alike)
             self.dist.assign({name: sum(c[0] for c in cnt) * active[name][0].d_in * active[name][0].d_out
                               for name, cnt in zip(rows, counts)})
+            self._drop_unowned()
+        reduced: dict[str, tuple[list[Tensor], list[tuple[int, int]]]] = {}
         for (name, r), cnt in zip(list(rows.items()), counts):
             helper, grad = active[name]
+            route, sizes = self.comm_route(helper, max(c[0] for c in cnt))
+            self.stats[name]["comm"] = route
+            if sizes is not None:
+                self.stats[name]["comm_bytes"] = sizes
+            if route == "reduce-factors":
+                a_sum = r.a.T @ r.a if r is not None else grad.new_zeros(helper.d_in, helper.d_in)
+                g_sum = r.g.T @ r.g if r is not None else grad.new_zeros(helper.d_out, helper.d_out)
+                reduced[name] = ([a_sum, g_sum], cnt)
+                continue
             rows[name] = self.dist.gather_rows(r, cnt, self.dist.owner(name), *helper.row_widths,
                                                grad.dtype, grad.device)
+        self.dist.reduce_to_owners([(self.dist.owner(name), sums) for name, (sums, _) in reduced.items()])
+        for name, ((a_sum, g_sum), cnt) in reduced.items():
+            total_rows, total_n = sum(c[0] for c in cnt), sum(c[1] for c in cnt)
+            rows[name] = FactorBatch(a_sum / total_rows, g_sum / total_n, total_n, total_rows) if (
+                self.dist.owns(name) and total_rows > 0) else None
+
+    def _drop_unowned(self) -> None:
+        """Once owners are assigned, forget the state of other ranks' layers (a full state loaded
+        on every rank: each keeps only what it uses)."""
+        for name in self.layers:
+            if not self.dist.owns(name):
+                self.windows[name].clear()
+                for kept in (self.solutions, self.last_iters, self.iters_damping, self.probed_at):
+                    kept.pop(name, None)
 
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         window = self.windows[name]
+        if any(isinstance(r, FactorBatch) for r in window):  # some batch arrived as reduced factors
+            weights = self._window_weights(len(window))
+            parts = [(r.A, r.G) if isinstance(r, FactorBatch) else KronRows.from_rows([r], [1.0]).factors()
+                     for r in window]
+            rows = sum(r.rows if isinstance(r, FactorBatch) else int(r.a.shape[0]) for r in window)
+            operator = KronFactors(sum(w * a for w, (a, _) in zip(weights, parts)),
+                                   sum(w * g for w, (_, g) in zip(weights, parts)), rows=rows)
+            return self.solve_operator(name, operator, grad, damping)
         operator = helper.operator(self.curvature, window, self._window_weights(len(window)))
         if hasattr(operator, "solve"):  # a direct exact solve (embedding, normalisation blocks)
             self.stats[name].update(method=operator.method, rows=sum(int(r.a.shape[0]) for r in window))
@@ -190,17 +268,23 @@ class CGFAC(Preconditioner):
             return operator.solve(grad, damping)
         return self.solve_operator(name, operator, grad, damping)
 
-    def solve_operator(self, name: str, operator: KronRows | ExactRows, grad: Tensor, damping: float) -> Tensor | None:
+    def solve_operator(self, name: str, operator: KronRows | KronFactors | ExactRows, grad: Tensor,
+                       damping: float) -> Tensor | None:
         """One layer's solve as :meth:`step` does it: choose the method, solve, keep the warm
         start and statistics. None (with ``stats[name]["fallback"]``) keeps the plain gradient."""
         method = self.method_for(name, operator, grad, damping)
         st = self.stats.setdefault(name, {"damping": damping})
         st.setdefault("damping", damping)
-        st.update(method=method, rows=int(operator.a.shape[0]))
-        if isinstance(operator, KronRows):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
+        kron = isinstance(operator, (KronRows, KronFactors))
+        if isinstance(operator, KronFactors):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
+            st.update(method=method, rows=operator.rows)
+            st["curvature_bound"] = float(operator.A.diagonal().sum()) * float(operator.G.diagonal().sum())
+        else:
+            st.update(method=method, rows=int(operator.a.shape[0]))
+        if isinstance(operator, KronRows):
             st["curvature_bound"] = float((operator.a * operator.a).sum()) * float((operator.g * operator.g).sum())
         x = None
-        form = {"form": "factored"} if self.damping_form == "factored" and isinstance(operator, KronRows) else {}
+        form = {"form": "factored"} if self.damping_form == "factored" and kron else {}
         if form:
             st["damping_form"] = "factored"
         if method == "cg":
@@ -247,7 +331,9 @@ class CGFAC(Preconditioner):
         self.cost_constants = None if saved is None else cost.CostConstants(*saved)
 
     def _layer_state(self, name: str) -> dict[str, Any]:
-        state: dict[str, Any] = {"window": [(r.a, r.g, r.n) for r in self.windows[name]]}
+        state: dict[str, Any] = {"window": [
+            {"A": r.A, "G": r.G, "n": r.n, "rows": r.rows} if isinstance(r, FactorBatch) else (r.a, r.g, r.n)
+            for r in self.windows[name]]}
         if name in self.solutions:
             state["solution"] = self.solutions[name]
         if name in self.last_iters:
@@ -261,8 +347,13 @@ class CGFAC(Preconditioner):
     def _load_layer_state(self, name: str, state: dict[str, Any], device: torch.device) -> None:
         window = self.windows[name]
         window.clear()
-        for a, g, n in state["window"][-self.curvature_window:]:
-            window.append(Rows(a.to(device).clone(), g.to(device).clone(), n))
+        for entry in state["window"][-self.curvature_window:]:
+            if isinstance(entry, dict):
+                window.append(FactorBatch(entry["A"].to(device).clone(), entry["G"].to(device).clone(), entry["n"],
+                                          entry["rows"]))
+            else:
+                a, g, n = entry
+                window.append(Rows(a.to(device).clone(), g.to(device).clone(), n))
         self.solutions.pop(name, None)
         self.last_iters.pop(name, None)
         self.iters_damping.pop(name, None)

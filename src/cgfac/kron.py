@@ -189,3 +189,46 @@ class KronEigen:
 
     def tensors(self) -> tuple[Tensor, ...]:
         return self.s_a, self.q_a, self.s_g, self.q_g
+
+
+@dataclass
+class KronFactors:
+    """``A`` (``d_in × d_in``) and ``G`` (``d_out × d_out``) held explicitly: the curvature of a
+    layer whose factors were summed over ranks instead of its rows gathered (CG-FAC's
+    ``comm="reduce-factors"``). The same interface as :class:`KronRows`; products cost
+    ``d_in d_out (d_in + d_out)``, as rows numbering ``d_in`` and ``d_out`` would."""
+
+    A: Tensor
+    G: Tensor
+    rows: int = 0  # the curvature rows the factors sum (reported in layer_stats)
+
+    @property
+    def row_counts(self) -> tuple[int, int]:
+        """Rows that would give the same product cost (for the cost model)."""
+        return self.A.shape[0], self.G.shape[0]
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.A, self.G
+
+    def factored_damping(self, damping: float) -> tuple[float, float]:
+        return factored_damping(float(self.A.diagonal().sum()), self.A.shape[0],
+                                float(self.G.diagonal().sum()), self.G.shape[0], damping)
+
+    def matvec(self, v: Tensor, damping: float, form: str = "exact") -> Tensor:
+        """``G V A + λV``; factored: ``(G + γ_G I) V (A + γ_A I)``."""
+        if form == "factored":
+            gamma_a, gamma_g = self.factored_damping(damping)
+            gv = self.G @ v + gamma_g * v
+            return gv @ self.A + gamma_a * gv
+        return (self.G @ v @ self.A).add_(v, alpha=damping)
+
+    def jacobi(self, damping: float, form: str = "exact") -> Tensor:
+        dg, da = self.G.diagonal(), self.A.diagonal()
+        if form == "factored":
+            gamma_a, gamma_g = self.factored_damping(damping)
+            return torch.outer(dg + gamma_g, da + gamma_a)
+        return torch.outer(dg, da).add_(damping)
+
+    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+        """Exact, through the eigendecompositions of the factors (as K-FAC)."""
+        return KronEigen.from_factors(self.A, self.G).solve(grad, damping, form=form)
