@@ -258,3 +258,33 @@ def test_cost_tie_goes_to_eigen_when_rows_outnumber_both_widths() -> None:
         assert costs["eigen"] == pytest.approx(costs["lowrank"], rel=1e-12)
         assert cost.choose(costs) == "eigen"
     assert cost.choose(cost.kron_costs(64, 64, 1000, 1000, 10**6, c)) == "lowrank"
+
+
+def test_true_fisher_rows_of_every_layer_equal_a_full_backward_of_the_sampled_loss() -> None:
+    """The sampled backward asks only for the layers' output gradients (no weight gradients); each
+    layer's g must still equal the per-sample output gradient of the sampled loss, computed here by
+    an ordinary backward to every parameter with the sampled labels recovered from the last layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    pre = cgfac.KFAC(model, fisher="true")
+    x = torch.randn(16, 4, dtype=torch.float64)
+    out = model(x)
+    pre.sample_fisher(out, "cross_entropy")
+    assert not pre._sample_targets  # nothing of the sampled forward is kept
+    assert all(p.grad is None for p in model.parameters())
+    rows = {name: pre._rows(pre.layers[name]) for name in ("0", "2", "4")}
+    sampled = (torch.softmax(out.detach(), -1) - rows["4"].g).round().argmax(1)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            output.retain_grad()
+            outputs[name] = output
+        return hook
+
+    hooks = [model[i].register_forward_hook(keep(str(i))) for i in (0, 2, 4)]
+    F.cross_entropy(model(x), sampled, reduction="sum").backward()  # summed: per-sample gradients
+    for h in hooks:
+        h.remove()
+    for name, r in rows.items():
+        torch.testing.assert_close(r.g, outputs[name].grad, rtol=1e-12, atol=1e-14)

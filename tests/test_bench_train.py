@@ -163,3 +163,26 @@ def test_tuned_settings_with_hyper_overrides(tmp_path: Path, monkeypatch: pytest
     assert runs["cgfac-kron-adaptive"]["hyper"]["curvature_window"] == 3
     assert runs["adam"]["lr"] == 2e-3 and runs["adam"]["hyper"]["curvature_window"] == 1
     assert "curvature window 3" in (tmp_path / "results.md").read_text()
+
+
+def test_hyper_flag_parses_and_overrides_tuned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--hyper field=value,...`` sets SecondOrder fields (typed), over the tuned ones; bad fields fail."""
+    assert train.parse_hyper("kfac_samples=250,min_damping=1e-3,damping_form=factored,quad_samples=none") == {
+        "kfac_samples": 250, "min_damping": 1e-3, "damping_form": "factored", "quad_samples": None}
+    assert train.parse_hyper(None) == {}
+    with pytest.raises(ValueError, match="--hyper"):
+        train.parse_hyper("no_such_field=1")
+    with pytest.raises(ValueError, match="--hyper"):
+        train.parse_hyper("min_damping")
+    monkeypatch.setitem(train.TUNED, "digits", {
+        "kfac-adaptive": {"lr": 1.0, "damping": 0.05, "hyper": {"inv_update_steps": 3, "min_damping": 1e-2}}})
+    rc = cli.main(["train", "--task", "digits", "--tuned", "--budget", "0.3", "--eval-every", "0.1",
+                   "--threads", "1", "--hyper", "min_damping=1e-4,kfac_samples=16,damping_form=factored",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert run["hyper"]["inv_update_steps"] == 3  # tuned, kept
+    assert run["hyper"]["min_damping"] == 1e-4 and run["hyper"]["kfac_samples"] == 16
+    assert "factored damping" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit, match="--hyper"):
+        cli.main(["train", "--task", "digits", "--hyper", "bogus=1", "--out", str(tmp_path)])

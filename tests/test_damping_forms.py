@@ -53,6 +53,23 @@ def test_kron_paths_equal_dense_factored_solve(rows):
     torch.testing.assert_close(op.solve_lowrank(grad, DAMPING, form="factored"), want, rtol=1e-9, atol=1e-10)
     eig = KronEigen.from_factors(a_f, g_f)
     torch.testing.assert_close(eig.solve(grad, DAMPING, form="factored"), want, rtol=1e-9, atol=1e-10)
+    # Square-ish sides: the damped inverses are built once per λ and reused; another λ rebuilds them.
+    assert eig._inverses is not None and eig._inverses[0] == DAMPING
+    torch.testing.assert_close(eig.solve(grad, DAMPING, form="factored"), want, rtol=1e-9, atol=1e-10)
+    grad2 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(eig.solve(grad2, DAMPING, form="factored"),
+                               dense_factored(a_f, g_f, grad2, DAMPING), rtol=1e-9, atol=1e-10)
+    for _ in range(2):
+        torch.testing.assert_close(eig.solve(grad, 3 * DAMPING, form="factored"),
+                                   dense_factored(a_f, g_f, grad, 3 * DAMPING), rtol=1e-9, atol=1e-10)
+    assert eig._inverses[0] == 3 * DAMPING
+    # Very unequal sides: the eigenbasis products, no inverses.
+    wide = KronEigen.from_factors(torch.eye(40, dtype=torch.float64) + a_f.new_ones(40, 40) / 40, g_f[:2, :2])
+    g_wide = torch.randn(2, 40, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(wide.solve(g_wide, DAMPING, form="factored"),
+                               dense_factored(wide.q_a @ torch.diag(wide.s_a) @ wide.q_a.T, g_f[:2, :2], g_wide,
+                                              DAMPING), rtol=1e-9, atol=1e-10)
+    assert wide._inverses is None
     res = cg(lambda x: op.matvec(x, DAMPING, form="factored"), grad, max_iters=500, tol=1e-13,
              diag=op.jacobi(DAMPING, form="factored"))
     assert res.converged
@@ -187,3 +204,32 @@ def test_factor_warmup(warmup):
         other = cgfac.KFAC(case.make_model().double(), factor_decay=rho, factor_warmup="mean")
         other.load_state_dict(state)
         assert other.factor_updates == {name: 4 for name in covered(model)}
+
+
+# --- K-FAC's factors from a subset of the batch --------------------------------------------------
+def test_kfac_curvature_samples_use_the_first_samples_only():
+    """``curvature_samples=k``: the factors are those of the batch's first ``k`` samples (the
+    per-sample G scaling of the whole batch), while the direction preconditions the whole batch's
+    gradient; ``k ≥ n`` changes nothing."""
+    case = CASES["mlp-bias"]  # 7 samples
+    x, y = case.x, case.y
+    torch.manual_seed(0)
+    model = case.make_model().double()
+    ref = case.make_model().double()
+    ref.load_state_dict(model.state_dict())
+    rows = capture(case, ref)  # per-sample rows of the whole batch
+    pre = cgfac.KFAC(model, damping=DAMPING, inv_update_steps=1, kl_clip=None, curvature_samples=4)
+    model.zero_grad()
+    case.loss(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    pre.step()
+    for name in covered(model):
+        a_rows, g_rows, _ = rows[name]
+        want_a, want_g = factors(a_rows[:4], g_rows[:4], 4)
+        a_f, g_f = pre.factors[name]
+        torch.testing.assert_close(a_f, want_a, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g_f, want_g, rtol=1e-12, atol=1e-14)
+        assert not torch.allclose(a_f, factors(*rows[name])[0])  # the subset differs from the batch
+    assert any(not torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="curvature_samples"):
+        cgfac.KFAC(case.make_model(), curvature_samples=0)

@@ -219,6 +219,54 @@ def test_step_equals_dense_quadratic_model(loss_type, adaptive, wd, lr):
                                rtol=1e-10, atol=1e-13)
 
 
+def test_relative_damping_in_the_direction_and_the_quadratic_model():
+    """``damping_scale="relative"``: layer ``l`` is solved with ``λ s_l + wd``, ``s_l = tr(A)tr(G)/(d_in d_out)``,
+    and the 2×2 model damps each layer's block by the same amount."""
+    model = mlp()
+    x, y = make_data("cross_entropy")
+    wd = 0.05
+    opt = kfac_opt(model, loss_type="cross_entropy", weight_decay=wd, damping=0.3, damping_scale="relative",
+                   adapt_damping=False)
+    closure = closure_for(model, opt, x, y, "cross_entropy")
+    opt.step(closure)
+    seen = capture_gram(opt)
+    lam = opt.damping
+    prev = flat(model, {n: opt.state[p]["prev_update"] for n, p in model.named_parameters()})
+    c, grad, _ = dense_quantities(model, x, y, "cross_entropy", wd)
+    opt.step(closure)
+    pre = opt.preconditioner
+    per_param = {}
+    for name in ("0", "2"):
+        a_f, g_f = pre.factors[name]
+        scale = float(torch.trace(a_f) * torch.trace(g_f)) / (a_f.shape[0] * g_f.shape[0])
+        assert pre.layer_stats()[name]["curvature_scale"] == pytest.approx(scale, rel=1e-12)
+        assert pre.layer_stats()[name]["damping"] == pytest.approx(lam * scale + wd, rel=1e-12)
+        for pname in ("weight", "bias"):
+            per_param[f"{name}.{pname}"] = torch.full_like(dict(model.named_parameters())[f"{name}.{pname}"],
+                                                           lam * scale + wd)
+        # The layer's direction: the dense damped Kronecker solve at its own damping.
+        w_grad = torch.cat([model[int(name)].weight.grad, model[int(name)].bias.grad[:, None]], dim=1)
+        system = torch.kron(a_f, g_f) + (lam * scale + wd) * torch.eye(a_f.shape[0] * g_f.shape[0],
+                                                                         dtype=torch.float64)
+        want = -unvec_(torch.linalg.solve(system, w_grad.T.reshape(-1)), w_grad.shape)
+        got = seen["vectors"][0]
+        got_m = torch.cat([got[f"{name}.weight"], got[f"{name}.bias"][:, None]], dim=1)
+        torch.testing.assert_close(got_m, want, rtol=1e-9, atol=1e-12)
+    damping = torch.diag(flat(model, per_param))
+    delta = flat(model, seen["vectors"][0])
+    basis = torch.stack([delta, prev], dim=1)
+    alpha, mu = (-torch.linalg.solve(basis.T @ (c + damping) @ basis, basis.T @ grad)).tolist()
+    assert opt.last["alpha"] == pytest.approx(alpha, rel=1e-9)
+    assert opt.last["mu"] == pytest.approx(mu, rel=1e-9, abs=1e-12)
+    # Absolute damping would have chosen differently (the scales are far from 1 here).
+    plain = c + (lam + wd) * torch.eye(c.shape[0], dtype=torch.float64)
+    assert (-torch.linalg.solve(basis.T @ plain @ basis, basis.T @ grad))[0] != pytest.approx(alpha, rel=1e-3)
+
+
+def unvec_(v: Tensor, shape: tuple[int, ...]) -> Tensor:
+    return v.reshape(shape[1], shape[0]).T
+
+
 def test_first_step_uses_delta_only():
     model = mlp()
     x, y = make_data("cross_entropy")
@@ -280,12 +328,25 @@ def test_bad_step_raises_damping_good_step_lowers_it():
     x, y = make_data("cross_entropy")
     closure = closure_for(model, opt, x, y, "cross_entropy")
     loss0 = float(closure().detach())
+    t0 = theta(model)
     opt.step(closure)
     assert opt.last["new_loss"] > loss0
     assert opt.last["rho"] < 0
     assert opt.damping == pytest.approx(1.0 / 0.8)
+    # The loss rose on the update's own batch: the update is undone (reject_worse) with its momentum.
+    assert opt.last["rejected"] == 1.0 and opt.rejected_steps == 1
+    torch.testing.assert_close(theta(model), t0, rtol=0, atol=1e-15)
+    assert all("prev_update" not in opt.state[p] for p in model.parameters())
     opt.step(closure)
     assert opt.damping == 1.5
+    # reject_worse=False keeps a rising update.
+    model = mlp()
+    opt = kfac_opt(model, loss_type="cross_entropy", lr=50.0, damping=1.0, damping_interval=1, adaptive="lr",
+                   reject_worse=False)
+    t0 = theta(model)
+    opt.step(closure_for(model, opt, x, y, "cross_entropy"))
+    assert opt.last["rho"] < 0 and opt.last["rejected"] == 0.0 and opt.rejected_steps == 0
+    assert not torch.allclose(theta(model), t0)
 
 
 def test_damping_adapted_every_interval_only():

@@ -13,6 +13,7 @@ its plain gradient and is listed in :meth:`registration_report`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -81,6 +82,12 @@ class Preconditioner:
         layer_helpers: ``{module type: factory}`` overriding the global registry
             (:func:`cgfac.register_layer_helper`) for this preconditioner; the most-derived
             registered class of a module wins, an override over a global entry at one class.
+        damping_scale: "absolute" (every layer is damped by λ) or "relative": layer ``l`` is
+            damped by ``λ·s_l``, ``s_l = tr(C_l)/dim`` the mean diagonal of its curvature
+            (``tr(A)·tr(G)/(d_in·d_out)`` for a Kronecker block). Relative damping is unit-free
+            and follows each layer's own scale: where back-propagated gradients shrink layer by
+            layer (deep sigmoid networks), one absolute λ swamps the early layers' curvature.
+            ``layer_stats()[name]`` has the layer's ``damping`` and ``curvature_scale``.
         collective_timeout: seconds any collective of the preconditioner may wait before it raises
             :class:`cgfac.distributed.CollectiveError` (default None: the process group's timeout).
 
@@ -107,6 +114,7 @@ class Preconditioner:
         process_group: Any = None,
         solve_dtype: torch.dtype | None = None,
         layer_helpers: Mapping[type, HelperFactory] | None = None,
+        damping_scale: str = "absolute",
         collective_timeout: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -127,6 +135,8 @@ class Preconditioner:
             raise TypeError(f"solve_dtype must be a floating torch.dtype, got {solve_dtype!r}")
         self.solve_dtype = solve_dtype
         self.layer_helpers = check_overrides(layer_helpers)
+        self.damping_scale = choice("damping_scale", damping_scale, ("absolute", "relative"))
+        self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
         self._forward_passes = 0
         self.dist = WorkAssignment(process_group, collective_timeout)
         self.steps = 0
@@ -135,6 +145,7 @@ class Preconditioner:
         self.skipped_steps = 0
         self._warned_vanishing = False
         self._sampling = False
+        self._sample_targets: list[tuple[list[LayerHelper], Tensor]] = []  # fisher="true": layer outputs
         self._generator = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
         self.model = model
@@ -246,6 +257,13 @@ class Preconditioner:
         unit.chunks.append(chunk)
         return chunk
 
+    def record_output(self, units: list[LayerHelper], output: Tensor) -> None:
+        """A forward call's output whose gradient gives these units' ``g`` (through a tensor hook):
+        the sampled backward of the true Fisher asks for the gradients of these outputs instead of
+        the parameters', so no weight gradient is computed for them."""
+        if self.fisher == "true":
+            self._sample_targets.append((units, output))
+
     def record_output_grad(self, unit: LayerHelper, chunk: Chunk, g: Tensor) -> None:
         """Output-gradient rows of a chunk (summed over backward passes)."""
         if self.fisher == "true" and not self._sampling:
@@ -275,10 +293,10 @@ class Preconditioner:
         ``"cross_entropy"``, ``"gaussian"``/``"mse"``, ``"bernoulli"``. ``targets``: sampled targets
         to use instead (as :func:`cgfac.fisher.sample_targets` returns them), e.g. to replay a draw.
 
-        The sampled backward differentiates with respect to the parameters by
-        ``torch.autograd.grad``: no ``.grad`` is written and no gradient-accumulation hook runs,
-        so ``DistributedDataParallel`` does not all-reduce, and its buckets are left for the user's
-        own backward.
+        The sampled backward is ``torch.autograd.grad`` with respect to the covered layers' outputs
+        (and the parameters of units captured otherwise): no ``.grad`` is written and no
+        gradient-accumulation hook runs, so ``DistributedDataParallel`` does not all-reduce, and
+        its buckets are left for the user's own backward.
         """
         if self.fisher != "true":
             raise ValueError("sample_fisher needs fisher='true' at construction")
@@ -287,10 +305,20 @@ class Preconditioner:
             raise TypeError(f"targets must be a Tensor or None, got {type(targets).__name__}")
         gen = self.sampling_generator(outputs.device) if targets is None else None
         loss = sampled_loss(outputs, loss_type, gen, targets)
-        params = list({id(p): p for h in self.layers.values() for p in h.params()}.values())
+        # Back-propagate to the covered layers' outputs (their tensor hooks record g) and, for
+        # units captured another way (attention's projections), to their parameters.
+        wrt, by_output = [], set()
+        for units, out in self._sample_targets:
+            if out.requires_grad:
+                wrt.append(out)
+                by_output.update(id(u) for u in units)
+        self._sample_targets = []
+        params = {id(p): p for h in self.layers.values() for u in h.units() if id(u) not in by_output
+                  for p in u.params()}
+        wrt.extend(params.values())
         self._sampling = True
         try:
-            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)
         finally:
             self._sampling = False
 
@@ -310,6 +338,22 @@ class Preconditioner:
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             g = g / self.grad_scaler.get_scale()
         return Rows(a=rows.a.to(dtype), g=g, n=rows.n)
+
+    def _layer_damping(self, name: str, damping: float, curvature: Any) -> float:
+        """The damping of one layer's solve: ``λ`` (absolute) or ``λ·s_l`` (relative, ``s_l`` from
+        ``curvature.mean_diagonal()``), plus :attr:`damping_offset`; recorded in ``stats``."""
+        st = self.stats.setdefault(name, {})
+        lam = damping
+        if self.damping_scale == "relative":
+            scale = curvature.mean_diagonal()
+            if math.isfinite(scale) and scale > 0:
+                lam = damping * scale
+                st["curvature_scale"] = scale
+            else:
+                st["curvature_scale"] = f"{scale} (not positive: absolute damping this step)"
+        lam += self.damping_offset
+        st["damping"] = lam
+        return lam
 
     def _no_rows_reason(self) -> str:
         hint = "call sample_fisher(outputs, loss_type) before backward" if self.fisher == "true" else (
@@ -387,6 +431,7 @@ class Preconditioner:
     def step(self) -> None:
         """Replace the ``.grad`` of every covered layer by its preconditioned direction."""
         damping = self.damping(self.steps)
+        self._sample_targets = []
         finite, grads = self._agreed_grads()
         if not finite:
             self._skip_step()
@@ -445,8 +490,9 @@ class Preconditioner:
         swamped = []
         for name in final:
             bound = self.stats[name].get("curvature_bound")
-            if bound is not None and damping > DAMPING_SWAMPS * bound:
-                note = (f"damping={damping:.3g} > {DAMPING_SWAMPS:g} x the layer's largest curvature eigenvalue "
+            lam = self.stats[name].get("damping", damping)
+            if bound is not None and lam > DAMPING_SWAMPS * bound:
+                note = (f"damping={lam:.3g} > {DAMPING_SWAMPS:g} x the layer's largest curvature eigenvalue "
                         f"(at most {bound:.3g}): the direction is about grad/damping; lower damping")
                 st = self.stats[name]
                 st["step_vanishes"] = f"{st['step_vanishes']}; {note}" if "step_vanishes" in st else note
@@ -477,6 +523,7 @@ class Preconditioner:
         """Forget the rows captured since the last step (e.g. of an evaluation-only backward)."""
         for helper in self.layers.values():
             helper.chunks = []
+        self._sample_targets = []
 
     def remove(self) -> None:
         """Remove every hook; the preconditioner captures nothing afterwards."""
@@ -485,6 +532,7 @@ class Preconditioner:
         self._handles = []
         for helper in self.layers.values():
             helper.chunks = []
+        self._sample_targets = []
 
     def __enter__(self) -> Preconditioner:
         return self

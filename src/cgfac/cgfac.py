@@ -260,8 +260,9 @@ class CGFAC(Preconditioner):
             rows = sum(r.rows if isinstance(r, FactorBatch) else int(r.a.shape[0]) for r in window)
             operator = KronFactors(sum(w * a for w, (a, _) in zip(weights, parts)),
                                    sum(w * g for w, (_, g) in zip(weights, parts)), rows=rows)
-            return self.solve_operator(name, operator, grad, damping)
-        operator = helper.operator(self.curvature, window, self._window_weights(len(window)))
+        else:
+            operator = helper.operator(self.curvature, window, self._window_weights(len(window)))
+        damping = self._layer_damping(name, damping, operator)
         if hasattr(operator, "solve"):  # a direct exact solve (embedding, normalisation blocks)
             self.stats[name].update(method=operator.method, rows=sum(int(r.a.shape[0]) for r in window))
             self.solutions.pop(name, None)

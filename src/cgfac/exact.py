@@ -76,6 +76,19 @@ class ExactRows:
             return None
         return ((self.g * self.g).T @ (self.a * self.a)).add_(damping)
 
+    def mean_diagonal(self) -> float:
+        """``tr(F)/(d_out·d_in) = Σ_s ‖J_s‖²/(d_out·d_in)``, with ``‖J_s‖² = Σ_{t,t'∈s} (g_t·g_t')(a_t·a_t')``."""
+        if self.sample is None:
+            total = float(((self.g * self.g).sum(1) * (self.a * self.a).sum(1)).sum())
+        else:
+            total, row = 0.0, 0
+            for samples, per in self.segments:
+                a = self.a[row: row + samples * per].reshape(samples, per, -1)
+                g = self.g[row: row + samples * per].reshape(samples, per, -1)
+                total += float(((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum())
+                row += samples * per
+        return total / (self.g.shape[1] * self.a.shape[1])
+
     def per_sample(self) -> Tensor:
         """The per-sample gradients ``J_s`` as rows of an ``n_samples × (d_out·d_in)`` matrix."""
         parts, start = [], 0

@@ -52,6 +52,10 @@ class KFAC(Preconditioner):
         damping_form: "exact" (``G X A + λX = ∇W``) or "factored" (Tikhonov split by ``π``).
         factor_warmup: "first" (the first batch initialises the factors) or "mean" (decay
             ``min(ρ, 1 − 1/(t + 1))`` at the ``t``-th factor update).
+        curvature_samples: build each batch's factors from only the first this-many samples of
+            the batch (None: all). The factors cost ``n (d_in² + d_out²)`` per layer, as much as
+            the backward pass of a wide layer at ``n ≈ d``; a running average over many batches
+            needs far fewer samples per batch than the gradient does.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class KFAC(Preconditioner):
         strategy: str = "comm-opt",
         damping_form: str = "exact",
         factor_warmup: str = "first",
+        curvature_samples: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.damping_form = choice("damping_form", damping_form, DAMPING_FORMS)
@@ -72,6 +77,7 @@ class KFAC(Preconditioner):
         self.factor_update_steps = positive_int("factor_update_steps", factor_update_steps)
         self.inv_update_steps = positive_int("inv_update_steps", inv_update_steps)
         self.strategy = choice("strategy", strategy, ("comm-opt", "mem-opt"))
+        self.curvature_samples = positive_int("curvature_samples", curvature_samples, allow_none=True)
         self.steps = 0
         super().__init__(model, **kwargs)
         self.factors: dict[str, tuple[Tensor, ...]] = {}  # (A, G); per-layer-type for other blocks
@@ -106,7 +112,7 @@ class KFAC(Preconditioner):
         """This batch's factors per layer, averaged over ranks weighted by their samples."""
         local = {}
         for name, (helper, _) in active.items():
-            rows = self._rows(helper)
+            rows = self._rows(helper, self.curvature_samples)
             if rows is not None:
                 local[name] = (helper.kfac_factors(rows), rows.n)
         if not self.dist.active:
@@ -186,6 +192,7 @@ class KFAC(Preconditioner):
         method = getattr(self.eigen[name], "method", "eigen")  # normalisation layers: "feature-blocks"
         self.stats[name].update(method=method, decomposition_age=self.eigen_age[name])
         eigen = self.eigen[name]
+        damping = self._layer_damping(name, damping, eigen)
         if isinstance(eigen, KronEigen):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
             self.stats[name]["curvature_bound"] = float(eigen.s_a.sum()) * float(eigen.s_g.sum())
         if self.damping_form == "factored" and isinstance(eigen, KronEigen):

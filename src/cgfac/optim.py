@@ -124,6 +124,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         min_damping, max_damping: the range of ``λ``.
         quad_samples: use only the first this-many samples of each recorded forward for the
             curvature products of the quadratic model (None: all).
+        reject_worse: when ``λ`` is adapted and the loss on the update's own batch went *up*
+            (``h(θ + δ) > h(θ)``), undo the update and drop the momentum (a trust-region
+            rejection; counted in ``rejected_steps``). A non-finite loss is always undone.
     """
 
     def __init__(
@@ -139,9 +142,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         adapt_damping: bool = True,
         damping_interval: int = 5,
         damping_decay: float = 0.95,
-        min_damping: float = 1e-6,
+        min_damping: float = 1e-3,
         max_damping: float = 1e6,
         quad_samples: int | None = None,
+        reject_worse: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -163,6 +167,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                              "or adapt_damping=False")
         if not isinstance(adapt_damping, bool):
             raise TypeError(f"adapt_damping must be a bool, got {type(adapt_damping).__name__}")
+        if not isinstance(reject_worse, bool):
+            raise TypeError(f"reject_worse must be a bool, got {type(reject_worse).__name__}")
+        self.reject_worse = reject_worse
+        self.rejected_steps = 0
         self.loss_type = loss_type
         self.adapt_damping = adapt_damping
         self.damping_interval = positive_int("damping_interval", damping_interval)
@@ -302,7 +310,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     p.grad.add_(p, alpha=group["weight_decay"])
                 grads[p] = p.grad.clone()
-        pre.damping.value = self.damping + self._max_weight_decay()
+        pre.damping.value = self.damping
+        pre.damping_offset = self._max_weight_decay()
         skipped = pre.skipped_steps
         pre.step()
         if pre.skipped_steps != skipped or not grads:
@@ -315,6 +324,37 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             self._forwards = []
         self.steps += 1
         return loss
+
+    @staticmethod
+    def _inner_products(vectors: list[dict[Tensor, Tensor]], grads: dict[Tensor, Tensor], params: list[Tensor],
+                        lam: dict[Tensor, float], damping: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``[vᵢ·vⱼ]``, ``[Σ_p λ_p vᵢ,ₚ·vⱼ,ₚ]`` and ``[∇h·vᵢ]`` in float64, one small product per parameter."""
+        k = len(vectors)
+        dev = params[0].device
+        dots = torch.zeros(k, k, dtype=torch.float64, device=dev)
+        damped = torch.zeros(k, k, dtype=torch.float64, device=dev)
+        lin = torch.zeros(k, dtype=torch.float64, device=dev)
+        for p in params:
+            v = torch.stack([vec[p].reshape(-1) for vec in vectors]).double()
+            pair = v @ v.T
+            dots += pair
+            damped += lam.get(p, damping) * pair
+            lin += v @ grads[p].reshape(-1).double()
+        return dots.cpu(), damped.cpu(), lin.cpu()
+
+    def _param_damping(self, damping: float) -> dict[Tensor, float]:
+        """Each covered parameter's damping in this step's solve (``layer_stats()[name]["damping"]``:
+        ``λ + wd``, or ``λ·s_l + wd`` with ``damping_scale="relative"``); others use ``damping``."""
+        pre = self.preconditioner
+        out: dict[Tensor, float] = {}
+        for name, helper in pre.layers.items():
+            lam = pre.stats.get(name, {}).get("damping")
+            if lam is None or "fallback" in pre.stats.get(name, {}):
+                continue
+            for unit in helper.units():
+                for p in unit.params():
+                    out[p] = float(lam)
+        return out
 
     def _max_weight_decay(self) -> float:
         return max((g["weight_decay"] for g in self.param_groups), default=0.0)
@@ -337,11 +377,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             vectors = [delta] + ([prev] if has_prev else [])
             names = [{self._names[p]: v[p] for p in params} for v in vectors]  # type: ignore[index]
             gram = self._curvature_gram(names)  # vᵢᵀ C vⱼ
-            dots = torch.tensor([[sum(float((a[p].double() * b[p].double()).sum()) for p in params)  # type: ignore
-                                  for b in vectors] for a in vectors], dtype=torch.float64)
-            lin = torch.tensor([sum(float((grads[p].double() * v[p].double()).sum()) for p in params)  # type: ignore
-                                for v in vectors], dtype=torch.float64)
-            damped = gram + damping * dots
+            lam = self._param_damping(damping)  # λ_p: the damping each parameter's solve used
+            dots, damped_dots, lin = self._inner_products(vectors, grads, params, lam, damping)
+            damped = gram + damped_dots
             info.update(dir_curvature=float(gram[0, 0]), dir_grad=float(lin[0]))
             c = self._solve_coefficients(damped, lin, has_prev, mom)
             if c is None:
@@ -418,10 +456,14 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             for b, saved in buffers:
                 b.copy_(saved)
         old_loss = loss + self._l2(undo=updates)
-        if not math.isfinite(new_loss):
+        finite = math.isfinite(new_loss)
+        rejected = not finite or (self.reject_worse and new_loss > old_loss)
+        if rejected:
             for p, u in updates.items():
                 p.sub_(u)
                 self.state[p].pop("prev_update", None)
+            self.rejected_steps += 1
+        if not finite:
             warnings.warn("cgfac: non-finite loss after the update; update undone, damping raised",
                           RuntimeWarning, stacklevel=4)
         rho = (new_loss - old_loss) / quad_change if quad_change is not None and quad_change < 0 else -math.inf
@@ -429,7 +471,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             self.damping = min(self.max_damping, self.damping / self._omega())
         elif rho > 0.75:
             self.damping = max(self.min_damping, self.damping * self._omega())
-        return {"rho": rho, "new_loss": new_loss, "damping_next": self.damping}
+        return {"rho": rho, "new_loss": new_loss, "damping_next": self.damping, "rejected": float(rejected)}
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -437,7 +479,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         damping and counters, and the preconditioner's own state."""
         state = super().state_dict()
         state["cgfac"] = {"damping": self.damping, "steps": self.steps, "skipped_steps": self.skipped_steps,
-                          "preconditioner": self.preconditioner.state_dict()}
+                          "rejected_steps": self.rejected_steps, "preconditioner": self.preconditioner.state_dict()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -450,6 +492,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.damping = float(ours["damping"])
         self.steps = int(ours["steps"])
         self.skipped_steps = int(ours["skipped_steps"])
+        self.rejected_steps = int(ours.get("rejected_steps", 0))
 
     def remove(self) -> None:
         """Remove every hook (the optimizer's and the preconditioner's)."""
@@ -461,7 +504,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
 
 _OPTIMIZER_ARGS = ("lr", "momentum", "weight_decay", "loss_type", "adaptive", "adapt_damping", "damping_interval",
-                   "damping_decay", "min_damping", "max_damping", "quad_samples")
+                   "damping_decay", "min_damping", "max_damping", "quad_samples", "reject_worse")
 
 
 def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

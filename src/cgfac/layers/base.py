@@ -71,6 +71,8 @@ class Capture(Protocol):
 
     def record_output_grad(self, unit: LayerHelper, chunk: Chunk, g: Tensor) -> None: ...
 
+    def record_output(self, units: list[LayerHelper], output: Tensor) -> None: ...
+
 
 class LayerHelper:
     """One curvature block (a *unit*) of a module. Subclasses define how rows are extracted.
@@ -279,6 +281,7 @@ def unit_forward_hook(units: list[LayerHelper], capture: Capture) -> Callable:
                 capture.record_output_grad(unit, chunk, unit.output_rows(grad))
 
         output.register_hook(on_grad)
+        capture.record_output(units, output)
 
     return hook
 

@@ -72,6 +72,10 @@ class DiagKron:
         s, q = factor_eig(self.g)
         return DiagKronEigen(self.a_diag, s, q).solve(grad, damping)
 
+    def mean_diagonal(self) -> float:
+        """``tr(A)·tr(G)/(d_in·d_out)``."""
+        return float(self.a_diag.mean()) * float((self.g * self.g).sum()) / self.g.shape[1]
+
 
 @dataclass
 class DiagKronEigen:
@@ -85,6 +89,10 @@ class DiagKronEigen:
         c = self.q_g.T @ grad
         inner = c / (torch.outer(self.s_g, self.a_diag) + damping) - c / damping
         return grad / damping + self.q_g @ inner
+
+    def mean_diagonal(self) -> float:
+        """``tr(A)·tr(G)/(d_in·d_out)`` (``G``'s trace is that of its kept eigenvalues)."""
+        return float(self.a_diag.mean()) * float(self.s_g.sum()) / self.q_g.shape[0]
 
     def tensors(self) -> tuple[Tensor, ...]:
         return self.a_diag, self.s_g, self.q_g
@@ -123,6 +131,20 @@ class ExactIndexRows(ExactRows):
 
     def gram_through_samples(self) -> bool:
         return False  # the per-sample gradients are d_out × num_embeddings each
+
+    def mean_diagonal(self) -> float:
+        """``Σ_s ‖J_s‖²/(d_out·d_in)`` with one-hot rows: ``a_t·a_t' = [i_t = i_t']``."""
+        if self.sample is None:
+            total = float((self.g * self.g).sum())
+        else:
+            total, row = 0.0, 0
+            for samples, per in self.segments:
+                i = self.a[row: row + samples * per].reshape(samples, per)
+                g = self.g[row: row + samples * per].reshape(samples, per, -1)
+                same = (i[:, :, None] == i[:, None, :]).to(g.dtype)
+                total += float(((g @ g.transpose(1, 2)) * same).sum())
+                row += samples * per
+        return total / (self.g.shape[1] * self.width)
 
     def _a_gram(self) -> Tensor:
         return (self.a[:, None] == self.a[None, :]).to(self.g.dtype)

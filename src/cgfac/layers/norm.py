@@ -58,6 +58,10 @@ class FeatureBlocks:
         eye = torch.eye(k, dtype=self.blocks.dtype, device=self.blocks.device)
         return torch.linalg.solve(self.blocks + damping * eye, grad[..., None])[..., 0]
 
+    def mean_diagonal(self) -> float:
+        """The mean diagonal entry of the blocks, ``tr(F)/dim``."""
+        return float(torch.diagonal(self.blocks, dim1=-2, dim2=-1).mean())
+
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.blocks,)
 
