@@ -25,10 +25,12 @@ from torch import Tensor, nn
 
 from cgfac import sharded
 from cgfac.distributed import WorkAssignment
-from cgfac.fisher import LOSS_TYPES, sampled_loss
-from cgfac.hyperparams import Hyper, HyperParam, choice
+from cgfac.fisher import sampled_loss
+from cgfac.hyperparams import Hyper, HyperParam
 from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
 from cgfac.layers.registry import HelperFactory, check_overrides
+from cgfac.options import DampingScale, FisherKind, LossReduction, LossType, check
+from cgfac.state import LayerState, StateView
 
 logger = logging.getLogger("cgfac")
 VANISHING_KL_SCALE = 1e-3  # a KL clip scaling the step by less than this makes it vanish
@@ -107,14 +109,14 @@ class Preconditioner:
         kl_clip: Hyper | None = 1e-3,
         lr: Hyper = 0.1,
         skip_layers: Iterable[str | type] = (),
-        loss_reduction: str = "mean",
-        fisher: str = "empirical",
+        loss_reduction: LossReduction = "mean",
+        fisher: FisherKind = "empirical",
         grad_scaler: Any = None,
         seed: int = 0,
         process_group: Any = None,
         solve_dtype: torch.dtype | None = None,
         layer_helpers: Mapping[type, HelperFactory] | None = None,
-        damping_scale: str = "absolute",
+        damping_scale: DampingScale = "absolute",
         collective_timeout: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -122,8 +124,8 @@ class Preconditioner:
         self.damping = HyperParam("damping", damping, low=0.0, low_open=True)
         self.kl_clip = None if kl_clip is None else HyperParam("kl_clip", kl_clip, low=0.0, low_open=True)
         self.lr = HyperParam("lr", lr, low=0.0)
-        self.loss_reduction = choice("loss_reduction", loss_reduction, ("mean", "sum"))
-        self.fisher = choice("fisher", fisher, ("empirical", "true"))
+        self.loss_reduction: LossReduction = check("loss_reduction", loss_reduction, LossReduction)
+        self.fisher: FisherKind = check("fisher", fisher, FisherKind)
         if isinstance(skip_layers, (str, type)):
             skip_layers = [skip_layers]
         self.skip_layers = list(skip_layers)
@@ -135,12 +137,12 @@ class Preconditioner:
             raise TypeError(f"solve_dtype must be a floating torch.dtype, got {solve_dtype!r}")
         self.solve_dtype = solve_dtype
         self.layer_helpers = check_overrides(layer_helpers)
-        self.damping_scale = choice("damping_scale", damping_scale, ("absolute", "relative"))
+        self.damping_scale: DampingScale = check("damping_scale", damping_scale, DampingScale)
         self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
         self._forward_passes = 0
         self.dist = WorkAssignment(process_group, collective_timeout)
         self.steps = 0
-        self.stats: dict[str, dict[str, Any]] = {}
+        self.states: dict[str, LayerState] = {}
         self.fallbacks = 0
         self.skipped_steps = 0
         self._warned_vanishing = False
@@ -155,7 +157,30 @@ class Preconditioner:
         if not self.layers:
             raise ValueError("model: no covered layer with trainable parameters to precondition "
                              "(see cgfac.register_layer_helper)")
+        self.states = {name: self._new_state(helper) for name, helper in self.layers.items()}
         self._log_report()
+
+    def _new_state(self, helper: LayerHelper) -> LayerState:
+        """A block's empty state (subclasses add their curvature state)."""
+        return LayerState(helper)
+
+    def _state(self, name: str) -> LayerState:
+        """The state of block ``name``; one without a helper is made for a name solved directly."""
+        if name not in self.states:
+            self.states[name] = LayerState(None)
+        return self.states[name]
+
+    @property
+    def stats(self) -> StateView:
+        """Per-layer statistics of the last step, a view of each :class:`LayerState`'s ``stats``."""
+        return StateView(lambda: self.states, lambda s: s.stats, lambda s, v: setattr(s, "stats", v))
+
+    @stats.setter
+    def stats(self, value: Mapping[str, dict[str, Any]]) -> None:
+        for state in self.states.values():
+            state.stats = None
+        for name, st in value.items():
+            self._state(name).stats = st
 
     # --- registration -----------------------------------------------------------------------
     def _skipped(self, name: str, module: nn.Module) -> bool:
@@ -285,7 +310,7 @@ class Preconditioner:
             self._generators[key] = gen
         return self._generators[key]
 
-    def sample_fisher(self, outputs: Tensor, loss_type: str, *, targets: Tensor | None = None) -> None:
+    def sample_fisher(self, outputs: Tensor, loss_type: LossType, *, targets: Tensor | None = None) -> None:
         """True Fisher: sample targets from ``outputs`` and back-propagate them once.
 
         Captures ``g`` for every covered layer without touching any ``.grad`` (the graph is
@@ -300,14 +325,15 @@ class Preconditioner:
         """
         if self.fisher != "true":
             raise ValueError("sample_fisher needs fisher='true' at construction")
-        choice("loss_type", loss_type, LOSS_TYPES)
+        check("loss_type", loss_type, LossType)
         if targets is not None and not isinstance(targets, Tensor):
             raise TypeError(f"targets must be a Tensor or None, got {type(targets).__name__}")
         gen = self.sampling_generator(outputs.device) if targets is None else None
         loss = sampled_loss(outputs, loss_type, gen, targets)
         # Back-propagate to the covered layers' outputs (their tensor hooks record g) and, for
         # units captured another way (attention's projections), to their parameters.
-        wrt, by_output = [], set()
+        wrt: list[Tensor] = []
+        by_output: set[int] = set()
         for units, out in self._sample_targets:
             if out.requires_grad:
                 wrt.append(out)
@@ -545,13 +571,6 @@ class Preconditioner:
         return {k: dict(v) for k, v in self.stats.items()}
 
     # --- checkpoints --------------------------------------------------------------------------
-    def _layer_state(self, name: str) -> dict[str, Any]:
-        """What shapes this layer's next step (running curvature, decompositions, warm starts)."""
-        return {}
-
-    def _load_layer_state(self, name: str, state: dict[str, Any], device: torch.device) -> None:
-        pass
-
     def state_dict(self) -> dict[str, Any]:
         """Everything that shapes the next step; tensors are referenced, as in ``torch.optim``.
 
@@ -571,8 +590,7 @@ class Preconditioner:
                                 if isinstance(v, HyperParam) and not callable(v.value)},
             "generator": self._generator.get_state(),
             "generators": {d: g.get_state() for d, g in self._generators.items()},
-            "layers": {name: {"shape": (h.d_out, h.d_in), **self._layer_state(name)}
-                       for name, h in self.layers.items()},
+            "layers": {name: self.states[name].state_dict() for name in self.layers},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -621,5 +639,5 @@ class Preconditioner:
             gen = torch.Generator(device=device)
             gen.set_state(gen_state)
             self._generators[device] = gen
-        for name, helper in self.layers.items():
-            self._load_layer_state(name, state["layers"][name], helper.device)
+        for name in self.layers:
+            self.states[name].load_state_dict(state["layers"][name])

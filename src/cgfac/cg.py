@@ -83,7 +83,7 @@ def cg(
         if res_new != res_new or res_new == float("inf"):
             breakdown = "non-finite residual"
             break
-        x.add_(p, alpha=alpha)
+        x.add_(p, alpha=alpha)  # type: ignore[arg-type]  # a 0-d tensor alpha (no host sync)
         r, res = r_new, res_new
         if res == 0:
             break

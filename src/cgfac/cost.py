@@ -7,18 +7,10 @@ symmetric eigendecomposition of an ``n × n`` matrix, ``c_solve · n³`` for a l
 matrix-free products (thin, rectangular), and fixed
 overheads per CG iteration and per direct solve (kernel launches, Python, synchronisation).
 
-Candidates for the Kronecker system (rows ``r_a``, ``r_g``; widths ``d_in``, ``d_out``;
-``p = d_in·d_out``; ``k`` CG products; ``q_a = min(r_a, d_in)``, ``q_g = min(r_g, d_out)``)::
-
-    cg       k · (thin · min((r_g + r_a) p + r_g r_a (d_in + d_out), 2 (r_g + r_a) p) + 4p + o_iter)
-    eigen    r_a d_in² + r_g d_out² + c_eig (d_in³ + d_out³) + 2p (d_in + d_out) + o_call
-    lowrank  Σ_sides [(c_qr + 1) r² d + (c_eig + 1) r³  if r < d  else  r d² + c_eig d³]
-             + (q_g + q_a) p + q_g q_a (d_in + d_out) + o_call
-
-and for the exact block (``r`` rows, ``n`` samples)::
-
-    cg       k · (thin · 2 r p + 4p + o_iter)        (jvp ``(gV)⊙a``: r p, vjp ``gᵀ diag(c) a``: r p)
-    lowrank  min(r² (d_in + d_out), r p + n² p) + 2 r p + c_solve n³ + o_call
+Each solver's cost formula lives with it (:mod:`cgfac.solvers`); :func:`kron_costs` and
+:func:`exact_costs` tabulate the registered candidates of ``solver="auto"``
+(:attr:`cgfac.solvers.Solver.auto_candidate`) in registration order, and :func:`choose` picks
+the cheapest.
 """
 
 from __future__ import annotations
@@ -26,11 +18,9 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import astuple, dataclass
+from typing import Any
 
 import torch
-
-KRON_METHODS = ("cg", "lowrank", "eigen")
-EXACT_METHODS = ("cg", "lowrank")
 
 
 @dataclass(frozen=True)
@@ -64,8 +54,8 @@ def _best_time(fn, device: str, repeats: int = 3) -> float:
 @functools.cache
 def calibrate(device: str, dtype: torch.dtype, n: int = 384) -> CostConstants:
     """Time a square product, an eigendecomposition, a solve, a thin product and tiny solves."""
-    from cgfac.cg import cg
-    from cgfac.kron import KronRows
+    from cgfac.curvature.kron import KronRows
+    from cgfac.solvers import CGSolver, LowRankSolver
 
     gen = torch.Generator().manual_seed(0)
 
@@ -84,39 +74,44 @@ def calibrate(device: str, dtype: torch.dtype, n: int = 384) -> CostConstants:
     t_thin = _best_time(lambda: thin_op.matvec(v, 1.0), device) / thin_macs
     tiny, b = KronRows(rand(8, 8), rand(8, 8)), rand(8, 8)
     iters = 10
-    t_iter = _best_time(lambda: cg(lambda w: tiny.matvec(w, 1.0), b, max_iters=iters, tol=1e-300), device) / iters
-    t_call = _best_time(lambda: tiny.solve_lowrank(b, 1.0), device)
+    plain_cg = CGSolver(iters, 1e-300, jacobi=False)
+    t_iter = _best_time(lambda: plain_cg.run(tiny, b, 1.0), device) / iters
+    t_call = _best_time(lambda: LowRankSolver().direct(tiny, b, 1.0), device)
     return CostConstants(c_eig=max(t_eig / t_mac, 1.0), c_solve=max(t_solve / t_mac, 0.3), c_qr=max(t_qr / t_mac, 1.0),
                          thin=max(t_thin / t_mac, 1.0), o_iter=t_iter / t_mac, o_call=t_call / t_mac)
 
 
-def _side(rows: int, width: int, c: CostConstants) -> float:
-    """Eigenpairs of one factor: QR of the rows and an ``r × r`` eigh, or the ``d × d`` factor."""
-    if rows < width:
-        return (c.c_qr + 1) * rows**2 * width + (c.c_eig + 1) * rows**3
-    return rows * width**2 + c.c_eig * width**3
-
-
 def kron_costs(r_a: int, r_g: int, d_in: int, d_out: int, k: int, c: CostConstants) -> dict[str, float]:
-    p = d_in * d_out
-    product = min((r_g + r_a) * p + r_g * r_a * (d_in + d_out), 2 * (r_g + r_a) * p)
-    q_a, q_g = min(r_a, d_in), min(r_g, d_out)
-    return {  # eigen before lowrank: with r ≥ d on both sides lowrank is eigen plus arithmetic (a tie)
-        "cg": k * (c.thin * product + 4 * p + c.o_iter),
-        "eigen": r_a * d_in**2 + r_g * d_out**2 + c.c_eig * (d_in**3 + d_out**3)
-        + 2 * p * (d_in + d_out) + c.o_call,
-        "lowrank": _side(r_a, d_in, c) + _side(r_g, d_out, c)
-        + (q_g + q_a) * p + q_g * q_a * (d_in + d_out) + c.o_call,
-    }
+    """Predicted multiply-adds of every candidate on ``G X A + λX = ∇W`` (``r_a``, ``r_g`` rows; ``k`` CG products)."""
+    from cgfac.solvers import candidates
+
+    costs = {s.name: s.kron_cost(r_a, r_g, d_in, d_out, k, c) for s in candidates("kron")}
+    return {name: value for name, value in costs.items() if value is not None}
 
 
 def exact_costs(rows: int, n: int, d_in: int, d_out: int, k: int, c: CostConstants) -> dict[str, float]:
-    p = d_in * d_out
-    return {
-        "cg": k * (c.thin * 2 * rows * p + 4 * p + c.o_iter),
-        "lowrank": min(rows**2 * (d_in + d_out), rows * p + n * n * p) + 2 * rows * p
-        + c.c_solve * n**3 + c.o_call,
-    }
+    """Predicted multiply-adds of every candidate on the exact block (``rows`` rows, ``n`` samples)."""
+    from cgfac.solvers import candidates
+
+    costs = {s.name: s.exact_cost(rows, n, d_in, d_out, k, c) for s in candidates("exact")}
+    return {name: value for name, value in costs.items() if value is not None}
+
+
+def predicted_costs(op: Any, k: int, c: CostConstants) -> dict[str, float]:
+    """:func:`kron_costs` or :func:`exact_costs` of a curvature, by its ``kind``."""
+    d_out, d_in = op.shape
+    if op.kind == "kron":
+        return kron_costs(op.a.shape[0], op.g.shape[0], d_in, d_out, k, c)
+    if op.kind == "exact":
+        return exact_costs(op.num_rows, op.num_samples, d_in, d_out, k, c)
+    raise ValueError(f"no cost model for curvature kind {op.kind!r}")
+
+
+def candidates(kind: str) -> tuple[str, ...]:
+    """The names ``solver="auto"`` chooses from for a curvature kind."""
+    from cgfac.solvers import candidates as registered
+
+    return tuple(s.name for s in registered(kind))
 
 
 def choose(costs: dict[str, float]) -> str:

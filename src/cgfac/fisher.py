@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("cross_entropy", "gaussian", "mse", "bernoulli")
+from cgfac.options import LossType, values
+
+LOSS_TYPES = values(LossType)
 
 
 def _rows(outputs: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Union
+from typing import Literal, Union, overload
 
 Hyper = Union[float, Callable[[int], float]]
 
@@ -37,6 +37,14 @@ class HyperParam:
         value = self.value(step) if callable(self.value) else self.value
         label = f"{self.name} (returned by the callable at step {step})" if callable(self.value) else self.name
         return _check(label, value, low=self.low, low_open=self.low_open, high=self.high)
+
+
+@overload
+def positive_int(name: str, value: object, *, allow_none: Literal[False] = False) -> int: ...
+
+
+@overload
+def positive_int(name: str, value: object, *, allow_none: bool) -> int | None: ...
 
 
 def positive_int(name: str, value: object, *, allow_none: bool = False) -> int | None:

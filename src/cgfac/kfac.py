@@ -1,7 +1,7 @@
 """Standard K-FAC: running Kronecker factors, eigendecomposed every few steps.
 
 Every ``factor_update_steps`` steps the factors of each layer are refreshed from this batch's
-rows (``cgfac.kron`` scaling) as running averages ``A ← ρ A + (1 − ρ) A_batch`` (likewise
+rows (``cgfac.curvature.kron`` scaling) as running averages ``A ← ρ A + (1 − ρ) A_batch`` (likewise
 ``G``; ``ρ = factor_decay``, the first batch initialises them). Every ``inv_update_steps`` steps
 they are eigendecomposed, and every step the direction is ::
 
@@ -36,9 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from cgfac.base import Preconditioner
-from cgfac.hyperparams import Hyper, HyperParam, choice, positive_int
-from cgfac.kron import DAMPING_FORMS, KronEigen
+from cgfac.curvature import KronEigen, RunningFactors
+from cgfac.hyperparams import Hyper, HyperParam, positive_int
 from cgfac.layers import LayerHelper
+from cgfac.options import DampingForm, FactorWarmup, Strategy, check
+from cgfac.state import LayerState, StateView
 
 
 class KFAC(Preconditioner):
@@ -56,6 +58,11 @@ class KFAC(Preconditioner):
             the batch (None: all). The factors cost ``n (d_in² + d_out²)`` per layer, as much as
             the backward pass of a wide layer at ``n ≈ d``; a running average over many batches
             needs far fewer samples per batch than the gradient does.
+
+    Per block, :attr:`states` holds a :class:`cgfac.state.LayerState`: the running factors
+    (:class:`cgfac.curvature.RunningFactors`), the kept decomposition and its age (the solver
+    state) and the last statistics. ``factors``, ``eigen``, ``eigen_age`` and ``factor_updates``
+    are dict-like views of them.
     """
 
     def __init__(
@@ -65,25 +72,58 @@ class KFAC(Preconditioner):
         factor_decay: Hyper = 0.95,
         factor_update_steps: int = 1,
         inv_update_steps: int = 10,
-        strategy: str = "comm-opt",
-        damping_form: str = "exact",
-        factor_warmup: str = "first",
+        strategy: Strategy = "comm-opt",
+        damping_form: DampingForm = "exact",
+        factor_warmup: FactorWarmup = "first",
         curvature_samples: int | None = None,
         **kwargs: Any,
     ) -> None:
-        self.damping_form = choice("damping_form", damping_form, DAMPING_FORMS)
-        self.factor_warmup = choice("factor_warmup", factor_warmup, ("first", "mean"))
+        self.damping_form: DampingForm = check("damping_form", damping_form, DampingForm)
+        self.factor_warmup: FactorWarmup = check("factor_warmup", factor_warmup, FactorWarmup)
         self.factor_decay = HyperParam("factor_decay", factor_decay, low=0.0, high=1.0)
         self.factor_update_steps = positive_int("factor_update_steps", factor_update_steps)
         self.inv_update_steps = positive_int("inv_update_steps", inv_update_steps)
-        self.strategy = choice("strategy", strategy, ("comm-opt", "mem-opt"))
+        self.strategy: Strategy = check("strategy", strategy, Strategy)
         self.curvature_samples = positive_int("curvature_samples", curvature_samples, allow_none=True)
         self.steps = 0
         super().__init__(model, **kwargs)
-        self.factors: dict[str, tuple[Tensor, ...]] = {}  # (A, G); per-layer-type for other blocks
-        self.eigen: dict[str, Any] = {}  # KronEigen, or the layer type's decomposition
-        self.eigen_age: dict[str, int] = {}
-        self.factor_updates: dict[str, int] = {}  # batches folded into each layer's factors
+
+    def _new_state(self, helper: LayerHelper) -> LayerState:
+        return LayerState(helper, RunningFactors(self.factor_warmup))
+
+    def _running(self, name: str) -> RunningFactors:
+        running = self.states[name].curvature
+        assert isinstance(running, RunningFactors)
+        return running
+
+    def _factors(self, name: str) -> tuple[Tensor, ...]:
+        tensors = self._running(name).tensors
+        assert tensors is not None
+        return tensors
+
+    @property
+    def factors(self) -> StateView:
+        """Each layer's running factors ``(A, G)`` (per layer type for other blocks)."""
+        return StateView(lambda: self.states,
+                         lambda s: s.curvature.tensors if isinstance(s.curvature, RunningFactors) else None)
+
+    @property
+    def factor_updates(self) -> StateView:
+        """Batches folded into each layer's factors."""
+        return StateView(lambda: self.states,
+                         lambda s: s.curvature.updates if isinstance(s.curvature, RunningFactors) and s.curvature
+                         else None)
+
+    @property
+    def eigen(self) -> StateView:
+        """Each layer's kept decomposition (:class:`KronEigen`, or the layer type's)."""
+        return StateView(lambda: self.states, lambda s: s.solver.decomposition)
+
+    @property
+    def eigen_age(self) -> StateView:
+        """Steps since each layer's decomposition was computed."""
+        return StateView(lambda: self.states,
+                         lambda s: s.solver.decomposition_age if s.solver.decomposition is not None else None)
 
     def _wants_rows(self) -> bool:
         return self.steps % self.factor_update_steps == 0
@@ -99,14 +139,13 @@ class KFAC(Preconditioner):
             self.dist.assign({n: h.decomposition_cost() for n, h in self.layers.items()})
             for name in self.layers:  # a full state loaded on every rank: keep only what this rank uses
                 if not self._holds_decomposition(name):
-                    self.eigen.pop(name, None)
-                    self.eigen_age.pop(name, None)
+                    self.states[name].solver.decomposition = None
         if self._wants_rows():
             self._update_factors(active)  # takes (and so clears) every active layer's rows
         for name in active:
-            if name not in self.factors:
+            if not self._running(name):
                 self.stats[name].setdefault("fallback", self._no_rows_reason())
-        self._refresh_decompositions([n for n in active if n in self.factors])
+        self._refresh_decompositions([n for n in active if self._running(name=n)])
 
     def _batch_factors(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> dict[str, tuple[Tensor, ...]]:
         """This batch's factors per layer, averaged over ranks weighted by their samples."""
@@ -128,57 +167,49 @@ class KFAC(Preconditioner):
         """Fold this batch's factors into the running factors; non-finite ones are skipped."""
         rho = self.factor_decay(self.steps)
         for name, new in self._batch_factors(active).items():
+            running = self._running(name)
             if not all(f.isfinite().all() for f in new):
                 problem = "non-finite curvature rows (factor update skipped)"
-                if name in self.factors:
-                    self.stats[name]["factor_update"] = problem
-                else:
-                    self.stats[name]["fallback"] = problem
+                self.stats[name]["factor_update" if running else "fallback"] = problem
                 continue
-            t = self.factor_updates.get(name, 0)
-            decay = min(rho, 1 - 1 / (t + 1)) if self.factor_warmup == "mean" else rho
-            if name not in self.factors:
-                self.factors[name] = new
-            else:
-                self.factors[name] = tuple(old.mul_(decay).add_(f, alpha=1 - decay)
-                                           for old, f in zip(self.factors[name], new))
-            self.factor_updates[name] = t + 1
+            running.update(new, rho)
 
     def _refresh_decompositions(self, names: list[str]) -> None:
         """Eigendecompose due layers on their owners; comm-opt broadcasts the results."""
         due = [n for n in names if self._holds_decomposition(n)
-               and (n not in self.eigen or self.steps % self.inv_update_steps == 0)]
+               and (self.states[n].solver.decomposition is None or self.steps % self.inv_update_steps == 0)]
         fresh: dict[str, Any] = {}
         for name in due:
             if not self.dist.owns(name):
                 continue
             try:
-                fresh[name] = self.layers[name].kfac_decompose(self.factors[name])
+                fresh[name] = self.layers[name].kfac_decompose(self._factors(name))
             except torch.linalg.LinAlgError as err:
                 fresh[name] = None
                 self.stats[name]["decomposition_error"] = str(err)
         if self.dist.active and self.strategy == "comm-opt":
             self._broadcast_decompositions(due, fresh)
         for name in due:
-            e = fresh.get(name)
+            e, solver = fresh.get(name), self.states[name].solver
             if e is not None:
-                self.eigen[name], self.eigen_age[name] = e, 0
-            elif name in self.eigen:
+                solver.decomposition, solver.decomposition_age = e, 0
+            elif solver.decomposition is not None:
                 error = self.stats[name].get("decomposition_error", "failed on its owner")
                 self.stats[name]["decomposition_error"] = error + " (previous decomposition kept)"
-                self.eigen_age[name] += 1
+                solver.decomposition_age += 1
             else:
                 self.stats[name]["fallback"] = "solve failed: " + self.stats[name].get(
                     "decomposition_error", "eigendecomposition failed on its owner")
         for name in names:
-            if name in self.eigen and name not in due:
-                self.eigen_age[name] += 1
+            solver = self.states[name].solver
+            if solver.decomposition is not None and name not in due:
+                solver.decomposition_age += 1
 
     def _broadcast_decompositions(self, due: list[str], fresh: dict[str, Any]) -> None:
         items = []
         buffers = {}
         for name in due:
-            helper, factors = self.layers[name], self.factors[name]
+            helper, factors = self.layers[name], self._factors(name)
             e = fresh.get(name)
             flag = factors[0].new_ones(1) if e is not None else factors[0].new_zeros(1)
             tensors = list(e.tensors()) if e is not None else helper.kfac_empty_decomposition(factors)
@@ -189,9 +220,10 @@ class KFAC(Preconditioner):
             fresh[name] = self.layers[name].kfac_decomposition(tensors) if flag.item() == 1 else None
 
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
-        method = getattr(self.eigen[name], "method", "eigen")  # normalisation layers: "feature-blocks"
-        self.stats[name].update(method=method, decomposition_age=self.eigen_age[name])
-        eigen = self.eigen[name]
+        solver = self.states[name].solver
+        eigen = solver.decomposition
+        method = getattr(eigen, "method", "eigen")  # normalisation layers: "feature-blocks"
+        self.stats[name].update(method=method, decomposition_age=solver.decomposition_age)
         damping = self._layer_damping(name, damping, eigen)
         if isinstance(eigen, KronEigen):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
             self.stats[name]["curvature_bound"] = float(eigen.s_a.sum()) * float(eigen.s_g.sum())
@@ -199,29 +231,3 @@ class KFAC(Preconditioner):
             self.stats[name]["damping_form"] = "factored"
             return eigen.solve(grad, damping, form="factored")
         return eigen.solve(grad, damping)
-
-    def _layer_state(self, name: str) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        if name in self.factors:
-            state["factors"] = self.factors[name]
-        if name in self.eigen:
-            e = self.eigen[name]
-            state["eigen"] = tuple(e.tensors())
-            state["eigen_age"] = self.eigen_age[name]
-        if self.factor_warmup == "mean" and name in self.factor_updates:
-            state["factor_updates"] = self.factor_updates[name]
-        return state
-
-    def _load_layer_state(self, name: str, state: dict[str, Any], device: torch.device) -> None:
-        self.factors.pop(name, None)
-        self.eigen.pop(name, None)
-        self.factor_updates.pop(name, None)
-        if "factor_updates" in state:
-            self.factor_updates[name] = state["factor_updates"]
-        elif "factors" in state:  # saved with factor_warmup="first": at least one batch folded in
-            self.factor_updates[name] = 1
-        if "factors" in state:
-            self.factors[name] = tuple(t.to(device).clone() for t in state["factors"])
-        if "eigen" in state:
-            self.eigen[name] = self.layers[name].kfac_decomposition([t.to(device).clone() for t in state["eigen"]])
-            self.eigen_age[name] = state["eigen_age"]

@@ -13,6 +13,8 @@ Plain tensors pass through both functions unchanged.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from torch import Tensor
 
 try:  # torch.distributed may be built without DTensor
@@ -30,12 +32,12 @@ def is_sharded(t: Tensor | None) -> bool:
 
 def full(t: Tensor) -> Tensor:
     """The whole tensor: ``t`` itself, or a ``DTensor``'s ``full_tensor()`` (an all-gather)."""
-    return t.full_tensor() if is_sharded(t) else t
+    return cast(Any, t).full_tensor() if is_sharded(t) else t
 
 
 def local(t: Tensor) -> Tensor:
     """This rank's part: ``t`` itself, or a ``DTensor``'s local shard (no communication)."""
-    return t.to_local() if is_sharded(t) else t
+    return cast(Any, t).to_local() if is_sharded(t) else t
 
 
 def write_shard(dst: Tensor, value: Tensor, row_start: int = 0) -> None:
@@ -46,10 +48,13 @@ def write_shard(dst: Tensor, value: Tensor, row_start: int = 0) -> None:
         dst[row_start: row_start + value.shape[0]].copy_(value.reshape(value.shape[0], *dst.shape[1:]))
         return
     value = value.reshape(value.shape[0], *dst.shape[1:])
-    shape, offset = compute_local_shape_and_global_offset(dst.shape, dst.device_mesh, dst.placements)
+    d: Any = dst
+    shape, offset = compute_local_shape_and_global_offset(d.shape, d.device_mesh, d.placements)
     lo, hi = max(offset[0], row_start), min(offset[0] + shape[0], row_start + value.shape[0])
     if lo >= hi or 0 in shape:
         return
     rest = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:]))
-    dst.to_local()[(slice(lo - offset[0], hi - offset[0]), *(slice(None) for _ in rest))].copy_(
-        value[(slice(lo - row_start, hi - row_start), *rest)])
+    full_rest = tuple(slice(None) for _ in rest)
+    into = (slice(lo - offset[0], hi - offset[0]), *full_rest)
+    part = (slice(lo - row_start, hi - row_start), *rest)
+    d.to_local()[into].copy_(value[part])

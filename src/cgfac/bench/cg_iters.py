@@ -11,8 +11,9 @@ so that counts are rarely capped). At every step and layer it records:
 * warm: the iterations the preconditioner's own CG spent, started from the layer's previous
   solution (``pre.layer_stats()``), and its products (one more, for the warm start's residual);
 * cold: the iterations the same CG needs from zero on the same system, the same curvature rows
-  (``pre.windows``, this batch), damping, tolerance, Jacobi preconditioner and cap, solved on the
-  side with :func:`cgfac.cg.cg` on a copy of ``∇W`` taken before ``pre.step()``. Its solution is
+  (the layer state's window, this batch), damping, tolerance, Jacobi preconditioner and cap,
+  solved on the side by the preconditioner's own solver (:meth:`cgfac.solvers.CGSolver.run`) on a
+  copy of ``∇W`` taken before ``pre.step()``. Its solution is
   discarded, so the training trajectory is exactly the warm-started one.
 
 Summaries (median, 90th percentile, maximum, and how often the cap was hit without reaching the
@@ -38,8 +39,7 @@ import cgfac
 from cgfac.bench.machine import default_device, machine_info
 from cgfac.bench.models import build_model
 from cgfac.bench.train import LR_GRID, TASKS, _finite, load_task_data, task_loss
-from cgfac.cg import cg
-from cgfac.kron import KronRows
+from cgfac.solvers import CGSolver
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,13 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cold_solve(pre: cgfac.CGFAC, name: str, grad: torch.Tensor) -> tuple[int, float, bool]:
     """Iterations, relative residual and convergence of a zero-started CG on a layer's last system."""
-    rows = list(pre.windows[name])
+    rows = list(pre.states[name].curvature or [])
     if len(rows) != 1:
         raise ValueError("cold_solve expects curvature_window=1 (this batch's rows only)")
-    operator = KronRows.from_rows(rows, [1.0])
+    operator = pre.layers[name].operator("kron", rows, [1.0])
     damping = pre.layer_stats()[name]["damping"]
-    res = cg(lambda v: operator.matvec(v, damping), grad, None, max_iters=pre.cg_max_iters,
-             tol=pre.cg_tol(pre.steps - 1), diag=operator.jacobi(damping) if pre.jacobi else None)
+    solver = pre.solver_object
+    if not isinstance(solver, CGSolver):
+        raise ValueError("cold_solve expects CGFAC(solver='cg')")
+    res = solver.run(operator, grad, damping, None, step=pre.steps - 1)
     return res.iters, res.rel_residual, res.converged
 
 

@@ -6,16 +6,18 @@ weights) sees ``--steps + 1`` fresh random batches of the right shape (autoencod
 pixels, Bernoulli cross-entropy against themselves; classifiers: uniform inputs, random labels,
 cross-entropy; the transformer: uniform random tokens, a random next byte per position).
 A ``CGFAC`` instance captures each covered layer's real rows (conv layers:
-``n·T`` patch rows) and ``∇W``. For both curvatures (``kron``: ``KronRows``; ``exact``:
-``ExactRows``) every candidate solve is timed on batches ``1..steps`` from the built operator
-to ``X`` (median of repeats per batch, mean over batches):
+``n·T`` patch rows) and ``∇W`` (blocks solved in closed form, embeddings and normalisation
+layers, have no choice and are left out). For both curvatures (the layer helper's operator:
+``kron``: ``KronRows``; ``exact``: ``ExactRows``) every candidate solver of ``solver="auto"``
+(:mod:`cgfac.solvers`) is timed on batches ``1..steps`` from the built operator to ``X``
+(median of repeats per batch, mean over batches):
 
 * ``cg``: Jacobi-preconditioned CG warm-started from the previous batch's solution (batch 0 is
   an untimed cold solve), the library's ``cg_max_iters``/``cg_tol``; mean iterations reported.
 * ``lowrank``: the exact Gram-matrix solve; ``eigen`` (kron only): factors + eigh + solve.
 
-``auto`` is ``CGFAC.method_for`` replayed along the batches with the library's state (the last
-measured CG products, and its CG probes); its time at a batch is the measured time of the
+``auto`` is :meth:`cgfac.solvers.AutoSolver.choose` replayed along the batches with a layer's
+solver state (the last measured CG products, and its CG probes); its time at a batch is the measured time of the
 candidate it picks there plus the measured time of the decision itself. A probe (a warm-started
 CG run to measure the iteration count where CG might win) happens once per ``CG_PROBE_STEPS``
 steps in training, so its extra time is charged at that rate (and reported). Per layer and
@@ -46,18 +48,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cgfac import cost
+from cgfac import CGFAC, cost
 from cgfac.bench.layer import Timing, measure
 from cgfac.bench.machine import default_device, machine_info
 from cgfac.bench.models import INPUT_SHAPES, build_model, example_input
-from cgfac.cg import cg
-from cgfac.cgfac import CG_PROBE_STEPS, CGFAC, DEFAULT_CG_PRODUCTS
-from cgfac.exact import ExactRows
-from cgfac.kron import KronEigen, KronRows
+from cgfac.curvature import ExactRows, KronRows
 from cgfac.layers import Rows
+from cgfac.solvers import CG_PROBE_STEPS, DEFAULT_CG_PRODUCTS, AutoSolver, CGSolver, SolverState
 
 CONFIGS = "autoencoder:256,autoencoder:1000,mlp:256,cnn:128"
-CANDIDATES = {"kron": cost.KRON_METHODS, "exact": cost.EXACT_METHODS}
+CANDIDATES = {kind: cost.candidates(kind) for kind in ("kron", "exact")}
 TARGET = 1.10
 
 
@@ -122,15 +122,6 @@ def estimated_bytes(curvature: str, method: str, op: KronRows | ExactRows, n: in
     return 4 * floats
 
 
-def predicted_costs(curvature: str, op: KronRows | ExactRows, grad: Tensor, k: int,
-                    calib: cost.CostConstants) -> dict[str, float]:
-    """The cost model's multiply-adds of every candidate with ``k`` CG products."""
-    d_out, d_in = grad.shape
-    if curvature == "kron":
-        return cost.kron_costs(op.a.shape[0], op.g.shape[0], d_in, d_out, k, calib)
-    return cost.exact_costs(op.a.shape[0], op.n_samples, d_in, d_out, k, calib)
-
-
 class ChoiceBench:
     """Times every candidate and replays the auto choice for one layer and curvature."""
 
@@ -145,23 +136,22 @@ class ChoiceBench:
     def layer(self, pre: CGFAC, name: str, curvature: str, steps: list[tuple[Rows, Tensor]],
               calib: cost.CostConstants) -> dict[str, Any]:
         """One layer and curvature: candidate times, auto's picks and its ratio to the fastest."""
-        build = KronRows if curvature == "kron" else ExactRows
-        ops = [build.from_rows([rows], [1.0]) for rows, _ in steps]
+        helper = pre.layers[name]
+        ops = [helper.operator(curvature, [rows], [1.0]) for rows, _ in steps]
         grads = [g for _, g in steps]
-        damping, tol, max_iters = pre.damping(0), pre.cg_tol(0), pre.cg_max_iters
+        damping = pre.damping(0)
+        auto = AutoSolver(CGSolver(pre.cg_max_iters, pre.cg_tol(0), jacobi=True), constants=calib)
         n = steps[0][0].n
         rec: dict[str, Any] = {"layer": name, "curvature": curvature, "d_out": grads[0].shape[0],
                                "d_in": grads[0].shape[1], "rows": ops[0].a.shape[0], "samples": n,
                                "candidates": {}}
 
         def run_cg(op: KronRows | ExactRows, grad: Tensor, x0: Tensor | None) -> Any:
-            return cg(lambda v: op.matvec(v, damping), grad, x0, max_iters=max_iters, tol=tol,
-                      diag=op.jacobi(damping))
+            return auto.cg.run(op, grad, damping, x0)
 
-        solvers: dict[str, Callable[[KronRows | ExactRows, Tensor], Any]] = {
-            "lowrank": lambda op, grad: op.solve_lowrank(grad, damping),
-            "eigen": lambda op, grad: KronEigen.from_factors(*op.factors()).solve(grad, damping),
-        }
+        def run_other(method: str, op: KronRows | ExactRows, grad: Tensor) -> Tensor | None:
+            return auto.candidate(method).solve(op, grad, damping, SolverState()).x
+
         cold = run_cg(ops[0], grads[0], None)
         cg_iters = [cold.iters]
         for method in CANDIDATES[curvature]:
@@ -178,7 +168,7 @@ class ChoiceBench:
                     x = timing.result.x
                     cg_iters.append(timing.result.iters)
                 else:
-                    timing = self._measure(lambda op=ops[t], g=grads[t], fn=solvers[method]: fn(op, g), t == 1)
+                    timing = self._measure(lambda op=ops[t], g=grads[t], m=method: run_other(m, op, g), t == 1)
                 times.append(timing.seconds)
                 if timing.seconds > self.args.max_seconds:
                     break
@@ -188,38 +178,37 @@ class ChoiceBench:
             rec["candidates"][method] = entry
         measured = {m: c["time_ms"] for m, c in rec["candidates"].items() if "time_ms" in c}
         rec["fastest"] = min(measured, key=measured.__getitem__) if measured else None
-        rec.update(self._auto(pre, f"{name}/{curvature}", ops, grads, cg_iters, rec, calib))
+        rec.update(self._auto(auto, ops, grads, cg_iters, rec, calib))
         fastest = measured.get(rec["fastest"]) if rec["fastest"] else None
         rec["ratio"] = rec["auto_ms"] / fastest if fastest and rec["auto_ms"] is not None else None
         rec["met"] = rec["ratio"] is not None and rec["ratio"] <= TARGET
         return rec
 
-    def _auto(self, pre: CGFAC, key: str, ops: list[KronRows | ExactRows], grads: list[Tensor],
+    def _auto(self, auto: AutoSolver, ops: list[KronRows | ExactRows], grads: list[Tensor],
               cg_iters: list[int], rec: dict[str, Any], calib: cost.CostConstants) -> dict[str, Any]:
-        """Replay ``method_for`` along the batches (with its CG probes: a warm start exists after
-        the untimed first step); auto's time is its picks' measured times."""
-        pre.last_iters.pop(key, None)
-        pre.probed_at.pop(key, None)
-        pre.solutions[key] = grads[0]
+        """Replay ``auto.choose`` along the batches with one layer's solver state (with its CG
+        probes: a warm start exists after the untimed first step); auto's time is its picks'
+        measured times."""
+        state = SolverState(solution=grads[0])
         picks, times, probes, ks = [], [], [], []
         for t, (op, grad) in enumerate(zip(ops, grads)):
-            pre.steps = t
-            ks.append(pre.last_iters.get(key, DEFAULT_CG_PRODUCTS))
-            method = pre.method_for(key, op, grad)
+            ks.append(DEFAULT_CG_PRODUCTS if state.last_iters is None else state.last_iters)
+            method, _ = auto.choose(op, grad, None, state, step=t)
             if method == "cg":  # products: iterations plus the warm start's residual
-                pre.last_iters[key] = cg_iters[min(t, len(cg_iters) - 1)] + (t > 0)
+                state.last_iters = cg_iters[min(t, len(cg_iters) - 1)] + (t > 0)
             if t == 0:
                 continue
             cand = rec["candidates"].get(method, {})
             steps = cand.get("per_step_ms", [])
             ms = steps[t - 1] if t - 1 < len(steps) else cand.get("time_ms", math.inf)
-            if pre.probed_at.get(key) == t:
+            if state.probed_at == t:
                 probes.append(ms)
             else:
                 picks.append(method)
                 times.append(ms)
         picks = picks or ["cg"] * len(probes)  # every timed step was a probe (very short runs)
-        decide = self._measure(lambda: pre.method_for(key, ops[-1], grads[-1]), True).seconds * 1e3
+        last = len(ops) - 1
+        decide = self._measure(lambda: auto.choose(ops[-1], grads[-1], None, state, step=last), True).seconds * 1e3
         iters = rec["candidates"].get("cg", {}).get("iters")
         actual_k = max(1, round(iters)) if iters is not None else ks[-1]
         # A probe (one warm-started CG run to measure its iterations) happens once per
@@ -230,8 +219,8 @@ class ChoiceBench:
         return {"auto_picks": dict(Counter(picks)), "auto_ms": auto_ms if math.isfinite(auto_ms) else None,
                 "probe_ms": probe_ms,
                 "decision_ms": decide, "k_predicted": ks[-1],
-                "predicted_cost": predicted_costs(rec["curvature"], ops[-1], grads[-1], ks[-1], calib),
-                "cost_at_measured_iters": predicted_costs(rec["curvature"], ops[-1], grads[-1], actual_k, calib)}
+                "predicted_cost": cost.predicted_costs(ops[-1], ks[-1], calib),
+                "cost_at_measured_iters": cost.predicted_costs(ops[-1], actual_k, calib)}
 
 
 def calibration_fit(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -384,6 +373,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/choice"), help="output directory")
 
 
+def choice_layers(pre: CGFAC) -> list[str]:
+    """The blocks with a choice of solver (dense rows; closed-form blocks have none)."""
+    return [name for name, helper in pre.layers.items() if helper.structure == "kron"]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.repeats < 1:
         raise SystemExit("cgfac-bench choice: --steps and --repeats must be >= 1")
@@ -396,11 +390,11 @@ def run(args: argparse.Namespace) -> int:
     bench = ChoiceBench(args, device)
     captured = [(task, batch, *capture(task, batch, args.steps, pre_kwargs, args.seed, device))
                 for task, batch in args.configs]
-    total = sum(len(pre.layers) * len(CANDIDATES) for _, _, pre, _ in captured)
+    total = sum(len(choice_layers(pre)) * len(CANDIDATES) for _, _, pre, _ in captured)
     layers = []
     with tqdm(total=total, desc="choice", unit="layer") as bar:
         for task, batch, pre, batches in captured:
-            for name in pre.layers:
+            for name in choice_layers(pre):
                 for curvature in CANDIDATES:
                     bar.set_postfix_str(f"{task}:{batch} {name} {curvature}")
                     rec = bench.layer(pre, name, curvature, [b[name] for b in batches], calib)

@@ -76,6 +76,9 @@ class _ShapeRecorder:
     def record_output_grad(self, unit: LayerHelper, chunk: Chunk, g: torch.Tensor) -> None:
         pass
 
+    def record_output(self, units: list[LayerHelper], output: torch.Tensor) -> None:
+        pass
+
 
 def layer_shapes(model: torch.nn.Module, input_shape: tuple[int, ...] | torch.Tensor) -> list[LayerShape]:
     """Covered layers (every unit the library's registry makes) with their widths and rows per

@@ -13,8 +13,9 @@ Methods (one call = one preconditioning step of the layer, starting from its row
 * ``cgfac-cg-warm``: the same, warm-started from the previous step's solution, along
   ``--warm-steps`` correlated batches (a cold, untimed step first); mean time and iterations.
 * ``cgfac-lowrank``: ``KronRows.solve_lowrank``.
-* ``cgfac-auto``: ``CGFAC.method_for`` (the cost model) then the chosen solve, along the same
-  sequence as ``cgfac-cg-warm`` with the library's state (warm start, last iteration count).
+* ``cgfac-auto``: :class:`cgfac.solvers.AutoSolver` (the cost model, then the chosen solve), along
+  the same sequence as ``cgfac-cg-warm`` with a layer's solver state (warm start, last iteration
+  count, probes).
 * ``kfac-fresh``: form ``A``, ``G``; eigendecompose both; solve (``KronEigen``).
 * ``kfac-amortised``: running-average factor update + solve with the stored decomposition +
   1/``--inv-update-steps`` of a measured eigendecomposition.
@@ -50,15 +51,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from cgfac import cost
 from cgfac.bench.machine import default_device, machine_info
-from cgfac.cg import CGResult, cg
-from cgfac.cgfac import CGFAC
-from cgfac.kron import KronEigen, KronRows
+from cgfac.cg import CGResult
+from cgfac.curvature import KronFactors, KronRows, RunningFactors
 from cgfac.layers import Rows
+from cgfac.solvers import AutoSolver, CGSolver, EigenSolver, LowRankSolver, SolverState
 
 METHODS = ("cgfac-cg-cold", "cgfac-cg-warm", "cgfac-lowrank", "cgfac-auto", "kfac-fresh",
            "kfac-amortised", "explicit-product", "matfree-product")
@@ -67,7 +68,6 @@ ROWS = (64, 128, 512)
 QUICK_WIDTHS = (256, 512, 1024)
 QUICK_ROWS = (128,)
 TARGET_WIDTH, TARGET_ROWS = 4096, 128
-LAYER = "layer"  # the layer name under which the auto method keeps its state
 MIB = 2**20
 
 # Estimated peak floats per method, as a multiple of d_out·d_in (rows terms added separately):
@@ -306,8 +306,9 @@ class LayerBench:
         self.s = settings
         self.device = device
         self.skip: dict[tuple[str, int], str] = {}
-        self.auto = CGFAC(nn.Linear(1, 1), solver="auto", cg_max_iters=settings.max_iters,
-                          cg_tol=settings.tol, warm_start=True)
+        self.cg = CGSolver(settings.max_iters, settings.tol, jacobi=True, warm_start=True)
+        self.auto = AutoSolver(self.cg)
+        self.auto_state, self.auto_step = SolverState(), 0
 
     def _measure(self, fn: Callable[[], Any], *, warmup: int | None = None, memory: bool = True) -> Timing:
         s = self.s
@@ -315,18 +316,15 @@ class LayerBench:
                        budget_s=s.time_budget, max_s=s.max_seconds, memory=memory)
 
     def _cg(self, rows: Rows, grad: Tensor, damping: float, x0: Tensor | None) -> CGResult:
-        op = kron(rows)
-        return cg(lambda v: op.matvec(v, damping), grad, x0, max_iters=self.s.max_iters, tol=self.s.tol,
-                  diag=op.jacobi(damping))
+        return self.cg.run(kron(rows), grad, damping, x0)
 
     def _auto(self, rows: Rows, grad: Tensor, damping: float, x0: Tensor | None) -> tuple[str, Tensor, int | None]:
         """One step of the layer exactly as ``CGFAC(solver="auto")`` takes it (choice, CG probes,
-        solve, warm start): ``CGFAC.solve_operator``. Returns the method, X and CG iterations."""
+        solve, warm start): :meth:`AutoSolver.solve`. Returns the method, X and CG iterations."""
         if x0 is not None:
-            self.auto.solutions[LAYER] = x0
-        x = self.auto.solve_operator(LAYER, kron(rows), grad, damping)
-        st = self.auto.stats[LAYER]
-        return st["method"], grad if x is None else x, st.get("iters")
+            self.auto_state.solution = x0
+        sol = self.auto.solve(kron(rows), grad, damping, self.auto_state, step=self.auto_step)
+        return sol.method, grad if sol.x is None else sol.x, sol.stats.get("iters")
 
     def estimated_bytes(self, method: str, d_in: int, d_out: int, m: int) -> int:
         """A rough upper estimate of a method's peak memory, for the ``--max-memory-gb`` skip."""
@@ -429,37 +427,34 @@ class LayerBench:
         return self._sequence(batches, grads, damping, step, lambda method, iters: None)
 
     def _cgfac_auto(self, batches: list[Rows], grads: Callable[[int], Tensor], damping: float) -> dict[str, Any]:
-        for state in (self.auto.last_iters, self.auto.solutions, self.auto.probed_at, self.auto.stats):
-            state.clear()
-        self.auto.steps = 0
+        self.auto_state, self.auto_step = SolverState(), 0
 
         def after(method: str, iters: int | None) -> None:
-            self.auto.steps += 1
+            self.auto_step += 1
 
         return self._sequence(batches, grads, damping, lambda r, g, x: self._auto(r, g, damping, x), after)
 
     def _cgfac_lowrank(self, batches: list[Rows], grads: Callable[[int], Tensor], damping: float) -> dict[str, Any]:
         grad = grads(0)
-        t = self._measure(lambda: kron(batches[0]).solve_lowrank(grad, damping))
+        t = self._measure(lambda: LowRankSolver().direct(kron(batches[0]), grad, damping))
         return self._solve_record(t, t.result, batches, grad, damping, self._rows_held(batches))
 
     def _kfac_fresh(self, batches: list[Rows], grads: Callable[[int], Tensor], damping: float) -> dict[str, Any]:
         grad = grads(0)
-        t = self._measure(lambda: KronEigen.from_factors(*kron(batches[0]).factors()).solve(grad, damping))
+        t = self._measure(lambda: EigenSolver().direct(kron(batches[0]), grad, damping))
         return self._solve_record(t, t.result, batches, grad, damping, self._rows_held(batches))
 
     def _kfac_amortised(self, batches: list[Rows], grads: Callable[[int], Tensor], damping: float) -> dict[str, Any]:
         """Decomposition of batch 0's factors; update by batch 1 and solve with batch 1's ∇W."""
-        a_f, g_f = kron(batches[0]).factors()
-        eig_t = self._measure(lambda: KronEigen.from_factors(a_f, g_f))
+        running, eigen = RunningFactors(), EigenSolver()
+        running.update(kron(batches[0]).factors(), self.s.factor_decay)
+        a_f, g_f = running.operator().factors()
+        eig_t = self._measure(lambda: eigen.decompose(KronFactors(a_f, g_f)))
         eig = eig_t.result
-        rho = self.s.factor_decay
         rows1 = batches[min(1, len(batches) - 1)]
 
         def update() -> None:
-            a_new, g_new = kron(rows1).factors()
-            a_f.mul_(rho).add_(a_new, alpha=1 - rho)
-            g_f.mul_(rho).add_(g_new, alpha=1 - rho)
+            running.update(kron(rows1).factors(), self.s.factor_decay)
 
         grad = grads(min(1, len(batches) - 1))
         upd_t = self._measure(update)

@@ -9,7 +9,7 @@ group; attention: its projections), gathered by a :class:`LayerGroup`.
 Three block structures exist (``LayerHelper.structure``):
 
 * ``"kron"``: dense rows; ``G X A + λX = ∇W`` (K-FAC) or the exact empirical-Fisher block, solved
-  by :mod:`cgfac.kron` / :mod:`cgfac.exact` (CG, low-rank, eigen).
+  by :mod:`cgfac.curvature` operators and :mod:`cgfac.solvers` (CG, low-rank, eigen).
 * ``"diag-kron"``: the input factor ``A`` is diagonal (one-hot rows, e.g. ``nn.Embedding``), the
   rows ``a`` hold indices; solved exactly and directly.
 * ``"feature-blocks"``: a small exact block per feature (normalisation layers), solved directly.
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from cgfac import sharded
-from cgfac.exact import ExactRows
-from cgfac.kron import KronEigen, KronRows
+from cgfac.curvature.exact import ExactRows
+from cgfac.curvature.kron import KronEigen, KronRows
 
 
 @dataclass

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from cgfac import sharded
-from cgfac.exact import ExactRows
-from cgfac.kron import eigh, factor_eig
+from cgfac.curvature.exact import ExactRows
+from cgfac.curvature.kron import eigh, factor_eig
 from cgfac.layers.base import LayerHelper, Rows
 
 MAX_INDEX = 2**24  # indices are carried as float rows: exact in float32 below this
@@ -104,6 +104,10 @@ class ExactIndexRows(ExactRows):
 
     width: int = 0  # d_in (num_embeddings)
     index: Tensor | None = None  # clamped indices for gathers
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.g.shape[1], self.width
 
     @classmethod
     def from_index_rows(cls, window: Sequence[Rows], weights: Sequence[float], size: int) -> ExactIndexRows:

@@ -1,0 +1,70 @@
+"""The declared interface of a layer's damped curvature, the object every solver works on.
+
+A layer's unknown is a matrix ``X`` (``d_out × d_in``, the layer matrix's shape). A curvature is
+the symmetric positive semi-definite linear map ``C`` on such matrices; damped, the system a
+solver solves is ``(C + λ I) X = ∇W`` (or, for Kronecker curvatures with
+``form="factored"``, ``(G + γ_G I) X (A + γ_A I) = ∇W``). Implementations:
+
+* :class:`cgfac.curvature.KronRows`: ``C V = G V A`` from rows (``A = ãᵀã``, ``G = g̃ᵀg̃``), CG-FAC's.
+* :class:`cgfac.curvature.KronFactors`: ``C V = G V A`` from explicit factors, e.g. K-FAC's running
+  averages (:class:`cgfac.curvature.RunningFactors`).
+* :class:`cgfac.curvature.ExactRows`: the exact empirical-Fisher block
+  ``C = (1/n) Σ_s vec(J_s) vec(J_s)ᵀ``.
+
+Blocks with a closed-form solve of their own (embeddings' diagonal input factor, normalisation
+layers' per-feature blocks) are :class:`DirectCurvature`: ``solve(grad, λ)`` and ``method``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@runtime_checkable
+class Curvature(Protocol):
+    """A layer's curvature ``C`` as products; what CG, low-rank and eigen solvers accept.
+
+    ``kind`` names the cost table of :mod:`cgfac.cost` (``"kron"``, ``"exact"``; others have none
+    and are solved only by a forced solver). ``num_rows``/``num_samples``: the rows ``r`` and
+    samples ``n`` it was built from (for cost models).
+    """
+
+    kind: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)``: the shape of ``X`` and ``∇W``."""
+        ...
+
+    @property
+    def num_rows(self) -> int: ...
+
+    @property
+    def num_samples(self) -> int: ...
+
+    def matvec(self, v: Tensor, damping: float) -> Tensor:
+        """``C V + λ V`` for a ``d_out × d_in`` matrix ``V``."""
+        ...
+
+    def jacobi(self, damping: float) -> Tensor | None:
+        """The diagonal of ``C + λI`` as a ``d_out × d_in`` matrix, or None when too costly."""
+        ...
+
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        """Explicit Kronecker factors ``(A, G)`` with ``C V = G V A``, or None (not a Kronecker product)."""
+        ...
+
+    def mean_diagonal(self) -> float:
+        """``tr(C)/(d_out·d_in)``, the scale of ``damping_scale="relative"``."""
+        ...
+
+
+@runtime_checkable
+class DirectCurvature(Protocol):
+    """A block solved in closed form: ``X = (C + λI)⁻¹ ∇W`` by ``solve``; ``method`` names it."""
+
+    method: str
+
+    def solve(self, grad: Tensor, damping: float) -> Tensor: ...

@@ -1,0 +1,281 @@
+"""The Kronecker-factored curvature ``F ≈ A ⊗ G`` of one layer, matrix-free and direct.
+
+Factors are given by scaled rows, ``A = ãᵀã`` (``ã``: ``r_a × d_in``) and ``G = g̃ᵀg̃``
+(``g̃``: ``r_g × d_out``), so a running average over batches is a weighted stack of rows. For a
+batch of ``n`` samples with ``T`` rows each (KFC scaling)::
+
+    ã = a / √(n·T)      A = aᵀa / (n·T)    (inputs averaged over samples and positions)
+    g̃ = g / √n          G = gᵀg / n        (output gradients summed over positions)
+
+The damped system of a layer is ``G X A + λ X = ∇W`` (``X``, ``∇W``: ``d_out × d_in``) with
+``damping_form="exact"``, or with factored Tikhonov damping (Martens & Grosse 2015, §6.3;
+``damping_form="factored"``) ``(G + γ_G I) X (A + γ_A I) = ∇W``, where ::
+
+    π = √((tr(A)/d_in) / (tr(G)/d_out)),   γ_A = π √λ,   γ_G = √λ / π
+
+(``π = 1`` when a trace is zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from cgfac.layers import Rows
+
+DAMPING_FORMS = ("exact", "factored")
+
+
+def factored_damping(trace_a: float, d_in: int, trace_g: float, d_out: int, damping: float) -> tuple[float, float]:
+    """``(γ_A, γ_G)`` of factored Tikhonov damping: ``γ_A = π√λ``, ``γ_G = √λ/π`` with
+    ``π = √((tr(A)/d_in) / (tr(G)/d_out))`` (``π = 1`` when either trace is not positive)."""
+    mean_a, mean_g = trace_a / d_in, trace_g / d_out
+    pi = (mean_a / mean_g) ** 0.5 if mean_a > 0 and mean_g > 0 else 1.0
+    if not (pi == pi and 0 < pi < float("inf")):
+        pi = 1.0
+    root = damping**0.5
+    return pi * root, root / pi
+
+
+@dataclass
+class KronRows:
+    """``A = aᵀa``, ``G = gᵀg`` held as rows ``a`` (``r_a × d_in``) and ``g`` (``r_g × d_out``)."""
+
+    a: Tensor
+    g: Tensor
+    kind: ClassVar[str] = "kron"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.g.shape[1], self.a.shape[1]
+
+    @property
+    def num_rows(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        """The rows (samples are folded into the rows' scaling)."""
+        return self.a.shape[0]
+
+    @classmethod
+    def from_rows(cls, window: Sequence[Rows], weights: Sequence[float]) -> KronRows:
+        """Stack batches with running-average weights: ``A = Σ_j w_j a_jᵀa_j/(n_j T_j)``, likewise G."""
+        a = [r.a * (w / r.a.shape[0]) ** 0.5 for r, w in zip(window, weights)]
+        g = [r.g * (w / r.n) ** 0.5 for r, w in zip(window, weights)]
+        return cls(torch.cat(a), torch.cat(g))
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """The explicit factors ``(A, G)``: ``O(r d²)`` time, ``O(d²)`` memory."""
+        return self.a.T @ self.a, self.g.T @ self.g
+
+    def mean_diagonal(self) -> float:
+        """``tr(A)·tr(G)/(d_in·d_out)``, the mean eigenvalue of ``A ⊗ G``."""
+        return float((self.a * self.a).sum()) * float((self.g * self.g).sum()) / (self.a.shape[1] * self.g.shape[1])
+
+    def factored_damping(self, damping: float) -> tuple[float, float]:
+        """``(γ_A, γ_G)`` for this curvature (see :func:`factored_damping`)."""
+        return factored_damping(float((self.a * self.a).sum()), self.a.shape[1],
+                                float((self.g * self.g).sum()), self.g.shape[1], damping)
+
+    def matvec(self, v: Tensor, damping: float, form: str = "exact") -> Tensor:
+        """``G V A + λV`` without forming ``A`` or ``G``; with ``form="factored"``
+        ``(G + γ_G)V(A + γ_A) = GVA + γ_A GV + γ_G VA + γ_A γ_G V``.
+
+        Two orders, both exact, the cheaper one is taken: through ``d_out × d_in``
+        intermediates, ``GV = gᵀ(gV)`` then ``((GV)aᵀ)a`` (``2(r_g + r_a) d_in d_out``
+        multiply-adds), or through the small ``r_g × r_a`` matrix ``M = (gV)aᵀ``, then
+        ``(gᵀM)a`` (``(r_g + r_a) d_in d_out + r_g r_a (d_in + d_out)``).
+        """
+        a, g = self.a, self.g
+        if form == "factored":
+            gamma_a, gamma_g = self.factored_damping(damping)
+            gv = g.T @ (g @ v)
+            out = (gv @ a.T) @ a
+            out.add_(gv, alpha=gamma_a).add_((v @ a.T) @ a, alpha=gamma_g)
+            return out.add_(v, alpha=gamma_a * gamma_g)
+        r_a, r_g = a.shape[0], g.shape[0]
+        d_out, d_in = v.shape
+        wide = (r_g + r_a) * d_in * d_out
+        if r_g * r_a * (d_in + d_out) < wide:
+            m = (g @ v) @ a.T  # r_g × r_a
+            out = (g.T @ m) @ a
+        else:
+            gv = g.T @ (g @ v)  # G V
+            out = (gv @ a.T) @ a
+        return out.add_(v, alpha=damping)
+
+    def jacobi(self, damping: float, form: str = "exact") -> Tensor:
+        """``diag(G) diag(A)ᵀ + λ``: the diagonal of ``A ⊗ G + λI`` as a ``d_out × d_in`` matrix
+        (factored: ``(diag G + γ_G)(diag A + γ_A)ᵀ``)."""
+        dg = (self.g * self.g).sum(0)
+        da = (self.a * self.a).sum(0)
+        if form == "factored":
+            gamma_a, gamma_g = factored_damping(float(da.sum()), da.shape[0], float(dg.sum()), dg.shape[0], damping)
+            return torch.outer(dg + gamma_g, da + gamma_a)
+        return torch.outer(dg, da).add_(damping)
+
+    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+        """Exact solve through the eigenpairs of each factor, from whichever is smaller.
+
+        With ``r < d`` rows, the ``r`` eigenpairs of ``A`` that can be non-zero come from a QR of
+        ``aᵀ`` and an ``r × r`` eigendecomposition (:func:`factor_eig`); otherwise ``A`` itself is
+        decomposed. Likewise for ``G``. With ``C = Q_Gᵀ ∇W Q_A``::
+
+            X = ∇W/λ + Q_G [C ⊘ (s_G s_Aᵀ + λ) − C/λ] Q_Aᵀ
+
+        (exact: the directions outside ``Q`` are the null space, where the system is ``λX = ∇W``).
+        Factored damping is separable, each side through
+        ``(A + γI)⁻¹ = Q diag(1/(s + γ) − 1/γ) Qᵀ + I/γ``.
+        """
+        s_a, q_a = factor_eig(self.a)
+        s_g, q_g = factor_eig(self.g)
+        if form == "factored":
+            gamma_a, gamma_g = self.factored_damping(damping)
+            y = grad / gamma_g + q_g @ ((1 / (s_g + gamma_g) - 1 / gamma_g)[:, None] * (q_g.T @ grad))
+            return y / gamma_a + ((y @ q_a) * (1 / (s_a + gamma_a) - 1 / gamma_a)) @ q_a.T
+        c = q_g.T @ grad @ q_a
+        inner = c / (torch.outer(s_g, s_a) + damping) - c / damping
+        return grad / damping + q_g @ inner @ q_a.T
+
+
+def factor_eig(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of ``rowsᵀ rows`` (``rows``: ``r × d``), at most ``min(r, d)`` of them.
+
+    With ``r < d``: Householder QR ``rowsᵀ = Q R`` (``Q``: ``d × r`` orthonormal), then
+    ``rowsᵀ rows = Q (R Rᵀ) Qᵀ`` and ``R Rᵀ = V diag(s) Vᵀ`` give ``(s, Q V)``, orthonormal to
+    machine precision (the Gram route ``Q = rowsᵀ U σ^{-1/2}`` loses orthogonality for small
+    ``σ``, and the low-rank formula then cancels catastrophically in float32). Otherwise the
+    ``d × d`` factor itself is decomposed.
+    """
+    if rows.shape[0] >= rows.shape[1]:
+        return eigh(rows.T @ rows)
+    q, r = torch.linalg.qr(rows.T)
+    s, v = eigh(r @ r.T)
+    return s, q @ v
+
+
+def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric eigendecomposition with eigenvalues clamped at 0.
+
+    A failure (no convergence, non-finite output) is retried once in float64; a second failure
+    raises ``torch.linalg.LinAlgError`` for the caller to handle.
+    """
+    try:
+        s, q = torch.linalg.eigh(matrix)
+        if not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+            raise torch.linalg.LinAlgError("non-finite eigendecomposition")
+    except (torch.linalg.LinAlgError, RuntimeError):
+        s, q = torch.linalg.eigh(matrix.double())
+        if not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+            raise torch.linalg.LinAlgError("eigendecomposition failed in float64") from None
+        s, q = s.to(matrix.dtype), q.to(matrix.dtype)
+    return s.clamp_min(0), q
+
+
+@dataclass
+class KronEigen:
+    """Eigendecomposed factors ``A = Q_A diag(s_A) Q_Aᵀ``, ``G = Q_G diag(s_G) Q_Gᵀ`` (K-FAC)."""
+
+    s_a: Tensor
+    q_a: Tensor
+    s_g: Tensor
+    q_g: Tensor
+
+    @classmethod
+    def from_factors(cls, a_factor: Tensor, g_factor: Tensor) -> KronEigen:
+        s_a, q_a = eigh(a_factor)
+        s_g, q_g = eigh(g_factor)
+        return cls(s_a, q_a, s_g, q_g)
+
+    _inverses: tuple[float, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def solve(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+        """``X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (s_G s_Aᵀ + λ)] Q_Aᵀ``; factored:
+        ``X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ ((s_G + γ_G)(s_A + γ_A)ᵀ)] Q_Aᵀ = (G + γ_G I)⁻¹ ∇W (A + γ_A I)⁻¹``.
+
+        Factored, when building the damped inverses ``Q diag(1/(s + γ)) Qᵀ`` costs at most twice
+        the two basis changes each solve then saves (``d_in³ + d_out³ ≤ 2(d_out² d_in + d_out d_in²)``:
+        square-ish layers, never very unequal sides), they are built once per ``λ`` and every solve
+        at that ``λ`` is two products instead of four; a ``λ`` that changed every step would cost
+        at most 1.5× the four products. The choice depends on shapes only, so a resumed run
+        repeats it."""
+        if form == "factored":
+            d_in, d_out = self.s_a.shape[0], self.s_g.shape[0]
+            if d_in**3 + d_out**3 <= 2 * (d_out * d_out * d_in + d_out * d_in * d_in):
+                if self._inverses is None or self._inverses[0] != damping:
+                    gamma_a, gamma_g = self._gammas(damping)
+                    self._inverses = (damping, (self.q_a / (self.s_a + gamma_a)) @ self.q_a.T,
+                                      (self.q_g / (self.s_g + gamma_g)) @ self.q_g.T)
+                return self._inverses[2] @ grad @ self._inverses[1]
+            gamma_a, gamma_g = self._gammas(damping)
+            c = self.q_g.T @ grad @ self.q_a
+            c /= torch.outer(self.s_g + gamma_g, self.s_a + gamma_a)
+            return self.q_g @ c @ self.q_a.T
+        c = self.q_g.T @ grad @ self.q_a
+        c /= torch.outer(self.s_g, self.s_a) + damping
+        return self.q_g @ c @ self.q_a.T
+
+    def mean_diagonal(self) -> float:
+        """``tr(A)·tr(G)/(d_in·d_out)``, the mean eigenvalue of ``A ⊗ G``."""
+        return float(self.s_a.mean()) * float(self.s_g.mean())
+
+    def _gammas(self, damping: float) -> tuple[float, float]:
+        return factored_damping(float(self.s_a.sum()), self.s_a.shape[0], float(self.s_g.sum()),
+                                self.s_g.shape[0], damping)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.s_a, self.q_a, self.s_g, self.q_g
+
+
+@dataclass
+class KronFactors:
+    """``C V = G V A`` from explicit factors ``A`` (``d_in × d_in``) and ``G`` (``d_out × d_out``),
+    e.g. K-FAC's running averages: a :class:`~cgfac.curvature.base.Curvature` that CG and the eigen
+    solver accept (low-rank needs rows)."""
+
+    a_factor: Tensor
+    g_factor: Tensor
+    kind: ClassVar[str] = "kron-factors"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.g_factor.shape[0], self.a_factor.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        return self.a_factor.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        return self.a_factor.shape[0]
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.a_factor, self.g_factor
+
+    def mean_diagonal(self) -> float:
+        """``tr(A)·tr(G)/(d_in·d_out)``."""
+        return float(self.a_factor.diagonal().mean()) * float(self.g_factor.diagonal().mean())
+
+    def matvec(self, v: Tensor, damping: float, form: str = "exact") -> Tensor:
+        """``G V A + λV`` (``2 d_in d_out (d_in + d_out)`` multiply-adds); factored:
+        ``(G + γ_G I) V (A + γ_A I)``."""
+        if form == "factored":
+            gamma_a, gamma_g = factored_damping(float(self.a_factor.trace()), self.a_factor.shape[0],
+                                                float(self.g_factor.trace()), self.g_factor.shape[0], damping)
+            left = self.g_factor @ v + gamma_g * v
+            return left @ self.a_factor + gamma_a * left
+        return (self.g_factor @ v @ self.a_factor).add_(v, alpha=damping)
+
+    def jacobi(self, damping: float, form: str = "exact") -> Tensor:
+        """``diag(G) diag(A)ᵀ + λ`` (factored: ``(diag G + γ_G)(diag A + γ_A)ᵀ``)."""
+        dg, da = self.g_factor.diagonal(), self.a_factor.diagonal()
+        if form == "factored":
+            gamma_a, gamma_g = factored_damping(float(da.sum()), da.shape[0], float(dg.sum()), dg.shape[0], damping)
+            return torch.outer(dg + gamma_g, da + gamma_a)
+        return torch.outer(dg, da).add_(damping)

@@ -1,0 +1,36 @@
+"""Every string option of the public constructors, as ``Literal`` types checked in one place.
+
+A constructor annotates its argument with the type below and checks it with :func:`check`,
+which raises ``TypeError`` for a non-string and ``ValueError`` (listing the choices) for an
+unknown value. The solver name is the exception: solvers are a registry
+(:func:`cgfac.solvers.register_solver`), so ``solver=`` is checked against it at construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from cgfac.hyperparams import choice
+
+CurvatureKind = Literal["kron", "exact"]
+"""``"kron"``: ``G X A + λX = ∇W``; ``"exact"``: ``(F + λI) vec X = vec ∇W`` (empirical-Fisher block)."""
+SolverName = Literal["auto", "cg", "lowrank", "eigen"]
+"""The built-in solvers (``CGFAC(solver=...)`` also accepts any registered name)."""
+DampingForm = Literal["exact", "factored"]
+"""``"exact"``: ``G X A + λX``; ``"factored"``: ``(G + γ_G I) X (A + γ_A I)`` (Tikhonov split by π)."""
+LossReduction = Literal["mean", "sum"]
+FisherKind = Literal["empirical", "true"]
+LossType = Literal["cross_entropy", "gaussian", "mse", "bernoulli"]
+Strategy = Literal["comm-opt", "mem-opt"]
+FactorWarmup = Literal["first", "mean"]
+DampingScale = Literal["absolute", "relative"]
+"""``"absolute"``: every layer damped by λ; ``"relative"``: by ``λ·tr(C_l)/dim`` (its mean diagonal)."""
+
+def values(option_type: Any) -> tuple[str, ...]:
+    """The allowed strings of a ``Literal`` type."""
+    return tuple(get_args(option_type))
+
+
+def check(name: str, value: object, option_type: Any) -> Any:
+    """``value`` if it is one of ``option_type``'s strings; else ``TypeError``/``ValueError``."""
+    return choice(name, value, values(option_type))

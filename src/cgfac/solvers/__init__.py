@@ -1,0 +1,35 @@
+"""Solvers of a layer's damped system, one object per method, and their registry.
+
+* :mod:`~cgfac.solvers.base`: the interface (:class:`Solver`: ``supports``, ``cost``, ``solve``),
+  the per-layer :class:`SolverState` and a solve's :class:`Solution`.
+* :mod:`~cgfac.solvers.cg`: matrix-free, warm-started, Jacobi-preconditioned CG (``"cg"``).
+* :mod:`~cgfac.solvers.lowrank`: exact through the rows' low rank / Woodbury (``"lowrank"``).
+* :mod:`~cgfac.solvers.eigen`: eigendecomposed explicit factors (``"eigen"``).
+* :mod:`~cgfac.solvers.auto`: the cheapest candidate by the cost model, with CG probes (``"auto"``).
+* :mod:`~cgfac.solvers.registry`: ``solver=`` names; :func:`register_solver` adds one.
+"""
+
+from cgfac.solvers.auto import CG_PROBE_STEPS, DEFAULT_CG_PRODUCTS, STALE_DAMPING_RATIO, AutoSolver
+from cgfac.solvers.base import DirectSolver, Solution, Solver, SolverSettings, SolverState
+from cgfac.solvers.cg import CGSolver
+from cgfac.solvers.eigen import EigenSolver
+from cgfac.solvers.lowrank import LowRankSolver
+from cgfac.solvers.registry import (
+    candidates,
+    make_solver,
+    register_solver,
+    solver_class,
+    solver_names,
+    unregister_solver,
+)
+
+# Registration order breaks cost ties: eigen before lowrank (with r ≥ d on both sides the
+# low-rank route is eigen plus arithmetic).
+for _solver in (CGSolver, EigenSolver, LowRankSolver, AutoSolver):
+    register_solver(_solver)
+
+__all__ = [
+    "CG_PROBE_STEPS", "DEFAULT_CG_PRODUCTS", "STALE_DAMPING_RATIO", "AutoSolver", "CGSolver", "DirectSolver",
+    "EigenSolver", "LowRankSolver", "Solution", "Solver", "SolverSettings", "SolverState", "candidates",
+    "make_solver", "register_solver", "solver_class", "solver_names", "unregister_solver",
+]

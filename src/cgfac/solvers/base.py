@@ -1,0 +1,153 @@
+"""The solver interface: how a layer's damped system ``(C + λI) X = ∇W`` is solved.
+
+A solver is one object per method. It says which curvatures it can solve (:meth:`Solver.supports`),
+what a solve would cost (:meth:`Solver.cost`, in multiply-adds of a large square matrix product,
+the unit of :mod:`cgfac.cost`) and solves (:meth:`Solver.solve`), reading and updating the
+layer's :class:`SolverState` (warm start, measured iteration counts, probes) so that a solver
+object itself is shared by every layer and holds only settings.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from cgfac.cost import CostConstants
+    from cgfac.curvature import Curvature
+    from cgfac.hyperparams import HyperParam
+
+
+@dataclass
+class SolverSettings:
+    """What a preconditioner's constructor says about solves; solver factories read what they need."""
+
+    cg_max_iters: int = 50
+    cg_tol: HyperParam | float = 1e-3
+    warm_start: bool = True
+    jacobi: bool = True
+
+
+@dataclass
+class SolverState:
+    """One layer's memory between steps (kept in checkpoints by :meth:`state_dict`).
+
+    ``solution``: the last direction, CG's warm start. ``last_iters``: CG's products measured at
+    the layer, at the damping ``iters_damping``. ``probed_at``: the step of the last CG probe;
+    ``probe_budget``: a pending probe's ``(products, alternative method)``. ``decomposition``:
+    a kept decomposition (K-FAC's eigenpairs, refreshed every ``inv_update_steps``; any object with
+    ``solve(grad, λ)`` and ``tensors()``), ``decomposition_age`` steps old.
+    """
+
+    solution: Tensor | None = None
+    last_iters: int | None = None
+    iters_damping: float | None = None
+    probed_at: int | None = None
+    probe_budget: tuple[int, str] | None = None
+    decomposition: Any = None
+    decomposition_age: int = 0
+
+    SAVED: ClassVar[tuple[str, ...]] = ("solution", "last_iters", "iters_damping", "probed_at")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The saved fields that are set (tensors referenced, as in ``torch.optim``); a decomposition
+        as ``eigen`` (its ``tensors()``) and ``eigen_age``."""
+        state = {key: getattr(self, key) for key in self.SAVED if getattr(self, key) is not None}
+        if self.decomposition is not None:
+            state["eigen"] = tuple(self.decomposition.tensors())
+            state["eigen_age"] = self.decomposition_age
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device,
+                        rebuild: Callable[[list[Tensor]], Any] | None = None) -> None:
+        """Restore a :meth:`state_dict` onto ``device``; ``rebuild`` turns saved ``eigen`` tensors
+        back into a decomposition."""
+        for key in self.SAVED:
+            value = state.get(key)
+            setattr(self, key, value.to(device).clone() if isinstance(value, Tensor) else value)
+        self.probe_budget = None
+        self.decomposition, self.decomposition_age = None, 0
+        if "eigen" in state and rebuild is not None:
+            self.decomposition = rebuild([t.to(device).clone() for t in state["eigen"]])
+            self.decomposition_age = state["eigen_age"]
+
+
+@dataclass
+class Solution:
+    """A solve's direction (None: keep the plain gradient, ``fallback`` says why), the method that
+    produced it and its statistics (for :meth:`cgfac.base.Preconditioner.layer_stats`)."""
+
+    x: Tensor | None
+    method: str
+    stats: dict[str, Any] = field(default_factory=dict)
+    fallback: str | None = None
+    converged: bool = True
+
+
+def form_kwargs(op: Any, form: str) -> dict[str, str]:
+    """The ``form=`` keyword for a curvature's products: only Kronecker curvatures have factored damping."""
+    return {"form": form} if form != "exact" and getattr(op, "kind", "").startswith("kron") else {}
+
+
+class Solver(ABC):
+    """One solve method. Subclasses set ``name`` (the ``solver=`` string), ``kinds`` (the curvature
+    kinds it solves, checked at construction) and ``auto_candidate`` (whether ``solver="auto"``
+    weighs it; it then needs a cost formula for each kind in ``kinds``)."""
+
+    name: ClassVar[str]
+    kinds: ClassVar[tuple[str, ...]] = ("kron", "exact")
+    auto_candidate: ClassVar[bool] = False
+
+    @classmethod
+    def from_settings(cls, settings: SolverSettings) -> Solver:
+        """The solver a preconditioner with these settings uses (default: no settings needed)."""
+        return cls()
+
+    def supports(self, op: Any) -> bool:
+        """Whether this solver can solve the curvature ``op``."""
+        return getattr(op, "kind", None) in self.kinds
+
+    def cost(self, op: Curvature, k: int, constants: CostConstants) -> float | None:
+        """Predicted multiply-adds of one solve of ``op`` (``k``: CG products), None without a model."""
+        d_out, d_in = op.shape
+        if op.kind == "kron":
+            a, g = getattr(op, "a", None), getattr(op, "g", None)
+            r_a = op.num_rows if a is None else a.shape[0]
+            r_g = op.num_rows if g is None else g.shape[0]
+            return self.kron_cost(r_a, r_g, d_in, d_out, k, constants)
+        if op.kind == "exact":
+            return self.exact_cost(op.num_rows, op.num_samples, d_in, d_out, k, constants)
+        return None
+
+    @staticmethod
+    def kron_cost(r_a: int, r_g: int, d_in: int, d_out: int, k: int, c: CostConstants) -> float | None:
+        """Cost on ``G X A + λX`` from ``r_a``, ``r_g`` rows (None: no model)."""
+        return None
+
+    @staticmethod
+    def exact_cost(rows: int, n: int, d_in: int, d_out: int, k: int, c: CostConstants) -> float | None:
+        """Cost on the exact block of ``rows`` rows and ``n`` samples (None: no model)."""
+        return None
+
+    @abstractmethod
+    def solve(self, op: Any, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
+              form: str = "exact") -> Solution:
+        """Solve ``(C + λI) X = ∇W`` (``form="factored"``: ``(G + γ_G I) X (A + γ_A I) = ∇W``)."""
+
+
+class DirectSolver(Solver):
+    """A solver without iterations: :meth:`direct` computes ``X``; no warm start is kept."""
+
+    @abstractmethod
+    def direct(self, op: Any, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+        """``X`` of the damped system."""
+
+    def solve(self, op: Any, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
+              form: str = "exact") -> Solution:
+        state.solution = None
+        return Solution(self.direct(op, grad, damping, form), self.name)

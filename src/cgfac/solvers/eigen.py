@@ -1,0 +1,45 @@
+"""Explicit Kronecker factors, eigendecomposed: ``A = Q_A diag(s_A) Q_Aᵀ``, ``G = Q_G diag(s_G) Q_Gᵀ``,
+
+    X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (s_G s_Aᵀ + λ)] Q_Aᵀ
+
+(factored damping: ``⊘ ((s_G + γ_G)(s_A + γ_A)ᵀ)``; :class:`cgfac.curvature.KronEigen`). Any curvature
+with explicit factors (``factors()``): CG-FAC's rows (formed, ``O(r d²)``) or K-FAC's running
+factors. Cost (``p = d_in·d_out``)::
+
+    kron    r_a d_in² + r_g d_out² + c_eig (d_in³ + d_out³) + 2p (d_in + d_out) + o_call
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+from cgfac.curvature.kron import KronEigen
+from cgfac.solvers.base import DirectSolver
+
+if TYPE_CHECKING:
+    from cgfac.cost import CostConstants
+
+
+class EigenSolver(DirectSolver):
+    """Form the factors, eigendecompose both, solve (K-FAC's solve, every step)."""
+
+    name: ClassVar[str] = "eigen"
+    kinds: ClassVar[tuple[str, ...]] = ("kron", "kron-factors")
+    auto_candidate: ClassVar[bool] = True
+
+    def supports(self, op: Any) -> bool:
+        return getattr(op, "kind", None) in self.kinds and callable(getattr(op, "factors", None))
+
+    @staticmethod
+    def kron_cost(r_a: int, r_g: int, d_in: int, d_out: int, k: int, c: CostConstants) -> float:
+        p = d_in * d_out
+        return r_a * d_in**2 + r_g * d_out**2 + c.c_eig * (d_in**3 + d_out**3) + 2 * p * (d_in + d_out) + c.o_call
+
+    def decompose(self, op: Any) -> KronEigen:
+        """The eigendecomposition of ``op``'s factors (K-FAC keeps it for ``inv_update_steps``)."""
+        return KronEigen.from_factors(*op.factors())
+
+    def direct(self, op: Any, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+        return self.decompose(op).solve(grad, damping, form=form)
