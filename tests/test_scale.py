@@ -175,3 +175,28 @@ def test_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(runs, cls:
     for result in runs["ranks"]:
         r = result["non_finite"][f"{cls}-grad"]
         assert r["skipped"] == 1 and r["steps"] == 1 and r["zeroed"], r
+
+
+def test_bad_distributed_arguments_name_the_argument() -> None:
+    with pytest.raises(ValueError, match="comm"):
+        cgfac.CGFAC(sw.net(), comm="broadcast")
+    with pytest.raises(ValueError, match="collective_timeout"):
+        cgfac.KFAC(sw.net(), collective_timeout=-1.0)
+    with pytest.raises(TypeError, match="targets"):
+        pre = cgfac.CGFAC(sw.net(), fisher="true")
+        pre.sample_fisher(torch.zeros(2, 4, requires_grad=True), "cross_entropy", targets=[0, 1])
+
+
+def test_equivalent_rows_reproduce_the_factor_sums() -> None:
+    """Reduced factor sums enter the window as rows with the same A = aᵀa / rows, G = gᵀg / n."""
+    from cgfac.cgfac import equivalent_rows
+    from cgfac.curvature import KronRows
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    rows = equivalent_rows(a.T @ a, g.T @ g, rows=40, n=10)
+    assert rows.a.shape[0] <= 6 and rows.g.shape[0] <= 3
+    a_factor, g_factor = KronRows.from_rows([rows], [1.0]).factors()
+    assert torch.allclose(a_factor, a.T @ a / 40, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(g_factor, g.T @ g / 10, rtol=1e-12, atol=1e-12)
