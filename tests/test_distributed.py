@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ def torchrun(out: Path, *extra: str, timeout: int = 240) -> subprocess.Completed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), "--out", str(out), *extra]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "MASTER_ADDR": "127.0.0.1",
-           "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo"}
+           "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo",
+           **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -46,6 +48,18 @@ def test_communication_is_counted(two_ranks) -> None:
         assert all(r["bytes_sent"] > 0 for r in result["directions"].values())
     cg = [r["directions"]["cgfac-kron-lowrank"]["bytes_sent"] for r in two_ranks]
     assert cg[0] != cg[1]
+
+
+def test_cgfac_chooses_the_route_with_fewer_bytes_per_layer(two_ranks) -> None:
+    """4 samples per rank: the conv layer (16 patch rows per sample, 10 × 3) reduces its factors
+    (100 + 9 numbers against ½ · 64 · 13), the linear layers gather their 4 rows; forced routes
+    are taken as asked, and every route gives the single-process direction (checked above)."""
+    for result in two_ranks:
+        d = result["directions"]
+        assert d["cgfac-kron-lowrank"]["comm"] == {"0": "reduce-factors", "3": "gather-rows", "5": "gather-rows"}
+        assert set(d["cgfac-kron-lowrank-gather"]["comm"].values()) == {"gather-rows"}
+        assert set(d["cgfac-kron-cg-reduce"]["comm"].values()) == {"reduce-factors"}
+        assert set(d["cgfac-exact-lowrank"]["comm"].values()) == {"gather-rows"}  # no factors to reduce
 
 
 def test_a_failing_rank_ends_the_run_with_its_error(tmp_path) -> None:

@@ -10,7 +10,7 @@
   the pieces a preconditioner strings together, re-exported here.
 """
 
-from cgfac import curvature, optim, solvers
+from cgfac import checkpoint, curvature, optim, solvers
 from cgfac.base import Preconditioner, ReportEntry
 from cgfac.cgfac import CGFAC
 from cgfac.curvature import Curvature, DirectCurvature, ExactRows, KronFactors, KronRows
@@ -21,7 +21,7 @@ from cgfac.state import LayerState
 
 __all__ = [
     "CGFAC", "KFAC", "Curvature", "DirectCurvature", "ExactRows", "KronFactors", "KronRows", "LayerGroup",
-    "LayerHelper", "LayerState", "Preconditioner", "ReportEntry", "Solver", "curvature", "optim",
+    "LayerHelper", "LayerState", "Preconditioner", "ReportEntry", "Solver", "checkpoint", "curvature", "optim",
     "register_layer_helper", "register_solver", "solvers",
 ]
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cgfac import sharded
 from cgfac.distributed import WorkAssignment
 from cgfac.fisher import sampled_loss
 from cgfac.hyperparams import Hyper, HyperParam
@@ -34,6 +35,13 @@ from cgfac.state import LayerState, StateView
 logger = logging.getLogger("cgfac")
 VANISHING_KL_SCALE = 1e-3  # a KL clip scaling the step by less than this makes it vanish
 DAMPING_SWAMPS = 1e3  # damping above this multiple of the largest curvature eigenvalue swamps it
+
+
+def rank_seed(generator: torch.Generator, rank: int, world: int) -> int:
+    """The seed of rank ``rank``'s sampling stream: the ``rank``-th of ``world`` numbers drawn from
+    ``generator`` (which advances identically on every rank). One process draws one number, the
+    seed it always used."""
+    return int(torch.randint(2**62, (world,), generator=generator)[rank])
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,8 @@ class Preconditioner:
     """Base of :class:`cgfac.CGFAC` and :class:`cgfac.KFAC`.
 
     Args:
-        model: the module to precondition (a ``DistributedDataParallel`` wrapper works too).
+        model: the module to precondition (a ``DistributedDataParallel`` wrapper works too; its
+            layers are named as in the wrapped module, without the ``module.`` prefix).
         damping: λ > 0, a float or a callable ``step -> float``.
         kl_clip: κ for the KL clip of the step, or None to disable it.
         lr: the learning rate the optimizer will apply, used only by the KL clip.
@@ -64,7 +73,9 @@ class Preconditioner:
             sampled by :meth:`sample_fisher`; the user's backward only supplies ``∇W``).
         grad_scaler: a ``torch.amp.GradScaler`` whose scale multiplies the captured gradients
             (call ``scaler.unscale_(optimizer)`` before :meth:`step`).
-        seed: seeds the sampler of the true Fisher.
+        seed: seeds the sampler of the true Fisher; across processes each rank samples from its own
+            stream (the ``rank``-th of ``world`` seeds drawn from a generator seeded with ``seed``,
+            :func:`rank_seed`), so ranks never draw the same targets for their different samples.
         process_group: the ``torch.distributed`` group to work in (default: the world, when
             initialised); see :mod:`cgfac.distributed`.
         solve_dtype: dtype of curvature and solves (default: the parameters' dtype, at least
@@ -79,12 +90,15 @@ class Preconditioner:
             and follows each layer's own scale: where back-propagated gradients shrink layer by
             layer (deep sigmoid networks), one absolute λ swamps the early layers' curvature.
             ``layer_stats()[name]`` has the layer's ``damping`` and ``curvature_scale``.
+        collective_timeout: seconds any collective of the preconditioner may wait before it raises
+            :class:`cgfac.distributed.CollectiveError` (default None: the process group's timeout).
 
     Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
     ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
     ``grad_scaler`` the gradients are left for the scaler, which skips the step itself). A layer
     whose curvature or solve is not usable keeps its plain gradient for the step (``fallbacks``
-    counts it, a warning and ``layer_stats()[name]["fallback"]`` say why).
+    counts it, a warning and ``layer_stats()[name]["fallback"]`` say why). Across processes both
+    decisions are agreed on by every rank (a non-finite gradient on one rank skips the step on all).
     """
 
     def __init__(
@@ -103,6 +117,7 @@ class Preconditioner:
         solve_dtype: torch.dtype | None = None,
         layer_helpers: Mapping[type, HelperFactory] | None = None,
         damping_scale: DampingScale = "absolute",
+        collective_timeout: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -125,7 +140,7 @@ class Preconditioner:
         self.damping_scale: DampingScale = check("damping_scale", damping_scale, DampingScale)
         self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
         self._forward_passes = 0
-        self.dist = WorkAssignment(process_group)
+        self.dist = WorkAssignment(process_group, collective_timeout)
         self.steps = 0
         self.states: dict[str, LayerState] = {}
         self.fallbacks = 0
@@ -182,7 +197,10 @@ class Preconditioner:
         self._handles = []
         claimed: dict[int, tuple[str, bool]] = {}  # child module id -> (parent name, parent covered)
         entries: list[tuple[str, nn.Module, Any]] = []
-        for name, module in model.named_modules():
+        # Layers are named as in the unwrapped model, so names (and checkpoints) are the same with
+        # and without DistributedDataParallel, on any number of processes.
+        root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        for name, module in root.named_modules():
             kind = type(module).__name__
             if id(module) in claimed:
                 parent, ok = claimed[id(module)]
@@ -280,37 +298,53 @@ class Preconditioner:
             chunk.per_sample = True
         chunk.g = g if chunk.g is None else chunk.g + g
 
-    def sample_fisher(self, outputs: Tensor, loss_type: LossType) -> None:
+    def sampling_generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator :meth:`sample_fisher` draws targets with on ``device``: seeded, on first
+        use, by the ``rank``-th of ``world`` numbers drawn from the generator seeded with ``seed``
+        (:func:`rank_seed`), so every rank has its own stream and one process has the stream it
+        always had."""
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(rank_seed(self._generator, self.dist.rank, self.dist.world))
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def sample_fisher(self, outputs: Tensor, loss_type: LossType, *, targets: Tensor | None = None) -> None:
         """True Fisher: sample targets from ``outputs`` and back-propagate them once.
 
         Captures ``g`` for every covered layer without touching any ``.grad`` (the graph is
         retained for the user's own ``loss.backward()``). ``loss_type``: one of
-        ``"cross_entropy"``, ``"gaussian"``/``"mse"``, ``"bernoulli"``.
+        ``"cross_entropy"``, ``"gaussian"``/``"mse"``, ``"bernoulli"``. ``targets``: sampled targets
+        to use instead (as :func:`cgfac.fisher.sample_targets` returns them), e.g. to replay a draw.
+
+        The sampled backward is ``torch.autograd.grad`` with respect to the covered layers' outputs
+        (and the parameters of units captured otherwise): no ``.grad`` is written and no
+        gradient-accumulation hook runs, so ``DistributedDataParallel`` does not all-reduce, and
+        its buckets are left for the user's own backward.
         """
         if self.fisher != "true":
             raise ValueError("sample_fisher needs fisher='true' at construction")
         check("loss_type", loss_type, LossType)
-        device = str(outputs.device)
-        if device not in self._generators:
-            gen = torch.Generator(device=outputs.device)
-            gen.manual_seed(int(torch.randint(2**62, (1,), generator=self._generator)))
-            self._generators[device] = gen
-        loss = sampled_loss(outputs, loss_type, self._generators[device])
+        if targets is not None and not isinstance(targets, Tensor):
+            raise TypeError(f"targets must be a Tensor or None, got {type(targets).__name__}")
+        gen = self.sampling_generator(outputs.device) if targets is None else None
+        loss = sampled_loss(outputs, loss_type, gen, targets)
         # Back-propagate to the covered layers' outputs (their tensor hooks record g) and, for
         # units captured another way (attention's projections), to their parameters.
-        targets: list[Tensor] = []
+        wrt: list[Tensor] = []
         by_output: set[int] = set()
         for units, out in self._sample_targets:
             if out.requires_grad:
-                targets.append(out)
+                wrt.append(out)
                 by_output.update(id(u) for u in units)
         self._sample_targets = []
         params = {id(p): p for h in self.layers.values() for u in h.units() if id(u) not in by_output
                   for p in u.params()}
-        targets.extend(params.values())
+        wrt.extend(params.values())
         self._sampling = True
         try:
-            torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)
         finally:
             self._sampling = False
 
@@ -390,7 +424,7 @@ class Preconditioner:
 
     def _grads_finite(self) -> bool:
         """One reduction over every gradient (float32 sums: a float16 sum must not overflow)."""
-        sums = [p.grad.sum(dtype=torch.float32) for p in self.model.parameters() if p.grad is not None]
+        sums = [sharded.local(p.grad).sum(dtype=torch.float32) for p in self.model.parameters() if p.grad is not None]
         return not sums or bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]).sum()))
 
     def _skip_step(self) -> None:
@@ -403,20 +437,34 @@ class Preconditioner:
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.zero_()
-        warnings.warn("cgfac: non-finite gradient; every .grad was zeroed and this step skipped",
+        where = " (on this or another rank)" if self.dist.active else ""
+        warnings.warn(f"cgfac: non-finite gradient{where}; every .grad was zeroed and this step skipped",
                       RuntimeWarning, stacklevel=3)
+
+    def _agreed_grads(self) -> tuple[bool, dict[str, Tensor | None]]:
+        """Whether every rank's gradients are finite, and each layer's ``∇W`` (None where any rank
+        lacks it): one all-reduce makes the decisions the same on every rank."""
+        grads = {name: helper.grad_matrix() for name, helper in self.layers.items()}
+        finite = self._grads_finite()
+        if not self.dist.active:
+            return finite, grads
+        device = next(iter(self.layers.values())).device
+        flags = self.dist.agree([int(not finite)] + [int(g is None) for g in grads.values()], device)
+        missing = {name for name, flag in zip(grads, flags[1:]) if flag}
+        return not flags[0], {name: None if name in missing else g for name, g in grads.items()}
 
     @torch.no_grad()
     def step(self) -> None:
         """Replace the ``.grad`` of every covered layer by its preconditioned direction."""
         damping = self.damping(self.steps)
         self._sample_targets = []
-        if not self._grads_finite():
+        finite, grads = self._agreed_grads()
+        if not finite:
             self._skip_step()
             return
         active: dict[str, tuple[LayerHelper, Tensor]] = {}
         for name, helper in self.layers.items():
-            grad = helper.grad_matrix()
+            grad = grads[name]
             if grad is None:
                 helper.chunks = []
                 continue
@@ -524,9 +572,17 @@ class Preconditioner:
 
     # --- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything that shapes the next step; tensors are referenced, as in ``torch.optim``."""
+        """Everything that shapes the next step; tensors are referenced, as in ``torch.optim``.
+
+        Only tensors and plain Python values: it loads with ``torch.load(weights_only=True)``.
+        Across processes this is *this rank's* state (a layer's curvature lives on its owner):
+        it resumes on the same number of processes. :func:`cgfac.checkpoint.full_state_dict`
+        assembles the state of every rank into one that loads on any number of processes."""
         return {
             "type": type(self).__name__,
+            "world_size": self.dist.world,
+            "rank": self.dist.rank,
+            "full": not self.dist.active,
             "steps": self.steps,
             "fallbacks": self.fallbacks,
             "skipped_steps": self.skipped_steps,
@@ -538,11 +594,25 @@ class Preconditioner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; a state of another class or model raises ``ValueError``."""
+        """Restore a :meth:`state_dict` or a :func:`cgfac.checkpoint.full_state_dict`.
+
+        A full state (or one saved by a single process) loads on any number of processes: every
+        rank takes every layer's state and, once owners are assigned at the next step, keeps
+        only its own layers'. One rank's own state from ``N > 1`` processes loads only on ``N``
+        processes, into the same rank. A state of another class or model raises ``ValueError``.
+        Random streams of the true Fisher: each rank continues its own where the saved state
+        has one for it (same number of processes); otherwise it starts a fresh stream from the
+        saved seed generator (:meth:`sampling_generator`)."""
         if not isinstance(state, dict) or "layers" not in state:
             raise ValueError("state_dict: not a cgfac preconditioner state")
         if state.get("type") != type(self).__name__:
             raise ValueError(f"state_dict: saved from {state.get('type')}, loading into {type(self).__name__}")
+        saved_world = state.get("world_size", 1)
+        if not state.get("full", True) and (saved_world != self.dist.world or state.get("rank") != self.dist.rank):
+            raise ValueError(
+                f"state_dict: rank {state.get('rank')}'s own state of {saved_world} processes cannot be loaded on rank "
+                f"{self.dist.rank} of {self.dist.world} (its layers' curvature lives on their owners); save "
+                "cgfac.checkpoint.full_state_dict(pre) instead, which loads on any number of processes")
         mine = {name: (h.d_out, h.d_in) for name, h in self.layers.items()}
         theirs = {name: tuple(layer["shape"]) for name, layer in state["layers"].items()}
         if mine != theirs:
@@ -559,7 +629,13 @@ class Preconditioner:
         self.skipped_steps = state["skipped_steps"]
         self._generator.set_state(state["generator"])
         self._generators = {}
-        for device, gen_state in state["generators"].items():
+        generators = state["generators"]
+        per_rank = state.get("rank_generators")
+        if per_rank is not None:
+            generators = per_rank[self.dist.rank] if len(per_rank) == self.dist.world else {}
+        elif saved_world != self.dist.world:
+            generators = {}
+        for device, gen_state in generators.items():
             gen = torch.Generator(device=device)
             gen.set_state(gen_state)
             self._generators[device] = gen

@@ -14,17 +14,28 @@ cheapest by :mod:`cgfac.cost`) or any solver registered with :func:`cgfac.solver
 ``curvature_samples`` samples of each batch and extended to a window of the last
 ``curvature_window`` batches with K-FAC's running-average weights ``(1 − ρ) ρ^j``
 (``ρ = factor_decay``), renormalised to sum to one.
+
+Across processes a layer's curvature reaches its owner rank by one of two routes, chosen per layer
+and step by the bytes each rank sends (``comm="auto"``, :func:`cgfac.distributed.choose_comm`):
+gathering every rank's rows (``(N − 1)/N · m (d_in + d_out)`` numbers per rank for ``m`` rows),
+or, for Kronecker blocks of ``curvature="kron"``, reducing the factor sums ``aᵀa``, ``gᵀg``
+(``d_in² + d_out²``) — cheaper when rows outnumber the widths, as for convolutions' patch rows.
+The owner turns reduced sums into equivalent rows (``ã = diag(√s) Qᵀ`` from ``aᵀa = Q diag(s) Qᵀ``,
+at most ``d`` rows, :func:`equivalent_rows`), so windows, solvers and checkpoints are unchanged
+and the direction is the same either way. ``layer_stats()[name]["comm"]`` says which route.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from cgfac import cost
 from cgfac.base import Preconditioner
-from cgfac.curvature import DirectCurvature, KronRows, RowWindow
+from cgfac.curvature import DirectCurvature, KronRows, RowWindow, eigh
+from cgfac.distributed import COMM_METHODS, choose_comm, comm_bytes
 from cgfac.hyperparams import Hyper, HyperParam, positive_int
 from cgfac.layers import LayerHelper, Rows
 from cgfac.options import CurvatureKind, DampingForm, check
@@ -35,6 +46,7 @@ from cgfac.solvers import (
     AutoSolver,
     Solver,
     SolverSettings,
+    SolverState,
     make_solver,
     solver_class,
     solver_names,
@@ -43,6 +55,23 @@ from cgfac.state import LayerState, StateView, solver_field
 
 __all__ = ["CGFAC", "CG_PROBE_STEPS", "DEFAULT_CG_PRODUCTS", "SOLVERS", "STALE_DAMPING_RATIO"]
 SOLVERS = ("auto", "cg", "lowrank", "eigen")  # the built-in solvers (see cgfac.solvers.solver_names())
+COMM = ("auto", *COMM_METHODS)
+
+
+def equivalent_rows(a_sum: Tensor, g_sum: Tensor, rows: int, n: int) -> Rows:
+    """Rows whose curvature equals factor sums over ``rows`` rows and ``n`` samples: with
+    ``aᵀa = Q_A diag(s_A) Q_Aᵀ`` the rows ``diag(√s_A) Q_Aᵀ`` (positive ``s`` only), scaled so that
+    :meth:`KronRows.from_rows` (which divides ``A`` by the row count, ``G`` by ``n``) gives
+    ``A = aᵀa / rows`` and ``G = gᵀg / n``. At most ``d_in`` and ``d_out`` rows."""
+    def root(m: Tensor) -> Tensor:
+        s, q = eigh(m)
+        keep = s > 0
+        if not bool(keep.any()):
+            keep[-1] = True  # one zero row keeps the shapes
+        return s[keep].sqrt()[:, None] * q[:, keep].T
+
+    a, g = root(a_sum), root(g_sum)
+    return Rows(a * (a.shape[0] / rows) ** 0.5, g, n)
 
 
 class CGFAC(Preconditioner):
@@ -63,6 +92,9 @@ class CGFAC(Preconditioner):
             Tikhonov split by ``π``, see :mod:`cgfac.curvature.kron`; curvature="kron" only, every
             solver). Blocks that are not Kronecker products (embeddings, normalisation layers) keep
             their own exact damping.
+        comm: across processes, how a layer's curvature reaches its owner: "auto" (fewer bytes
+            per rank, per layer), "gather-rows" or "reduce-factors" (Kronecker blocks of
+            curvature="kron" only; other blocks always gather rows).
 
     Per block, :attr:`states` holds a :class:`cgfac.state.LayerState`: the window of rows, the
     solver's state (warm start, CG counts, probes) and the last statistics. ``solutions``,
@@ -84,8 +116,12 @@ class CGFAC(Preconditioner):
         curvature_window: int = 1,
         factor_decay: Hyper = 0.95,
         damping_form: DampingForm = "exact",
+        comm: str = "auto",
         **kwargs: Any,
     ) -> None:
+        if comm not in COMM:
+            raise ValueError(f"comm must be one of {COMM}, got {comm!r}")
+        self.comm = comm
         self.curvature: CurvatureKind = check("curvature", curvature, CurvatureKind)
         self.damping_form: DampingForm = check("damping_form", damping_form, DampingForm)
         if self.damping_form == "factored" and self.curvature != "kron":
@@ -172,18 +208,59 @@ class CGFAC(Preconditioner):
         assert isinstance(window, RowWindow)
         return window
 
+    def comm_route(self, helper: LayerHelper, max_rows: int) -> tuple[str, dict[str, float] | None]:
+        """How a layer's curvature reaches its owner this step (see the module docstring), and
+        the bytes per rank of both routes where both are possible."""
+        if self.curvature != "kron" or helper.structure != "kron":
+            return "gather-rows", None
+        width = sum(helper.row_widths)
+        sizes = comm_bytes(helper.d_in, helper.d_out, max_rows, self.dist.world, row_width=width,
+                           number_bytes=torch.finfo(self._compute_dtype(helper)).bits // 8)
+        if self.comm != "auto":
+            return self.comm, sizes
+        return choose_comm(helper.d_in, helper.d_out, max_rows, self.dist.world, row_width=width), sizes
+
     def _gather(self, rows: dict[str, Rows | None], active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
-        """Replace local rows by all ranks' rows on each layer's owner (None elsewhere)."""
+        """Replace local rows by all ranks' rows, or rows equivalent to their summed factors, on
+        each layer's owner (None elsewhere)."""
         grad0 = next(iter(active.values()))[1]
         counts = self.dist.exchange_counts(
             [(r.a.shape[0], r.n) if r is not None else (0, 0) for r in rows.values()], grad0.device)
         if not self.dist.owners:  # solve cost ∝ rows · d_in · d_out (iterations alike)
             self.dist.assign({name: sum(c[0] for c in cnt) * active[name][0].d_in * active[name][0].d_out
                               for name, cnt in zip(rows, counts)})
+            self._drop_unowned()
+        reduced: dict[str, tuple[list[Tensor], list[tuple[int, int]]]] = {}
         for (name, r), cnt in zip(list(rows.items()), counts):
             helper, grad = active[name]
+            route, sizes = self.comm_route(helper, max(c[0] for c in cnt))
+            self.stats[name]["comm"] = route
+            if sizes is not None:
+                self.stats[name]["comm_bytes"] = sizes
+            if route == "reduce-factors":
+                a_sum = r.a.T @ r.a if r is not None else grad.new_zeros(helper.d_in, helper.d_in)
+                g_sum = r.g.T @ r.g if r is not None else grad.new_zeros(helper.d_out, helper.d_out)
+                reduced[name] = ([a_sum, g_sum], cnt)
+                continue
             rows[name] = self.dist.gather_rows(r, cnt, self.dist.owner(name), *helper.row_widths,
                                                grad.dtype, grad.device)
+        self.dist.reduce_to_owners([(self.dist.owner(name), sums) for name, (sums, _) in reduced.items()])
+        for name, ((a_sum, g_sum), cnt) in reduced.items():
+            total_rows, total_n = sum(c[0] for c in cnt), sum(c[1] for c in cnt)
+            rows[name] = None
+            if self.dist.owns(name) and total_rows > 0:
+                if not (a_sum.isfinite().all() and g_sum.isfinite().all()):
+                    self.stats[name]["fallback"] = "non-finite curvature rows (batch not kept)"
+                    continue
+                rows[name] = equivalent_rows(a_sum, g_sum, total_rows, total_n)
+
+    def _drop_unowned(self) -> None:
+        """Once owners are assigned, forget the state of other ranks' layers (a full state loaded
+        on every rank: each keeps only what it uses)."""
+        for name in self.layers:
+            if not self.dist.owns(name):
+                self._window(name).clear()
+                self.states[name].solver = SolverState()
 
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         window = self._window(name)
@@ -224,3 +301,5 @@ class CGFAC(Preconditioner):
         super().load_state_dict(state)
         saved = state.get("cost_constants")
         self.cost_constants = None if saved is None else cost.CostConstants(*saved)
+        if self.dist.active and self.dist.owners:  # owners already known: keep only this rank's layers
+            self._drop_unowned()

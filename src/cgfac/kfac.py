@@ -137,6 +137,9 @@ class KFAC(Preconditioner):
     def _collect(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
         if self.dist.active and not self.dist.owners:
             self.dist.assign({n: h.decomposition_cost() for n, h in self.layers.items()})
+            for name in self.layers:  # a full state loaded on every rank: keep only what this rank uses
+                if not self._holds_decomposition(name):
+                    self.states[name].solver.decomposition = None
         if self._wants_rows():
             self._update_factors(active)  # takes (and so clears) every active layer's rows
         for name in active:

@@ -7,6 +7,7 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and `
 * ``choice``    the automatic method choice against every candidate (``cgfac.bench.choice``)
 * ``cg-iters``  CG iterations to tolerance along a real training run (``cgfac.bench.cg_iters``)
 * ``comm``      bytes sent per rank and step by formula, projected to 8/64/512 ranks (``cgfac.bench.comm``)
+* ``soak``      many training steps with the resident memory sampled along (``cgfac.bench.soak``)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ SUBCOMMANDS = {
     "choice": ("cgfac.bench.choice", "automatic solve-method choice against every candidate"),
     "cg-iters": ("cgfac.bench.cg_iters", "CG iterations to tolerance along a training run"),
     "comm": ("cgfac.bench.comm", "bytes sent per rank and step, projected to many ranks"),
+    "soak": ("cgfac.bench.soak", "many training steps, resident memory sampled along"),
 }
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from cgfac import sharded
 from cgfac.curvature.exact import ExactRows
 from cgfac.curvature.kron import KronEigen, KronRows
 
@@ -136,17 +137,24 @@ class LayerHelper:
         """``∇W`` as a ``d_out × d_in`` matrix (bias last column), or None when a grad is missing."""
         if self.weight.grad is None or (self.has_bias and self.bias.grad is None):
             return None
-        gw = self._rows_of(self.weight.grad).reshape(self.d_out, -1)
+        gw = self._rows_of(sharded.full(self.weight.grad)).reshape(self.d_out, -1)
         if self.has_bias:
-            gw = torch.cat([gw, self._bias_of(self.bias.grad).reshape(-1, 1)], dim=1)
+            gw = torch.cat([gw, self._bias_of(sharded.full(self.bias.grad)).reshape(-1, 1)], dim=1)
         return gw
 
     def set_grad(self, x: Tensor) -> None:
-        """Write a ``d_out × d_in`` matrix back into the parameters' ``.grad``."""
+        """Write a ``d_out × d_in`` matrix back into the parameters' ``.grad`` (this rank's shard
+        of it for FSDP2's sharded gradients, :mod:`cgfac.sharded`)."""
         if self.has_bias:
-            b = self._bias_of(self.bias.grad)
-            b.copy_(x[:, -1].reshape_as(b))
+            if sharded.is_sharded(self.bias.grad):
+                sharded.write_shard(self.bias.grad, x[:, -1], (self.bias_slice or slice(0)).start or 0)
+            else:
+                b = self._bias_of(self.bias.grad)
+                b.copy_(x[:, -1].reshape_as(b))
             x = x[:, :-1]
+        if sharded.is_sharded(self.weight.grad):
+            sharded.write_shard(self.weight.grad, x, (self.out_slice or slice(0)).start or 0)
+            return
         w = self._rows_of(self.weight.grad)
         w.copy_(x.reshape_as(w))
 

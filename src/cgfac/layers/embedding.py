@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cgfac import sharded
 from cgfac.curvature.exact import ExactRows
 from cgfac.curvature.kron import eigh, factor_eig
 from cgfac.layers.base import LayerHelper, Rows
@@ -175,10 +176,10 @@ class EmbeddingHelper(LayerHelper):
         return 1, self.d_out
 
     def grad_matrix(self) -> Tensor | None:
-        return None if self.weight.grad is None else self.weight.grad.T
+        return None if self.weight.grad is None else sharded.full(self.weight.grad).T
 
     def set_grad(self, x: Tensor) -> None:
-        self.weight.grad.copy_(x.T)
+        sharded.write_shard(self.weight.grad, x.T)
 
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         idx = x.reshape(-1)
