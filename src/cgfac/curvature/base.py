@@ -68,3 +68,21 @@ class DirectCurvature(Protocol):
     method: str
 
     def solve(self, grad: Tensor, damping: float) -> Tensor: ...
+
+
+class RowBlock:
+    """Shape of a block held as rows ``a`` (``r × d_in``) and ``g`` (``r_g × d_out``): shared by
+    :class:`~cgfac.curvature.KronRows` and :class:`~cgfac.curvature.ExactRows`."""
+
+    a: Tensor
+    g: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the layer matrix."""
+        return self.g.shape[1], self.a.shape[1]
+
+    @property
+    def num_rows(self) -> int:
+        return self.a.shape[0]
+

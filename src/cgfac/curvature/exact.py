@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
+from cgfac.curvature.base import RowBlock
+
 if TYPE_CHECKING:
     from cgfac.layers import Rows
 
 
 @dataclass
-class ExactRows:
+class ExactRows(RowBlock):
     """``F = Σ_s vec(J_s) vec(J_s)ᵀ`` with ``J_s = Σ_{t∈s} g_t a_tᵀ``.
 
     ``sample`` maps each row to its sample (``None`` when every row is its own sample);
@@ -37,14 +39,6 @@ class ExactRows:
     n_samples: int
     segments: list[tuple[int, int]]
     kind: ClassVar[str] = "exact"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.g.shape[1], self.a.shape[1]
-
-    @property
-    def num_rows(self) -> int:
-        return self.a.shape[0]
 
     @property
     def num_samples(self) -> int:

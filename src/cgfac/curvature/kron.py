@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
+from cgfac.curvature.base import RowBlock
+
 if TYPE_CHECKING:
     from cgfac.layers import Rows
 
@@ -43,20 +45,12 @@ def factored_damping(trace_a: float, d_in: int, trace_g: float, d_out: int, damp
 
 
 @dataclass
-class KronRows:
+class KronRows(RowBlock):
     """``A = aᵀa``, ``G = gᵀg`` held as rows ``a`` (``r_a × d_in``) and ``g`` (``r_g × d_out``)."""
 
     a: Tensor
     g: Tensor
     kind: ClassVar[str] = "kron"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.g.shape[1], self.a.shape[1]
-
-    @property
-    def num_rows(self) -> int:
-        return self.a.shape[0]
 
     @property
     def num_samples(self) -> int:
