@@ -207,29 +207,87 @@ def test_factor_warmup(warmup):
 
 
 # --- K-FAC's factors from a subset of the batch --------------------------------------------------
-def test_kfac_curvature_samples_use_the_first_samples_only():
-    """``curvature_samples=k``: the factors are those of the batch's first ``k`` samples (the
-    per-sample G scaling of the whole batch), while the direction preconditions the whole batch's
-    gradient; ``k ≥ n`` changes nothing."""
-    case = CASES["mlp-bias"]  # 7 samples
+@pytest.mark.parametrize("name", list(CASES))
+def test_kfac_curvature_samples_use_the_first_samples_only(name: str):
+    """``curvature_samples=k``: the factors are those of the batch's first ``k`` entries (with the
+    per-sample G scaling of the whole batch; a sequence's positions, which a Linear counts as its
+    samples, all come with it), while the direction preconditions the whole batch's gradient.
+    Every layer kind builds rows for the kept entries only (a convolution's patches included)."""
+    case = CASES[name]
     x, y = case.x, case.y
+    k = 2
     torch.manual_seed(0)
     model = case.make_model().double()
     ref = case.make_model().double()
     ref.load_state_dict(model.state_dict())
     rows = capture(case, ref)  # per-sample rows of the whole batch
-    pre = cgfac.KFAC(model, damping=DAMPING, inv_update_steps=1, kl_clip=None, curvature_samples=4)
+    pre = cgfac.KFAC(model, damping=DAMPING, inv_update_steps=1, kl_clip=None, curvature_samples=k)
     model.zero_grad()
     case.loss(model(x), y).backward()
+    batch = x.shape[0]
+    for name_, helper in pre.layers.items():  # rows were built for the kept entries only
+        (chunk,) = helper.chunks
+        assert chunk.batch == k and chunk.a.shape[0] == k * (rows[name_][0].shape[0] // batch)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     pre.step()
-    for name in covered(model):
-        a_rows, g_rows, _ = rows[name]
-        want_a, want_g = factors(a_rows[:4], g_rows[:4], 4)
-        a_f, g_f = pre.factors[name]
+    for layer in covered(model):
+        a_rows, g_rows, n = rows[layer]
+        t = a_rows.shape[0] // batch  # rows per batch entry
+        want_a, want_g = factors(a_rows[: k * t], g_rows[: k * t], k * (n // batch))
+        a_f, g_f = pre.factors[layer]
         torch.testing.assert_close(a_f, want_a, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(g_f, want_g, rtol=1e-12, atol=1e-14)
-        assert not torch.allclose(a_f, factors(*rows[name])[0])  # the subset differs from the batch
+        assert not torch.allclose(a_f, factors(*rows[layer])[0])  # the subset differs from the batch
     assert any(not torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="curvature_samples"):
         cgfac.KFAC(case.make_model(), curvature_samples=0)
+
+
+@pytest.mark.parametrize("method", ["kfac", "cgfac"])
+def test_curvature_samples_true_fisher_rows_are_the_full_batch_rows_kept(method: str):
+    """With the true Fisher, the sampled backward's per-sample ``g`` of the kept samples equal
+    those of a run keeping every sample (the mean over the whole batch is undone with its own
+    count, not the kept one), for a convolution and a Linear, with replayed targets."""
+    case = CASES["cnn-stride-pad"]
+    k = 3
+    torch.manual_seed(0)
+    model = case.make_model().double()
+    other = case.make_model().double()
+    other.load_state_dict(model.state_dict())
+    make = cgfac.KFAC if method == "kfac" else cgfac.CGFAC
+    pres = [make(m, fisher="true", damping=DAMPING, kl_clip=None, curvature_samples=s)
+            for m, s in ((model, k), (other, None))]
+    out0 = model(case.x)
+    targets = torch.randint(0, 3, (case.x.shape[0],), generator=torch.Generator().manual_seed(1))
+    pres[0].sample_fisher(out0, "cross_entropy", targets=targets)
+    pres[1].sample_fisher(other(case.x), "cross_entropy", targets=targets)
+    for lname in pres[0].layers:
+        got = pres[0].layers[lname].take_rows(mean_reduced=True, max_samples=None)
+        full = pres[1].layers[lname].take_rows(mean_reduced=True, max_samples=None)
+        assert got is not None and full is not None and got.n == k
+        t = full.a.shape[0] // full.n
+        torch.testing.assert_close(got.a, full.a[: k * t], rtol=0, atol=0)
+        torch.testing.assert_close(got.g, full.g[: k * t], rtol=1e-12, atol=1e-14)
+
+
+def test_curvature_samples_across_accumulated_micro_batches():
+    """Two micro-batches of one step (gradient accumulation, each loss a mean divided by the
+    number of micro-batches): ``curvature_samples=3`` keeps the first micro-batch's two entries and
+    the second's first entry, with the whole step's per-sample scaling (4 samples)."""
+    case = CASES["cnn-stride-pad"]  # 4 samples
+    torch.manual_seed(0)
+    model = case.make_model().double()
+    ref = case.make_model().double()
+    ref.load_state_dict(model.state_dict())
+    rows = capture(case, ref)
+    pre = cgfac.KFAC(model, damping=DAMPING, inv_update_steps=1, kl_clip=None, curvature_samples=3)
+    model.zero_grad()
+    for part in (slice(0, 2), slice(2, 4)):
+        (case.loss(model(case.x[part]), case.y[part]) / 2).backward()
+    for layer, helper in pre.layers.items():
+        got = helper.take_rows(mean_reduced=True, max_samples=3)
+        a_rows, g_rows, n = rows[layer]
+        t = a_rows.shape[0] // 4
+        assert got is not None and got.a.shape[0] == 3 * t and got.n == 3 * (n // 4)
+        torch.testing.assert_close(got.a, a_rows[: 3 * t], rtol=0, atol=0)
+        torch.testing.assert_close(got.g, g_rows[: 3 * t], rtol=1e-12, atol=1e-14)

@@ -276,9 +276,16 @@ class Preconditioner:
         """Whether a forward call of ``module`` now should record curvature rows."""
         return module.training and torch.is_grad_enabled() and self._wants_rows()
 
-    def record_input(self, unit: LayerHelper, a: Tensor, n: int) -> Chunk:
-        """A forward call's input rows of one unit; its output gradient is paired later."""
-        chunk = Chunk(a=a, n=n, forward_pass=self._forward_passes)
+    def capture_limit(self) -> int | None:
+        """Batch entries of each forward call whose rows are kept (``curvature_samples``; None:
+        all): rows are built for those only (:meth:`LayerHelper.batch_size`)."""
+        return getattr(self, "curvature_samples", None)
+
+    def record_input(self, unit: LayerHelper, a: Tensor, n: int, *, n_full: int | None = None,
+                     batch: int | None = None) -> Chunk:
+        """A forward call's input rows of one unit: ``n`` samples of the call's ``n_full`` (the
+        rows of its first ``batch`` batch entries); its output gradient is paired later."""
+        chunk = Chunk(a=a, n=n, forward_pass=self._forward_passes, n_full=n_full or n, batch=batch or n)
         unit.chunks.append(chunk)
         return chunk
 
@@ -294,7 +301,7 @@ class Preconditioner:
         if self.fisher == "true" and not self._sampling:
             return  # the user's backward only supplies ∇W
         if self._sampling:
-            g = g * chunk.n  # the sampled loss is a mean over this chunk's rows
+            g = g * chunk.n_full  # the sampled loss is a mean over this forward call's samples
             chunk.per_sample = True
         chunk.g = g if chunk.g is None else chunk.g + g
 

@@ -85,7 +85,8 @@ class CGFAC(Preconditioner):
         cg_tol: stop CG at this relative residual ``‖∇W − 𝒜X‖ / ‖∇W‖``.
         warm_start: start CG from the layer's previous solution.
         jacobi: precondition CG by the diagonal of the damped curvature.
-        curvature_samples: use only the first this-many samples of each batch for curvature.
+        curvature_samples: use only the first this-many entries of each batch (dim 0 of the
+            inputs: a sequence with all its positions) for curvature; rows are built for those only.
         curvature_window: number of recent batches whose rows form the curvature.
         factor_decay: ρ of the running-average weights over the window.
         damping_form: "exact" (``G X A + λX = ∇W``) or "factored" (``(G + γ_G)X(A + γ_A) = ∇W``,

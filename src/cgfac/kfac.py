@@ -54,10 +54,13 @@ class KFAC(Preconditioner):
         damping_form: "exact" (``G X A + λX = ∇W``) or "factored" (Tikhonov split by ``π``).
         factor_warmup: "first" (the first batch initialises the factors) or "mean" (decay
             ``min(ρ, 1 − 1/(t + 1))`` at the ``t``-th factor update).
-        curvature_samples: build each batch's factors from only the first this-many samples of
-            the batch (None: all). The factors cost ``n (d_in² + d_out²)`` per layer, as much as
-            the backward pass of a wide layer at ``n ≈ d``; a running average over many batches
-            needs far fewer samples per batch than the gradient does.
+        curvature_samples: build each batch's factors from only the first this-many entries of
+            the batch (dim 0 of the inputs: a sequence with all its positions; None: all). The
+            layers' rows are built for those entries only (a convolution's patches are costly),
+            while the gradient's per-sample scaling counts the whole batch. The factors cost
+            ``n (d_in² + d_out²)`` per layer, as much as the backward pass of a wide layer at
+            ``n ≈ d``; a running average over many batches needs far fewer samples per batch than
+            the gradient does.
 
     Per block, :attr:`states` holds a :class:`cgfac.state.LayerState`: the running factors
     (:class:`cgfac.curvature.RunningFactors`), the kept decomposition and its age (the solver

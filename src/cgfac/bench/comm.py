@@ -68,7 +68,11 @@ class _ShapeRecorder:
     def capturing(self, module: torch.nn.Module) -> bool:
         return True
 
-    def record_input(self, unit: LayerHelper, a: torch.Tensor, n: int) -> Chunk:
+    def capture_limit(self) -> int | None:
+        return None
+
+    def record_input(self, unit: LayerHelper, a: torch.Tensor, n: int, *, n_full: int | None = None,
+                     batch: int | None = None) -> Chunk:
         self.shapes.append(LayerShape(unit.name, unit.d_in, unit.d_out, a.shape[0] // self.batch,
                                       sum(unit.row_widths), unit.structure == "kron"))
         return Chunk(a=a, n=n)

@@ -60,6 +60,12 @@ class Chunk:
     g: Tensor | None = None
     per_sample: bool = False  # True when ``g`` already holds per-sample gradients
     forward_pass: int = 0
+    n_full: int = 0  # samples of the whole forward call (``n`` counts the kept ones); 0: ``n``
+    batch: int = 0  # batch entries (dim 0 of the input) whose rows are kept; 0: ``n``
+
+    def __post_init__(self) -> None:
+        self.n_full = self.n_full or self.n
+        self.batch = self.batch or self.n
 
 
 class Capture(Protocol):
@@ -67,7 +73,10 @@ class Capture(Protocol):
 
     def capturing(self, module: nn.Module) -> bool: ...
 
-    def record_input(self, unit: LayerHelper, a: Tensor, n: int) -> Chunk: ...
+    def capture_limit(self) -> int | None: ...
+
+    def record_input(self, unit: LayerHelper, a: Tensor, n: int, *, n_full: int | None = None,
+                     batch: int | None = None) -> Chunk: ...
 
     def record_output_grad(self, unit: LayerHelper, chunk: Chunk, g: Tensor) -> None: ...
 
@@ -167,6 +176,12 @@ class LayerHelper:
         """Rows ``g`` (``r × d_out``) of a gradient with respect to the layer output."""
         raise NotImplementedError
 
+    def batch_size(self, x: Tensor) -> int | None:
+        """Entries of the batch dimension (dim 0) of a forward input, or None for an unbatched
+        input. ``curvature_samples`` keeps the first entries (the rows of a sample are contiguous
+        and samples are batch-major, so they are the first rows)."""
+        return x.shape[0] if x.dim() >= 2 else None
+
     def with_ones(self, a: Tensor) -> Tensor:
         if not self.has_bias:
             return a
@@ -227,7 +242,8 @@ class LayerHelper:
         (``mean_reduced``; a summed loss gives them as they are). Chunks without a backward pass
         are dropped. Chunks of one forward pass with the same sample count (a module called
         several times) are the same samples: their rows are joined per sample. ``max_samples``
-        keeps the first samples (batches are shuffled).
+        keeps the rows of the first that-many batch entries (dim 0 of the input: a sequence for a
+        Linear whose samples are its positions; batches are shuffled).
         """
         chunks = [c for c in self.chunks if c.g is not None]
         self.chunks = []
@@ -240,17 +256,23 @@ class LayerHelper:
                 last.append(c)
             else:
                 groups.append([c])
-        n_total = sum(grp[0].n for grp in groups)
+        n_total = sum(grp[0].n_full for grp in groups)
         a_parts, g_parts, n = [], [], 0
+        left = max_samples
         for grp in groups:
             gs = [c.g if c.per_sample else c.g * (n_total if mean_reduced else 1) for c in grp]
-            a_parts.append(join_per_sample([c.a for c in grp], grp[0].n))
-            g_parts.append(join_per_sample(gs, grp[0].n))
-            n += grp[0].n
+            a_grp, g_grp, n_grp = join_per_sample([c.a for c in grp], grp[0].n), join_per_sample(gs, grp[0].n), grp[0].n
+            if left is not None and grp[0].batch > left:  # the first `left` entries of this chunk
+                rows, n_grp = left * (a_grp.shape[0] // grp[0].batch), left * (n_grp // grp[0].batch)
+                a_grp, g_grp = a_grp[:rows], g_grp[:rows]
+            a_parts.append(a_grp)
+            g_parts.append(g_grp)
+            n += n_grp
+            if left is not None:
+                left -= min(left, grp[0].batch)
+                if left == 0:
+                    break
         a, g = torch.cat(a_parts), torch.cat(g_parts)
-        if max_samples is not None and n > max_samples:
-            t = a.shape[0] // n
-            a, g, n = a[: max_samples * t], g[: max_samples * t], max_samples
         return Rows(a=a, g=g, n=n)
 
 
@@ -270,15 +292,23 @@ def unit_forward_hook(units: list[LayerHelper], capture: Capture) -> Callable:
         if not isinstance(output, Tensor) or not output.requires_grad:
             return
         x = inputs[0].detach()
-        chunks = []
+        limit = capture.capture_limit()
+        chunks, kept = [], []
         for unit in units:
-            a, n = unit.input_rows(x)
-            chunks.append(capture.record_input(unit, a, n))
+            # Rows only for the first `limit` batch entries: the input is sliced before the rows
+            # are built (a convolution's patches are costly); the whole call's sample count still
+            # turns a mean-reduced loss's gradients into per-sample ones.
+            b = unit.batch_size(x)
+            k = b if limit is None or b is None or b <= limit else limit
+            a, n = unit.input_rows(x if k == b else x[:k])
+            n_full = n if k == b else n // k * b
+            chunks.append(capture.record_input(unit, a, n, n_full=n_full, batch=k or 1))
+            kept.append(k != b)
 
         def on_grad(grad: Tensor) -> None:
             grad = grad.detach()
-            for unit, chunk in zip(units, chunks):
-                capture.record_output_grad(unit, chunk, unit.output_rows(grad))
+            for unit, chunk, cut in zip(units, chunks, kept):
+                capture.record_output_grad(unit, chunk, unit.output_rows(grad[: chunk.batch] if cut else grad))
 
         output.register_hook(on_grad)
         capture.record_output(units, output)

@@ -71,6 +71,9 @@ class ConvHelper(LayerHelper):
         """Symmetric padding per spatial dim (first dim first), when it is symmetric."""
         return tuple(self.pads[2 * i] for i in reversed(range(self.nd)))
 
+    def batch_size(self, x: Tensor) -> int | None:
+        return x.shape[0] if x.dim() == self.nd + 2 else None
+
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         m = self.module
         if x.dim() == self.nd + 1:

@@ -181,6 +181,9 @@ class EmbeddingHelper(LayerHelper):
     def set_grad(self, x: Tensor) -> None:
         sharded.write_shard(self.weight.grad, x.T)
 
+    def batch_size(self, x: Tensor) -> int | None:
+        return x.shape[0] if x.dim() >= 1 else None
+
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         idx = x.reshape(-1)
         if self.padding_idx is not None:
