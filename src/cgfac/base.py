@@ -26,10 +26,11 @@ from torch import Tensor, nn
 from cgfac import sharded
 from cgfac.distributed import WorkAssignment
 from cgfac.fisher import sampled_loss
+from cgfac.graft import RMSPropGraft
 from cgfac.hyperparams import Hyper, HyperParam
 from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
 from cgfac.layers.registry import HelperFactory, check_overrides
-from cgfac.options import DampingScale, FisherKind, LossReduction, LossType, check
+from cgfac.options import DampingScale, FisherKind, GraftKind, LossReduction, LossType, check
 from cgfac.state import LayerState, StateView
 
 logger = logging.getLogger("cgfac")
@@ -65,7 +66,7 @@ class Preconditioner:
         model: the module to precondition (a ``DistributedDataParallel`` wrapper works too; its
             layers are named as in the wrapped module, without the ``module.`` prefix).
         damping: λ > 0, a float or a callable ``step -> float``.
-        kl_clip: κ for the KL clip of the step, or None to disable it.
+        kl_clip: κ for the KL clip of the step, or None to disable it (applied after grafting).
         lr: the learning rate the optimizer will apply, used only by the KL clip.
         skip_layers: module names, class names (str) or classes left with their plain gradient.
         loss_reduction: "mean" (the loss averages per-sample losses) or "sum".
@@ -92,6 +93,12 @@ class Preconditioner:
             ``layer_stats()[name]`` has the layer's ``damping`` and ``curvature_scale``.
         collective_timeout: seconds any collective of the preconditioner may wait before it raises
             :class:`cgfac.distributed.CollectiveError` (default None: the process group's timeout).
+        graft: "none", or "rmsprop": each layer's direction keeps its direction but takes the
+            length of RMSProp's step ``‖∇W / (√v̂ + ε)‖`` (Shampoo's grafting, :mod:`cgfac.graft`),
+            so the step no longer depends on the curvature's scale and ``lr`` is Adam-like
+            (use ``kl_clip=None``). Tried on the transformer benchmark, where the KL-clipped step
+            trailed AdamW.
+        graft_beta2, graft_eps: RMSProp's ``β₂`` (in ``[0, 1)``) and ``ε`` (> 0).
 
     Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
     ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
@@ -118,6 +125,9 @@ class Preconditioner:
         layer_helpers: Mapping[type, HelperFactory] | None = None,
         damping_scale: DampingScale = "absolute",
         collective_timeout: float | None = None,
+        graft: GraftKind = "none",
+        graft_beta2: float = 0.999,
+        graft_eps: float = 1e-8,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -138,6 +148,9 @@ class Preconditioner:
         self.solve_dtype = solve_dtype
         self.layer_helpers = check_overrides(layer_helpers)
         self.damping_scale: DampingScale = check("damping_scale", damping_scale, DampingScale)
+        self.graft: GraftKind = check("graft", graft, GraftKind)
+        self.graft_beta2 = HyperParam("graft_beta2", graft_beta2, low=0.0, high=0.999999)(0)
+        self.graft_eps = HyperParam("graft_eps", graft_eps, low=0.0, low_open=True)(0)
         self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
         self._forward_passes = 0
         self.dist = WorkAssignment(process_group, collective_timeout)
@@ -498,11 +511,28 @@ class Preconditioner:
             directions[name] = x
         self._share(directions, active)
         final = {name: (active[name][0], x, active[name][1]) for name, x in directions.items() if x is not None}
+        if self.graft == "rmsprop":
+            self._graft(active, final)
         scale = self._kl_scale(final)
         for helper, x, _ in final.values():
             helper.set_grad(x.mul_(scale))
         self._check_vanishing(final, scale, damping)
         self.steps += 1
+
+    def _graft(self, active: dict[str, tuple[LayerHelper, Tensor]],
+               final: dict[str, tuple[LayerHelper, Tensor, Tensor]]) -> None:
+        """``graft="rmsprop"``: every active block's second moment takes this gradient, and each
+        direction is rescaled to RMSProp's step length (:mod:`cgfac.graft`). Every rank holds the
+        same (all-reduced) gradients and directions, so every rank computes the same."""
+        for name, (_, grad) in active.items():
+            state = self._state(name)
+            if state.graft is None or state.graft.v.shape != grad.shape:
+                state.graft = RMSPropGraft.like(grad)
+            state.graft.update(grad.to(state.graft.v.dtype), self.graft_beta2)
+            if name in final:
+                _, x, _ = final[name]
+                factor = state.graft.apply(x, grad.to(x.dtype), self.graft_beta2, self.graft_eps)
+                self.stats[name]["graft_scale"] = float(factor)
 
     def _check_vanishing(self, final: dict[str, tuple[LayerHelper, Tensor, Tensor]], scale: float,
                          damping: float) -> None:
