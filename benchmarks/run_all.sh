@@ -69,3 +69,16 @@ $B train --task transformer --optimizers kfac-adaptive,adamw,soap,shampoo \
 $B train --task cnn-norm --optimizers kfac-adaptive,adam,soap --lr-grid "kfac-adaptive=1;adam=1e-3;soap=3e-3" \
   --damping-grid "kfac-adaptive=0.01" --hyper "damping_form=factored,inv_update_steps=25" --budget 60 \
   --out benchmarks/train-cnn-norm-60s
+
+# --- Grafting (graft="rmsprop"): K-FAC under SGD with momentum, the direction at RMSProp's step
+# length; rows only for the kept batch entries (curvature_samples, now counted in batch entries).
+# Tuning: 45 s (transformer) and 30 s (CNN) runs of one seed; the grids are in the README.
+G="damping_form=factored,graft=rmsprop,inv_update_steps=20,factor_update_steps=5"
+$B train --task transformer --optimizers kfac,adamw,soap,shampoo --lr-grid "kfac=5e-4;adamw=3e-3;soap=3e-3;shampoo=1e-3" \
+  --damping-grid "kfac=1e-3" --kl-clip 0 --hyper "$G,kfac_samples=8" --seeds 0,1 --budget 90 \
+  --out benchmarks/train-transformer-90s-graft
+G="damping_form=factored,graft=rmsprop,inv_update_steps=25,factor_update_steps=5,kfac_samples=32"
+$B train --task cnn --budget 60 --seeds 0,1 --optimizers kfac,soap,adam --lr-grid "kfac=5e-4;soap=3e-3;adam=1e-3" \
+  --damping-grid "kfac=1e-3" --kl-clip 0 --hyper "$G" --out benchmarks/train-cnn-60s-graft
+$B train --task cnn-norm --budget 60 --optimizers kfac,soap,adam --lr-grid "kfac=5e-4,1e-3;soap=3e-3;adam=1e-3" \
+  --damping-grid "kfac=1e-3" --kl-clip 0 --hyper "$G" --out benchmarks/train-cnn-norm-60s-graft

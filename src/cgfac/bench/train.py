@@ -218,7 +218,28 @@ TUNED: dict[str, dict[str, dict[str, Any]]] = {
         "sgd": {"lr": 3e-3},  # {3e-3, 1e-2, 0.03, 0.1}: 104.7, 209.8 (30 s), 1834, 8841 (40 s)
         "shampoo": {"lr": 3e-3},  # {3e-3, 1e-2, 0.03, 0.1}: 191.8, 354.4 (30 s), 2021, 7322 (40 s)
     },
+    "transformer": {
+        # 45 s, one seed (README "Grafting"): KL-clipped K-FAC λ {1e-3, 1e-2, 3e-2, 0.1} × κ {1e-3,
+        # 3e-3, 1e-2}: best 1.59; grafted lr {2.5e-4, 5e-4, 1e-3, 2e-3} × λ {1e-4, 3e-4, 1e-3, 1e-2, 0.1}:
+        # best 1.358 (lr 5e-4, λ 1e-3); AdamW 3e-3 1.424, SOAP 3e-3 1.295.
+        "kfac": {"lr": 5e-4, "damping": 1e-3,
+                 "hyper": {"kl_clip": None, "graft": "rmsprop", "damping_form": "factored", "kfac_samples": 8,
+                           "inv_update_steps": 20, "factor_update_steps": 5}},
+        "adamw": {"lr": 3e-3},  # {1e-3, 3e-3}: 1.459, 1.162 at 90 s (train-transformer-90s)
+        "soap": {"lr": 3e-3},
+        "shampoo": {"lr": 1e-3},
+    },
+    "cnn": {
+        # 30 s, one seed: grafted K-FAC lr {5e-4, 1e-3}: 0.0176, 0.0310; SOAP 0.0211, Adam 0.0417.
+        "kfac": {"lr": 5e-4, "damping": 1e-3,
+                 "hyper": {"kl_clip": None, "graft": "rmsprop", "damping_form": "factored", "kfac_samples": 32,
+                           "inv_update_steps": 25, "factor_update_steps": 5}},
+        "soap": {"lr": 3e-3},
+        "adam": {"lr": 1e-3},
+        "sgd": {"lr": 0.1},
+    },
 }
+TUNED["cnn-norm"] = TUNED["cnn"]  # lr {5e-4, 1e-3}: 0.0191, 0.0277 at 60 s (train-cnn-norm-60s-graft)
 
 
 # --- data, loss, evaluation ----------------------------------------------------------------------
