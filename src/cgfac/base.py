@@ -18,7 +18,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,12 +29,15 @@ from cgfac.fisher import sampled_loss
 from cgfac.hyperparams import Hyper, HyperParam
 from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
 from cgfac.layers.registry import HelperFactory, check_overrides
-from cgfac.options import DampingScale, FisherKind, LossReduction, LossType, check
+from cgfac.options import DampingScale, FisherKind, LossReduction, LossType, ShardedGrads, check
 from cgfac.state import LayerState, StateView
 
 logger = logging.getLogger("cgfac")
 VANISHING_KL_SCALE = 1e-3  # a KL clip scaling the step by less than this makes it vanish
 DAMPING_SWAMPS = 1e3  # damping above this multiple of the largest curvature eigenvalue swamps it
+# How a layer's gradient reaches its solve this step, agreed by the maximum over ranks: the owner
+# scheme for row-sharded gradients, the whole matrix on every rank, or missing (plain gradient).
+_OWNER, _WHOLE, _MISSING = 0, 1, 2
 
 
 def rank_seed(generator: torch.Generator, rank: int, world: int) -> int:
@@ -92,6 +95,13 @@ class Preconditioner:
             ``layer_stats()[name]`` has the layer's ``damping`` and ``curvature_scale``.
         collective_timeout: seconds any collective of the preconditioner may wait before it raises
             :class:`cgfac.distributed.CollectiveError` (default None: the process group's timeout).
+        sharded_grads: how FSDP2's sharded (``DTensor``) gradients reach a layer's solve
+            (:mod:`cgfac.sharded`): ``"auto"`` (default) the owner scheme (the layer's owner alone
+            gathers ``∇W`` from the shards and returns each rank its rows of the direction) wherever
+            the gradients are ``Shard(0)`` on a 1-D mesh of the process group, else an all-gather
+            on every rank with the reason logged once; ``"owner"``: the owner scheme or
+            ``ValueError`` naming the layer; ``"all-gather"``: every rank all-gathers every layer.
+            ``layer_stats()[name]["sharded"]`` says which. Plain gradients are unaffected.
 
     Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
     ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
@@ -118,6 +128,7 @@ class Preconditioner:
         layer_helpers: Mapping[type, HelperFactory] | None = None,
         damping_scale: DampingScale = "absolute",
         collective_timeout: float | None = None,
+        sharded_grads: ShardedGrads = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -138,6 +149,9 @@ class Preconditioner:
         self.solve_dtype = solve_dtype
         self.layer_helpers = check_overrides(layer_helpers)
         self.damping_scale: DampingScale = check("damping_scale", damping_scale, DampingScale)
+        self.sharded_grads: ShardedGrads = check("sharded_grads", sharded_grads, ShardedGrads)
+        self._owner_routed: set[str] = set()  # this step's layers under the owner scheme (cgfac.sharded)
+        self._sharded_notes: dict[str, str] = {}  # the last logged route of each sharded layer
         self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
         self._forward_passes = 0
         self.dist = WorkAssignment(process_group, collective_timeout)
@@ -402,7 +416,10 @@ class Preconditioner:
         raise NotImplementedError
 
     def _solves_here(self, name: str) -> bool:
-        """Whether this process computes the layer's direction."""
+        """Whether this process computes the layer's direction (under the owner scheme for sharded
+        gradients only the owner holds the whole ``∇W``)."""
+        if name in self._owner_routed:
+            return self.dist.owns(name)
         return not self._owner_only(name) or self.dist.owns(name)
 
     def _share(self, directions: dict[str, Tensor | None], active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
@@ -411,7 +428,7 @@ class Preconditioner:
             return
         items, buffers = [], {}
         for name, (_, grad) in active.items():
-            if not self._owner_only(name):
+            if not self._owner_only(name) or name in self._owner_routed:
                 continue
             buf = grad.new_zeros(grad.numel() + 1)
             x = directions.get(name)
@@ -448,36 +465,102 @@ class Preconditioner:
         warnings.warn(f"cgfac: non-finite gradient{where}; every .grad was zeroed and this step skipped",
                       RuntimeWarning, stacklevel=3)
 
-    def _agreed_grads(self) -> tuple[bool, dict[str, Tensor | None]]:
-        """Whether every rank's gradients are finite, and each layer's ``∇W`` (None where any rank
-        lacks it): one all-reduce makes the decisions the same on every rank."""
-        grads = {name: helper.grad_matrix() for name, helper in self.layers.items()}
-        finite = self._grads_finite()
+    def _local_route(self, helper: LayerHelper) -> tuple[int, Any]:
+        """This rank's view of how a unit's gradient reaches its solve: ``(_MISSING, None)``,
+        ``(_OWNER, row layouts of its parts)`` or ``(_WHOLE, why not the owner scheme, or None
+        for plain gradients)``."""
+        parts = helper.grad_parts()
+        if any(p.grad is None for p, _ in parts):
+            return _MISSING, None
+        if not any(sharded.is_sharded(p.grad) for p, _ in parts):
+            return _WHOLE, None
         if not self.dist.active:
-            return finite, grads
-        device = next(iter(self.layers.values())).device
-        flags = self.dist.agree([int(not finite)] + [int(g is None) for g in grads.values()], device)
-        missing = {name for name, flag in zip(grads, flags[1:]) if flag}
-        return not flags[0], {name: None if name in missing else g for name, g in grads.items()}
+            return _WHOLE, "one process"
+        if self.sharded_grads == "all-gather":
+            return _WHOLE, "sharded_grads='all-gather'"
+        layouts = []
+        for k, (p, _) in enumerate(parts):
+            layout = sharded.row_layout(cast(Tensor, p.grad), self.dist.group_ranks, self.dist.rank)
+            if isinstance(layout, str):
+                return _WHOLE, f"{'weight' if k == 0 else f'parameter {k}'} gradient {layout}"
+            layouts.append(layout)
+        return _OWNER, layouts
+
+    def _note_route(self, name: str, route: str) -> None:
+        """Record a sharded layer's route in its stats; log it when it changes."""
+        self.stats[name]["sharded"] = route
+        if self._sharded_notes.get(name) != route:
+            self._sharded_notes[name] = route
+            log = logger.warning if route.startswith("all-gather") and self.dist.active else logger.info
+            log("%s: layer %r: sharded gradient by %s", type(self).__name__, name, route)
+
+    def _agreed_grads(self) -> tuple[bool, dict[str, Tensor | None], dict[str, list], dict[str, str]]:
+        """Whether every rank's gradients are finite; each layer's whole ``∇W`` (None where any
+        rank lacks it, or where the layer goes by the owner scheme); the row layouts of the layers
+        that go by the owner scheme; and why each other sharded layer does not. One all-reduce
+        makes these decisions the same on every rank; then sharded layers not under the owner
+        scheme are all-gathered (layers in the same order everywhere)."""
+        routes = {name: self._local_route(helper) for name, helper in self.layers.items()}
+        finite = self._grads_finite()
+        flags = [route for route, _ in routes.values()]
+        if self.dist.active:
+            device = next(iter(self.layers.values())).device
+            agreed = self.dist.agree([int(not finite), *flags], device)
+            finite, flags = not agreed[0], agreed[1:]
+        grads: dict[str, Tensor | None] = {}
+        layouts: dict[str, list] = {}
+        reasons: dict[str, str] = {}
+        if not finite:
+            return False, grads, layouts, reasons
+        for (name, helper), flag, (mine, info) in zip(self.layers.items(), flags, routes.values()):
+            grads[name] = None
+            if flag == _OWNER:
+                layouts[name] = info
+                continue
+            if flag == _WHOLE:
+                reason = info if mine == _WHOLE else "not row-sharded as the owner scheme needs on another rank"
+                if reason is not None and self.dist.active and self.sharded_grads == "owner":
+                    raise ValueError(f"sharded_grads='owner': layer {name!r} cannot use the owner scheme: {reason} "
+                                     "(sharded_grads='auto' all-gathers such layers)")
+                grads[name] = helper.grad_matrix()
+                if reason is not None:
+                    reasons[name] = reason
+        return True, grads, layouts, reasons
 
     @torch.no_grad()
     def step(self) -> None:
         """Replace the ``.grad`` of every covered layer by its preconditioned direction."""
         damping = self.damping(self.steps)
         self._sample_targets = []
-        finite, grads = self._agreed_grads()
+        finite, grads, layouts, reasons = self._agreed_grads()
         if not finite:
             self._skip_step()
             return
+        self._owner_routed = set(layouts)
         active: dict[str, tuple[LayerHelper, Tensor]] = {}
         for name, helper in self.layers.items():
             grad = grads[name]
-            if grad is None:
+            dtype = self._compute_dtype(helper)
+            if name in layouts:  # the owner scheme: ∇W arrives after _collect (which assigns owners)
+                grad = torch.empty(0, dtype=dtype, device=helper.device)  # dtype and device only
+            elif grad is None:
                 helper.chunks = []
                 continue
-            active[name] = (helper, grad.to(self._compute_dtype(helper)))
+            active[name] = (helper, grad.to(dtype))
             self.stats[name] = {"damping": damping}
+            if name in reasons:
+                self._note_route(name, f"all-gather: {reasons[name]}")
         self._collect(active)
+        exchange = None
+        if layouts:
+            exchange = sharded.OwnerExchange(
+                self.dist, [(name, self.layers[name], self.dist.owner(name), layouts[name]) for name in layouts],
+                {name: self._compute_dtype(self.layers[name]) for name in layouts})
+            for name, grad in exchange.gather().items():
+                helper = active[name][0]
+                active[name] = (helper, grad.to(self._compute_dtype(helper)))
+            for name in layouts:
+                self._note_route(name, f"owner: rank {self.dist.owner(name)} gathers the rows, scatters the direction")
         directions: dict[str, Tensor | None] = {}
         for name, (helper, grad) in active.items():
             if not self._solves_here(name):
@@ -497,15 +580,32 @@ class Preconditioner:
                               RuntimeWarning, stacklevel=2)
             directions[name] = x
         self._share(directions, active)
-        final = {name: (active[name][0], x, active[name][1]) for name, x in directions.items() if x is not None}
-        scale = self._kl_scale(final)
-        for helper, x, _ in final.values():
-            helper.set_grad(x.mul_(scale))
-        self._check_vanishing(final, scale, damping)
+        scattered = {} if exchange is None else exchange.scatter(
+            {name: (directions[name], self._product(directions[name], active[name][1]))
+             for name in layouts if name in directions})
+        # Every rank: the layers that take a direction and ⟨X, ∇W⟩ of each, in layer order.
+        final: dict[str, float] = {}
+        for name in self.layers:
+            if name in scattered:
+                if scattered[name][0] is not None:
+                    final[name] = scattered[name][1]
+            elif directions.get(name) is not None:
+                final[name] = self._product(directions[name], active[name][1])
+        scale = self._kl_scale(list(final.values()))
+        for name in final:
+            if name in scattered:
+                assert exchange is not None
+                exchange.write(name, cast(list[Tensor], scattered[name][0]), scale)
+            else:
+                self.layers[name].set_grad(cast(Tensor, directions[name]).mul_(scale))
+        self._check_vanishing(list(final), scale, damping)
         self.steps += 1
 
-    def _check_vanishing(self, final: dict[str, tuple[LayerHelper, Tensor, Tensor]], scale: float,
-                         damping: float) -> None:
+    def _product(self, x: Tensor | None, grad: Tensor) -> float:
+        """``⟨X, ∇W⟩`` for the KL clip (0 without one, or without a direction)."""
+        return 0.0 if self.kl_clip is None or x is None else float((x * grad).sum())
+
+    def _check_vanishing(self, final: list[str], scale: float, damping: float) -> None:
         """Report settings that make the step vanish: the KL clip's ``ν`` below
         ``VANISHING_KL_SCALE``, or ``λ`` above ``DAMPING_SWAMPS`` × a bound on the largest
         curvature eigenvalue (``curvature_bound`` in the layer's stats, e.g. ``tr(A)·tr(G)``).
@@ -542,11 +642,12 @@ class Preconditioner:
                 "correspond to damping·n² and kl_clip·n² here (n: the batch size). Reported once; see "
                 "layer_stats()[name]['step_vanishes'].", RuntimeWarning, stacklevel=3)
 
-    def _kl_scale(self, directions: dict[str, tuple[LayerHelper, Tensor, Tensor]]) -> float:
-        if self.kl_clip is None or not directions:
+    def _kl_scale(self, products: list[float]) -> float:
+        """``ν = min(1, √(κ / |lr² Σ_layers ⟨X, ∇W⟩|))`` from each layer's ``⟨X, ∇W⟩`` (layer order)."""
+        if self.kl_clip is None or not products:
             return 1.0
         lr = self.lr(self.steps)
-        vg = sum(float((x * g).sum()) for _, x, g in directions.values()) * lr**2
+        vg = sum(products) * lr**2
         if vg == 0 or vg != vg:
             return 1.0
         return min(1.0, (self.kl_clip(self.steps) / abs(vg)) ** 0.5)
