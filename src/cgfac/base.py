@@ -361,7 +361,7 @@ class Preconditioner:
                 by_output.update(id(u) for u in units)
         self._sample_targets = []
         params = {id(p): p for h in self.layers.values() for u in h.units() if id(u) not in by_output
-                  for p in u.params()}
+                  for p in u.sampling_params()}
         wrt.extend(params.values())
         self._sampling = True
         try:
@@ -491,7 +491,8 @@ class Preconditioner:
         self.stats[name]["sharded"] = route
         if self._sharded_notes.get(name) != route:
             self._sharded_notes[name] = route
-            log = logger.warning if route.startswith("all-gather") and self.dist.active else logger.info
+            chosen = route.startswith("owner") or "sharded_grads='all-gather'" in route or not self.dist.active
+            log = logger.info if chosen else logger.warning
             log("%s: layer %r: sharded gradient by %s", type(self).__name__, name, route)
 
     def _agreed_grads(self) -> tuple[bool, dict[str, Tensor | None], dict[str, list], dict[str, str]]:

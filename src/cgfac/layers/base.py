@@ -21,6 +21,7 @@ K-FAC, its factors and their decomposition (:meth:`LayerHelper.kfac_factors`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -109,19 +110,15 @@ class LayerHelper:
         self.chunks: list[Chunk] = []
 
     # --- the layer matrix ---------------------------------------------------------------------
-    def _rows_of(self, t: Tensor) -> Tensor:
-        return t if self.out_slice is None else t[self.out_slice]
-
-    def _bias_of(self, t: Tensor) -> Tensor:
-        return t if self.bias_slice is None else t[self.bias_slice]
-
+    # Shapes come from ``weight.shape`` alone: indexing a sharded (DTensor) weight is a collective.
     @property
     def d_out(self) -> int:
-        return self._rows_of(self.weight).shape[0]
+        rows = self.weight.shape[0]
+        return rows if self.out_slice is None else len(range(*self.out_slice.indices(rows)))
 
     @property
     def d_in(self) -> int:
-        return self.weight[0].numel() + int(self.has_bias)
+        return math.prod(self.weight.shape[1:]) + int(self.has_bias)
 
     @property
     def row_widths(self) -> tuple[int, int]:
@@ -141,6 +138,12 @@ class LayerHelper:
         if self.has_bias:
             ps.append(self.bias)
         return ps
+
+    def sampling_params(self) -> list[Tensor]:
+        """What the true Fisher's sampled backward differentiates for a unit whose rows are not
+        captured through its output (attention's projections): its parameters as the forward
+        used them."""
+        return self.params()
 
     def grad_parts(self) -> list[tuple[Tensor, slice | None]]:
         """The parameters whose gradients make up the layer matrix, each with the rows (dim 0,
