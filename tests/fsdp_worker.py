@@ -208,6 +208,17 @@ def optimizer(rank: int, world: int, mesh=None) -> dict:
     return {"directions": dirs, "params": [full(p) for p in model.parameters()]}
 
 
+def adaptive_error(mesh) -> str:
+    """What ``cgfac.optim.KFAC`` with its quadratic model (the default ``adaptive``) says under FSDP2."""
+    model = net()
+    shard_model(model, mesh)
+    try:
+        cgfac.optim.KFAC(model, loss_type="cross_entropy")
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
 def columns(p: torch.Tensor) -> Any:
     """FSDP2's ``shard_placement_fn``: a weight matrix by columns (``Shard(1)``), a bias by rows."""
     from torch.distributed.tensor import Shard
@@ -246,6 +257,7 @@ def main() -> None:
         "owner_error": owner_mode_error(rank, world, mesh),
         "true_fisher": {kind: true_fisher(kind, rank, world, mesh) for kind in TRUE_FISHER},
         "optim": optimizer(rank, world, mesh),
+        "adaptive_error": adaptive_error(mesh),
     }
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
     dist.barrier()

@@ -180,6 +180,12 @@ def test_the_optimizer_class_without_its_quadratic_model_under_fsdp2(ranks) -> N
         assert_matches(result["optim"], want)
 
 
+def test_the_optimizer_class_refuses_its_quadratic_model_under_fsdp2(ranks) -> None:
+    for result in ranks:
+        message = result["adaptive_error"]
+        assert message.startswith("adaptive='lr+momentum'") and "DTensor" in message and "adaptive='none'" in message
+
+
 def resume_one_step(kind: str, params: list[torch.Tensor], state: dict) -> list[torch.Tensor]:
     """One process: the model at ``params``, the preconditioner from ``state``, step ``STEPS``."""
     model = fw.net()

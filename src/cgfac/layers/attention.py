@@ -116,7 +116,7 @@ class MultiheadAttentionHelper(LayerGroup):
         in_forward: list[list[Tensor]] = [[u.weight for u in units]]
 
         def pre_hook(mod: nn.Module, args: tuple) -> None:
-            in_forward[0] = [mod.get_parameter(n) for n in weight_names]
+            in_forward[0] = [_attribute(mod, n) for n in weight_names]
             for unit, weight in zip(units, in_forward[0]):
                 if isinstance(unit, ProjectionHelper):
                     unit.forward_weight = weight
@@ -151,6 +151,15 @@ class MultiheadAttentionHelper(LayerGroup):
                     node.register_prehook(_grad_hook(capture, targets, n, length))
 
         return [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(hook, with_kwargs=True)]
+
+
+def _attribute(module: nn.Module, dotted: str) -> Tensor:
+    """``module.a.b`` for ``"a.b"``: a Parameter, or what ``functional_call`` put in its place."""
+    out: object = module
+    for part in dotted.split("."):
+        out = getattr(out, part)
+    assert isinstance(out, Tensor)
+    return out
 
 
 def _grad_hook(capture: Capture, targets: list, n: int, length: int):
