@@ -166,7 +166,7 @@ class OwnerExchange:
         for name, helper, _, layouts in units:
             self.parts[name] = []
             for (p, sl), layout in zip(helper.grad_parts(), layouts):
-                lo, hi = (0, p.shape[0]) if sl is None else (sl.start or 0, sl.stop)
+                lo, hi, _ = (sl or slice(None)).indices(p.shape[0])
                 self.parts[name].append(_Part(cast(Tensor, p.grad), lo, hi, layout, tuple(p.shape[1:])))
 
     def _by_dtype(self, dtype_of: dict[str, torch.dtype]) -> dict[torch.dtype, list[str]]:
@@ -221,7 +221,7 @@ class OwnerExchange:
                     continue
                 x, vg = directions[name]
                 values = None if x is None else self.helpers[name].parts_of_matrix(x)
-                header = torch.tensor([0.0 if x is None else 1.0, vg], dtype=dtype, device=device)
+                header = torch.tensor([0.0 if x is None else 1.0, vg], dtype=dtype).to(device)
                 for dst in range(self.world):
                     send[dst].append(header)
                     for k, part in enumerate(self.parts[name]):
@@ -235,19 +235,24 @@ class OwnerExchange:
             received = self.dist.all_to_all([_cat(s, dtype, device) for s in send], sizes,
                                             "scatter directions from their owners")
             offsets = [0] * self.world
+            headers: list[Tensor] = []
+            pieces: dict[str, list[Tensor]] = {}
             for name in names:
                 src = self.owner[name]
                 buf, at = received[src], offsets[src]
-                flag, vg = float(buf[at]), float(buf[at + 1])
+                headers.append(buf[at: at + 2])
                 at += 2
-                pieces = []
+                pieces[name] = []
                 for part in self.parts[name]:
                     lo, hi = part.rows_of(self.rank)
                     size = part.numel(self.rank)
-                    pieces.append(buf[at: at + size].reshape(hi - lo, *part.row_shape))
+                    pieces[name].append(buf[at: at + size].reshape(hi - lo, *part.row_shape))
                     at += size
                 offsets[src] = at
-                out[name] = (pieces, vg) if flag == 1 else (None, 0.0)
+            flags = torch.cat(headers).tolist()  # one read of every header (one device sync)
+            for i, name in enumerate(names):
+                flag, vg = flags[2 * i], flags[2 * i + 1]
+                out[name] = (pieces[name], vg) if flag == 1 else (None, 0.0)
         return out
 
     def write(self, name: str, pieces: list[Tensor], scale: float) -> None:

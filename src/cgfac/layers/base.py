@@ -180,7 +180,7 @@ class LayerHelper:
         """Write a ``d_out × d_in`` matrix back into the parameters' ``.grad`` (this rank's shard
         of it for FSDP2's sharded gradients, :func:`cgfac.sharded.write_shard`)."""
         for (p, sl), value in zip(self.grad_parts(), self.parts_of_matrix(x)):
-            sharded.write_shard(p.grad, value, 0 if sl is None else sl.start)
+            sharded.write_shard(p.grad, value, 0 if sl is None else sl.indices(p.shape[0])[0])
 
     # --- rows ---------------------------------------------------------------------------------
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
