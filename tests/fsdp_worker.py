@@ -33,6 +33,9 @@ PRECONDITIONERS: dict[str, Callable[..., cgfac.Preconditioner]] = {
     "kfac-comm-opt": lambda m, **k: cgfac.KFAC(m, damping=1e-2, inv_update_steps=2, kl_clip=None, **k),
     "kfac-mem-opt": lambda m, **k: cgfac.KFAC(m, damping=1e-2, inv_update_steps=2, kl_clip=1e-2,
                                               strategy="mem-opt", **k),
+    # grafted: the owner rescales the direction with the second moment it alone keeps
+    "cgfac-graft": lambda m, **k: cgfac.CGFAC(m, solver="lowrank", damping=1e-2, kl_clip=None, graft="rmsprop",
+                                              **k),
 }
 TRUE_FISHER = {
     "cgfac": lambda m: cgfac.CGFAC(m, fisher="true", solver="lowrank", curvature_window=2, kl_clip=None),

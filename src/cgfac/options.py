@@ -23,6 +23,8 @@ FisherKind = Literal["empirical", "true"]
 LossType = Literal["cross_entropy", "gaussian", "mse", "bernoulli"]
 Strategy = Literal["comm-opt", "mem-opt"]
 FactorWarmup = Literal["first", "mean"]
+GraftKind = Literal["none", "rmsprop"]
+"""``"rmsprop"``: each layer's direction rescaled to the length of RMSProp's step (:mod:`cgfac.graft`)."""
 DampingScale = Literal["absolute", "relative"]
 """``"absolute"``: every layer damped by λ; ``"relative"``: by ``λ·tr(C_l)/dim`` (its mean diagonal)."""
 ShardedGrads = Literal["auto", "owner", "all-gather"]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cgfac.curvature import RowWindow, RunningFactors
+from cgfac.graft import RMSPropGraft
 from cgfac.layers import LayerHelper
 from cgfac.solvers import SolverState
 
@@ -28,6 +29,7 @@ class LayerState:
     curvature: RowWindow | RunningFactors | None = None
     solver: SolverState = field(default_factory=SolverState)
     stats: dict[str, Any] | None = None
+    graft: RMSPropGraft | None = None  # graft="rmsprop": the gradient's second moment
 
     def state_dict(self) -> dict[str, Any]:
         """``shape`` (``(d_out, d_in)``, checked on load), the curvature's state (``window``, or
@@ -41,6 +43,8 @@ class LayerState:
         elif isinstance(self.curvature, RunningFactors):
             state.update(self.curvature.state_dict())
         state.update(self.solver.state_dict())
+        if self.graft is not None:
+            state.update(self.graft.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -52,6 +56,7 @@ class LayerState:
             self.curvature.load_state_dict(state, device)
         rebuild = self.helper.kfac_decomposition if self.helper is not None else None
         self.solver.load_state_dict(state, device, rebuild)
+        self.graft = RMSPropGraft.from_state(state, device) if "graft_v" in state else None
 
 
 class StateView(MutableMapping[str, Any]):

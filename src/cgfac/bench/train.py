@@ -185,6 +185,7 @@ class SecondOrder:
     curvature_samples: int | None = None  # CG-FAC: samples of each batch used for curvature (None: all)
     factor_decay: float = 0.95  # K-FAC's running factors
     inv_update_steps: int = 10  # K-FAC's eigendecomposition interval
+    factor_update_steps: int = 1  # K-FAC's factor refresh interval (rows are captured on those steps only)
     fisher: str = "empirical"  # "true": targets sampled from the model (one extra backward)
     adaptive: str = "lr+momentum"  # the *-adaptive optimizers: what the quadratic model chooses
     quad_samples: int | None = None  # the *-adaptive optimizers: samples for the GGN products (None: all)
@@ -192,6 +193,7 @@ class SecondOrder:
     min_damping: float = 1e-3  # the *-adaptive optimizers: lower bound of the LM-adapted λ (the library default)
     damping_form: str = "exact"  # "exact" or "factored" (K-FAC and CG-FAC kron)
     damping_scale: str = "absolute"  # "absolute" or "relative" (λ times each layer's mean curvature)
+    graft: str = "none"  # "rmsprop": each layer's direction at RMSProp's step length (kfac, cgfac-*)
 
 
 SGD_MOMENTUM = 0.9
@@ -292,6 +294,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
             common["momentum"] = hp.momentum
         if name == "kfac-adaptive":
             return cgfac.optim.KFAC(model, factor_decay=hp.factor_decay, inv_update_steps=hp.inv_update_steps,
+                                    factor_update_steps=hp.factor_update_steps,
                                     curvature_samples=hp.kfac_samples, damping_form=hp.damping_form, **common), None
         if name == "cgfac-kron-adaptive":
             common["damping_form"] = hp.damping_form
@@ -304,12 +307,13 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
         return opt.param_groups[0]["lr"]
 
     common = {"damping": hp.damping, "kl_clip": hp.kl_clip, "lr": current_lr, "fisher": hp.fisher,
-              "damping_scale": hp.damping_scale}
+              "damping_scale": hp.damping_scale, "graft": hp.graft}
     if name in ("kfac", "cgfac-kron"):
         common["damping_form"] = hp.damping_form
     if name == "kfac":
         pre: cgfac.Preconditioner = cgfac.KFAC(model, factor_decay=hp.factor_decay,
                                                inv_update_steps=hp.inv_update_steps,
+                                               factor_update_steps=hp.factor_update_steps,
                                                curvature_samples=hp.kfac_samples, **common)
     elif name in ("cgfac-kron", "cgfac-exact"):
         pre = cgfac.CGFAC(model, curvature=name.removeprefix("cgfac-"), curvature_window=hp.curvature_window,
@@ -767,13 +771,19 @@ def settings_text(name: str, hp: SecondOrder, damping: float | None = None) -> s
             text += f", {hp.quad_samples} samples for the quadratic model"
         if name == "kfac-adaptive":
             return text + f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps" + (
-                f", factors from {hp.kfac_samples} samples" if hp.kfac_samples is not None else "")
+                f", factors from {hp.kfac_samples} samples" if hp.kfac_samples is not None else "") + (
+                f", factors every {hp.factor_update_steps} steps" if hp.factor_update_steps != 1 else "")
         samples = "all" if hp.curvature_samples is None else hp.curvature_samples
         return text + f", curvature window {hp.curvature_window}, curvature samples {samples}"
     text = f"SGD momentum {hp.momentum}, damping {lam:g}, KL clip {hp.kl_clip}, {hp.fisher} Fisher"
+    if hp.graft != "none":
+        text += f", grafted onto {hp.graft}'s step length"
+    if hp.damping_form != "exact":
+        text += f", {hp.damping_form} damping"
     if name == "kfac":
         return text + f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps" + (
-            f", factors from {hp.kfac_samples} samples" if hp.kfac_samples is not None else "")
+            f", factors from {hp.kfac_samples} samples" if hp.kfac_samples is not None else "") + (
+                f", factors every {hp.factor_update_steps} steps" if hp.factor_update_steps != 1 else "")
     samples = "all" if hp.curvature_samples is None else hp.curvature_samples
     return text + f", solver auto, curvature window {hp.curvature_window}, curvature samples {samples}"
 
