@@ -18,7 +18,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +30,15 @@ from cgfac.graft import RMSPropGraft
 from cgfac.hyperparams import Hyper, HyperParam
 from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
 from cgfac.layers.registry import HelperFactory, check_overrides
-from cgfac.options import DampingScale, FisherKind, GraftKind, LossReduction, LossType, check
+from cgfac.options import DampingScale, FisherKind, GraftKind, LossReduction, LossType, ShardedGrads, check
 from cgfac.state import LayerState, StateView
 
 logger = logging.getLogger("cgfac")
 VANISHING_KL_SCALE = 1e-3  # a KL clip scaling the step by less than this makes it vanish
 DAMPING_SWAMPS = 1e3  # damping above this multiple of the largest curvature eigenvalue swamps it
+# How a layer's gradient reaches its solve this step, agreed by the maximum over ranks: the owner
+# scheme for row-sharded gradients, the whole matrix on every rank, or missing (plain gradient).
+_OWNER, _WHOLE, _MISSING = 0, 1, 2
 
 
 def rank_seed(generator: torch.Generator, rank: int, world: int) -> int:
@@ -99,6 +102,13 @@ class Preconditioner:
             (use ``kl_clip=None``). Tried on the transformer benchmark, where the KL-clipped step
             trailed AdamW.
         graft_beta2, graft_eps: RMSProp's ``β₂`` (in ``[0, 1)``) and ``ε`` (> 0).
+        sharded_grads: how FSDP2's sharded (``DTensor``) gradients reach a layer's solve
+            (:mod:`cgfac.sharded`): ``"auto"`` (default) the owner scheme (the layer's owner alone
+            gathers ``∇W`` from the shards and returns each rank its rows of the direction) wherever
+            the gradients are ``Shard(0)`` on a 1-D mesh of the process group, else an all-gather
+            on every rank with the reason logged once; ``"owner"``: the owner scheme or
+            ``ValueError`` naming the layer; ``"all-gather"``: every rank all-gathers every layer.
+            ``layer_stats()[name]["sharded"]`` says which. Plain gradients are unaffected.
 
     Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
     ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
@@ -128,6 +138,7 @@ class Preconditioner:
         graft: GraftKind = "none",
         graft_beta2: float = 0.999,
         graft_eps: float = 1e-8,
+        sharded_grads: ShardedGrads = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -151,6 +162,9 @@ class Preconditioner:
         self.graft: GraftKind = check("graft", graft, GraftKind)
         self.graft_beta2 = HyperParam("graft_beta2", graft_beta2, low=0.0, high=0.999999)(0)
         self.graft_eps = HyperParam("graft_eps", graft_eps, low=0.0, low_open=True)(0)
+        self.sharded_grads: ShardedGrads = check("sharded_grads", sharded_grads, ShardedGrads)
+        self._owner_routed: set[str] = set()  # this step's layers under the owner scheme (cgfac.sharded)
+        self._sharded_notes: dict[str, str] = {}  # the last logged route of each sharded layer
         self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
         self._forward_passes = 0
         self.dist = WorkAssignment(process_group, collective_timeout)
@@ -360,7 +374,7 @@ class Preconditioner:
                 by_output.update(id(u) for u in units)
         self._sample_targets = []
         params = {id(p): p for h in self.layers.values() for u in h.units() if id(u) not in by_output
-                  for p in u.params()}
+                  for p in u.sampling_params()}
         wrt.extend(params.values())
         self._sampling = True
         try:
@@ -415,7 +429,10 @@ class Preconditioner:
         raise NotImplementedError
 
     def _solves_here(self, name: str) -> bool:
-        """Whether this process computes the layer's direction."""
+        """Whether this process computes the layer's direction (under the owner scheme for sharded
+        gradients only the owner holds the whole ``∇W``)."""
+        if name in self._owner_routed:
+            return self.dist.owns(name)
         return not self._owner_only(name) or self.dist.owns(name)
 
     def _share(self, directions: dict[str, Tensor | None], active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
@@ -424,7 +441,7 @@ class Preconditioner:
             return
         items, buffers = [], {}
         for name, (_, grad) in active.items():
-            if not self._owner_only(name):
+            if not self._owner_only(name) or name in self._owner_routed:
                 continue
             buf = grad.new_zeros(grad.numel() + 1)
             x = directions.get(name)
@@ -461,36 +478,103 @@ class Preconditioner:
         warnings.warn(f"cgfac: non-finite gradient{where}; every .grad was zeroed and this step skipped",
                       RuntimeWarning, stacklevel=3)
 
-    def _agreed_grads(self) -> tuple[bool, dict[str, Tensor | None]]:
-        """Whether every rank's gradients are finite, and each layer's ``∇W`` (None where any rank
-        lacks it): one all-reduce makes the decisions the same on every rank."""
-        grads = {name: helper.grad_matrix() for name, helper in self.layers.items()}
-        finite = self._grads_finite()
+    def _local_route(self, helper: LayerHelper) -> tuple[int, Any]:
+        """This rank's view of how a unit's gradient reaches its solve: ``(_MISSING, None)``,
+        ``(_OWNER, row layouts of its parts)`` or ``(_WHOLE, why not the owner scheme, or None
+        for plain gradients)``."""
+        parts = helper.grad_parts()
+        if any(p.grad is None for p, _ in parts):
+            return _MISSING, None
+        if not any(sharded.is_sharded(p.grad) for p, _ in parts):
+            return _WHOLE, None
         if not self.dist.active:
-            return finite, grads
-        device = next(iter(self.layers.values())).device
-        flags = self.dist.agree([int(not finite)] + [int(g is None) for g in grads.values()], device)
-        missing = {name for name, flag in zip(grads, flags[1:]) if flag}
-        return not flags[0], {name: None if name in missing else g for name, g in grads.items()}
+            return _WHOLE, "one process"
+        if self.sharded_grads == "all-gather":
+            return _WHOLE, "sharded_grads='all-gather'"
+        layouts = []
+        for k, (p, _) in enumerate(parts):
+            layout = sharded.row_layout(cast(Tensor, p.grad), self.dist.group_ranks, self.dist.rank)
+            if isinstance(layout, str):
+                return _WHOLE, f"{'weight' if k == 0 else f'parameter {k}'} gradient {layout}"
+            layouts.append(layout)
+        return _OWNER, layouts
+
+    def _note_route(self, name: str, route: str) -> None:
+        """Record a sharded layer's route in its stats; log it when it changes."""
+        self.stats[name]["sharded"] = route
+        if self._sharded_notes.get(name) != route:
+            self._sharded_notes[name] = route
+            chosen = route.startswith("owner") or "sharded_grads='all-gather'" in route or not self.dist.active
+            log = logger.info if chosen else logger.warning
+            log("%s: layer %r: sharded gradient by %s", type(self).__name__, name, route)
+
+    def _agreed_grads(self) -> tuple[bool, dict[str, Tensor | None], dict[str, list], dict[str, str]]:
+        """Whether every rank's gradients are finite; each layer's whole ``∇W`` (None where any
+        rank lacks it, or where the layer goes by the owner scheme); the row layouts of the layers
+        that go by the owner scheme; and why each other sharded layer does not. One all-reduce
+        makes these decisions the same on every rank; then sharded layers not under the owner
+        scheme are all-gathered (layers in the same order everywhere)."""
+        routes = {name: self._local_route(helper) for name, helper in self.layers.items()}
+        finite = self._grads_finite()
+        flags = [route for route, _ in routes.values()]
+        if self.dist.active:
+            device = next(iter(self.layers.values())).device
+            agreed = self.dist.agree([int(not finite), *flags], device)
+            finite, flags = not agreed[0], agreed[1:]
+        grads: dict[str, Tensor | None] = {}
+        layouts: dict[str, list] = {}
+        reasons: dict[str, str] = {}
+        if not finite:
+            return False, grads, layouts, reasons
+        for (name, helper), flag, (mine, info) in zip(self.layers.items(), flags, routes.values()):
+            grads[name] = None
+            if flag == _OWNER:
+                layouts[name] = info
+                continue
+            if flag == _WHOLE:
+                reason = info if mine == _WHOLE else "not row-sharded as the owner scheme needs on another rank"
+                if reason is not None and self.dist.active and self.sharded_grads == "owner":
+                    raise ValueError(f"sharded_grads='owner': layer {name!r} cannot use the owner scheme: {reason} "
+                                     "(sharded_grads='auto' all-gathers such layers)")
+                grads[name] = helper.grad_matrix()
+                if reason is not None:
+                    reasons[name] = reason
+        return True, grads, layouts, reasons
 
     @torch.no_grad()
     def step(self) -> None:
         """Replace the ``.grad`` of every covered layer by its preconditioned direction."""
         damping = self.damping(self.steps)
         self._sample_targets = []
-        finite, grads = self._agreed_grads()
+        finite, grads, layouts, reasons = self._agreed_grads()
         if not finite:
             self._skip_step()
             return
+        self._owner_routed = set(layouts)
         active: dict[str, tuple[LayerHelper, Tensor]] = {}
         for name, helper in self.layers.items():
             grad = grads[name]
-            if grad is None:
+            dtype = self._compute_dtype(helper)
+            if name in layouts:  # the owner scheme: ∇W arrives after _collect (which assigns owners)
+                grad = torch.empty(0, dtype=dtype, device=helper.device)  # dtype and device only
+            elif grad is None:
                 helper.chunks = []
                 continue
-            active[name] = (helper, grad.to(self._compute_dtype(helper)))
+            active[name] = (helper, grad.to(dtype))
             self.stats[name] = {"damping": damping}
+            if name in reasons:
+                self._note_route(name, f"all-gather: {reasons[name]}")
         self._collect(active)
+        exchange = None
+        if layouts:
+            exchange = sharded.OwnerExchange(
+                self.dist, [(name, self.layers[name], self.dist.owner(name), layouts[name]) for name in layouts],
+                {name: self._compute_dtype(self.layers[name]) for name in layouts})
+            for name, grad in exchange.gather().items():
+                helper = active[name][0]
+                active[name] = (helper, grad.to(self._compute_dtype(helper)))
+            for name in layouts:
+                self._note_route(name, f"owner: rank {self.dist.owner(name)} gathers the rows, scatters the direction")
         directions: dict[str, Tensor | None] = {}
         for name, (helper, grad) in active.items():
             if not self._solves_here(name):
@@ -510,32 +594,51 @@ class Preconditioner:
                               RuntimeWarning, stacklevel=2)
             directions[name] = x
         self._share(directions, active)
-        final = {name: (active[name][0], x, active[name][1]) for name, x in directions.items() if x is not None}
-        if self.graft == "rmsprop":
-            self._graft(active, final)
-        scale = self._kl_scale(final)
-        for helper, x, _ in final.values():
-            helper.set_grad(x.mul_(scale))
-        self._check_vanishing(final, scale, damping)
+        if self.graft == "rmsprop":  # every rank its whole-matrix layers, an owner its owner-scheme layers
+            self._graft({name: (grad, directions.get(name)) for name, (_, grad) in active.items()
+                         if name not in self._owner_routed or self.dist.owns(name)})
+        scattered = {} if exchange is None else exchange.scatter(
+            {name: (directions[name], self._product(directions[name], active[name][1]))
+             for name in layouts if name in directions})
+        # Every rank: the layers that take a direction and ⟨X, ∇W⟩ of each, in layer order.
+        final: dict[str, float] = {}
+        for name in self.layers:
+            if name in scattered:
+                if scattered[name][0] is not None:
+                    final[name] = scattered[name][1]
+            elif directions.get(name) is not None:
+                final[name] = self._product(directions[name], active[name][1])
+        scale = self._kl_scale(list(final.values()))
+        for name in final:
+            if name in scattered:
+                assert exchange is not None
+                exchange.write(name, cast(list[Tensor], scattered[name][0]), scale)
+            else:
+                self.layers[name].set_grad(cast(Tensor, directions[name]).mul_(scale))
+        self._check_vanishing(list(final), scale, damping)
         self.steps += 1
 
-    def _graft(self, active: dict[str, tuple[LayerHelper, Tensor]],
-               final: dict[str, tuple[LayerHelper, Tensor, Tensor]]) -> None:
-        """``graft="rmsprop"``: every active block's second moment takes this gradient, and each
-        direction is rescaled to RMSProp's step length (:mod:`cgfac.graft`). Every rank holds the
-        same (all-reduced) gradients and directions, so every rank computes the same."""
-        for name, (_, grad) in active.items():
+    def _product(self, x: Tensor | None, grad: Tensor) -> float:
+        """``⟨X, ∇W⟩`` for the KL clip (0 without one, or without a direction)."""
+        return 0.0 if self.kl_clip is None or x is None else float((x * grad).sum())
+
+    def _graft(self, blocks: dict[str, tuple[Tensor, Tensor | None]]) -> None:
+        """``graft="rmsprop"``: each block's second moment takes this gradient, and its direction
+        (where it has one) is rescaled in place to RMSProp's step length (:mod:`cgfac.graft`).
+        ``blocks[name] = (∇W, X or None)``: every rank holds the same (all-reduced) gradients and
+        directions of whole-matrix layers and computes the same; a layer under the owner scheme
+        is grafted on its owner alone (the only holder of its ∇W), before the direction is
+        scattered, and its second moment lives there."""
+        for name, (grad, x) in blocks.items():
             state = self._state(name)
             if state.graft is None or state.graft.v.shape != grad.shape:
                 state.graft = RMSPropGraft.like(grad)
             state.graft.update(grad.to(state.graft.v.dtype), self.graft_beta2)
-            if name in final:
-                _, x, _ = final[name]
+            if x is not None:
                 factor = state.graft.apply(x, grad.to(x.dtype), self.graft_beta2, self.graft_eps)
                 self.stats[name]["graft_scale"] = float(factor)
 
-    def _check_vanishing(self, final: dict[str, tuple[LayerHelper, Tensor, Tensor]], scale: float,
-                         damping: float) -> None:
+    def _check_vanishing(self, final: list[str], scale: float, damping: float) -> None:
         """Report settings that make the step vanish: the KL clip's ``ν`` below
         ``VANISHING_KL_SCALE``, or ``λ`` above ``DAMPING_SWAMPS`` × a bound on the largest
         curvature eigenvalue (``curvature_bound`` in the layer's stats, e.g. ``tr(A)·tr(G)``).
@@ -572,11 +675,12 @@ class Preconditioner:
                 "correspond to damping·n² and kl_clip·n² here (n: the batch size). Reported once; see "
                 "layer_stats()[name]['step_vanishes'].", RuntimeWarning, stacklevel=3)
 
-    def _kl_scale(self, directions: dict[str, tuple[LayerHelper, Tensor, Tensor]]) -> float:
-        if self.kl_clip is None or not directions:
+    def _kl_scale(self, products: list[float]) -> float:
+        """``ν = min(1, √(κ / |lr² Σ_layers ⟨X, ∇W⟩|))`` from each layer's ``⟨X, ∇W⟩`` (layer order)."""
+        if self.kl_clip is None or not products:
             return 1.0
         lr = self.lr(self.steps)
-        vg = sum(float((x * g).sum()) for _, x, g in directions.values()) * lr**2
+        vg = sum(products) * lr**2
         if vg == 0 or vg != vg:
             return 1.0
         return min(1.0, (self.kl_clip(self.steps) / abs(vg)) ** 0.5)

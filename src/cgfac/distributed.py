@@ -96,6 +96,15 @@ class WorkAssignment:
         self.world = dist.get_world_size(process_group) if self.active else 1
         self.owners: dict[str, int] = {}
         self.bytes_sent = 0
+        self._group_ranks: list[int] | None = None
+
+    @property
+    def group_ranks(self) -> list[int]:
+        """The global ranks of the process group, in group rank order."""
+        if self._group_ranks is None:
+            self._group_ranks = (dist.get_process_group_ranks(self.group or dist.group.WORLD) if self.active
+                                 else [0])
+        return self._group_ranks
 
     def _global_rank(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
@@ -194,6 +203,21 @@ class WorkAssignment:
         parts = [b[:c[0]] for b, c in zip(bucket, counts)]
         stacked = torch.cat(parts)
         return Rows(a=stacked[:, :d_in], g=stacked[:, d_in:], n=sum(c[1] for c in counts))
+
+    def all_to_all(self, send: list[Tensor], recv_sizes: list[int], what: str) -> list[Tensor]:
+        """One all-to-all: the flat ``send[r]`` goes to rank ``r``; returns the flat tensor each
+        rank sent here (``recv_sizes[r]`` numbers from rank ``r``). All of one dtype and device;
+        sizes may differ (and be zero). Bytes: what goes to the other ranks."""
+        if not self.active:
+            return list(send)
+        if len(send) != self.world or len(recv_sizes) != self.world:
+            raise ValueError(f"all_to_all needs one tensor and one size per rank ({self.world})")
+        flat = torch.cat(send)
+        out = flat.new_empty(sum(recv_sizes))
+        self._call(what, dist.all_to_all_single, out, flat, output_split_sizes=list(recv_sizes),
+                   input_split_sizes=[t.numel() for t in send])
+        self.bytes_sent += (flat.numel() - send[self.rank].numel()) * flat.element_size()
+        return list(out.split(list(recv_sizes)))
 
     def all_reduce_sum(self, tensors: list[Tensor]) -> None:
         """Sum in place across ranks: flattened into buckets, all-reduced asynchronously."""

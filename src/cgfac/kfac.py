@@ -25,7 +25,9 @@ bucketed asynchronous all-reduce (weighted by each rank's samples); each layer's
 eigendecomposition is computed by one owner rank (greedy assignment by ``d_in³ + d_out³``).
 ``strategy="comm-opt"`` broadcasts the decompositions, after which every rank preconditions
 every layer itself; ``"mem-opt"`` keeps each decomposition on its owner, which broadcasts the
-preconditioned gradient every step.
+preconditioned gradient every step. Layers whose FSDP2-sharded gradients go by the owner scheme
+(:mod:`cgfac.sharded`) are solved on their owner under either strategy (only it holds the whole
+``∇W``): their decompositions stay there and each rank receives only its rows of the direction.
 """
 
 from __future__ import annotations
@@ -135,7 +137,9 @@ class KFAC(Preconditioner):
         return self.strategy == "mem-opt"
 
     def _holds_decomposition(self, name: str) -> bool:
-        return self.strategy == "comm-opt" or self.dist.owns(name)
+        """Whether this rank keeps the layer's decomposition: its owner; under comm-opt every rank,
+        except for layers under the owner scheme of sharded gradients (only the owner solves)."""
+        return (self.strategy == "comm-opt" and name not in self._owner_routed) or self.dist.owns(name)
 
     def _collect(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
         if self.dist.active and not self.dist.owners:
@@ -190,8 +194,8 @@ class KFAC(Preconditioner):
             except torch.linalg.LinAlgError as err:
                 fresh[name] = None
                 self.stats[name]["decomposition_error"] = str(err)
-        if self.dist.active and self.strategy == "comm-opt":
-            self._broadcast_decompositions(due, fresh)
+        if self.dist.active and self.strategy == "comm-opt":  # not the owner scheme's: only their owner holds them
+            self._broadcast_decompositions([n for n in due if n not in self._owner_routed], fresh)
         for name in due:
             e, solver = fresh.get(name), self.states[name].solver
             if e is not None:

@@ -64,6 +64,7 @@ except ImportError:  # pragma: no cover - torch 2.2
     def _forward_ad_attention() -> Any:
         return contextlib.nullcontext()
 
+from cgfac import sharded
 from cgfac.base import Preconditioner
 from cgfac.cgfac import CGFAC as _CGFACPreconditioner
 from cgfac.fisher import LOSS_TYPES
@@ -187,6 +188,12 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.model = model
         self.preconditioner = preconditioner
         params = [p for p in model.parameters() if p.requires_grad]
+        if self.adaptive != "none" and any(sharded.is_sharded(p) for p in params):
+            raise ValueError(
+                f"adaptive={adaptive!r}: the quadratic model needs forward-mode AD through the model, which FSDP2's "
+                "sharded (DTensor) parameters do not support (fwAD.make_dual: aten._has_same_storage_numel has no "
+                "DTensor sharding strategy), and its curvature products are this rank's batch only (not reduced "
+                "across ranks); use adaptive='none', adapt_damping=False under FSDP2")
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         self.damping = float(preconditioner.damping.value)
         self.steps = 0

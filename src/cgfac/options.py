@@ -27,6 +27,10 @@ GraftKind = Literal["none", "rmsprop"]
 """``"rmsprop"``: each layer's direction rescaled to the length of RMSProp's step (:mod:`cgfac.graft`)."""
 DampingScale = Literal["absolute", "relative"]
 """``"absolute"``: every layer damped by λ; ``"relative"``: by ``λ·tr(C_l)/dim`` (its mean diagonal)."""
+ShardedGrads = Literal["auto", "owner", "all-gather"]
+"""How FSDP2's sharded gradients reach a layer's solve (:mod:`cgfac.sharded`): ``"auto"`` the owner
+scheme where it applies, else an all-gather; ``"owner"`` the owner scheme or ``ValueError``;
+``"all-gather"`` every rank all-gathers every layer's gradient."""
 
 def values(option_type: Any) -> tuple[str, ...]:
     """The allowed strings of a ``Literal`` type."""

@@ -36,8 +36,13 @@ _PRODUCTS = {"AddmmBackward0": (2, "_saved_mat1"), "MmBackward0": (1, "_saved_se
 class ProjectionHelper(LayerHelper):
     """One projection: rows come from the autograd graph (see the module docstring)."""
 
+    forward_weight: Tensor | None = None  # the weight the last forward used (FSDP2: the unsharded one)
+
     def describe(self) -> str:
         return super().describe()
+
+    def sampling_params(self) -> list[Tensor]:
+        return [self.weight if self.forward_weight is None else self.forward_weight]
 
 
 def _weight_param(node) -> tuple[Tensor, int, int] | None:
@@ -103,11 +108,24 @@ class MultiheadAttentionHelper(LayerGroup):
     def attach(self, capture: Capture) -> list[RemovableHandle]:
         module = self.module
         units = self.parts
-        params = list({id(u.weight): u.weight for u in units}.values())
+        # The projections' weights by name: FSDP2 (fully_shard) swaps each module attribute for an
+        # unsharded Parameter around the forward, and that one is in the autograd graph. A
+        # pre-hook (after FSDP2's, which unshards) records the weights the forward will use.
+        by_id = {id(p): n for n, p in module.named_parameters()}
+        weight_names = [by_id[id(u.weight)] for u in units]
+        in_forward: list[list[Tensor]] = [[u.weight for u in units]]
+
+        def pre_hook(mod: nn.Module, args: tuple) -> None:
+            in_forward[0] = [_attribute(mod, n) for n in weight_names]
+            for unit, weight in zip(units, in_forward[0]):
+                if isinstance(unit, ProjectionHelper):
+                    unit.forward_weight = weight
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output) -> None:
             if not capture.capturing(mod):
                 return
+            weights = in_forward[0]
+            params = list({id(w): w for w in weights}.values())
             out = output[0] if isinstance(output, tuple) else output
             if not isinstance(out, Tensor) or out.grad_fn is None:
                 return
@@ -122,8 +140,8 @@ class MultiheadAttentionHelper(LayerGroup):
                 length = x.shape[0] // n
                 a = x.reshape(length, n, -1).transpose(0, 1).reshape(length * n, -1)  # (L, N) → (N, L)
                 targets = []
-                for unit in units:
-                    if unit.weight is not param:
+                for unit, weight in zip(units, weights):
+                    if weight is not param:
                         continue
                     u0 = 0 if unit.out_slice is None else unit.out_slice.start
                     if row0 <= u0 and u0 + unit.d_out <= row0 + rows:
@@ -132,7 +150,16 @@ class MultiheadAttentionHelper(LayerGroup):
                 if targets:
                     node.register_prehook(_grad_hook(capture, targets, n, length))
 
-        return [module.register_forward_hook(hook, with_kwargs=True)]
+        return [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(hook, with_kwargs=True)]
+
+
+def _attribute(module: nn.Module, dotted: str) -> Tensor:
+    """``module.a.b`` for ``"a.b"``: a Parameter, or what ``functional_call`` put in its place."""
+    out: object = module
+    for part in dotted.split("."):
+        out = getattr(out, part)
+    assert isinstance(out, Tensor)
+    return out
 
 
 def _grad_hook(capture: Capture, targets: list, n: int, length: int):

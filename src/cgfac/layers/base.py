@@ -21,6 +21,7 @@ K-FAC, its factors and their decomposition (:meth:`LayerHelper.kfac_factors`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -109,19 +110,15 @@ class LayerHelper:
         self.chunks: list[Chunk] = []
 
     # --- the layer matrix ---------------------------------------------------------------------
-    def _rows_of(self, t: Tensor) -> Tensor:
-        return t if self.out_slice is None else t[self.out_slice]
-
-    def _bias_of(self, t: Tensor) -> Tensor:
-        return t if self.bias_slice is None else t[self.bias_slice]
-
+    # Shapes come from ``weight.shape`` alone: indexing a sharded (DTensor) weight is a collective.
     @property
     def d_out(self) -> int:
-        return self._rows_of(self.weight).shape[0]
+        rows = self.weight.shape[0]
+        return rows if self.out_slice is None else len(range(*self.out_slice.indices(rows)))
 
     @property
     def d_in(self) -> int:
-        return self.weight[0].numel() + int(self.has_bias)
+        return math.prod(self.weight.shape[1:]) + int(self.has_bias)
 
     @property
     def row_widths(self) -> tuple[int, int]:
@@ -142,30 +139,48 @@ class LayerHelper:
             ps.append(self.bias)
         return ps
 
-    def grad_matrix(self) -> Tensor | None:
-        """``∇W`` as a ``d_out × d_in`` matrix (bias last column), or None when a grad is missing."""
-        if self.weight.grad is None or (self.has_bias and self.bias.grad is None):
-            return None
-        gw = self._rows_of(sharded.full(self.weight.grad)).reshape(self.d_out, -1)
+    def sampling_params(self) -> list[Tensor]:
+        """What the true Fisher's sampled backward differentiates for a unit whose rows are not
+        captured through its output (attention's projections): its parameters as the forward
+        used them."""
+        return self.params()
+
+    def grad_parts(self) -> list[tuple[Tensor, slice | None]]:
+        """The parameters whose gradients make up the layer matrix, each with the rows (dim 0,
+        a unit step slice; None: all) of it that this unit uses: ``[(weight, out_slice)]`` and
+        ``(bias, bias_slice)`` when the bias is trained. Sharded gradients travel by these rows."""
+        parts: list[tuple[Tensor, slice | None]] = [(self.weight, self.out_slice)]
         if self.has_bias:
-            gw = torch.cat([gw, self._bias_of(sharded.full(self.bias.grad)).reshape(-1, 1)], dim=1)
-        return gw
+            assert self.bias is not None
+            parts.append((self.bias, self.bias_slice))
+        return parts
+
+    def matrix_from_parts(self, parts: Sequence[Tensor]) -> Tensor:
+        """The ``d_out × d_in`` layer matrix from each part's rows (:meth:`grad_parts` order):
+        ``[W.reshape(d_out, -1), b]``."""
+        gw = parts[0].reshape(self.d_out, -1)
+        return torch.cat([gw, parts[1].reshape(-1, 1)], dim=1) if self.has_bias else gw
+
+    def parts_of_matrix(self, x: Tensor) -> list[Tensor]:
+        """The inverse of :meth:`matrix_from_parts`: each part's rows, shaped as in the parameter."""
+        w_shape = (x.shape[0], *self.weight.shape[1:])
+        if not self.has_bias:
+            return [x.reshape(w_shape)]
+        return [x[:, :-1].reshape(w_shape), x[:, -1]]
+
+    def grad_matrix(self) -> Tensor | None:
+        """``∇W`` as a ``d_out × d_in`` matrix (bias last column), or None when a grad is missing.
+        A sharded (``DTensor``) gradient is all-gathered (:func:`cgfac.sharded.full`)."""
+        parts = self.grad_parts()
+        if any(p.grad is None for p, _ in parts):
+            return None
+        return self.matrix_from_parts([_rows(sharded.full(p.grad), sl) for p, sl in parts])
 
     def set_grad(self, x: Tensor) -> None:
         """Write a ``d_out × d_in`` matrix back into the parameters' ``.grad`` (this rank's shard
-        of it for FSDP2's sharded gradients, :mod:`cgfac.sharded`)."""
-        if self.has_bias:
-            if sharded.is_sharded(self.bias.grad):
-                sharded.write_shard(self.bias.grad, x[:, -1], (self.bias_slice or slice(0)).start or 0)
-            else:
-                b = self._bias_of(self.bias.grad)
-                b.copy_(x[:, -1].reshape_as(b))
-            x = x[:, :-1]
-        if sharded.is_sharded(self.weight.grad):
-            sharded.write_shard(self.weight.grad, x, (self.out_slice or slice(0)).start or 0)
-            return
-        w = self._rows_of(self.weight.grad)
-        w.copy_(x.reshape_as(w))
+        of it for FSDP2's sharded gradients, :func:`cgfac.sharded.write_shard`)."""
+        for (p, sl), value in zip(self.grad_parts(), self.parts_of_matrix(x)):
+            sharded.write_shard(p.grad, value, 0 if sl is None else sl.indices(p.shape[0])[0])
 
     # --- rows ---------------------------------------------------------------------------------
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
@@ -274,6 +289,10 @@ class LayerHelper:
                     break
         a, g = torch.cat(a_parts), torch.cat(g_parts)
         return Rows(a=a, g=g, n=n)
+
+
+def _rows(t: Tensor, sl: slice | None) -> Tensor:
+    return t if sl is None else t[sl]
 
 
 def join_per_sample(parts: list[Tensor], n: int) -> Tensor:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cgfac import sharded
 from cgfac.curvature.exact import ExactRows
 from cgfac.curvature.kron import eigh, factor_eig
 from cgfac.layers.base import LayerHelper, Rows
@@ -175,11 +174,13 @@ class EmbeddingHelper(LayerHelper):
     def row_widths(self) -> tuple[int, int]:
         return 1, self.d_out
 
-    def grad_matrix(self) -> Tensor | None:
-        return None if self.weight.grad is None else sharded.full(self.weight.grad).T
+    def matrix_from_parts(self, parts: Sequence[Tensor]) -> Tensor:
+        """The layer matrix is ``∇Wᵀ`` (``d_out = embedding_dim`` rows): the weight's rows (the
+        embeddings, FSDP2's shards) are its columns."""
+        return parts[0].T
 
-    def set_grad(self, x: Tensor) -> None:
-        sharded.write_shard(self.weight.grad, x.T)
+    def parts_of_matrix(self, x: Tensor) -> list[Tensor]:
+        return [x.T]
 
     def batch_size(self, x: Tensor) -> int | None:
         return x.shape[0] if x.dim() >= 1 else None
