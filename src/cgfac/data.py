@@ -19,11 +19,13 @@ image sets float32 inputs in ``[0, 1]`` and int64 labels in ``0..9``; for the te
 from __future__ import annotations
 
 import gzip
+import importlib
 import importlib.util
 import io
 import os
 import pickle
 import sysconfig
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,10 @@ class DatasetNotFoundError(FileNotFoundError):
 
 def _reconstruct() -> Any:
     try:
-        from numpy._core.multiarray import _reconstruct as fn  # numpy >= 2
+        multiarray = importlib.import_module("numpy._core.multiarray")  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct as fn
-    return fn
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    return multiarray._reconstruct
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -182,6 +184,10 @@ def _windows(stream: bytearray, context: int) -> tuple[Tensor, Tensor]:
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
+def _constant(value: bytes) -> Callable[[], bytes]:
+    return lambda: value
+
+
 def load_stdlib_text(context: int = 128, max_train_bytes: int | None = None,
                      max_test_bytes: int | None = None) -> dict[str, Tensor]:
     """A byte-level language-modelling set from the running Python's standard-library source.
@@ -208,14 +214,16 @@ def load_stdlib_text(context: int = 128, max_train_bytes: int | None = None,
     if any(c is not None and c < 0 for c in caps):
         raise ValueError(f"byte caps must be >= 0 or None, got {caps}")
     files = stdlib_source_files()
+    documents: Iterator[tuple[int, Callable[[], bytes]]]
     if files:
         documents = ((i, f.read_bytes) for i, f in enumerate(files))
     else:
-        documents = ((i, lambda t=t: t) for i, t in enumerate(_pydoc_topics()))
+        documents = ((i, _constant(t)) for i, t in enumerate(_pydoc_topics()))
     streams = (bytearray(), bytearray())
 
     def full(split: int) -> bool:
-        return caps[split] is not None and len(streams[split]) >= caps[split]
+        cap = caps[split]
+        return cap is not None and len(streams[split]) >= cap
 
     for i, read in documents:
         split = int(i % TEXT_HELD_OUT_EVERY == TEXT_HELD_OUT_EVERY - 1)

@@ -165,9 +165,9 @@ class WorkAssignment:
                 out: list[Any] = [None] * self.world
                 dist.all_gather_object(out, obj, group=self.group)
                 return out
-            out = [None] * self.world if self.rank == dst else None
-            dist.gather_object(obj, out, dst=self._global_rank(dst), group=self.group)
-            return out
+            gathered: list[Any] | None = [None] * self.world if self.rank == dst else None
+            dist.gather_object(obj, gathered, dst=self._global_rank(dst), group=self.group)
+            return gathered
         except RuntimeError as err:
             raise self._fail("gather the preconditioner state", err) from err
 
@@ -197,7 +197,7 @@ class WorkAssignment:
         mine = self.rank == owner
         bucket = [torch.empty_like(packed) for _ in range(self.world)] if mine else None
         self._call(f"gather curvature rows to rank {owner}", dist.gather, packed, bucket, dst=self._global_rank(owner))
-        if not mine:
+        if bucket is None:  # not the owner
             self.bytes_sent += packed.numel() * packed.element_size()
             return None
         parts = [b[:c[0]] for b, c in zip(bucket, counts)]

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -70,8 +70,17 @@ from cgfac.cgfac import CGFAC as _CGFACPreconditioner
 from cgfac.fisher import LOSS_TYPES
 from cgfac.hyperparams import _check, choice, positive_int
 from cgfac.kfac import KFAC as _KFACPreconditioner
+from cgfac.options import LossType
 
 ADAPTIVE = ("lr+momentum", "lr", "none")
+
+
+def _grad(p: Tensor) -> Tensor:
+    """``p.grad``, which every parameter of an update has (:meth:`SecondOrderOptimizer.step`
+    takes only those with a gradient)."""
+    if p.grad is None:
+        raise RuntimeError("a parameter of the update lost its .grad")
+    return p.grad
 
 
 def output_quad_form(outputs: Tensor, u: Tensor, w: Tensor, loss_type: str) -> Tensor:
@@ -223,7 +232,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             return
         self._forwards.append(_Forward(args, kwargs, output.detach(), self._rng))
         if self.preconditioner.fisher == "true" and output.requires_grad:
-            self.preconditioner.sample_fisher(output, self.loss_type or "")
+            self.preconditioner.sample_fisher(output, cast(LossType, self.loss_type or ""))
 
     # --- curvature products -------------------------------------------------------------------
     def _tangent_outputs(self, fwd: _Forward, tangents: dict[str, Tensor]) -> Tensor:
@@ -293,7 +302,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         return total
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update. ``closure`` (zero the gradients, forward, backward, return the loss) is
         required for adaptive damping; without it, a forward and backward must have run."""
         if closure is None and self.adapt_damping:
@@ -368,7 +377,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _update(self, grads: dict[Tensor, Tensor], loss: Any, closure: Callable[[], Any] | None) -> None:
         params = list(grads)
-        delta = {p: -p.grad for p in params}  # Δ = −(C̃ + λI)⁻¹ ∇h
+        delta = {p: -_grad(p) for p in params}  # Δ = −(C̃ + λI)⁻¹ ∇h
         prev = {p: self.state[p].get("prev_update") for p in params}
         has_prev = all(v is not None for v in prev.values()) and self.steps > 0
         lr = {p: g["lr"] for g in self.param_groups for p in g["params"]}
@@ -395,7 +404,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 warnings.warn("cgfac: the quadratic model gave no finite step; step skipped, damping raised",
                               RuntimeWarning, stacklevel=3)
                 for p in params:
-                    p.grad.copy_(grads[p])
+                    _grad(p).copy_(grads[p])
                 return
             coeffs = c
             alpha, mu = c
@@ -418,7 +427,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         for p in params:
             p.add_(updates[p])
             self.state[p]["prev_update"] = updates[p]
-            p.grad.copy_(grads[p])
+            _grad(p).copy_(grads[p])
         if self.adapt_damping and closure is not None and (self.steps + 1) % self.damping_interval == 0:
             info.update(self._adapt_damping(float(loss), quad_change, closure, updates))
             for p in params:  # the evaluation's gradients are discarded: .grad is ∇h at θ again
