@@ -82,3 +82,7 @@ $B train --task cnn --budget 60 --seeds 0,1 --optimizers kfac,soap,adam --lr-gri
   --damping-grid "kfac=1e-3" --kl-clip 0 --hyper "$G" --out benchmarks/train-cnn-60s-graft
 $B train --task cnn-norm --budget 60 --optimizers kfac,soap,adam --lr-grid "kfac=5e-4,1e-3;soap=3e-3;adam=1e-3" \
   --damping-grid "kfac=1e-3" --kl-clip 0 --hyper "$G" --out benchmarks/train-cnn-norm-60s-graft
+
+# --- Issue 11: the soak run (5,000 steps, resident memory every 100 steps; paused while timed runs ran)
+$B soak --task autoencoder-tanh --optimizer cgfac --steps 5000 --every 100 --warmup 1000 \
+  --out benchmarks/soak-cgfac-autoencoder-tanh
