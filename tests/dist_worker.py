@@ -114,6 +114,9 @@ def main() -> None:
         result["training"][kind] = {"max_rel_err": err, "bytes_sent_per_step": sent}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    # Both ranks past their last collective before either tears gloo down: without it, rank 0
+    # once aborted in teardown ("terminate called without an active exception", SIGABRT).
+    dist.barrier()
     dist.destroy_process_group()
 
 
