@@ -22,8 +22,10 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from cgfac import sharded
+from cgfac.curvature.kron import deferred_checks
 from cgfac.distributed import WorkAssignment
 from cgfac.fisher import sampled_loss
 from cgfac.graft import RMSPropGraft
@@ -166,6 +168,8 @@ class Preconditioner:
         self._owner_routed: set[str] = set()  # this step's layers under the owner scheme (cgfac.sharded)
         self._sharded_notes: dict[str, str] = {}  # the last logged route of each sharded layer
         self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
+        # During a one-read step (_step_local): the 0-dim tensors to read back once, by (layer, what).
+        self._pending: dict[tuple[str, str], Tensor] | None = None
         self._forward_passes = 0
         self.dist = WorkAssignment(process_group, collective_timeout)
         self.steps = 0
@@ -186,6 +190,8 @@ class Preconditioner:
                              "(see cgfac.register_layer_helper)")
         self.states = {name: self._new_state(helper) for name, helper in self.layers.items()}
         self._log_report()
+
+    _reads_once = False  # whether step() in one process may take the one-read path (_step_local)
 
     def _new_state(self, helper: LayerHelper) -> LayerState:
         """A block's empty state (subclasses add their curvature state)."""
@@ -378,7 +384,8 @@ class Preconditioner:
         wrt.extend(params.values())
         self._sampling = True
         try:
-            torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)
+            with record_function("cgfac.sampled_backward"):
+                torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)
         finally:
             self._sampling = False
 
@@ -403,15 +410,23 @@ class Preconditioner:
         """The damping of one layer's solve: ``λ`` (absolute) or ``λ·s_l`` (relative, ``s_l`` from
         ``curvature.mean_diagonal()``), plus :attr:`damping_offset`; recorded in ``stats``."""
         st = self.stats.setdefault(name, {})
-        lam = damping
-        if self.damping_scale == "relative":
+        lam: Any = damping
+        if self.damping_scale != "absolute" and self._pending is not None and hasattr(curvature, "trace_tensor"):
+            dims = curvature.shape[0] * curvature.shape[1]
+            scale_t = curvature.trace_tensor() / (dims if self.damping_scale == "relative" else curvature.rank_bound())
+            ok = torch.isfinite(scale_t) & (scale_t > 0)
+            lam = torch.where(ok, damping * scale_t, torch.full_like(scale_t, damping))  # no host read
+            st["curvature_scale"] = scale_t
+        elif self.damping_scale != "absolute":
             scale = curvature.mean_diagonal()
+            if self.damping_scale == "rank" and hasattr(curvature, "rank_bound"):
+                scale *= curvature.shape[0] * curvature.shape[1] / curvature.rank_bound()
             if math.isfinite(scale) and scale > 0:
                 lam = damping * scale
                 st["curvature_scale"] = scale
             else:
                 st["curvature_scale"] = f"{scale} (not positive: absolute damping this step)"
-        lam += self.damping_offset
+        lam = lam + self.damping_offset
         st["damping"] = lam
         return lam
 
@@ -461,8 +476,7 @@ class Preconditioner:
 
     def _grads_finite(self) -> bool:
         """One reduction over every gradient (float32 sums: a float16 sum must not overflow)."""
-        sums = [sharded.local(p.grad).sum(dtype=torch.float32) for p in self.model.parameters() if p.grad is not None]
-        return not sums or bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]).sum()))
+        return bool(self._grads_finite_tensor())
 
     def _skip_step(self) -> None:
         """A non-finite gradient: nothing of this batch is kept, and no parameter may move by it."""
@@ -543,9 +557,25 @@ class Preconditioner:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Replace the ``.grad`` of every covered layer by its preconditioned direction."""
+        """Replace the ``.grad`` of every covered layer by its preconditioned direction.
+
+        In one process (no sharded gradients) the step reads the device once: every decision
+        that needs a value (finite gradients, rows and directions; the KL clip's products) and
+        every statistic is gathered into one transfer after the solves (:meth:`_read_back`),
+        and the writes follow it. CG's iterations read their residuals (a direct solver's
+        don't); with ``graft`` and ``kl_clip`` both set the grafted products take a second read.
+        Across processes the decisions are agreed by collectives as they arise."""
+        with record_function("cgfac.precondition"):
+            self._step()
+
+    def _step(self) -> None:
         damping = self.damping(self.steps)
         self._sample_targets = []
+        if self._reads_once and not self.dist.active and not any(
+                sharded.is_sharded(p.grad) for h in self.layers.values() for p, _ in h.grad_parts() if p.grad is not None):
+            with deferred_checks():
+                self._step_local(damping)
+            return
         finite, grads, layouts, reasons = self._agreed_grads()
         if not finite:
             self._skip_step()
@@ -618,6 +648,104 @@ class Preconditioner:
         self._check_vanishing(list(final), scale, damping)
         self.steps += 1
 
+    def _step_local(self, damping: float) -> None:
+        """:meth:`step` in one process, with one read of the device (see :meth:`step`)."""
+        self._owner_routed = set()
+        self._pending = {}
+        active: dict[str, tuple[LayerHelper, Tensor]] = {}
+        for name, helper in self.layers.items():
+            if any(p.grad is None for p, _ in helper.grad_parts()):
+                helper.chunks = []
+                continue
+            grad = cast(Tensor, helper.grad_matrix())
+            active[name] = (helper, grad.to(self._compute_dtype(helper)))
+            self.stats[name] = {"damping": damping}
+        self._pending[("", "finite")] = self._grads_finite_tensor()
+        with record_function("cgfac.rows"):
+            self._collect(active)
+        directions: dict[str, Tensor | None] = {}
+        for name, (helper, grad) in active.items():
+            st = self.stats[name]
+            with record_function("cgfac.solve"):
+                try:
+                    x = None if "fallback" in st else self._solve(name, helper, grad, damping)
+                except torch.linalg.LinAlgError as err:
+                    x = None
+                    st["fallback"] = f"solve failed: {err}"
+            if x is not None:
+                self._pending[(name, "direction")] = x.sum().isfinite()
+                if self.kl_clip is not None and self.graft == "none":
+                    self._pending[(name, "product")] = torch.vdot(x.reshape(-1), grad.reshape(-1))
+            directions[name] = x
+        with record_function("cgfac.read"):
+            flags = self._read_back(self._pending)
+        self._pending = None
+        if not flags.pop(("", "finite")):
+            self._collect_undo(list(active))
+            self._skip_step()
+            return
+        for name in active:
+            st = self.stats[name]
+            if flags.get((name, "rows"), 1.0) == 0.0:
+                self._collect_undo([name])
+                st["fallback"] = "non-finite curvature rows (batch not kept)"
+                directions[name] = None
+            elif flags.get((name, "direction"), 1.0) == 0.0:
+                st["fallback"] = "non-finite direction"
+                directions[name] = None
+            if directions[name] is None and "fallback" in st:
+                self.fallbacks += 1
+                warnings.warn(f"cgfac: layer {name!r} keeps its plain gradient this step: {st['fallback']}",
+                              RuntimeWarning, stacklevel=3)
+        final = [name for name in active if directions[name] is not None]
+        if self.graft == "rmsprop":
+            self._graft({name: (grad, directions.get(name)) for name, (_, grad) in active.items()})
+            if self.kl_clip is not None:  # products of the grafted directions: a second read
+                flags = self._read_back({(name, "product"): torch.vdot(cast(Tensor, directions[name]).reshape(-1),
+                                                                       active[name][1].reshape(-1))
+                                         for name in final})
+        scale = self._kl_scale([flags[(name, "product")] for name in final]) if self.kl_clip is not None else 1.0
+        with record_function("cgfac.write"):
+            for name in final:
+                x = cast(Tensor, directions[name])
+                self.layers[name].set_grad(x.mul_(scale) if scale != 1.0 else x)
+        self._check_vanishing(final, scale, damping)
+        self.steps += 1
+
+    def _collect_undo(self, names: list[str]) -> None:
+        """Forget the rows this step's :meth:`_collect` added to these layers' curvature (a
+        skipped step, or rows found non-finite after the fact)."""
+
+    def _read_back(self, pending: Mapping[tuple[str, str], Tensor]) -> dict[tuple[str, str], float]:
+        """One device-to-host transfer: the ``pending`` 0-dim tensors (returned by key) and every
+        0-dim tensor among this step's statistics (replaced by its float in place)."""
+        keys: list[Any] = list(pending)
+        tensors = [pending[k] for k in keys]
+        for name, state in self.states.items():
+            for key, value in (state.stats or {}).items():
+                if isinstance(value, Tensor):
+                    keys.append((name, key, "stat"))
+                    tensors.append(value)
+        if not tensors:
+            return {}
+        device = tensors[0].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        values = torch.stack([t.detach().reshape(()).to(device=device, dtype=dtype) for t in tensors]).tolist()
+        out: dict[tuple[str, str], float] = {}
+        for key, value in zip(keys, values):
+            if len(key) == 3:
+                cast(dict, self.states[key[0]].stats)[key[1]] = value
+            else:
+                out[key] = value
+        return out
+
+    def _grads_finite_tensor(self) -> Tensor:
+        """Whether every gradient is finite, as a 0-dim tensor (float32 sums, no host read)."""
+        sums = [sharded.local(p.grad).sum(dtype=torch.float32) for p in self.model.parameters() if p.grad is not None]
+        if not sums:
+            return torch.ones((), dtype=torch.bool)
+        return torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]).sum())
+
     def _product(self, x: Tensor | None, grad: Tensor) -> float:
         """``⟨X, ∇W⟩`` for the KL clip (0 without one, or without a direction)."""
         return 0.0 if self.kl_clip is None or x is None else float((x * grad).sum())
@@ -636,7 +764,7 @@ class Preconditioner:
             state.graft.update(grad.to(state.graft.v.dtype), self.graft_beta2)
             if x is not None:
                 factor = state.graft.apply(x, grad.to(x.dtype), self.graft_beta2, self.graft_eps)
-                self.stats[name]["graft_scale"] = float(factor)
+                self.stats[name]["graft_scale"] = factor  # a 0-dim tensor: layer_stats() reads it
 
     def _check_vanishing(self, final: list[str], scale: float, damping: float) -> None:
         """Report settings that make the step vanish: the KL clip's ``ν`` below
@@ -709,7 +837,8 @@ class Preconditioner:
 
     def layer_stats(self) -> dict[str, dict[str, Any]]:
         """Per-layer statistics of the last step (method, iterations, residual, damping, ...)."""
-        return {k: dict(v) for k, v in self.stats.items()}
+        return {k: {key: float(value) if isinstance(value, Tensor) and value.dim() == 0 else value
+                    for key, value in v.items()} for k, v in self.stats.items()}
 
     # --- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -190,11 +190,18 @@ class CGFAC(Preconditioner):
 
     def _collect(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
         """This step's rows of each layer (gathered on its owner rank) join the layer's window."""
+        self._appended: dict[str, Rows | None] = {}  # layers whose window took this step's rows: the batch it evicted
         rows = {name: self._rows(helper, self.curvature_samples) for name, (helper, _) in active.items()}
         if self.dist.active and rows:
             self._gather(rows, active)
         for name, r in rows.items():
             if not self.dist.owns(name) or r is None:
+                continue
+            if self._pending is not None:  # the one-read step: checked after the fact (_collect_undo)
+                self._pending[(name, "rows")] = (r.a.sum() + r.g.sum()).isfinite()
+                window = self._window(name)
+                self._appended[name] = window.batches[0] if len(window) == window.size else None
+                window.append(r)
                 continue
             if not (r.a.isfinite().all() and r.g.isfinite().all()):
                 self.stats[name]["fallback"] = "non-finite curvature rows (batch not kept)"
@@ -203,6 +210,18 @@ class CGFAC(Preconditioner):
         for name in active:
             if self.dist.owns(name) and not self._window(name) and "fallback" not in self.stats[name]:
                 self.stats[name]["fallback"] = self._no_rows_reason()
+
+    _reads_once = True
+    _appended: dict[str, Rows | None]
+
+    def _collect_undo(self, names: list[str]) -> None:
+        for name in names:
+            if name in self._appended:
+                evicted = self._appended.pop(name)
+                window = self._window(name)
+                window.batches.pop()
+                if evicted is not None:
+                    window.batches.appendleft(evicted)
 
     def _window(self, name: str) -> RowWindow:
         window = self.states[name].curvature
@@ -282,7 +301,8 @@ class CGFAC(Preconditioner):
         st["rows"] = int(operator.num_rows)
         form = self.damping_form if isinstance(operator, KronRows) else "exact"
         if isinstance(operator, KronRows):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
-            st["curvature_bound"] = float((operator.a * operator.a).sum()) * float((operator.g * operator.g).sum())
+            bound = operator.trace_tensor()
+            st["curvature_bound"] = bound if self._pending is not None else float(bound)
         if form == "factored":
             st["damping_form"] = "factored"
         sol = self.solver_object.solve(operator, grad, damping, self._state(name).solver, step=self.steps, form=form)

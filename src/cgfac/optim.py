@@ -51,6 +51,7 @@ from typing import Any, cast
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 try:  # torch >= 2.3: fused attention kernels have no forward-mode AD; the math kernel does
@@ -134,6 +135,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         min_damping, max_damping: the range of ``λ``.
         quad_samples: use only the first this-many samples of each recorded forward for the
             curvature products of the quadratic model (None: all).
+        sample_subset: with ``fisher="true"`` and ``curvature_samples`` below the batch, sample the
+            targets on a second forward of the kept entries alone instead of back-propagating
+            them through the whole batch (:meth:`_sample_subset`: ``m/n`` of the cost, the same
+            rows); off for models with BatchNorm, whose training forward depends on the batch.
         reject_worse: when ``λ`` is adapted and the loss on the update's own batch went *up*
             (``h(θ + δ) > h(θ)``), undo the update and drop the momentum (a trust-region
             rejection; counted in ``rejected_steps``). A non-finite loss is always undone.
@@ -156,6 +161,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         max_damping: float = 1e6,
         quad_samples: int | None = None,
         reject_worse: bool = True,
+        sample_subset: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -180,6 +186,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if not isinstance(reject_worse, bool):
             raise TypeError(f"reject_worse must be a bool, got {type(reject_worse).__name__}")
         self.reject_worse = reject_worse
+        if not isinstance(sample_subset, bool):
+            raise TypeError(f"sample_subset must be a bool, got {type(sample_subset).__name__}")
+        self.sample_subset = sample_subset
+        self._batch_dependent = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.rejected_steps = 0
         self.loss_type = loss_type
         self.adapt_damping = adapt_damping
@@ -231,8 +241,53 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                                 f"got {type(output).__name__}")
             return
         self._forwards.append(_Forward(args, kwargs, output.detach(), self._rng))
-        if self.preconditioner.fisher == "true" and output.requires_grad:
+        if self.preconditioner.fisher == "true" and output.requires_grad and not self._subset_sampling(args):
             self.preconditioner.sample_fisher(output, cast(LossType, self.loss_type or ""))
+
+    def _subset_sampling(self, args: tuple) -> bool:
+        """Whether the true Fisher's sampled backward runs on a forward of the kept samples alone
+        (:meth:`_sample_subset`): ``sample_subset``, ``curvature_samples`` below this forward's
+        batch, and no module whose training forward depends on the batch (BatchNorm)."""
+        limit = getattr(self.preconditioner, "curvature_samples", None)
+        first = next((a for a in args if isinstance(a, Tensor) and a.dim() > 0), None)
+        return (self.sample_subset and limit is not None and first is not None and first.shape[0] > limit
+                and not self._batch_dependent)
+
+    @torch.no_grad()
+    def _sample_subset(self, forwards: list[_Forward]) -> None:
+        """True Fisher from a forward of the first ``curvature_samples`` batch entries only.
+
+        The user's backward through the whole batch gives ``∇W``; the curvature needs the sampled
+        targets' output gradients of the kept entries alone, so instead of a second backward
+        through the whole batch (to every layer's output) the kept entries are run forward again
+        (same parameters and random state, buffers untouched) and their sampled loss is
+        back-propagated: ``m/n`` of a forward and of a backward to the layers' outputs, for
+        ``m = curvature_samples`` of a batch of ``n``. The rows are those the full pass would keep.
+        """
+        pre = self.preconditioner
+        left = cast(int, getattr(pre, "curvature_samples"))
+        named = dict(self.model.named_parameters())
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        self._recording = False
+        try:
+            for fwd in forwards:
+                if left <= 0:
+                    break
+                first = next(a for a in fwd.args if isinstance(a, Tensor) and a.dim() > 0)
+                k = min(left, first.shape[0])
+                left -= k
+                args = tuple(a[:k] if isinstance(a, Tensor) and a.dim() > 0 else a for a in fwd.args)
+                devices = [torch.cuda.current_device()] if "cuda" in fwd.rng else []
+                with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                        torch.profiler.record_function("cgfac.optim.subset_forward"):
+                    if "cpu" in fwd.rng:
+                        torch.set_rng_state(fwd.rng["cpu"])
+                    if "cuda" in fwd.rng:
+                        torch.cuda.set_rng_state(fwd.rng["cuda"])
+                    out = torch.func.functional_call(self.model, {**named, **buffers}, args, fwd.kwargs)
+                    pre.sample_fisher(out, cast(LossType, self.loss_type or ""))
+        finally:
+            self._recording = True
 
     # --- curvature products -------------------------------------------------------------------
     def _tangent_outputs(self, fwd: _Forward, tangents: dict[str, Tensor]) -> Tensor:
@@ -317,6 +372,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 raise ValueError("closure must return the loss")
         forwards, self._forwards = self._forwards, []
         pre = self.preconditioner
+        if pre.fisher == "true" and forwards and self._subset_sampling(forwards[0].args):
+            self._sample_subset(forwards)
         # ∇h with the L2 term; kept for the model's linear term.
         grads: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
@@ -346,17 +403,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                         lam: dict[Tensor, float], damping: float) -> tuple[Tensor, Tensor, Tensor]:
         """``[vᵢ·vⱼ]``, ``[Σ_p λ_p vᵢ,ₚ·vⱼ,ₚ]`` and ``[∇h·vᵢ]`` in float64, one small product per parameter."""
         k = len(vectors)
-        dev = params[0].device
-        dots = torch.zeros(k, k, dtype=torch.float64, device=dev)
-        damped = torch.zeros(k, k, dtype=torch.float64, device=dev)
-        lin = torch.zeros(k, dtype=torch.float64, device=dev)
-        for p in params:
-            v = torch.stack([vec[p].reshape(-1) for vec in vectors]).double()
-            pair = v @ v.T
-            dots += pair
-            damped += lam.get(p, damping) * pair
-            lin += v @ grads[p].reshape(-1).double()
-        return dots.cpu(), damped.cpu(), lin.cpu()
+        pairs, grad_dots = [], []
+        for p in params:  # dot products in the parameters' dtype (float32: BLAS sums blockwise), no copies
+            flat = [vec[p].reshape(-1) for vec in vectors]
+            upper = {(i, j): torch.dot(flat[i], flat[j]) for i in range(k) for j in range(i, k)}
+            pairs.append(torch.stack([upper[min(i, j), max(i, j)] for i in range(k) for j in range(k)]))
+            grad_dots.append(torch.stack([torch.dot(f, grads[p].reshape(-1)) for f in flat]))
+        pair = torch.stack([t.double() for t in pairs]).cpu().reshape(len(params), k, k)  # one read
+        lin = torch.stack([t.double() for t in grad_dots]).cpu().sum(0)
+        weights = torch.tensor([lam.get(p, damping) for p in params], dtype=torch.float64)
+        return pair.sum(0), (weights[:, None, None] * pair).sum(0), lin
 
     def _param_damping(self, damping: float) -> dict[Tensor, float]:
         """Each covered parameter's damping in this step's solve (``layer_stats()[name]["damping"]``:
@@ -392,7 +448,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         else:
             vectors = [delta] + ([prev] if has_prev else [])
             names = [{self._names[p]: v[p] for p in params} for v in vectors]  # type: ignore[index]
-            gram = self._curvature_gram(names)  # vᵢᵀ C vⱼ
+            with record_function("cgfac.optim.quad_model"):
+                gram = self._curvature_gram(names)  # vᵢᵀ C vⱼ
             lam = self._param_damping(damping)  # λ_p: the damping each parameter's solve used
             dots, damped_dots, lin = self._inner_products(vectors, grads, params, lam, damping)
             damped = gram + damped_dots
@@ -420,7 +477,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             if prev[p] is not None and self.steps > 0:
                 u.add_(prev[p], alpha=coeffs[1] * (mom[p] if self.adaptive == "none" else 1.0))
             updates[p] = u
-        if not all(bool(torch.isfinite(u).all()) for u in updates.values()):
+        if not bool(torch.stack([u.sum() for u in updates.values()]).sum().isfinite()):  # one read, one pass
             self.skipped_steps += 1
             warnings.warn("cgfac: non-finite update; step skipped", RuntimeWarning, stacklevel=3)
             return
@@ -429,7 +486,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             self.state[p]["prev_update"] = updates[p]
             _grad(p).copy_(grads[p])
         if self.adapt_damping and closure is not None and (self.steps + 1) % self.damping_interval == 0:
-            info.update(self._adapt_damping(float(loss), quad_change, closure, updates))
+            with record_function("cgfac.optim.damping_check"):
+                info.update(self._adapt_damping(float(loss), quad_change, closure, updates))
             for p in params:  # the evaluation's gradients are discarded: .grad is ∇h at θ again
                 if p.grad is None:
                     p.grad = grads[p].clone()
@@ -520,7 +578,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
 
 _OPTIMIZER_ARGS = ("lr", "momentum", "weight_decay", "loss_type", "adaptive", "adapt_damping", "damping_interval",
-                   "damping_decay", "min_damping", "max_damping", "quad_samples", "reject_worse")
+                   "damping_decay", "min_damping", "max_damping", "quad_samples", "reject_worse", "sample_subset")
 
 
 def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

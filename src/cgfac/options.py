@@ -25,8 +25,9 @@ Strategy = Literal["comm-opt", "mem-opt"]
 FactorWarmup = Literal["first", "mean"]
 GraftKind = Literal["none", "rmsprop"]
 """``"rmsprop"``: each layer's direction rescaled to the length of RMSProp's step (:mod:`cgfac.graft`)."""
-DampingScale = Literal["absolute", "relative"]
-"""``"absolute"``: every layer damped by λ; ``"relative"``: by ``λ·tr(C_l)/dim`` (its mean diagonal)."""
+DampingScale = Literal["absolute", "relative", "rank"]
+"""``"absolute"``: every layer damped by λ; ``"relative"``: by ``λ·tr(C_l)/dim`` (its mean diagonal);
+``"rank"``: by ``λ·tr(C_l)/rank`` (the mean of its non-zero spectrum, for few rows on wide layers)."""
 ShardedGrads = Literal["auto", "owner", "all-gather"]
 """How FSDP2's sharded gradients reach a layer's solve (:mod:`cgfac.sharded`): ``"auto"`` the owner
 scheme where it applies, else an all-gather; ``"owner"`` the owner scheme or ``ValueError``;

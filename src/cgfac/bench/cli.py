@@ -8,6 +8,8 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and `
 * ``cg-iters``  CG iterations to tolerance along a real training run (``cgfac.bench.cg_iters``)
 * ``comm``      bytes sent per rank and step by formula, projected to 8/64/512 ranks (``cgfac.bench.comm``)
 * ``soak``      many training steps with the resident memory sampled along (``cgfac.bench.soak``)
+* ``profile``   one optimizer step itemised against Adam's (``cgfac.bench.profile``)
+* ``sweep``     ``train`` over widths: time to a fixed loss per optimizer and width (``cgfac.bench.sweep``)
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ SUBCOMMANDS = {
     "cg-iters": ("cgfac.bench.cg_iters", "CG iterations to tolerance along a training run"),
     "comm": ("cgfac.bench.comm", "bytes sent per rank and step, projected to many ranks"),
     "soak": ("cgfac.bench.soak", "many training steps, resident memory sampled along"),
+    "profile": ("cgfac.bench.profile", "one optimizer step itemised against Adam's"),
+    "sweep": ("cgfac.bench.sweep", "train over widths: time to a fixed loss per optimizer and width"),
 }
 
 

@@ -14,11 +14,20 @@
   ``(batch, 128, 256)``.
 * ``cnn-norm``: an MNIST CNN with BatchNorm, GroupNorm and a depthwise-separable block
   (:func:`cnn_norm`).
+* ``autoencoder-wide``: ``autoencoder-tanh`` with its hidden widths (not the 784 pixels, not the
+  30-unit code) multiplied by ``width_mult`` (default 4: 784-4000-2000-1000-30-1000-2000-4000-784,
+  26.3 M parameters), :func:`wide_widths`.
+* ``mlp-wide``: an MNIST classifier with ``depth`` ReLU hidden layers of ``width`` units
+  (default 3 × 2048: 784-2048-2048-2048-10), :func:`mlp_wide`.
+
+:func:`build_model` passes its keyword options (``width_mult``, ``width``) to the wide models.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from itertools import pairwise
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,13 +35,24 @@ from torch import Tensor, nn
 AUTOENCODER_WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
 
-def autoencoder(activation: str = "sigmoid", init: str = "default") -> nn.Sequential:
+def wide_widths(width_mult: float = 4) -> tuple[int, ...]:
+    """The autoencoder's widths with every hidden width but the 30-unit code times ``width_mult``
+    (rounded; the 784 pixels and the code stay)."""
+    if not isinstance(width_mult, (int, float)) or isinstance(width_mult, bool) or not width_mult > 0:
+        raise ValueError(f"width_mult must be a positive number, got {width_mult!r}")
+    code = len(AUTOENCODER_WIDTHS) // 2
+    return tuple(w if i in (0, code, len(AUTOENCODER_WIDTHS) - 1) else max(1, round(w * width_mult))
+                 for i, w in enumerate(AUTOENCODER_WIDTHS))
+
+
+def autoencoder(activation: str = "sigmoid", init: str = "default",
+                widths: Sequence[int] = AUTOENCODER_WIDTHS) -> nn.Sequential:
     """The deep autoencoder; ``activation`` "sigmoid" | "tanh", ``init`` "default" (PyTorch's
     ``U(±1/√fan_in)``), "glorot" (Glorot-uniform weights with the activation's gain, zero biases:
     kfac-jax's and TensorFlow K-FAC's examples) or "sparse" (Martens 2010: 15 non-zero ``N(0, 1)``
-    incoming weights per unit, zero biases)."""
+    incoming weights per unit, zero biases); ``widths`` of the layers (symmetric, the code layer in
+    the middle is linear)."""
     layers: list[nn.Module] = []
-    widths = AUTOENCODER_WIDTHS
     code = len(widths) // 2  # index of the 30-unit code layer's output
     for i, (d_in, d_out) in enumerate(pairwise(widths)):
         linear = nn.Linear(d_in, d_out)
@@ -57,6 +77,17 @@ def autoencoder(activation: str = "sigmoid", init: str = "default") -> nn.Sequen
 def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
                          nn.Linear(256, 10))
+
+
+def mlp_wide(width: int = 2048, depth: int = 3) -> nn.Sequential:
+    """MNIST classifier 784-width×depth-10 with ReLU (PyTorch's default initialisation)."""
+    for arg, value in (("width", width), ("depth", depth)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    for d_in, d_out in pairwise((784, *([width] * depth))):
+        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
 def cnn() -> nn.Sequential:
@@ -133,13 +164,17 @@ def cnn_norm() -> nn.Sequential:
     )
 
 
-MODELS = {"autoencoder": autoencoder,
+MODELS: dict[str, Callable[..., nn.Module]] = {
+          "autoencoder": autoencoder,
           "autoencoder-tanh": lambda: autoencoder("tanh", "glorot"),
           "autoencoder-sparse": lambda: autoencoder("sigmoid", "sparse"), "mlp": mlp, "cnn": cnn, "digits": digits_mlp,
-          "transformer": transformer_lm, "cnn-norm": cnn_norm}
+          "transformer": transformer_lm, "cnn-norm": cnn_norm,
+          "autoencoder-wide": lambda width_mult=4: autoencoder("tanh", "glorot", wide_widths(width_mult)),
+          "mlp-wide": lambda width=2048: mlp_wide(width)}
 INPUT_SHAPES = {"autoencoder": (784,), "autoencoder-tanh": (784,), "autoencoder-sparse": (784,),  # one sample
                 "mlp": (1, 28, 28), "cnn": (1, 28, 28), "digits": (64,),
-                "transformer": (128,), "cnn-norm": (1, 28, 28)}
+                "transformer": (128,), "cnn-norm": (1, 28, 28), "autoencoder-wide": (784,), "mlp-wide": (1, 28, 28)}
+MODEL_OPTIONS = {"autoencoder-wide": ("width_mult",), "mlp-wide": ("width",)}  # build_model's keywords
 
 
 VOCAB = {"transformer": 256}  # token models: int64 inputs in 0..vocab-1
@@ -154,8 +189,14 @@ def example_input(task: str, batch: int, generator: torch.Generator | None = Non
     return torch.rand(shape, generator=generator)
 
 
-def build_model(task: str) -> nn.Module:
-    """A fresh model for a task name in :data:`MODELS` (seed torch first for reproducibility)."""
+def build_model(task: str, **options: Any) -> nn.Module:
+    """A fresh model for a task name in :data:`MODELS` (seed torch first for reproducibility);
+    ``options``: the wide models' ``width_mult`` / ``width`` (:data:`MODEL_OPTIONS`; None: default)."""
     if task not in MODELS:
         raise ValueError(f"task must be one of {tuple(MODELS)}, got {task!r}")
-    return MODELS[task]()
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = set(options) - set(MODEL_OPTIONS.get(task, ()))
+    if unknown:
+        raise ValueError(f"options {sorted(unknown)} do not apply to task {task!r} "
+                         f"(it takes {list(MODEL_OPTIONS.get(task, ())) or 'none'})")
+    return MODELS[task](**options)

@@ -111,7 +111,7 @@ from cgfac.data import load_digits_data, load_mnist, load_stdlib_text
 
 ADAPTIVE = ("kfac-adaptive", "cgfac-kron-adaptive", "cgfac-exact-adaptive")  # cgfac.optim: own the update
 PRECONDITIONED = ("cgfac-kron", "cgfac-exact", "kfac")  # a preconditioner under SGD with momentum
-PEERS = ("adam", "adamw", "sgd", "soap", "shampoo")
+PEERS = ("adam", "adamw", "sgd", "soap", "shampoo", "muon", "muon-original")
 ALL_OPTIMIZERS = ADAPTIVE + PRECONDITIONED + PEERS
 OPTIMIZERS = ("cgfac-kron", "cgfac-exact", "kfac", "adam", "sgd")  # the default list without --tuned
 LR_GRID: dict[str, tuple[float, ...]] = {
@@ -126,7 +126,10 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "sgd": (0.03, 0.1),
     "soap": (1e-3, 3e-3),
     "shampoo": (0.03, 0.1),
+    "muon": (1e-3, 3e-3),  # adjust_lr_fn="match_rms_adamw": AdamW-like learning rates
+    "muon-original": (0.01, 0.02),  # adjust_lr_fn="original" (Keller Jordan's scaling; 0.02 his default)
 }
+MUON_ADAMW_LR = 1e-3  # muon-original: AdamW's lr on the non-hidden parameters
 
 DATA_KEYS = ("train_x", "train_y", "test_x", "test_y")
 EVAL_CHUNK = 1000
@@ -169,6 +172,10 @@ TASKS = {
     "cnn": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
     "digits": Task("digits", False, "cross_entropy", 128, 3e-3, 1e-3, "empirical"),
     "cnn-norm": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
+    # The wide tasks (issue 16): widths scaled by --width-mult / --width; CG-FAC's curvature from a
+    # fixed number of rows per step (TUNED), independent of the batch.
+    "autoencoder-wide": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 128),
+    "mlp-wide": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical", 64),
     # 32 sequences of 128 bytes (4096 positions, the rows of every layer); 256 sequences evaluated.
     "transformer": Task("stdlib-text", False, "cross_entropy", 32, 3e-3, 1e-3, "empirical", eval_samples=256),
 }
@@ -299,6 +306,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ADAMW_WEIGHT_DECAY), None
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM), None
+    if name in ("muon", "muon-original"):
+        return muon_with_adamw(model, lr, adjust_lr_fn="match_rms_adamw" if name == "muon" else "original"), None
     if name in ("soap", "shampoo"):
         try:
             import pytorch_optimizer
@@ -342,6 +351,58 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
     else:
         raise ValueError(f"optimizer must be one of {ALL_OPTIMIZERS}, got {name!r}")
     return opt, pre
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several torch optimizers stepped as one (Muon on the hidden matrices, AdamW on the rest):
+    ``param_groups`` and ``state`` are theirs, so schedulers and ``state_dict`` see every group."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+        self.defaults = {}
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+        self.state = {}  # type: ignore[assignment]
+        for o in self.optimizers:
+            self.state.update(o.state)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for o, s in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+
+def hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(hidden, rest)``: the 2-D weights of every Linear but the output layer (the last one
+    registered), and every other trainable parameter (biases, the output layer, embeddings,
+    normalisation gains) -- the split Muon's authors prescribe."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    head = linears[-1].weight if linears else None
+    hidden = [m.weight for m in linears if m.weight is not head and m.weight.requires_grad]
+    ids = {id(p) for p in hidden}
+    return hidden, [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+
+
+def muon_with_adamw(model: nn.Module, lr: float, adjust_lr_fn: str = "match_rms_adamw") -> CombinedOptimizer:
+    """``torch.optim.Muon`` (weight decay 0, its other defaults) on :func:`hidden_matrices`, AdamW
+    (weight decay :data:`ADAMW_WEIGHT_DECAY`) on the rest. ``adjust_lr_fn="match_rms_adamw"``
+    scales Muon's update to AdamW's RMS, so one ``lr`` serves both; ``"original"`` (Muon's own
+    scaling, lr about 0.02) keeps AdamW at :data:`MUON_ADAMW_LR`."""
+    hidden, rest = hidden_matrices(model)
+    muon = torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn=adjust_lr_fn)  # type: ignore[attr-defined]
+    adamw_lr = lr if adjust_lr_fn == "match_rms_adamw" else MUON_ADAMW_LR
+    return CombinedOptimizer([muon, torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=ADAMW_WEIGHT_DECAY)])
 
 
 # --- memory and machine --------------------------------------------------------------------------
@@ -415,7 +476,7 @@ def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = N
     subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: cfg["eval_samples"]]
     eval_x, eval_y = train_x[subset.to(device)], train_y[subset.to(device)]
     torch.manual_seed(seed)
-    model = build_model(cfg["task"]).to(device)
+    model = build_model(cfg["task"], **cfg.get("model_options", {})).to(device)
     if distributed:  # every rank trains on its shard of the same global batch
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     hp = SecondOrder(**{**cfg["hyper"], **cfg.get("hyper_overrides", {}),
@@ -778,6 +839,10 @@ def settings_text(name: str, hp: SecondOrder, damping: float | None = None) -> s
         return "SOAP (pytorch-optimizer defaults)"
     if name == "shampoo":
         return "ScalableShampoo (preconditioner every 20 steps)"
+    if name == "muon":
+        return "torch.optim.Muon (match_rms_adamw) on hidden matrices, AdamW (same lr) on the rest"
+    if name == "muon-original":
+        return f"torch.optim.Muon (original scaling) on hidden matrices, AdamW lr {MUON_ADAMW_LR:g} on the rest"
     lam = hp.damping if damping is None else damping
     if name in ADAPTIVE:
         text = (f"cgfac.optim, initial damping {lam:g} (LM-adapted), step and momentum: {hp.adaptive}, "
@@ -961,6 +1026,9 @@ def save_arrays(data: dict[str, Tensor], directory: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--task", choices=tuple(TASKS), default="autoencoder")
+    parser.add_argument("--width-mult", type=float, default=4.0,
+                        help="autoencoder-wide: hidden widths times this (default 4)")
+    parser.add_argument("--width", type=int, default=2048, help="mlp-wide: hidden width (default 2048)")
     parser.add_argument("--budget", type=float, default=40.0, help="training seconds per run (default 40)")
     parser.add_argument("--optimizers", default=None,
                         help=f"comma-separated subset of {','.join(ALL_OPTIMIZERS)} (default: "
@@ -1013,6 +1081,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Fisher of the second-order methods (default: the task's)")
 
 
+def model_options(task: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The wide tasks' width options from the command line (:data:`cgfac.bench.models.MODEL_OPTIONS`)."""
+    if task == "autoencoder-wide":
+        mult = args.width_mult
+        return {"width_mult": int(mult) if float(mult).is_integer() else mult}
+    if task == "mlp-wide":
+        return {"width": args.width}
+    return {}
+
+
 def run(args: argparse.Namespace) -> int:
     tuned = TUNED.get(args.task, {}) if args.tuned else {}
     if args.tuned and not tuned:
@@ -1055,6 +1133,7 @@ def run(args: argparse.Namespace) -> int:
         "eval_every": eval_every, "eval_samples": min(eval_samples, data["train_x"].shape[0]),
         "optimizers": optimizers, "lr_grid": grid, "hyper": asdict(hp), "sgd_momentum": SGD_MOMENTUM,
         "n_train": data["train_x"].shape[0], "n_test": data["test_x"].shape[0], "nproc": args.nproc,
+        "model_options": model_options(args.task, args),
     }
     from tqdm import tqdm
 

@@ -16,14 +16,17 @@ from cgfac.curvature.kron import (
     KronEigen,
     KronFactors,
     KronRows,
+    deferred_checks,
     eigh,
     factor_eig,
     factored_damping,
+    factored_damping_tensor,
 )
 from cgfac.curvature.running import RunningFactors
 from cgfac.curvature.window import RowWindow, window_weights
 
 __all__ = [
     "DAMPING_FORMS", "Curvature", "DirectCurvature", "ExactRows", "KronEigen", "KronFactors", "KronRows",
-    "RowWindow", "RunningFactors", "eigh", "factor_eig", "factored_damping", "window_weights",
+    "RowWindow", "RunningFactors", "deferred_checks", "eigh", "factor_eig", "factored_damping",
+    "factored_damping_tensor", "window_weights",
 ]

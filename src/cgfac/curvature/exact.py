@@ -87,6 +87,10 @@ class ExactRows(RowBlock):
             return None
         return ((self.g * self.g).T @ (self.a * self.a)).add_(damping)
 
+    def rank_bound(self) -> int:
+        """``min(n, d_out·d_in) ≥ rank(F)``: ``F`` sums ``n`` per-sample outer products."""
+        return min(self.num_samples, self.shape[0] * self.shape[1])
+
     def mean_diagonal(self) -> float:
         """``tr(F)/(d_out·d_in) = Σ_s ‖J_s‖²/(d_out·d_in)``, with ``‖J_s‖² = Σ_{t,t'∈s} (g_t·g_t')(a_t·a_t')``."""
         if self.sample is None:

@@ -18,12 +18,15 @@ The damped system of a layer is ``G X A + λ X = ∇W`` (``X``, ``∇W``: ``d_ou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from cgfac.curvature.base import RowBlock
 
@@ -31,6 +34,20 @@ if TYPE_CHECKING:
     from cgfac.layers import Rows
 
 DAMPING_FORMS = ("exact", "factored")
+_CHECKED = contextvars.ContextVar("cgfac_checked_eigh", default=True)
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Inside, :func:`eigh` does not read its result back to the host to check it (no device
+    synchronisation): the caller checks the finiteness of what it computes from it (the
+    preconditioners check each direction once per step). A failure that LAPACK or cuSOLVER
+    reports still raises, and is still retried in float64."""
+    token = _CHECKED.set(False)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
 
 
 def factored_damping(trace_a: float, d_in: int, trace_g: float, d_out: int, damping: float) -> tuple[float, float]:
@@ -41,6 +58,17 @@ def factored_damping(trace_a: float, d_in: int, trace_g: float, d_out: int, damp
     if not (pi == pi and 0 < pi < float("inf")):
         pi = 1.0
     root = damping**0.5
+    return pi * root, root / pi
+
+
+def factored_damping_tensor(trace_a: Tensor, d_in: int, trace_g: Tensor, d_out: int,
+                            damping: float | Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`factored_damping` on 0-dim tensors, without a host read: ``π = 1`` where it is not
+    finite and positive."""
+    mean_a, mean_g = trace_a / d_in, trace_g / d_out
+    pi = (mean_a / mean_g).sqrt()
+    pi = torch.where((mean_a > 0) & (mean_g > 0) & torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
+    root = torch.as_tensor(damping, dtype=pi.dtype, device=pi.device).sqrt()
     return pi * root, root / pi
 
 
@@ -71,6 +99,15 @@ class KronRows(RowBlock):
     def mean_diagonal(self) -> float:
         """``tr(A)·tr(G)/(d_in·d_out)``, the mean eigenvalue of ``A ⊗ G``."""
         return float((self.a * self.a).sum()) * float((self.g * self.g).sum()) / (self.a.shape[1] * self.g.shape[1])
+
+    def trace_tensor(self) -> Tensor:
+        """``tr(A)·tr(G) = tr(A ⊗ G)`` as a 0-dim tensor (no host read); bounds the largest eigenvalue."""
+        return torch.linalg.vector_norm(self.a).square() * torch.linalg.vector_norm(self.g).square()
+
+    def rank_bound(self) -> int:
+        """``min(r_a, d_in)·min(r_g, d_out) ≥ rank(A ⊗ G)``: with few rows on a wide layer the
+        curvature's non-zero spectrum is this small a part of its ``d_in·d_out`` dimensions."""
+        return min(self.a.shape[0], self.a.shape[1]) * min(self.g.shape[0], self.g.shape[1])
 
     def factored_damping(self, damping: float) -> tuple[float, float]:
         """``(γ_A, γ_G)`` for this curvature (see :func:`factored_damping`)."""
@@ -129,13 +166,27 @@ class KronRows(RowBlock):
         """
         s_a, q_a = factor_eig(self.a)
         s_g, q_g = factor_eig(self.g)
-        if form == "factored":
-            gamma_a, gamma_g = self.factored_damping(damping)
-            y = grad / gamma_g + q_g @ ((1 / (s_g + gamma_g) - 1 / gamma_g)[:, None] * (q_g.T @ grad))
-            return y / gamma_a + ((y @ q_a) * (1 / (s_a + gamma_a) - 1 / gamma_a)) @ q_a.T
-        c = q_g.T @ grad @ q_a
-        inner = c / (torch.outer(s_g, s_a) + damping) - c / damping
-        return grad / damping + q_g @ inner @ q_a.T
+        with record_function("cgfac.lowrank.products"):
+            if form == "factored":  # γ as tensors: no host read
+                gamma_a, gamma_g = factored_damping_tensor(torch.linalg.vector_norm(self.a).square(), self.a.shape[1],
+                                                           torch.linalg.vector_norm(self.g).square(), self.g.shape[1],
+                                                           damping)
+                # X = ∇W/(γ_G γ_A) + Q_G D_G L/γ_A + (R D_A/γ_G + Q_G D_G C D_A) Q_Aᵀ with
+                # D = 1/(s + γ) − 1/γ, L = Q_Gᵀ∇W, R = ∇W Q_A, C = L Q_A: four r·d_in·d_out products
+                # and one pass over a d_out × d_in matrix besides them.
+                d_g, d_a = 1 / (s_g + gamma_g) - 1 / gamma_g, 1 / (s_a + gamma_a) - 1 / gamma_a
+                left = q_g.T @ grad
+                right = grad @ q_a
+                core = (d_g[:, None] * (left @ q_a)) * d_a
+                out = q_g @ (d_g[:, None] * left / gamma_a)
+                out.addmm_(right * (d_a / gamma_g) + q_g @ core, q_a.T)
+                return out.addcdiv_(grad, gamma_g * gamma_a)
+            c = (q_g.T @ grad) @ q_a
+            inner = c / (torch.outer(s_g, s_a) + damping) - c / damping
+            out = (q_g @ inner) @ q_a.T
+            if isinstance(damping, Tensor):
+                return out.addcdiv_(grad, damping)
+            return out.add_(grad, alpha=1 / damping)
 
 
 def factor_eig(rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,7 +200,8 @@ def factor_eig(rows: Tensor) -> tuple[Tensor, Tensor]:
     """
     if rows.shape[0] >= rows.shape[1]:
         return eigh(rows.T @ rows)
-    q, r = torch.linalg.qr(rows.T)
+    with record_function("cgfac.lowrank.qr"):
+        q, r = torch.linalg.qr(rows.T)
     s, v = eigh(r @ r.T)
     return s, q @ v
 
@@ -158,17 +210,20 @@ def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric eigendecomposition with eigenvalues clamped at 0.
 
     A failure (no convergence, non-finite output) is retried once in float64; a second failure
-    raises ``torch.linalg.LinAlgError`` for the caller to handle.
+    raises ``torch.linalg.LinAlgError`` for the caller to handle. Inside :func:`deferred_checks`
+    only the failures the library reports are retried: the result is not read back to check it.
     """
-    try:
-        s, q = torch.linalg.eigh(matrix)
-        if not (torch.isfinite(s).all() and torch.isfinite(q).all()):
-            raise torch.linalg.LinAlgError("non-finite eigendecomposition")
-    except (torch.linalg.LinAlgError, RuntimeError):
-        s, q = torch.linalg.eigh(matrix.double())
-        if not (torch.isfinite(s).all() and torch.isfinite(q).all()):
-            raise torch.linalg.LinAlgError("eigendecomposition failed in float64") from None
-        s, q = s.to(matrix.dtype), q.to(matrix.dtype)
+    checked = _CHECKED.get()
+    with record_function("cgfac.eigh"):
+        try:
+            s, q = torch.linalg.eigh(matrix)
+            if checked and not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+                raise torch.linalg.LinAlgError("non-finite eigendecomposition")
+        except (torch.linalg.LinAlgError, RuntimeError):
+            s, q = torch.linalg.eigh(matrix.double())
+            if checked and not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+                raise torch.linalg.LinAlgError("eigendecomposition failed in float64") from None
+            s, q = s.to(matrix.dtype), q.to(matrix.dtype)
     return s.clamp_min(0), q
 
 

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 from cgfac import sharded
@@ -313,16 +314,17 @@ def unit_forward_hook(units: list[LayerHelper], capture: Capture) -> Callable:
         x = inputs[0].detach()
         limit = capture.capture_limit()
         chunks, kept = [], []
-        for unit in units:
-            # Rows only for the first `limit` batch entries: the input is sliced before the rows
-            # are built (a convolution's patches are costly); the whole call's sample count still
-            # turns a mean-reduced loss's gradients into per-sample ones.
-            b = unit.batch_size(x)
-            k = b if limit is None or b is None or b <= limit else limit
-            a, n = unit.input_rows(x if k == b else x[:k])
-            n_full = n if k == b else n // k * b
-            chunks.append(capture.record_input(unit, a, n, n_full=n_full, batch=k or 1))
-            kept.append(k != b)
+        with record_function("cgfac.capture"):
+            for unit in units:
+                # Rows only for the first `limit` batch entries: the input is sliced before the rows
+                # are built (a convolution's patches are costly); the whole call's sample count still
+                # turns a mean-reduced loss's gradients into per-sample ones.
+                b = unit.batch_size(x)
+                k = b if limit is None or b is None or b <= limit else limit
+                a, n = unit.input_rows(x if k == b else x[:k])
+                n_full = n if k == b else n // k * b
+                chunks.append(capture.record_input(unit, a, n, n_full=n_full, batch=k or 1))
+                kept.append(k != b)
 
         def on_grad(grad: Tensor) -> None:
             grad = grad.detach()

@@ -49,6 +49,7 @@ class AutoSolver(Solver):
         self.cg = cg or CGSolver()
         self.others = dict(others) if others is not None else None
         self.constants = constants
+        self._probe_possible = True
 
     @classmethod
     def from_settings(cls, settings: SolverSettings) -> AutoSolver:
@@ -90,6 +91,7 @@ class AutoSolver(Solver):
         stale = k is not None and damping is not None and measured_at is not None and not (
             1 / STALE_DAMPING_RATIO <= damping / measured_at <= STALE_DAMPING_RATIO)
         periodic = self.probe_due(state, step) and self.cg.warm_start and state.solution is not None
+        self._probe_possible = budget >= 2  # whether a CG probe could ever win here (solve keeps a warm start then)
         if best != "cg" and (periodic or stale) and budget >= 2:
             state.probed_at = step
             state.probe_budget = (budget, best)
@@ -120,5 +122,8 @@ class AutoSolver(Solver):
             sol = self.candidate(method).solve(op, grad, damping, state, step=step, form=form)
             stats.update(sol.stats)
             x = sol.x
-        keep_warm_start(state, x, self.cg.warm_start and (method == "cg" or self.probe_due(state, step + 1)))
+        # A d_out × d_in warm start is kept only where CG may run next step: CG chosen, or a probe
+        # due that could win (wide layers with few rows: never, so no copy is kept).
+        keep = method == "cg" or (self.probe_due(state, step + 1) and self._probe_possible)
+        keep_warm_start(state, x, self.cg.warm_start and keep)
         return Solution(x, method, stats)

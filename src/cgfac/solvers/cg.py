@@ -75,7 +75,7 @@ class CGSolver(Solver):
         res = self.run(op, grad, damping, x0, step=step, max_iters=max_iters, form=form)
         stats = {"iters": res.iters, "products": res.products, "rel_residual": res.rel_residual,
                  "converged": res.converged, "breakdown": res.breakdown}
-        state.iters_damping = damping
+        state.iters_damping = float(damping)  # a Python float in checkpoints (a tensor λ: one read, CG reads anyway)
         state.last_iters = res.products
         if res.breakdown is not None:
             return Solution(None, self.name, stats, fallback=f"CG breakdown: {res.breakdown}",
