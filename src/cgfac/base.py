@@ -28,7 +28,7 @@ from cgfac.distributed import WorkAssignment
 from cgfac.fisher import sampled_loss
 from cgfac.graft import RMSPropGraft
 from cgfac.hyperparams import Hyper, HyperParam
-from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
+from cgfac.layers import Chunk, LayerHelper, Rows, TiedHelper, make_helper, tie_reason
 from cgfac.layers.registry import HelperFactory, check_overrides
 from cgfac.options import DampingScale, FisherKind, GraftKind, LossReduction, LossType, ShardedGrads, check
 from cgfac.state import LayerState, StateView
@@ -56,10 +56,12 @@ class ReportEntry:
     module_type: str
     covered: bool
     reason: str
+    rule: str = ""  # which rule covered it: "registered:<class>", "layer_helpers[<class>]", "probe:<kind>", "tied"
 
     def __str__(self) -> str:
         status = "preconditioned" if self.covered else "plain gradient"
-        return f"{self.name or '<root>'} ({self.module_type}): {status}: {self.reason}"
+        rule = f" [{self.rule}]" if self.rule else ""
+        return f"{self.name or '<root>'} ({self.module_type}): {status}{rule}: {self.reason}"
 
 
 class Preconditioner:
@@ -109,6 +111,13 @@ class Preconditioner:
             on every rank with the reason logged once; ``"owner"``: the owner scheme or
             ``ValueError`` naming the layer; ``"all-gather"``: every rank all-gathers every layer.
             ``layer_stats()[name]["sharded"]`` says which. Plain gradients are unaffected.
+        probe_layers: probe modules of unregistered types at registration (:mod:`cgfac.layers.probe`:
+            a forward that is ``F.linear``, HF ``Conv1D``'s ``x @ weight + b``, ``F.embedding``, or a
+            weight scaling an RMS/Layer-normalised input is covered); False: only registered types.
+
+    Tied weights (a Parameter used by several covered modules, e.g. an embedding and the output
+    head) are one block, ``"<first>+<other>"``, fed by the rows of every use
+    (:mod:`cgfac.layers.tied`); the registration report names the modules that share it.
 
     Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
     ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
@@ -139,6 +148,7 @@ class Preconditioner:
         graft_beta2: float = 0.999,
         graft_eps: float = 1e-8,
         sharded_grads: ShardedGrads = "auto",
+        probe_layers: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -163,6 +173,9 @@ class Preconditioner:
         self.graft_beta2 = HyperParam("graft_beta2", graft_beta2, low=0.0, high=0.999999)(0)
         self.graft_eps = HyperParam("graft_eps", graft_eps, low=0.0, low_open=True)(0)
         self.sharded_grads: ShardedGrads = check("sharded_grads", sharded_grads, ShardedGrads)
+        if not isinstance(probe_layers, bool):
+            raise TypeError(f"probe_layers must be a bool, got {type(probe_layers).__name__}")
+        self.probe_layers = probe_layers
         self._owner_routed: set[str] = set()  # this step's layers under the owner scheme (cgfac.sharded)
         self._sharded_notes: dict[str, str] = {}  # the last logged route of each sharded layer
         self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
@@ -235,7 +248,7 @@ class Preconditioner:
                     reason = f"covered by {parent!r}" if ok else f"part of {parent!r}, which is not preconditioned"
                     self.report.append(ReportEntry(name, kind, ok, reason))
                 continue
-            helper = make_helper(name, module, self.layer_helpers)
+            helper = make_helper(name, module, self.layer_helpers, probe=self.probe_layers)
             if helper is None:
                 continue
             if isinstance(helper, str):
@@ -248,36 +261,75 @@ class Preconditioner:
                 self.report.append(ReportEntry(name, kind, False, "in skip_layers"))
                 continue
             entries.append((name, module, helper))
-        shared = self._shared_parameters(entries)
+        tied, uncovered = self._tie(entries)
         for name, module, helper in entries:
             kind = type(module).__name__
-            if name in shared:
-                self.report.append(ReportEntry(name, kind, False, shared[name]))
+            if name in uncovered:
+                self.report.append(ReportEntry(name, kind, False, uncovered[name]))
+                continue
+            if name in tied:
+                block = tied[name]
+                if block is None:  # a later use of a tied block: registered with its first use
+                    continue
+                for use in block.uses:
+                    use_kind = type(use.helper.module).__name__
+                    others = ", ".join(repr(u.name) for u in block.uses if u.name != use.name)
+                    self.report.append(ReportEntry(
+                        use.name, use_kind, True, f"shares its weight with {others}: {block.describe()}",
+                        f"tied ({use.helper.rule or 'registered'})"))
+                self.layers[block.name] = block
+                self._handles += block.attach(self)
                 continue
             for unit in helper.units():
                 self.layers[unit.name] = unit
-            self.report.append(ReportEntry(name, kind, True, helper.describe()))
+            self.report.append(ReportEntry(name, kind, True, helper.describe(), helper.rule))
             self._handles += helper.attach(self)
         if self.layers:
             self._handles.append(model.register_forward_pre_hook(self._count_forward_pass))
 
     @staticmethod
-    def _shared_parameters(entries: list[tuple[str, nn.Module, Any]]) -> dict[str, str]:
-        """Modules whose parameters another covered module also uses (e.g. a tied embedding and
-        output layer): two layer matrices of one Parameter cannot both replace its gradient."""
-        users: dict[int, list[str]] = {}
-        for name, _, helper in entries:
-            for pid in {id(p) for unit in helper.units() for p in unit.params()}:
-                users.setdefault(pid, []).append(name)
-        out = {}
-        for names in users.values():
-            if len(names) > 1:
-                for n in names:
-                    others = ", ".join(repr(o) for o in names if o != n)
-                    out[n] = (f"shares a Parameter with {others} (a Parameter used by several modules "
-                              "is not covered: plain gradient)")
-        return out
+    def _tie(entries: list[tuple[str, nn.Module, Any]]) -> tuple[dict[str, TiedHelper | None], dict[str, str]]:
+        """Modules whose parameters another covered module also uses (a tied embedding and output
+        layer, any weight shared between layers): ``{first use: TiedHelper, later use: None}`` for
+        the groups that form one block (:mod:`cgfac.layers.tied`), and the reason of the others
+        (two layer matrices of one Parameter cannot both replace its gradient)."""
+        owner: dict[int, int] = {}  # parameter id -> group (union of entries sharing parameters)
+        parent = list(range(len(entries)))
 
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i, (_, _, helper) in enumerate(entries):
+            for p in {id(p): p for unit in helper.units() for p in unit.params()}:
+                if p in owner:
+                    parent[find(i)] = find(owner[p])
+                else:
+                    owner[p] = i
+        groups: dict[int, list[int]] = {}
+        for i in range(len(entries)):
+            groups.setdefault(find(i), []).append(i)
+        tied: dict[str, TiedHelper | None] = {}
+        uncovered: dict[str, str] = {}
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            names = [entries[i][0] for i in members]
+            helpers = [entries[i][2] for i in members]
+            single = all(isinstance(h, LayerHelper) and h.units() == [h] for h in helpers)
+            reason = tie_reason(helpers) if single else "a module with several blocks shares a Parameter"
+            if reason is None:
+                block = TiedHelper("+".join(names), list(zip(names, helpers)))
+                tied[names[0]] = block
+                tied.update({n: None for n in names[1:]})
+                continue
+            for n in names:
+                others = ", ".join(repr(o) for o in names if o != n)
+                uncovered[n] = (f"shares a Parameter with {others}, which cannot be one block ({reason}): "
+                                "plain gradient")
+        return tied, uncovered
     def _log_report(self) -> None:
         logger.info("%s registration:\n  %s", type(self).__name__, "\n  ".join(map(str, self.report)))
         plain = [e for e in self.report if not e.covered]
