@@ -18,6 +18,7 @@ from layer_reference import (
     output_grads,
     per_sample_params,
 )
+from hf_models import one_thread  # noqa: F401  (autouse fixture)
 from test_layer_registry import clean_registry  # noqa: F401  (fixture)
 from torch import nn
 
