@@ -41,6 +41,23 @@ DAMPING_SWAMPS = 1e3  # damping above this multiple of the largest curvature eig
 _OWNER, _WHOLE, _MISSING = 0, 1, 2
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` and ``torch.compile`` wrappers (any nesting).
+
+    A compiled model works: the hooks sit on the original modules, which the compiled forward
+    traces (TorchDynamo inlines module forward hooks; the tensor hooks on layer outputs run in
+    the backward), so the rows and directions are the eager ones (tested with the ``aot_eager``
+    and ``inductor`` backends)."""
+    for _ in range(8):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
 def rank_seed(generator: torch.Generator, rank: int, world: int) -> int:
     """The seed of rank ``rank``'s sampling stream: the ``rank``-th of ``world`` numbers drawn from
     ``generator`` (which advances identically on every rank). One process draws one number, the
@@ -238,8 +255,8 @@ class Preconditioner:
         claimed: dict[int, tuple[str, bool]] = {}  # child module id -> (parent name, parent covered)
         entries: list[tuple[str, nn.Module, Any]] = []
         # Layers are named as in the unwrapped model, so names (and checkpoints) are the same with
-        # and without DistributedDataParallel, on any number of processes.
-        root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        # and without DistributedDataParallel (on any number of processes) and torch.compile.
+        root = unwrap(model)
         for name, module in root.named_modules():
             kind = type(module).__name__
             if id(module) in claimed:

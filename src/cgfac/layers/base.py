@@ -339,7 +339,15 @@ def unit_forward_hook(units: list[LayerHelper], capture: Capture) -> Callable:
         output.register_hook(on_grad)
         capture.record_output(units, output)
 
-    return hook
+    return eager(hook)
+
+
+def eager(hook: Callable) -> Callable:
+    """A capture hook that ``torch.compile`` does not trace: TorchDynamo breaks the graph at it
+    and runs it eagerly on real tensors (its Python bookkeeping would otherwise be traced and
+    recompiled for every helper type), so a compiled model's rows are the eager ones."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(hook, recursive=True) if disable is not None else hook
 
 
 class LayerGroup:
