@@ -14,6 +14,8 @@
   ``(batch, 128, 256)``.
 * ``cnn-norm``: an MNIST CNN with BatchNorm, GroupNorm and a depthwise-separable block
   (:func:`cnn_norm`).
+* ``gpt2``: a Hugging Face ``GPT2LMHeadModel`` (tied embeddings, 7.5 M parameters) for the same
+  text, :func:`cgfac.bench.hf.gpt2_lm`.
 """
 
 from __future__ import annotations
@@ -159,3 +161,11 @@ def build_model(task: str) -> nn.Module:
     if task not in MODELS:
         raise ValueError(f"task must be one of {tuple(MODELS)}, got {task!r}")
     return MODELS[task]()
+
+
+# The Hugging Face GPT-2 task (cgfac.bench.hf; transformers is imported when it is built).
+from cgfac.bench.hf import gpt2_lm  # noqa: E402
+
+MODELS["gpt2"] = gpt2_lm
+INPUT_SHAPES["gpt2"] = (128,)
+VOCAB["gpt2"] = 256

@@ -241,6 +241,18 @@ TUNED: dict[str, dict[str, dict[str, Any]]] = {
 }
 TUNED["cnn-norm"] = TUNED["cnn"]  # lr {5e-4, 1e-3}: 0.0191, 0.0277 at 60 s (train-cnn-norm-60s-graft)
 
+# The Hugging Face GPT-2 task (cgfac.bench.hf): tied embeddings, Conv1D projections, the transformer
+# task's data, loss and evaluation; Muon (torch.optim.Muon on hidden matrices, AdamW on the rest) as a
+# peer. Not tuned yet: the TUNED entries are the transformer task's (K-FAC grafted, AdamW, SOAP) and
+# Muon's common rate; give --lr-grid for the grids (README, "Hugging Face ...").
+TASKS["gpt2"] = Task("stdlib-text", False, "cross_entropy", 32, 1e-3, 1e-3, "empirical", eval_samples=256)
+if "muon" not in PEERS:
+    PEERS += ("muon",)
+    ALL_OPTIMIZERS += ("muon",)
+LR_GRID.setdefault("muon", (0.01, 0.02))
+TUNED["gpt2"] = {"kfac": TUNED["transformer"]["kfac"], "adamw": {"lr": 3e-3}, "muon": {"lr": 0.02},
+                 "soap": {"lr": 3e-3}}
+
 
 # --- data, loss, evaluation ----------------------------------------------------------------------
 def load_task_data(task_name: str) -> dict[str, Tensor]:
@@ -293,6 +305,10 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
     variant with the preconditioner recomputed every 20 steps (its default, 1000, never would in a
     short run).
     """
+    if name == "muon":  # cgfac.bench.hf: Muon on the hidden matrices, AdamW on the rest
+        from cgfac.bench.hf import muon_adamw
+
+        return muon_adamw(model, lr), None
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr), None
     if name == "adamw":
