@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_models import one_thread  # noqa: F401  (autouse fixture)
 from layer_reference import (
     EXACT_KINDS,
     KRON_KINDS,
@@ -18,15 +19,14 @@ from layer_reference import (
     output_grads,
     per_sample_params,
 )
-from hf_models import one_thread  # noqa: F401  (autouse fixture)
 from test_layer_registry import clean_registry  # noqa: F401  (fixture)
 from torch import nn
 
 import cgfac
 
 pytest.importorskip("transformers")
-from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
-from transformers.pytorch_utils import Conv1D  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.pytorch_utils import Conv1D
 
 
 class FunctionalEmbedding(nn.Module):

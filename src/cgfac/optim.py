@@ -575,7 +575,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
 
 _OPTIMIZER_ARGS = ("lr", "momentum", "weight_decay", "loss_type", "adaptive", "adapt_damping", "damping_interval",
-                   "damping_decay", "min_damping", "max_damping", "quad_samples", "reject_worse", "output_fn", "loss_fn")
+                   "damping_decay", "min_damping", "max_damping", "quad_samples", "reject_worse", "output_fn",
+                   "loss_fn")
 
 
 def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

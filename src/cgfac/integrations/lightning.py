@@ -19,15 +19,22 @@ from __future__ import annotations
 
 from typing import Any
 
-try:
-    from lightning.pytorch.callbacks import Callback
-except ImportError:  # pragma: no cover - the standalone package
-    try:
-        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
-    except ImportError as err:
-        raise ImportError("cgfac.integrations.lightning needs lightning: pip install 'cgfac[lightning]'") from err
-
 from cgfac.base import Preconditioner
+
+
+def _callback_class() -> Any:
+    """Lightning's ``Callback`` (``lightning``, else the standalone ``pytorch_lightning``)."""
+    import importlib
+
+    for package in ("lightning.pytorch.callbacks", "pytorch_lightning.callbacks"):
+        try:
+            return importlib.import_module(package).Callback
+        except ImportError:  # pragma: no cover - the other package
+            continue
+    raise ImportError("cgfac.integrations.lightning needs lightning: pip install 'cgfac[lightning]'")
+
+
+Callback: Any = _callback_class()
 
 __all__ = ["PreconditionerCallback"]
 

@@ -57,7 +57,7 @@ def probe_helper(name: str, module: nn.Module) -> LayerHelper | str:
         return f"{kind} is not a covered layer type (not probed: sharded, meta or non-float weight)"
     if weight.numel() > _MAX_PROBE:
         return f"{kind} is not a covered layer type (not probed: weight too large; register it)"
-    shapes_ok = weight.dim() == 2 and (bias is None or bias.dim() == 1) or weight.dim() == 1
+    shapes_ok = (weight.dim() == 2 and (bias is None or bias.dim() == 1)) or weight.dim() == 1
     if not shapes_ok:
         return f"{kind} is not a covered layer type (not probed: weight of {weight.dim()} dims)"
     trained_bias = bias is not None and bias.requires_grad
@@ -85,7 +85,8 @@ def probe_helper(name: str, module: nn.Module) -> LayerHelper | str:
         x = rand(2, 3, d1)
         tried.append("F.linear")
         if (bias is None or bias.shape[0] == d0) and _close(run(x), F.linear(x, w, b)):
-            return _rule(LinearHelper(name, module, trained_bias), "probe:linear (forward is F.linear(x, weight, bias))")
+            return _rule(LinearHelper(name, module, trained_bias),
+                         "probe:linear (forward is F.linear(x, weight, bias))")
         x = rand(2, 3, d0)
         tried.append("x @ weight + bias")
         if bias is None or bias.shape[0] == d1:
@@ -112,7 +113,8 @@ def probe_helper(name: str, module: nn.Module) -> LayerHelper | str:
                     return _rule(FeatureNormHelper(name, module, trained_bias, norm_kind, eps),
                                  f"probe:{norm_kind}-norm (weight scales a {norm_kind}-normalised last dimension, "
                                  f"eps={eps:g})")
-    return (f"{kind} is not a covered layer type (probe: its forward is none of {', '.join(tried) or 'the candidates'}; "
+    candidates = ", ".join(tried) or "the candidates"
+    return (f"{kind} is not a covered layer type (probe: its forward is none of {candidates}; "
             "see cgfac.register_layer_helper)")
 
 
