@@ -162,3 +162,18 @@ def test_tied_block_checkpoint_and_true_fisher() -> None:
     other = cgfac.KFAC(tied_model(True), fisher="true", kl_clip=None)
     other.load_state_dict(state)
     torch.testing.assert_close(other.factors["0+2"][0], pre.factors["0+2"][0])
+
+
+def test_sharing_with_a_skipped_module_keeps_the_plain_gradient() -> None:
+    """The shared .grad holds the skipped module's share: the other use is not preconditioned."""
+    tied = tied_model(False)
+    model = nn.Sequential(*tied, nn.Tanh(), nn.Linear(V, V).double())
+    pre = cgfac.CGFAC(model, skip_layers=["2"], kl_clip=None)
+    report = {e.name: e for e in pre.registration_report()}
+    assert report["2"].reason == "in skip_layers" and set(pre.layers) == {"4"}
+    assert not report["0"].covered and "which is in skip_layers" in report["0"].reason
+    x, y = data()
+    loss(model(x), y).backward()
+    plain = model[0].weight.grad.clone()
+    pre.step()
+    assert torch.equal(model[0].weight.grad, plain)

@@ -254,6 +254,7 @@ class Preconditioner:
         self._handles = []
         claimed: dict[int, tuple[str, bool]] = {}  # child module id -> (parent name, parent covered)
         entries: list[tuple[str, nn.Module, Any]] = []
+        skipped_params: dict[int, str] = {}  # parameter id -> the skipped module using it
         # Layers are named as in the unwrapped model, so names (and checkpoints) are the same with
         # and without DistributedDataParallel (on any number of processes) and torch.compile.
         root = unwrap(model)
@@ -276,9 +277,26 @@ class Preconditioner:
                 claimed[id(child)] = (name, not skipped)
             if skipped:
                 self.report.append(ReportEntry(name, kind, False, "in skip_layers"))
+                skipped_params.update({id(p): name for unit in helper.units() for p in unit.params()})
                 continue
             entries.append((name, module, helper))
-        tied, uncovered = self._tie(entries)
+        # A module sharing a Parameter with a skipped one (directly, or through other modules): that
+        # .grad holds the skipped module's share, which no block of ours can own.
+        with_skipped: dict[str, str] = {}
+        changed = bool(skipped_params)
+        while changed:
+            changed = False
+            for name, _, helper in entries:
+                ids = {id(p) for unit in helper.units() for p in unit.params()}
+                hit = next((skipped_params[i] for i in ids if i in skipped_params), None)
+                if hit is not None and name not in with_skipped:
+                    with_skipped[name] = hit
+                    skipped_params.update({i: hit for i in ids})
+                    changed = True
+        tied, uncovered = self._tie([e for e in entries if e[0] not in with_skipped])
+        for name, skipped_name in with_skipped.items():
+            uncovered[name] = (f"shares a Parameter with {skipped_name!r}, which is in skip_layers (or shares one "
+                               "with it): plain gradient")
         for name, module, helper in entries:
             kind = type(module).__name__
             if name in uncovered:

@@ -33,7 +33,8 @@ from cgfac.layers.linear import Conv1DHelper, LinearHelper
 from cgfac.layers.norm import FeatureNormHelper, module_eps
 
 _TOL = 1e-4  # relative: modules that compute in float32 internally (LlamaRMSNorm) still match
-_MAX_PROBE = 1 << 22  # skip the probe for stand-in weights larger than this many numbers
+_FLOAT64_PROBE = 1 << 22  # stand-in weights up to this many numbers are float64 (on CPU), larger float32
+_MAX_PROBE = 1 << 26  # skip the probe for stand-in weights larger than this (256 MB of float32)
 
 
 def _close(y: object, want: Tensor) -> bool:
@@ -54,7 +55,8 @@ def probe_helper(name: str, module: nn.Module) -> LayerHelper | str:
     if not weight.requires_grad:
         return f"{kind} is not a covered layer type (not probed: weight is frozen)"
     if sharded.is_sharded(weight) or weight.is_meta or not weight.is_floating_point():
-        return f"{kind} is not a covered layer type (not probed: sharded, meta or non-float weight)"
+        return (f"{kind} is not a covered layer type (not probed: sharded, meta or non-float weight; register it "
+                "with cgfac.register_layer_helper)")
     if weight.numel() > _MAX_PROBE:
         return f"{kind} is not a covered layer type (not probed: weight too large; register it)"
     shapes_ok = (weight.dim() == 2 and (bias is None or bias.dim() == 1)) or weight.dim() == 1
@@ -62,7 +64,8 @@ def probe_helper(name: str, module: nn.Module) -> LayerHelper | str:
         return f"{kind} is not a covered layer type (not probed: weight of {weight.dim()} dims)"
     trained_bias = bias is not None and bias.requires_grad
     gen = torch.Generator(device=weight.device).manual_seed(0)
-    dev, dtype = weight.device, torch.float64 if weight.device.type == "cpu" else torch.float32
+    dev = weight.device
+    dtype = torch.float64 if dev.type == "cpu" and weight.numel() <= _FLOAT64_PROBE else torch.float32
 
     def rand(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=gen, device=dev, dtype=dtype)
