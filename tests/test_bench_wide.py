@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import cgfac
-from cgfac.bench import cli, sweep, train
+from cgfac.bench import cli, peers, sweep
 from cgfac.bench.models import build_model, wide_widths
 
 
@@ -33,11 +33,11 @@ def test_wide_models_scale_the_hidden_widths() -> None:
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
     torch.manual_seed(0)
     model = build_model("mlp-wide", width=16)
-    hidden, rest = train.hidden_matrices(model)
+    hidden, rest = peers.hidden_matrices(model)
     linears = [m for m in model if isinstance(m, nn.Linear)]
     assert [id(p) for p in hidden] == [id(m.weight) for m in linears[:-1]]
     assert {id(p) for p in rest} == {id(linears[-1].weight)} | {id(m.bias) for m in linears}
-    opt = train.muon_with_adamw(model, 1e-3)
+    opt = peers.muon_with_adamw(model, 1e-3)
     assert isinstance(opt.optimizers[0], torch.optim.Muon) and isinstance(opt.optimizers[1], torch.optim.AdamW)
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     before = [p.detach().clone() for p in model.parameters()]
@@ -79,7 +79,8 @@ def test_sweep_and_profile_smoke(tmp_path: Path) -> None:
     prof = json.loads((tmp_path / "p" / "profile.json").read_text())
     assert prof["host_reads_in_pre_step"] == 1
     parts = prof["parts_ms_per_step"]
-    assert {"model.forward", "model.backward", "cgfac.precondition", "cgfac.solve", "cgfac.optim.quad_model"} <= set(parts)
+    assert {"model.forward", "model.backward", "cgfac.precondition", "cgfac.solve",
+            "cgfac.optim.quad_model"} <= set(parts)
     assert parts["cgfac.solve"] <= parts["cgfac.precondition"] and math.isfinite(prof["ratio_to_adam"])
 
 

@@ -21,10 +21,10 @@ def count_reads() -> Iterator[list[str]]:
     seen: list[str] = []
     saved = {name: getattr(torch.Tensor, name) for name in READS}
 
-    def wrap(name: str):  # noqa: ANN202
+    def wrap(name: str):
         original = saved[name]
 
-        def counted(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        def counted(self, *args, **kwargs):
             seen.append(name)
             return original(self, *args, **kwargs)
 

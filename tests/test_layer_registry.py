@@ -69,10 +69,25 @@ def test_registered_user_module_matches_linear(kind, clean_registry) -> None:
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_unregistered_user_module_is_reported() -> None:
+class MyScaledLinear(MyLinear):
+    """Not ``F.linear`` on its own parameters: the probe does not cover it."""
+
+    def forward(self, x):
+        return F.linear(x, 2 * self.weight.tanh(), self.bias)
+
+
+def test_unregistered_user_module_is_probed_or_reported() -> None:
     _, mine = pair(MyLinear)
     report = {e.name: e for e in cgfac.KFAC(mine).registration_report()}
+    assert report["0"].covered and report["0"].rule.startswith("probe:linear")
+    report = {e.name: e for e in cgfac.KFAC(mine, probe_layers=False).registration_report()}
     assert not report["0"].covered and "MyLinear is not a covered layer type" in report["0"].reason
+    _, scaled = pair(MyScaledLinear)
+    report = {e.name: e for e in cgfac.KFAC(scaled).registration_report()}
+    assert not report["0"].covered and "MyScaledLinear is not a covered layer type (probe" in report["0"].reason
+    assert report["2"].rule == "registered:Linear"
+    with pytest.raises(TypeError, match="probe_layers"):
+        cgfac.KFAC(mine, probe_layers="yes")
 
 
 def test_most_derived_registration_wins(clean_registry) -> None:
@@ -89,7 +104,8 @@ def test_per_preconditioner_override() -> None:
     _, mine = pair(MyLinear)
     pre = cgfac.CGFAC(mine, layer_helpers={MyLinear: linear_helper})
     assert set(pre.layers) == {"0", "2"}
-    assert set(cgfac.CGFAC(mine).layers) == {"2"}  # the global registry is untouched
+    assert {e.name: e.rule for e in pre.registration_report()}["0"] == "layer_helpers[MyLinear]"
+    assert set(cgfac.CGFAC(mine, probe_layers=False).layers) == {"2"}  # the global registry is untouched
     pre = cgfac.KFAC(mine, layer_helpers={nn.Linear: lambda name, m: "overridden", MyLinear: linear_helper})
     report = {e.name: e for e in pre.registration_report() if e.name == "2"}
     assert report["2"].reason == "overridden" and not report["2"].covered

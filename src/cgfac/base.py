@@ -30,7 +30,7 @@ from cgfac.distributed import WorkAssignment
 from cgfac.fisher import sampled_loss
 from cgfac.graft import RMSPropGraft
 from cgfac.hyperparams import Hyper, HyperParam
-from cgfac.layers import Chunk, LayerHelper, Rows, make_helper
+from cgfac.layers import Chunk, LayerHelper, Rows, TiedHelper, make_helper, tie_reason
 from cgfac.layers.registry import HelperFactory, check_overrides
 from cgfac.options import DampingScale, FisherKind, GraftKind, LossReduction, LossType, ShardedGrads, check
 from cgfac.state import LayerState, StateView
@@ -41,6 +41,23 @@ DAMPING_SWAMPS = 1e3  # damping above this multiple of the largest curvature eig
 # How a layer's gradient reaches its solve this step, agreed by the maximum over ranks: the owner
 # scheme for row-sharded gradients, the whole matrix on every rank, or missing (plain gradient).
 _OWNER, _WHOLE, _MISSING = 0, 1, 2
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` and ``torch.compile`` wrappers (any nesting).
+
+    A compiled model works: the hooks sit on the original modules, which the compiled forward
+    traces (TorchDynamo inlines module forward hooks; the tensor hooks on layer outputs run in
+    the backward), so the rows and directions are the eager ones (tested with the ``aot_eager``
+    and ``inductor`` backends)."""
+    for _ in range(8):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = cast(nn.Module, model._orig_mod)
+        else:
+            break
+    return model
 
 
 def rank_seed(generator: torch.Generator, rank: int, world: int) -> int:
@@ -58,10 +75,12 @@ class ReportEntry:
     module_type: str
     covered: bool
     reason: str
+    rule: str = ""  # which rule covered it: "registered:<class>", "layer_helpers[<class>]", "probe:<kind>", "tied"
 
     def __str__(self) -> str:
         status = "preconditioned" if self.covered else "plain gradient"
-        return f"{self.name or '<root>'} ({self.module_type}): {status}: {self.reason}"
+        rule = f" [{self.rule}]" if self.rule else ""
+        return f"{self.name or '<root>'} ({self.module_type}): {status}{rule}: {self.reason}"
 
 
 class Preconditioner:
@@ -111,6 +130,13 @@ class Preconditioner:
             on every rank with the reason logged once; ``"owner"``: the owner scheme or
             ``ValueError`` naming the layer; ``"all-gather"``: every rank all-gathers every layer.
             ``layer_stats()[name]["sharded"]`` says which. Plain gradients are unaffected.
+        probe_layers: probe modules of unregistered types at registration (:mod:`cgfac.layers.probe`:
+            a forward that is ``F.linear``, HF ``Conv1D``'s ``x @ weight + b``, ``F.embedding``, or a
+            weight scaling an RMS/Layer-normalised input is covered); False: only registered types.
+
+    Tied weights (a Parameter used by several covered modules, e.g. an embedding and the output
+    head) are one block, ``"<first>+<other>"``, fed by the rows of every use
+    (:mod:`cgfac.layers.tied`); the registration report names the modules that share it.
 
     Failure behaviour: a non-finite gradient anywhere in the model skips the step (every
     ``.grad`` is zeroed, ``skipped_steps`` counts it, a warning says so; with an enabled
@@ -141,6 +167,7 @@ class Preconditioner:
         graft_beta2: float = 0.999,
         graft_eps: float = 1e-8,
         sharded_grads: ShardedGrads = "auto",
+        probe_layers: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -165,6 +192,9 @@ class Preconditioner:
         self.graft_beta2 = HyperParam("graft_beta2", graft_beta2, low=0.0, high=0.999999)(0)
         self.graft_eps = HyperParam("graft_eps", graft_eps, low=0.0, low_open=True)(0)
         self.sharded_grads: ShardedGrads = check("sharded_grads", sharded_grads, ShardedGrads)
+        if not isinstance(probe_layers, bool):
+            raise TypeError(f"probe_layers must be a bool, got {type(probe_layers).__name__}")
+        self.probe_layers = probe_layers
         self._owner_routed: set[str] = set()  # this step's layers under the owner scheme (cgfac.sharded)
         self._sharded_notes: dict[str, str] = {}  # the last logged route of each sharded layer
         self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
@@ -230,9 +260,10 @@ class Preconditioner:
         self._handles = []
         claimed: dict[int, tuple[str, bool]] = {}  # child module id -> (parent name, parent covered)
         entries: list[tuple[str, nn.Module, Any]] = []
+        skipped_params: dict[int, str] = {}  # parameter id -> the skipped module using it
         # Layers are named as in the unwrapped model, so names (and checkpoints) are the same with
-        # and without DistributedDataParallel, on any number of processes.
-        root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        # and without DistributedDataParallel (on any number of processes) and torch.compile.
+        root = unwrap(model)
         for name, module in root.named_modules():
             kind = type(module).__name__
             if id(module) in claimed:
@@ -241,7 +272,7 @@ class Preconditioner:
                     reason = f"covered by {parent!r}" if ok else f"part of {parent!r}, which is not preconditioned"
                     self.report.append(ReportEntry(name, kind, ok, reason))
                 continue
-            helper = make_helper(name, module, self.layer_helpers)
+            helper = make_helper(name, module, self.layer_helpers, probe=self.probe_layers)
             if helper is None:
                 continue
             if isinstance(helper, str):
@@ -252,38 +283,94 @@ class Preconditioner:
                 claimed[id(child)] = (name, not skipped)
             if skipped:
                 self.report.append(ReportEntry(name, kind, False, "in skip_layers"))
+                skipped_params.update({id(p): name for unit in helper.units() for p in unit.params()})
                 continue
             entries.append((name, module, helper))
-        shared = self._shared_parameters(entries)
+        # A module sharing a Parameter with a skipped one (directly, or through other modules): that
+        # .grad holds the skipped module's share, which no block of ours can own.
+        with_skipped: dict[str, str] = {}
+        changed = bool(skipped_params)
+        while changed:
+            changed = False
+            for name, _, helper in entries:
+                ids = {id(p) for unit in helper.units() for p in unit.params()}
+                hit = next((skipped_params[i] for i in ids if i in skipped_params), None)
+                if hit is not None and name not in with_skipped:
+                    with_skipped[name] = hit
+                    skipped_params.update({i: hit for i in ids})
+                    changed = True
+        tied, uncovered = self._tie([e for e in entries if e[0] not in with_skipped])
+        for name, skipped_name in with_skipped.items():
+            uncovered[name] = (f"shares a Parameter with {skipped_name!r}, which is in skip_layers (or shares one "
+                               "with it): plain gradient")
         for name, module, helper in entries:
             kind = type(module).__name__
-            if name in shared:
-                self.report.append(ReportEntry(name, kind, False, shared[name]))
+            if name in uncovered:
+                self.report.append(ReportEntry(name, kind, False, uncovered[name]))
+                continue
+            if name in tied:
+                block = tied[name]
+                if block is None:  # a later use of a tied block: registered with its first use
+                    continue
+                for use in block.uses:
+                    use_kind = type(use.helper.module).__name__
+                    others = ", ".join(repr(u.name) for u in block.uses if u.name != use.name)
+                    self.report.append(ReportEntry(
+                        use.name, use_kind, True, f"shares its weight with {others}: {block.describe()}",
+                        f"tied ({use.helper.rule or 'registered'})"))
+                self.layers[block.name] = block
+                self._handles += block.attach(self)
                 continue
             for unit in helper.units():
                 self.layers[unit.name] = unit
-            self.report.append(ReportEntry(name, kind, True, helper.describe()))
+            self.report.append(ReportEntry(name, kind, True, helper.describe(), helper.rule))
             self._handles += helper.attach(self)
         if self.layers:
             self._handles.append(model.register_forward_pre_hook(self._count_forward_pass))
 
     @staticmethod
-    def _shared_parameters(entries: list[tuple[str, nn.Module, Any]]) -> dict[str, str]:
-        """Modules whose parameters another covered module also uses (e.g. a tied embedding and
-        output layer): two layer matrices of one Parameter cannot both replace its gradient."""
-        users: dict[int, list[str]] = {}
-        for name, _, helper in entries:
-            for pid in {id(p) for unit in helper.units() for p in unit.params()}:
-                users.setdefault(pid, []).append(name)
-        out = {}
-        for names in users.values():
-            if len(names) > 1:
-                for n in names:
-                    others = ", ".join(repr(o) for o in names if o != n)
-                    out[n] = (f"shares a Parameter with {others} (a Parameter used by several modules "
-                              "is not covered: plain gradient)")
-        return out
+    def _tie(entries: list[tuple[str, nn.Module, Any]]) -> tuple[dict[str, TiedHelper | None], dict[str, str]]:
+        """Modules whose parameters another covered module also uses (a tied embedding and output
+        layer, any weight shared between layers): ``{first use: TiedHelper, later use: None}`` for
+        the groups that form one block (:mod:`cgfac.layers.tied`), and the reason of the others
+        (two layer matrices of one Parameter cannot both replace its gradient)."""
+        owner: dict[int, int] = {}  # parameter id -> group (union of entries sharing parameters)
+        parent = list(range(len(entries)))
 
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i, (_, _, helper) in enumerate(entries):
+            for p in {id(p): p for unit in helper.units() for p in unit.params()}:
+                if p in owner:
+                    parent[find(i)] = find(owner[p])
+                else:
+                    owner[p] = i
+        groups: dict[int, list[int]] = {}
+        for i in range(len(entries)):
+            groups.setdefault(find(i), []).append(i)
+        tied: dict[str, TiedHelper | None] = {}
+        uncovered: dict[str, str] = {}
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            names = [entries[i][0] for i in members]
+            helpers = [entries[i][2] for i in members]
+            single = all(isinstance(h, LayerHelper) and h.units() == [h] for h in helpers)
+            reason = tie_reason(helpers) if single else "a module with several blocks shares a Parameter"
+            if reason is None:
+                block = TiedHelper("+".join(names), list(zip(names, helpers)))
+                tied[names[0]] = block
+                tied.update({n: None for n in names[1:]})
+                continue
+            for n in names:
+                others = ", ".join(repr(o) for o in names if o != n)
+                uncovered[n] = (f"shares a Parameter with {others}, which cannot be one block ({reason}): "
+                                "plain gradient")
+        return tied, uncovered
     def _log_report(self) -> None:
         logger.info("%s registration:\n  %s", type(self).__name__, "\n  ".join(map(str, self.report)))
         plain = [e for e in self.report if not e.covered]
@@ -571,8 +658,9 @@ class Preconditioner:
     def _step(self) -> None:
         damping = self.damping(self.steps)
         self._sample_targets = []
-        if self._reads_once and not self.dist.active and not any(
-                sharded.is_sharded(p.grad) for h in self.layers.values() for p, _ in h.grad_parts() if p.grad is not None):
+        sharded_grads = any(sharded.is_sharded(p.grad) for h in self.layers.values() for p, _ in h.grad_parts()
+                            if p.grad is not None)
+        if self._reads_once and not self.dist.active and not sharded_grads:
             with deferred_checks():
                 self._step_local(damping)
             return

@@ -108,10 +108,11 @@ def output_quad_form(outputs: Tensor, u: Tensor, w: Tensor, loss_type: str) -> T
 class _Forward:
     """One recorded forward pass of the model: its inputs, RNG state and (detached) outputs."""
 
-    __slots__ = ("args", "kwargs", "outputs", "rng", "rows")
+    __slots__ = ("args", "kwargs", "loss", "outputs", "rng", "rows")
 
-    def __init__(self, args: tuple, kwargs: dict, outputs: Tensor, rng: dict[str, Tensor]) -> None:
-        self.args, self.kwargs, self.outputs, self.rng = args, kwargs, outputs, rng
+    def __init__(self, args: tuple, kwargs: dict, outputs: Tensor, rng: dict[str, Tensor],
+                 loss: float | None = None) -> None:
+        self.args, self.kwargs, self.outputs, self.rng, self.loss = args, kwargs, outputs, rng, loss
         self.rows = outputs.reshape(-1, outputs.shape[-1]).shape[0] if outputs.dim() > 0 else 1
 
 
@@ -142,6 +143,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         reject_worse: when ``λ`` is adapted and the loss on the update's own batch went *up*
             (``h(θ + δ) > h(θ)``), undo the update and drop the momentum (a trust-region
             rejection; counted in ``rejected_steps``). A non-finite loss is always undone.
+        output_fn: ``output_fn(model_output) -> Tensor``, the outputs ``z`` of the likelihood when
+            the model returns something else (a Hugging Face ``ModelOutput``: its logits; see
+            :mod:`cgfac.integrations.transformers`). Default: the model's output, a tensor.
+        loss_fn: ``loss_fn(model_output, args, kwargs) -> Tensor``, the mean loss of one recorded
+            forward from its output and inputs. With it, ``step()`` needs no closure, even with
+            adaptive damping (``Trainer`` calls ``optimizer.step()`` without one): ``h(θ)`` is the
+            rows-weighted mean over this step's recorded forwards, and ``h(θ + δ)`` re-runs those
+            forwards (inputs and random state replayed, no grad) at the new point. With a closure
+            too, the damping check uses the replay as well: a forward instead of the closure's
+            forward and backward (``step`` still returns the closure's loss).
     """
 
     def __init__(
@@ -162,6 +173,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         quad_samples: int | None = None,
         reject_worse: bool = True,
         sample_subset: bool = True,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        loss_fn: Callable[[Any, tuple, dict], Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -190,6 +203,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             raise TypeError(f"sample_subset must be a bool, got {type(sample_subset).__name__}")
         self.sample_subset = sample_subset
         self._batch_dependent = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        for arg, fn in (("output_fn", output_fn), ("loss_fn", loss_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{arg} must be callable or None, got {type(fn).__name__}")
+        self.output_fn, self.loss_fn = output_fn, loss_fn
         self.rejected_steps = 0
         self.loss_type = loss_type
         self.adapt_damping = adapt_damping
@@ -235,12 +252,19 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _root_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not (self._recording and module.training and torch.is_grad_enabled()):
             return
+        raw = output
+        if self.output_fn is not None:
+            output = self.output_fn(output)
         if not isinstance(output, Tensor):
             if self.adaptive != "none" or self.preconditioner.fisher == "true":
                 raise TypeError(f"the model must return a Tensor for the quadratic model and the true Fisher, "
-                                f"got {type(output).__name__}")
+                                f"got {type(output).__name__} (give output_fn to pick it)")
             return
-        self._forwards.append(_Forward(args, kwargs, output.detach(), self._rng))
+        loss = None
+        if self.loss_fn is not None:
+            with torch.no_grad():
+                loss = float(self.loss_fn(raw, args, kwargs))
+        self._forwards.append(_Forward(args, kwargs, output.detach(), self._rng, loss))
         if self.preconditioner.fisher == "true" and output.requires_grad and not self._subset_sampling(args):
             self.preconditioner.sample_fisher(output, cast(LossType, self.loss_type or ""))
 
@@ -265,7 +289,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         ``m = curvature_samples`` of a batch of ``n``. The rows are those the full pass would keep.
         """
         pre = self.preconditioner
-        left = cast(int, getattr(pre, "curvature_samples"))
+        left = cast(int, pre.curvature_samples)
         named = dict(self.model.named_parameters())
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         self._recording = False
@@ -289,6 +313,30 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         finally:
             self._recording = True
 
+    def _recorded_loss(self, forwards: list[_Forward]) -> float | None:
+        """``h(θ)`` from ``loss_fn`` at the recorded forwards: their rows-weighted mean."""
+        if self.loss_fn is None or not forwards or any(f.loss is None for f in forwards):
+            return None
+        total = sum(f.rows for f in forwards)
+        return sum(cast(float, f.loss) * f.rows for f in forwards) / total
+
+    def _replay_loss(self) -> float:
+        """``h`` at the current parameters: the recorded forwards re-run (inputs, random state)
+        without grad, their ``loss_fn`` averaged by rows (the closure of ``step()`` without one)."""
+        assert self.loss_fn is not None
+        total, rows = 0.0, 0
+        for fwd in self._forwards:
+            devices = [torch.cuda.current_device()] if "cuda" in fwd.rng else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                if "cpu" in fwd.rng:
+                    torch.set_rng_state(fwd.rng["cpu"])
+                if "cuda" in fwd.rng:
+                    torch.cuda.set_rng_state(fwd.rng["cuda"])
+                out = self.model(*fwd.args, **fwd.kwargs)
+                total += float(self.loss_fn(out, fwd.args, fwd.kwargs)) * fwd.rows
+            rows += fwd.rows
+        return total / rows
+
     # --- curvature products -------------------------------------------------------------------
     def _tangent_outputs(self, fwd: _Forward, tangents: dict[str, Tensor]) -> Tensor:
         """``J v`` at a recorded forward: the model run once in forward mode, buffers untouched."""
@@ -308,6 +356,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                     torch.cuda.set_rng_state(fwd.rng["cuda"])
                 params = {n: fwAD.make_dual(p, tangents[n]) if n in tangents else p for n, p in named.items()}
                 out = torch.func.functional_call(self.model, {**params, **buffers}, args, kwargs)
+                if self.output_fn is not None:
+                    out = self.output_fn(out)
                 tangent = fwAD.unpack_dual(out).tangent
         finally:
             self._recording = True
@@ -360,9 +410,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update. ``closure`` (zero the gradients, forward, backward, return the loss) is
         required for adaptive damping; without it, a forward and backward must have run."""
-        if closure is None and self.adapt_damping:
+        if closure is None and self.adapt_damping and self.loss_fn is None:
             raise ValueError("closure: adapt_damping=True needs step(closure) to measure the loss at the new "
-                             "point (or build the optimizer with adapt_damping=False)")
+                             "point, or loss_fn to read it from re-run forwards (Hugging Face Trainer: "
+                             "cgfac.integrations.transformers.causal_lm_loss), or adapt_damping=False")
         loss = None
         if closure is not None:
             self._forwards = []
@@ -371,6 +422,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             if loss is None:
                 raise ValueError("closure must return the loss")
         forwards, self._forwards = self._forwards, []
+        h0 = loss
+        if self.loss_fn is not None:  # h(θ) and the damping check's h(θ + δ) both from loss_fn, forward only
+            recorded = self._recorded_loss(forwards)
+            if recorded is None and closure is None and self.adapt_damping:
+                raise ValueError("loss_fn: no forward of the model was recorded since the last step (a training "
+                                 "forward with grad enabled must run before step())")
+            if recorded is not None:
+                h0, closure = recorded, self._replay_loss
+                if loss is None:
+                    loss = recorded
         pre = self.preconditioner
         if pre.fisher == "true" and forwards and self._subset_sampling(forwards[0].args):
             self._sample_subset(forwards)
@@ -392,7 +453,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             return loss
         self._forwards = forwards
         try:
-            self._update(grads, loss, closure)
+            self._update(grads, h0, closure)
         finally:
             self._forwards = []
         self.steps += 1
@@ -578,7 +639,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
 
 _OPTIMIZER_ARGS = ("lr", "momentum", "weight_decay", "loss_type", "adaptive", "adapt_damping", "damping_interval",
-                   "damping_decay", "min_damping", "max_damping", "quad_samples", "reject_worse", "sample_subset")
+                   "damping_decay", "min_damping", "max_damping", "quad_samples", "reject_worse", "sample_subset",
+                   "output_fn", "loss_fn")
 
 
 def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

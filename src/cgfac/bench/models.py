@@ -21,6 +21,8 @@
   (default 3 × 2048: 784-2048-2048-2048-10), :func:`mlp_wide`.
 
 :func:`build_model` passes its keyword options (``width_mult``, ``width``) to the wide models.
+* ``gpt2``: a Hugging Face ``GPT2LMHeadModel`` (tied embeddings, 7.5 M parameters) for the same
+  text, :func:`cgfac.bench.hf.gpt2_lm`.
 """
 
 from __future__ import annotations
@@ -200,3 +202,11 @@ def build_model(task: str, **options: Any) -> nn.Module:
         raise ValueError(f"options {sorted(unknown)} do not apply to task {task!r} "
                          f"(it takes {list(MODEL_OPTIONS.get(task, ())) or 'none'})")
     return MODELS[task](**options)
+
+
+# The Hugging Face GPT-2 task (cgfac.bench.hf; transformers is imported when it is built).
+from cgfac.bench.hf import gpt2_lm  # noqa: E402
+
+MODELS["gpt2"] = gpt2_lm
+INPUT_SHAPES["gpt2"] = (128,)
+VOCAB["gpt2"] = 256

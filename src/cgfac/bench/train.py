@@ -107,6 +107,7 @@ import cgfac
 from cgfac import cost
 from cgfac.bench.machine import default_device, machine_info
 from cgfac.bench.models import build_model
+from cgfac.bench.peers import ADAMW_WEIGHT_DECAY, MUON_ADAMW_LR, muon_with_adamw
 from cgfac.data import load_digits_data, load_mnist, load_stdlib_text
 
 ADAPTIVE = ("kfac-adaptive", "cgfac-kron-adaptive", "cgfac-exact-adaptive")  # cgfac.optim: own the update
@@ -129,12 +130,10 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "muon": (1e-3, 3e-3),  # adjust_lr_fn="match_rms_adamw": AdamW-like learning rates
     "muon-original": (0.01, 0.02),  # adjust_lr_fn="original" (Keller Jordan's scaling; 0.02 his default)
 }
-MUON_ADAMW_LR = 1e-3  # muon-original: AdamW's lr on the non-hidden parameters
 
 DATA_KEYS = ("train_x", "train_y", "test_x", "test_y")
 EVAL_CHUNK = 1000
 LM_EVAL_CHUNK = 64  # sequences per evaluation chunk of the LM (64 × 128 × 256 logits)
-ADAMW_WEIGHT_DECAY = 0.01
 # The LM task's data (load_stdlib_text): context 128, the first 4 MiB of the training documents
 # (32,263 windows of 129 bytes) and the first 256 KiB of the held-out ones (2,032 windows), so that
 # the held-out evaluation after a run costs about as much as MNIST's. Tests lower the caps.
@@ -248,6 +247,14 @@ TUNED: dict[str, dict[str, dict[str, Any]]] = {
 }
 TUNED["cnn-norm"] = TUNED["cnn"]  # lr {5e-4, 1e-3}: 0.0191, 0.0277 at 60 s (train-cnn-norm-60s-graft)
 
+# The Hugging Face GPT-2 task (cgfac.bench.hf): tied embeddings, Conv1D projections, the transformer
+# task's data, loss and evaluation; Muon (torch.optim.Muon on hidden matrices, AdamW on the rest) as a
+# peer. Not tuned yet: the TUNED entries are the transformer task's (K-FAC grafted, AdamW, SOAP) and
+# Muon's common rate; give --lr-grid for the grids (README, "Hugging Face ...").
+TASKS["gpt2"] = Task("stdlib-text", False, "cross_entropy", 32, 1e-3, 1e-3, "empirical", eval_samples=256)
+TUNED["gpt2"] = {"kfac": TUNED["transformer"]["kfac"], "adamw": {"lr": 3e-3}, "muon-original": {"lr": 0.02},
+                 "soap": {"lr": 3e-3}}
+
 
 # --- data, loss, evaluation ----------------------------------------------------------------------
 def load_task_data(task_name: str) -> dict[str, Tensor]:
@@ -351,58 +358,6 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
     else:
         raise ValueError(f"optimizer must be one of {ALL_OPTIMIZERS}, got {name!r}")
     return opt, pre
-
-
-class CombinedOptimizer(torch.optim.Optimizer):
-    """Several torch optimizers stepped as one (Muon on the hidden matrices, AdamW on the rest):
-    ``param_groups`` and ``state`` are theirs, so schedulers and ``state_dict`` see every group."""
-
-    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        self.optimizers = list(optimizers)
-        self.defaults = {}
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
-        self.state = {}  # type: ignore[assignment]
-        for o in self.optimizers:
-            self.state.update(o.state)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        loss = closure() if closure is not None else None
-        for o in self.optimizers:
-            o.step()
-        return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for o, s in zip(self.optimizers, state_dict["optimizers"], strict=True):
-            o.load_state_dict(s)
-
-
-def hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(hidden, rest)``: the 2-D weights of every Linear but the output layer (the last one
-    registered), and every other trainable parameter (biases, the output layer, embeddings,
-    normalisation gains) -- the split Muon's authors prescribe."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    head = linears[-1].weight if linears else None
-    hidden = [m.weight for m in linears if m.weight is not head and m.weight.requires_grad]
-    ids = {id(p) for p in hidden}
-    return hidden, [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-
-
-def muon_with_adamw(model: nn.Module, lr: float, adjust_lr_fn: str = "match_rms_adamw") -> CombinedOptimizer:
-    """``torch.optim.Muon`` (weight decay 0, its other defaults) on :func:`hidden_matrices`, AdamW
-    (weight decay :data:`ADAMW_WEIGHT_DECAY`) on the rest. ``adjust_lr_fn="match_rms_adamw"``
-    scales Muon's update to AdamW's RMS, so one ``lr`` serves both; ``"original"`` (Muon's own
-    scaling, lr about 0.02) keeps AdamW at :data:`MUON_ADAMW_LR`."""
-    hidden, rest = hidden_matrices(model)
-    muon = torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn=adjust_lr_fn)  # type: ignore[attr-defined]
-    adamw_lr = lr if adjust_lr_fn == "match_rms_adamw" else MUON_ADAMW_LR
-    return CombinedOptimizer([muon, torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=ADAMW_WEIGHT_DECAY)])
 
 
 # --- memory and machine --------------------------------------------------------------------------

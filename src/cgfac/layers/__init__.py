@@ -2,8 +2,10 @@
 
 * :mod:`~cgfac.layers.base`: the protocol (:class:`LayerHelper`, :class:`LayerGroup`, rows).
 * :mod:`~cgfac.layers.registry`: which helper covers which module type.
-* one module per family: :mod:`~cgfac.layers.linear`, :mod:`~cgfac.layers.conv`,
+* one module per family: :mod:`~cgfac.layers.linear` (and HF ``Conv1D``), :mod:`~cgfac.layers.conv`,
   :mod:`~cgfac.layers.embedding`, :mod:`~cgfac.layers.norm`, :mod:`~cgfac.layers.attention`.
+* :mod:`~cgfac.layers.tied`: one block for a Parameter used by several modules (tied weights).
+* :mod:`~cgfac.layers.probe`: unregistered types recognised by shape and a registration-time probe.
 """
 
 from torch import nn
@@ -12,8 +14,9 @@ from cgfac.layers.attention import MultiheadAttentionHelper, mha_helper
 from cgfac.layers.base import Capture, Chunk, LayerGroup, LayerHelper, Rows, join_per_sample
 from cgfac.layers.conv import Conv2dHelper, ConvHelper, conv_helper, conv_pads, transposed_conv_reason, unfold_patches
 from cgfac.layers.embedding import EmbeddingHelper, embedding_helper
-from cgfac.layers.linear import LinearHelper, linear_helper
-from cgfac.layers.norm import NormHelper, norm_helper
+from cgfac.layers.linear import Conv1DHelper, LinearHelper, conv1d_helper, linear_helper
+from cgfac.layers.norm import FeatureNormHelper, NormHelper, norm_helper, rms_norm_helper
+from cgfac.layers.probe import probe_helper
 from cgfac.layers.registry import (
     HelperFactory,
     find_factory,
@@ -21,6 +24,7 @@ from cgfac.layers.registry import (
     register_layer_helper,
     registered_helpers,
 )
+from cgfac.layers.tied import TiedHelper, tie_reason
 
 register_layer_helper(nn.Linear, linear_helper)
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
@@ -33,8 +37,9 @@ for _norm in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNo
 register_layer_helper(nn.MultiheadAttention, mha_helper)
 
 __all__ = [
-    "Capture", "Chunk", "Conv2dHelper", "ConvHelper", "EmbeddingHelper", "HelperFactory", "LayerGroup",
-    "LayerHelper", "LinearHelper", "MultiheadAttentionHelper", "NormHelper", "Rows", "conv_helper", "conv_pads",
-    "embedding_helper", "find_factory", "join_per_sample", "linear_helper", "make_helper", "mha_helper",
-    "norm_helper", "register_layer_helper", "registered_helpers", "transposed_conv_reason", "unfold_patches",
+    "Capture", "Chunk", "Conv1DHelper", "Conv2dHelper", "ConvHelper", "EmbeddingHelper", "FeatureNormHelper",
+    "HelperFactory", "LayerGroup", "LayerHelper", "LinearHelper", "MultiheadAttentionHelper", "NormHelper", "Rows",
+    "TiedHelper", "conv1d_helper", "conv_helper", "conv_pads", "embedding_helper", "find_factory", "join_per_sample",
+    "linear_helper", "make_helper", "mha_helper", "norm_helper", "probe_helper", "register_layer_helper",
+    "registered_helpers", "rms_norm_helper", "tie_reason", "transposed_conv_reason", "unfold_patches",
 ]

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from cgfac.layers.base import Capture, LayerGroup, LayerHelper
+from cgfac.layers.base import Capture, LayerGroup, LayerHelper, eager
 
 # Autograd nodes between a parameter and the matrix product using it: transposes, and splits of
 # the packed weight along its rows (``w.split``/``w.chunk`` in ``F.multi_head_attention_forward``).
@@ -150,7 +150,40 @@ class MultiheadAttentionHelper(LayerGroup):
                 if targets:
                     node.register_prehook(_grad_hook(capture, targets, n, length))
 
-        return [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(hook, with_kwargs=True)]
+        return [module.register_forward_pre_hook(eager(pre_hook)),
+                module.register_forward_hook(eager(hook), with_kwargs=True), _EagerForward(module)]
+
+
+class _EagerForward:
+    """Runs a module's forward outside ``torch.compile`` while attached (removable like a hook
+    handle): the rows of attention are found in its eager autograd graph (``addmm`` nodes), which
+    a compiled forward would fuse into one opaque node. The module's ``forward`` attribute becomes
+    an :class:`_EagerCall` (which follows the module through ``copy.deepcopy`` and pickling); a
+    module with a ``forward`` of its own is left alone."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.active = "forward" not in vars(module)
+        if self.active:
+            module.forward = _EagerCall(module)
+
+    def remove(self) -> None:
+        if self.active and isinstance(vars(self.module).get("forward"), _EagerCall):
+            del self.module.forward
+        self.active = False
+
+
+class _EagerCall:
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return _class_forward(self.module, *args, **kwargs)
+
+
+@eager
+def _class_forward(module: nn.Module, *args, **kwargs):
+    return type(module).forward(module, *args, **kwargs)
 
 
 def _attribute(module: nn.Module, dotted: str) -> Tensor:

@@ -97,6 +97,8 @@ class LayerHelper:
     """
 
     structure = "kron"
+    weight_transposed = False  # the layer matrix is ``weightᵀ`` (embeddings, HF Conv1D), not ``weight``
+    rule = ""  # which registration rule made this helper (set by :func:`cgfac.layers.make_helper`)
 
     def __init__(self, name: str, module: nn.Module, has_bias: bool, *, weight: Tensor | None = None,
                  bias: Tensor | None = None, out_slice: slice | None = None,
@@ -191,6 +193,11 @@ class LayerHelper:
     def output_rows(self, grad_output: Tensor) -> Tensor:
         """Rows ``g`` (``r × d_out``) of a gradient with respect to the layer output."""
         raise NotImplementedError
+
+    def dense_rows(self, rows: Rows) -> tuple[Tensor, Tensor]:
+        """``(a, g)`` of :meth:`take_rows`'s rows as dense matrices (``r × d_in``, ``r × d_out``):
+        the rows themselves, except where ``a`` holds something else (an embedding's indices)."""
+        return rows.a, rows.g
 
     def batch_size(self, x: Tensor) -> int | None:
         """Entries of the batch dimension (dim 0) of a forward input, or None for an unbatched
@@ -334,11 +341,21 @@ def unit_forward_hook(units: list[LayerHelper], capture: Capture) -> Callable:
         output.register_hook(on_grad)
         capture.record_output(units, output)
 
-    return hook
+    return eager(hook)
+
+
+def eager(hook: Callable) -> Callable:
+    """A capture hook that ``torch.compile`` does not trace: TorchDynamo breaks the graph at it
+    and runs it eagerly on real tensors (its Python bookkeeping would otherwise be traced and
+    recompiled for every helper type), so a compiled model's rows are the eager ones."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(hook, recursive=True) if disable is not None else hook
 
 
 class LayerGroup:
     """Several units of one module (the groups of a convolution, the projections of attention)."""
+
+    rule = ""
 
     def __init__(self, name: str, module: nn.Module, parts: list[LayerHelper], note: str = "") -> None:
         self.name = name

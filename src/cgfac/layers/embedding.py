@@ -157,10 +157,11 @@ class EmbeddingHelper(LayerHelper):
     """Rows: token indices (``a``, one float column) and output gradients (``g``)."""
 
     structure = "diag-kron"
+    weight_transposed = True
 
     def __init__(self, name: str, module: nn.Embedding) -> None:
         super().__init__(name, module, False)
-        self.padding_idx = module.padding_idx
+        self.padding_idx = getattr(module, "padding_idx", None)
 
     @property
     def d_out(self) -> int:
@@ -184,6 +185,13 @@ class EmbeddingHelper(LayerHelper):
 
     def batch_size(self, x: Tensor) -> int | None:
         return x.shape[0] if x.dim() >= 1 else None
+
+    def dense_rows(self, rows: Rows) -> tuple[Tensor, Tensor]:
+        """One-hot rows ``a`` (``r × num_embeddings``; a padding position's row is zero) and ``g``
+        with padding rows zeroed."""
+        idx, gather, g = _index_and_g(rows)
+        a = torch.nn.functional.one_hot(gather, self.d_in).to(g.dtype) * (idx >= 0)[:, None].to(g.dtype)
+        return a, g
 
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         idx = x.reshape(-1)

@@ -133,6 +133,56 @@ class NormHelper(LayerHelper):
         return float(self.d_out * self.d_in**3)
 
 
+EPS_NAMES = ("eps", "variance_epsilon", "epsilon")  # where model-specific norms keep ε (LlamaRMSNorm: variance_epsilon)
+
+
+def module_eps(module: nn.Module, default: float = 1e-6) -> float:
+    """The ``ε`` of a model-specific normalisation module: its ``eps``, ``variance_epsilon`` or
+    ``epsilon`` attribute (a float), else ``default``."""
+    for attr in EPS_NAMES:
+        value = getattr(module, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return default
+
+
+class FeatureNormHelper(NormHelper):
+    """A model-specific module normalising the last dimension (``C`` features) and scaling it by
+    ``weight`` (and shifting by ``bias``): ``kind="rms"`` (``x/√(mean(x²) + ε)``, e.g.
+    ``LlamaRMSNorm``) or ``"layer"`` (``(x − mean)/√(var + ε)``). Positions are samples, as for
+    ``nn.RMSNorm``; the block is :class:`NormHelper`'s."""
+
+    def __init__(self, name: str, module: nn.Module, has_bias: bool, kind: str, eps: float) -> None:
+        if kind not in ("rms", "layer"):
+            raise ValueError(f"kind must be 'rms' or 'layer', got {kind!r}")
+        super().__init__(name, module, has_bias)
+        self.kind, self.eps = kind, eps
+
+    def normalised(self, x: Tensor) -> Tensor:
+        shape = (self.d_out,)
+        if self.kind == "rms":
+            return F.rms_norm(x, shape, eps=self.eps)
+        return F.layer_norm(x, shape, eps=self.eps)
+
+    def _arrange(self, t: Tensor) -> tuple[Tensor, int]:
+        rows = t.reshape(-1, self.d_out)
+        return rows, rows.shape[0]
+
+
+def rms_norm_helper(name: str, module: nn.Module) -> FeatureNormHelper | str:
+    """Factory for an RMSNorm-like module (``weight · x/√(mean(x²) + ε)`` over the last
+    dimension, ``ε`` read by :func:`module_eps`), e.g. one line for Llama:
+    ``cgfac.register_layer_helper(LlamaRMSNorm, cgfac.layers.rms_norm_helper)``. Unregistered,
+    such modules are recognised by a registration-time probe (:mod:`cgfac.layers.probe`)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 1:
+        return "no 1-D scale (weight) over the last dimension"
+    if not weight.requires_grad:
+        return "scale (weight) is frozen; a trainable shift keeps the plain gradient"
+    bias = getattr(module, "bias", None)
+    return FeatureNormHelper(name, module, isinstance(bias, Tensor) and bias.requires_grad, "rms", module_eps(module))
+
+
 def norm_helper(name: str, module: nn.Module) -> NormHelper | str:
     weight = getattr(module, "weight", None)
     if weight is None or not weight.requires_grad:

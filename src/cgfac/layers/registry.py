@@ -49,28 +49,44 @@ def check_overrides(overrides: Mapping[type, HelperFactory] | None) -> dict[type
     return dict(overrides)
 
 
-def find_factory(module_type: type, overrides: Mapping[type, HelperFactory] | None = None) -> HelperFactory | None:
-    """The factory of the most-derived registered class of ``module_type`` (its MRO order); at
-    one class, a per-preconditioner override wins over the global registry."""
+def _find(module_type: type, overrides: Mapping[type, HelperFactory] | None) -> tuple[HelperFactory, str] | None:
     overrides = overrides or {}
     for cls in module_type.__mro__:
         if cls in overrides:
-            return overrides[cls]
+            return overrides[cls], f"layer_helpers[{cls.__name__}]"
         if cls in _REGISTRY:
-            return _REGISTRY[cls]
+            return _REGISTRY[cls], f"registered:{cls.__name__}"
     return None
 
 
-def make_helper(name: str, module: nn.Module,
-                overrides: Mapping[type, HelperFactory] | None = None) -> Helper | str | None:
+def find_factory(module_type: type, overrides: Mapping[type, HelperFactory] | None = None) -> HelperFactory | None:
+    """The factory of the most-derived registered class of ``module_type`` (its MRO order); at
+    one class, a per-preconditioner override wins over the global registry."""
+    found = _find(module_type, overrides)
+    return None if found is None else found[0]
+
+
+def make_helper(name: str, module: nn.Module, overrides: Mapping[type, HelperFactory] | None = None, *,
+                probe: bool = True) -> Helper | str | None:
     """The helper for a covered module, a reason string for an uncovered one, None if untrainable.
 
     A module counts only for its own (non-recursive) parameters. A frozen weight leaves the
-    layer alone; a frozen bias is left out of the layer matrix.
+    layer alone; a frozen bias is left out of the layer matrix. A type without a registered
+    factory is probed (``probe=True``, :mod:`cgfac.layers.probe`: ``F.linear``, HF ``Conv1D``'s
+    ``x @ weight + b``, ``F.embedding``, RMSNorm/LayerNorm-like). The helper's ``rule`` says which
+    rule covered the module: ``registered:<class>``, ``layer_helpers[<class>]`` or ``probe:<kind>``.
     """
     if not trainable(module):
         return None
-    factory = find_factory(type(module), overrides)
-    if factory is None:
-        return f"{type(module).__name__} is not a covered layer type"
-    return factory(name, module)
+    found = _find(type(module), overrides)
+    if found is None:
+        if not probe:
+            return f"{type(module).__name__} is not a covered layer type"
+        from cgfac.layers.probe import probe_helper
+
+        return probe_helper(name, module)
+    factory, rule = found
+    helper = factory(name, module)
+    if isinstance(helper, (LayerHelper, LayerGroup)) and not helper.rule:
+        helper.rule = rule
+    return helper

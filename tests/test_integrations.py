@@ -1,0 +1,202 @@
+"""Hugging Face ``Trainer`` and Lightning ``Trainer`` with the preconditioners and ``cgfac.optim``,
+for real: tiny random GPT-2 and Llama (float64, CPU), a few steps with gradient accumulation and
+clipping, against a plain loop of the same steps (same batches, same order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import VOCAB, one_thread, tiny_model, token_batches  # noqa: F401  (autouse fixture)
+from torch import nn
+
+import cgfac
+
+pytest.importorskip("transformers")
+
+STEPS, MICRO, ACCUM = 3, 2, 2  # optimizer steps, sequences per micro-batch, micro-batches per step
+
+
+def micro_batches() -> list[dict[str, torch.Tensor]]:
+    return token_batches(STEPS * ACCUM, MICRO)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """The micro-batches' sequences in order (no sampler: the Trainer sees the plain loop's order)."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        for b in self.batches:
+            for i in range(b["input_ids"].shape[0]):
+                yield {k: v[i] for k, v in b.items()}
+
+
+def preconditioner(model: nn.Module) -> cgfac.KFAC:
+    return cgfac.KFAC(model, damping=1e-2, lr=3e-3, kl_clip=1e-2, inv_update_steps=2)
+
+
+def coverage(pre: cgfac.KFAC, model: nn.Module) -> float:
+    covered = {id(p) for h in pre.layers.values() for p in h.params()}
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if id(p) in covered) / sum(p.numel() for p in params)
+
+
+def record_items(model: nn.Module) -> list:
+    """The ``num_items_in_batch`` Trainer passes each forward (its loss is summed over the
+    micro-batch's labels and divided by the accumulated step's count); the plain loop uses the same."""
+    items: list = []
+    model.register_forward_pre_hook(lambda m, a, k: items.append(k.get("num_items_in_batch")), with_kwargs=True)
+    return items
+
+
+def plain_hf_loop(arch: str, clip: float, items: list):
+    model = tiny_model(arch)
+    pre = preconditioner(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batches, losses = micro_batches(), []
+    for s in range(STEPS):
+        total = 0.0
+        for k in range(s * ACCUM, (s + 1) * ACCUM):
+            loss = model(**batches[k], num_items_in_batch=items[k]).loss
+            loss.backward()
+            total += float(loss.detach())
+        losses.append(total)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        pre.step()
+        opt.step()
+        model.zero_grad()
+    return model, pre, losses
+
+
+def training_args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=MICRO, gradient_accumulation_steps=ACCUM,
+        max_steps=STEPS, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no",
+        report_to=[], disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=0, **kw)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_trainer_with_preconditioner_callback_equals_plain_loop(arch: str, tmp_path) -> None:
+    from transformers import Trainer
+
+    from cgfac.integrations.transformers import PreconditionerCallback
+
+    model = tiny_model(arch)
+    pre = preconditioner(model)
+    assert coverage(pre, model) == 1.0
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    items = record_items(model)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_grad_norm=1.0),
+                      train_dataset=Stream(micro_batches()), optimizers=(opt, None),
+                      callbacks=[PreconditionerCallback(pre)])
+    trainer.train()
+    want_model, want_pre, losses = plain_hf_loop(arch, 1.0, items)
+    assert pre.steps == STEPS and pre.fallbacks == 0
+    for (name, p), q in zip(model.named_parameters(), want_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert logged == pytest.approx(losses, rel=1e-4)
+    assert losses[-1] < losses[0]  # the loss goes down over the few steps
+    assert want_pre.layer_stats().keys() == pre.layer_stats().keys()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cgfac_optim_under_hf_trainer_without_closure(arch: str, tmp_path) -> None:
+    """``Trainer`` calls ``optimizer.step()`` without a closure: with ``output_fn``/``loss_fn``
+    cgfac.optim runs its quadratic model and adaptive damping anyway, with a scheduler, exactly as
+    the plain loop (forward and backward per micro-batch, then ``opt.step()``)."""
+    from transformers import Trainer
+
+    from cgfac.integrations.transformers import causal_lm_logits, causal_lm_loss
+
+    def make():
+        model = tiny_model(arch)
+        opt = cgfac.optim.KFAC(model, loss_type="cross_entropy", damping=1.0, damping_interval=2,
+                               output_fn=causal_lm_logits, loss_fn=causal_lm_loss)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.8**s)
+
+    batches = micro_batches()
+    model, opt, sched = make()
+    items = record_items(model)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_grad_norm=0.0),
+                      train_dataset=Stream(batches), optimizers=(opt, sched))
+    trainer.train()
+
+    want_model, want_opt, want_sched = make()
+    for s in range(STEPS):
+        for k in range(s * ACCUM, (s + 1) * ACCUM):
+            want_model(**batches[k], num_items_in_batch=items[k]).loss.backward()
+        want_opt.step()  # no closure, as Trainer calls it
+        want_sched.step()
+        want_model.zero_grad()
+    with pytest.raises(ValueError, match="closure"):
+        cgfac.optim.KFAC(tiny_model(arch), loss_type="cross_entropy", output_fn=causal_lm_logits).step()
+    assert opt.steps == STEPS and opt.rejected_steps == want_opt.rejected_steps
+    assert opt.damping == want_opt.damping and opt.damping != 1.0  # adapted at step 2, without a closure
+    for (name, p), q in zip(model.named_parameters(), want_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert logged[-1] < logged[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lightning_trainer_with_preconditioner_callback_equals_plain_loop(arch: str, tmp_path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+
+    from cgfac.integrations.lightning import PreconditionerCallback
+
+    class LM(pl.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.losses: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            loss = self.model(**batch).loss
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.model.parameters(), lr=3e-3)
+
+    batches = micro_batches()
+    want = tiny_model(arch)
+    want_pre = preconditioner(want)
+    opt = torch.optim.AdamW(want.parameters(), lr=3e-3)
+    for s in range(STEPS):
+        for b in batches[s * ACCUM: (s + 1) * ACCUM]:
+            (want(**b).loss / ACCUM).backward()
+        want_pre.step()  # Lightning: the callback, then clipping, then the optimizer
+        torch.nn.utils.clip_grad_norm_(want.parameters(), 1.0)
+        opt.step()
+        want.zero_grad()
+
+    module = LM(tiny_model(arch))
+    pre = preconditioner(module.model)
+    loader = torch.utils.data.DataLoader(Stream(batches), batch_size=MICRO)
+    trainer = pl.Trainer(max_steps=STEPS, accumulate_grad_batches=ACCUM, gradient_clip_val=1.0, accelerator="cpu",
+                         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[PreconditionerCallback(pre)],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, loader)
+    assert pre.steps == STEPS and coverage(pre, module.model) == 1.0
+    for (name, p), q in zip(module.model.named_parameters(), want.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+    per_step = [sum(module.losses[s * ACCUM: (s + 1) * ACCUM]) for s in range(STEPS)]
+    assert per_step[-1] < per_step[0]
+    assert module.model.lm_head.weight.shape[0] == VOCAB
+
+
+def test_callbacks_check_their_arguments() -> None:
+    from cgfac.integrations.lightning import PreconditionerCallback as LightningCallback
+    from cgfac.integrations.transformers import PreconditionerCallback
+
+    with pytest.raises(TypeError, match="preconditioner"):
+        PreconditionerCallback(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        PreconditionerCallback(cgfac.KFAC(nn.Linear(2, 2)), max_grad_norm=-1)
+    with pytest.raises(TypeError, match="preconditioner"):
+        LightningCallback(object())
