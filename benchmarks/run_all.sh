@@ -86,3 +86,35 @@ $B train --task cnn-norm --budget 60 --optimizers kfac,soap,adam --lr-grid "kfac
 # --- Issue 11: the soak run (5,000 steps, resident memory every 100 steps; paused while timed runs ran)
 $B soak --task autoencoder-tanh --optimizer cgfac --steps 5000 --every 100 --warmup 1000 \
   --out benchmarks/soak-cgfac-autoencoder-tanh
+
+# --- Issue 16: CG-FAC in its own regime, wide layers (autoencoder-wide: hidden widths × --width-mult) ---
+# Tuning at ×4, 60 s, one seed, 2,000 evaluation samples (benchmarks/tuning-autoencoder-wide/<name>):
+T="--task autoencoder-wide --width-mult 4 --budget 60 --eval-every 10 --eval-samples 2000"
+O=benchmarks/tuning-autoencoder-wide
+$B train $T --optimizers adam,muon,muon-original,soap,shampoo --out $O/peers \
+  --lr-grid "adam=3e-4,1e-3,3e-3,1e-2;muon=3e-4,1e-3,3e-3,1e-2;muon-original=5e-3,0.01,0.02,0.05;soap=3e-4,1e-3,3e-3,1e-2;shampoo=1e-3,3e-3,1e-2,3e-2"
+C="--optimizers cgfac-kron-adaptive --lr-grid 1.0 --damping-grid 0.1"
+$B train $T $C --hyper "curvature_samples=128,quad_samples=250,min_damping=1e-3" --out $O/cgfac-base
+$B train $T $C --hyper "curvature_samples=128,quad_samples=250,min_damping=1e-3,damping_form=factored" --out $O/cgfac-factored
+$B train $T $C --hyper "curvature_samples=128,quad_samples=250,min_damping=1e-3,fisher=empirical" --out $O/cgfac-empirical
+$B train $T $C --damping-grid 0.01,0.1 --hyper "curvature_samples=128,quad_samples=250,min_damping=1e-3,damping_scale=rank" \
+  --out $O/cgfac-rank
+F="damping_form=factored,min_damping=1e-3"
+$B train $T $C --hyper "$F,curvature_samples=128,quad_samples=250,damping_scale=rank" --out $O/cgfac-factored-rank
+$B train $T $C --damping-grid 0.01,1.0 --hyper "$F,curvature_samples=128,quad_samples=250" --out $O/cgfac-factored-damping
+$B train $T $C --hyper "$F,curvature_samples=64,quad_samples=250" --out $O/cgfac-factored-64
+$B train $T $C --hyper "$F,curvature_samples=256,quad_samples=250" --out $O/cgfac-factored-256
+$B train $T $C --hyper "$F,curvature_samples=128,quad_samples=128" --out $O/cgfac-factored-quad128
+$B train $T --optimizers cgfac-kron --lr-grid 1e-4,3e-4 --damping-grid 1e-3 --out $O/cgfac-graft \
+  --hyper "curvature_samples=128,graft=rmsprop,kl_clip=none,damping_form=factored"
+# One step at ×4 itemised (the tuned CG-FAC against Adam):
+$B profile --task autoencoder-wide --width-mult 4 --optimizer cgfac-kron-adaptive --out benchmarks/profile-autoencoder-wide-x4
+# The target run: ×4, 300 s, the tuned settings; CG-FAC and Adam (the best peer at 60 s) on 3 seeds, the others on one.
+W="--task autoencoder-wide --width-mult 4 --tuned --budget 300 --eval-every 25 --eval-samples 5000"
+$B train $W --optimizers cgfac-kron-adaptive,adam --seeds 0,1,2 --out benchmarks/train-autoencoder-wide-x4-300s
+$B train $W --optimizers muon-original,soap,kfac-adaptive --out benchmarks/train-autoencoder-wide-x4-300s-others
+# The width sweep: ×1, ×2, ×4, 40 s per run, time to training loss 130, one seed.
+$B sweep --task autoencoder-wide --widths 1,2,4 --target 130 --out benchmarks/sweep-autoencoder-wide -- \
+  --tuned --budget 40 --eval-every 4 --eval-samples 2000 --optimizers cgfac-kron-adaptive,adam,muon-original,soap,kfac-adaptive
+$B sweep --task mlp-wide --widths 1024,2048,4096 --target 0.2 --out benchmarks/sweep-mlp-wide -- \
+  --tuned --budget 30 --eval-every 3 --eval-samples 2000 --optimizers cgfac-kron-adaptive,adam,muon-original

@@ -13,6 +13,7 @@ from torch import nn
 import cgfac
 from cgfac.bench import cli, peers, sweep
 from cgfac.bench.models import build_model, wide_widths
+from cgfac.solvers import CG_PROBE_STEPS
 
 
 def test_wide_models_scale_the_hidden_widths() -> None:
@@ -91,7 +92,7 @@ def test_no_warm_start_copy_where_cg_cannot_win() -> None:
     model = nn.Sequential(nn.Linear(300, 400), nn.Tanh(), nn.Linear(400, 300))
     pre = cgfac.CGFAC(model, curvature_samples=4, kl_clip=None)
     x = torch.randn(16, 300)
-    for _ in range(cgfac.CG_PROBE_STEPS + 2):
+    for _ in range(CG_PROBE_STEPS + 2):
         model.zero_grad()
         (model(x) - x).pow(2).sum(1).mean().backward()
         pre.step()

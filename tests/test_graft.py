@@ -100,3 +100,34 @@ def test_graft_arguments_fail_loudly() -> None:
         cgfac.KFAC(m, graft="rmsprop", graft_beta2=1.0)
     with pytest.raises(ValueError, match="graft_eps"):
         cgfac.KFAC(m, graft="rmsprop", graft_eps=0.0)
+
+
+def test_grafting_few_rows_on_a_wide_layer_warns_once() -> None:
+    """Few rows on a wide layer: most of the direction is grad/damping outside the rows' span, and
+    RMSProp's length on it diverged on the wide MLP; the step says so (once) and per layer."""
+    import warnings as _w
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 60), nn.Tanh(), nn.Linear(60, 5))
+    x, y = torch.randn(32, 40), torch.randint(0, 5, (32,))
+    few = cgfac.CGFAC(model, curvature_samples=4, kl_clip=None, graft="rmsprop")
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="graft='rmsprop' with 4 curvature rows"):
+        few.step()
+    assert "graft_rows" in few.layer_stats()["0"]  # 4 rows on a 60 x 41 layer
+    assert "graft_rows" not in few.layer_stats()["2"]  # 4 rows on a 5 x 61 layer: at least half its smaller side
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        few.step()  # warned once
+    few.remove()
+    enough = cgfac.CGFAC(model, kl_clip=None, graft="rmsprop")  # 32 rows: at least half of each smaller side
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        enough.step()
+    assert not any("graft_rows" in st for st in enough.layer_stats().values())

@@ -27,6 +27,7 @@ and the direction is the same either way. ``layer_stats()[name]["comm"]`` says w
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ from cgfac.state import LayerState, StateView, solver_field
 __all__ = ["CGFAC", "CG_PROBE_STEPS", "DEFAULT_CG_PRODUCTS", "SOLVERS", "STALE_DAMPING_RATIO"]
 SOLVERS = ("auto", "cg", "lowrank", "eigen")  # the built-in solvers (see cgfac.solvers.solver_names())
 COMM = ("auto", *COMM_METHODS)
+GRAFT_MIN_ROWS_SHARE = 0.5  # graft="rmsprop" warns below this many rows per unit of a layer's smaller side
 
 
 def equivalent_rows(a_sum: Tensor, g_sum: Tensor, rows: int, n: int) -> Rows:
@@ -147,6 +149,7 @@ class CGFAC(Preconditioner):
         self.solver_object: Solver = make_solver(solver, SolverSettings(
             cg_max_iters=self.cg_max_iters, cg_tol=self.cg_tol, warm_start=warm_start, jacobi=jacobi))
         self._cost_constants: cost.CostConstants | None = None
+        self._warned_graft_rows = False
         super().__init__(model, **kwargs)
 
     def _new_state(self, helper: LayerHelper) -> LayerState:
@@ -300,6 +303,8 @@ class CGFAC(Preconditioner):
         st.setdefault("damping", damping)
         st["rows"] = int(operator.num_rows)
         form = self.damping_form if isinstance(operator, KronRows) else "exact"
+        if isinstance(operator, KronRows) and self.graft == "rmsprop":
+            self._check_graft_rows(name, operator)
         if isinstance(operator, KronRows):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
             bound = operator.trace_tensor()
             st["curvature_bound"] = bound if self._pending is not None else float(bound)
@@ -312,6 +317,24 @@ class CGFAC(Preconditioner):
             st["fallback"] = sol.fallback
             return None
         return sol.x
+
+    def _check_graft_rows(self, name: str, operator: KronRows) -> None:
+        """Warn once when a grafted layer has fewer rows than :data:`GRAFT_MIN_ROWS_SHARE` of its
+        smaller side: outside the rows' span the direction is ``∇W/λ``, most of its norm there, and
+        RMSProp's length put on it concentrates the step on a few entries (on the wide MLP the
+        grafted step's largest entry was 5–60× RMSProp's and training diverged:
+        ``benchmarks/graft-diagnosis``)."""
+        d_out, d_in = operator.shape
+        if operator.num_rows >= GRAFT_MIN_ROWS_SHARE * min(d_in, d_out):
+            return
+        note = (f"graft='rmsprop' with {operator.num_rows} curvature rows on a {d_out} x {d_in} layer: most of the "
+                "direction lies outside the rows' span (grad/damping there) and RMSProp's length on it concentrates "
+                "the step on a few entries (it diverged on a wide MLP); use cgfac.optim.CGFAC, whose quadratic model "
+                "measures the step along the direction, or more curvature rows")
+        self.stats[name]["graft_rows"] = note
+        if not self._warned_graft_rows:
+            self._warned_graft_rows = True
+            warnings.warn(f"cgfac: layer {name!r}: {note}", RuntimeWarning, stacklevel=4)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

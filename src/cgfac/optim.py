@@ -289,7 +289,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         ``m = curvature_samples`` of a batch of ``n``. The rows are those the full pass would keep.
         """
         pre = self.preconditioner
-        left = cast(int, pre.curvature_samples)
+        left = cast(int, pre.capture_limit())
         named = dict(self.model.named_parameters())
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         self._recording = False

@@ -135,10 +135,21 @@ def count_reads(pre: cgfac.Preconditioner, step: Callable[[], None]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """:func:`_run` with subnormal floats flushed (as ``train`` does); that flag and the thread
+    count are restored afterwards (both are global to the process)."""
     if args.optimizer not in ALL_OPTIMIZERS:
         raise SystemExit(f"--optimizer must be one of {ALL_OPTIMIZERS}")
-    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     torch.set_flush_denormal(True)
+    try:
+        return _run(args)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     task = TASKS[args.task]
     tuned = TUNED.get(args.task, {}).get(args.optimizer, {})
