@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import cgfac
-from cgfac.bench import cli, peers, sweep
+from cgfac.bench import cli, peers, sweep, train
 from cgfac.bench.models import build_model, wide_widths
 from cgfac.solvers import CG_PROBE_STEPS
 
@@ -98,3 +98,40 @@ def test_no_warm_start_copy_where_cg_cannot_win() -> None:
         pre.step()
         assert all(st.solver.solution is None for st in pre.states.values())
     assert {st["method"] for st in pre.layer_stats().values()} == {"lowrank"}
+
+
+def test_wide_defaults_are_the_tuned_settings_and_step_with_one_read() -> None:
+    from test_host_reads import count_reads
+
+    tuned = train.TUNED["autoencoder-wide"]["cgfac-kron-adaptive"]
+    wide = cgfac.optim.WIDE_DEFAULTS
+    assert wide["damping"] == tuned["damping"]
+    assert all(wide[k] == v for k, v in tuned["hyper"].items())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 300), nn.Tanh(), nn.Linear(300, 50))
+    opt = cgfac.optim.CGFAC.wide(model, loss_type="gaussian", curvature_samples=16, quad_samples=16)
+    pre = opt.preconditioner
+    assert (pre.curvature_samples, pre.solver, pre.damping_form, pre.fisher) == (16, "lowrank", "factored", "true")
+    x = torch.randn(64, 50)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = 0.5 * (model(x) - x).pow(2).sum(1).mean()
+        loss.backward()
+        return loss
+
+    first = float(closure())
+    inner = pre.step
+    reads: list[int] = []
+
+    def counted() -> None:
+        with count_reads() as seen:
+            inner()
+        reads.append(len(seen))
+
+    pre.step = counted  # type: ignore[method-assign]
+    for _ in range(5):
+        opt.step(closure)
+    assert reads == [1] * 5
+    assert float(closure()) < first
+    assert all(st.solver.solution is None for st in pre.states.values())

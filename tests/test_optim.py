@@ -597,3 +597,39 @@ def test_adaptive_step_through_multihead_attention() -> None:
     z = out_fn(flat).detach()
     expected = output_quad_form(z, jd, jd, "cross_entropy")
     assert float(expected) == pytest.approx(opt.last["dir_curvature"], rel=1e-8)
+
+
+@pytest.mark.parametrize("loss_type", ["cross_entropy", "gaussian"])
+def test_quad_samples_are_the_last_entries_apart_from_the_curvature_rows(loss_type):
+    """``quad_samples=k``: the Gram is the dense GGN of the batch's *last* k samples (the
+    curvature's ``curvature_samples`` rows are its first entries), so the model measures the
+    direction on samples its curvature never saw."""
+    x, y = make_data(loss_type)
+    k = 10
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, 40), nn.Tanh(), nn.Linear(40, K)).double()
+    opt = cgfac.optim.CGFAC(model, loss_type=loss_type, damping=0.1, adapt_damping=False,
+                            curvature_samples=8, curvature_window=1, solver="lowrank", quad_samples=k)
+    seen = capture_gram(opt)
+    c_last, _, _ = dense_quantities(model, x[-k:], y[-k:], loss_type)
+    c_first, _, _ = dense_quantities(model, x[:k], y[:k], loss_type)
+    opt.step(closure_for(model, opt, x, y, loss_type))
+    delta = flat(model, seen["vectors"][0])
+    assert float(seen["gram"][0, 0]) == pytest.approx(float(delta @ c_last @ delta), rel=1e-10)
+    assert float(seen["gram"][0, 0]) != pytest.approx(float(delta @ c_first @ delta), rel=1e-3)
+
+
+def test_few_curvature_rows_and_a_small_quadratic_model_do_not_diverge():
+    """A 300-wide layer, 16 curvature rows, the model on 16 samples: measured on the curvature's
+    own samples the model saw no curvature along the direction's largest components and its
+    step blew the loss up (27 → 2·10⁷ in five steps); measured on other samples it trains."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 300), nn.Tanh(), nn.Linear(300, 50))
+    opt = cgfac.optim.CGFAC.wide(model, loss_type="gaussian", curvature_samples=16, quad_samples=16)
+    x = torch.randn(64, 50)
+    closure = closure_for(model, opt, x, x, "gaussian")
+    first = float(closure())
+    for _ in range(5):
+        opt.step(closure)
+    assert float(closure()) < 0.5 * first

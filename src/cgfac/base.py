@@ -371,6 +371,7 @@ class Preconditioner:
                 uncovered[n] = (f"shares a Parameter with {others}, which cannot be one block ({reason}): "
                                 "plain gradient")
         return tied, uncovered
+
     def _log_report(self) -> None:
         logger.info("%s registration:\n  %s", type(self).__name__, "\n  ".join(map(str, self.report)))
         plain = [e for e in self.report if not e.covered]
@@ -707,9 +708,7 @@ class Preconditioner:
                 st["fallback"] = "non-finite direction"
                 x = None
             if x is None and "fallback" in st:
-                self.fallbacks += 1
-                warnings.warn(f"cgfac: layer {name!r} keeps its plain gradient this step: {st['fallback']}",
-                              RuntimeWarning, stacklevel=2)
+                self._fell_back(name, st["fallback"])
             directions[name] = x
         self._share(directions, active)
         if self.graft == "rmsprop":  # every rank its whole-matrix layers, an owner its owner-scheme layers
@@ -782,9 +781,7 @@ class Preconditioner:
                 st["fallback"] = "non-finite direction"
                 directions[name] = None
             if directions[name] is None and "fallback" in st:
-                self.fallbacks += 1
-                warnings.warn(f"cgfac: layer {name!r} keeps its plain gradient this step: {st['fallback']}",
-                              RuntimeWarning, stacklevel=3)
+                self._fell_back(name, st["fallback"])
         final = [name for name in active if directions[name] is not None]
         if self.graft == "rmsprop":
             self._graft({name: (grad, directions.get(name)) for name, (_, grad) in active.items()})
@@ -799,6 +796,12 @@ class Preconditioner:
                 self.layers[name].set_grad(x.mul_(scale) if scale != 1.0 else x)
         self._check_vanishing(final, scale, damping)
         self.steps += 1
+
+    def _fell_back(self, name: str, reason: str) -> None:
+        """Count and warn: layer ``name`` keeps its plain gradient this step."""
+        self.fallbacks += 1
+        warnings.warn(f"cgfac: layer {name!r} keeps its plain gradient this step: {reason}", RuntimeWarning,
+                      stacklevel=5)
 
     def _collect_undo(self, names: list[str]) -> None:
         """Forget the rows this step's :meth:`_collect` added to these layers' curvature (a

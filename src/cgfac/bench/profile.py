@@ -18,7 +18,8 @@ profile sums each mark's inclusive time per step:
   contains a forward and backward of its own, counted in ``model.*`` too).
 
 The number of device reads in ``Preconditioner.step`` is counted as well (tensor-to-Python
-conversions). Writes ``profile.json``, ``profile.md`` and ``profile.png`` into ``--out``.
+conversions), and the optimizer state (the tensors of ``state_dict()``) against Adam's. Writes
+``profile.json``, ``profile.md`` and ``profile.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -64,8 +65,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in an optimizer's ``state_dict()`` (each storage counted once)."""
+    seen: dict[int, int] = {}
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, Tensor):
+            seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(state)
+    return sum(seen.values())
+
+
 def make_step(name: str, task: str, model: torch.nn.Module, x: Tensor, y: Tensor, lr: float,
-              hp: SecondOrder) -> tuple[Callable[[], None], cgfac.Preconditioner | None]:
+              hp: SecondOrder) -> tuple[Callable[[], None], cgfac.Preconditioner | None, Any]:
     """One training step of ``name`` on the batch ``(x, y)``, with the forward and backward marked."""
     t = TASKS[task]
     opt, pre = make_optimizer(name, model, lr, hp, t.loss_type)
@@ -91,7 +110,7 @@ def make_step(name: str, task: str, model: torch.nn.Module, x: Tensor, y: Tensor
             pre.step()
         opt.step()
 
-    return step, (owner.preconditioner if owner is not None else pre)
+    return step, (owner.preconditioner if owner is not None else pre), opt
 
 
 def timed(step: Callable[[], None], steps: int, device: torch.device) -> list[float]:
@@ -168,10 +187,12 @@ def _run(args: argparse.Namespace) -> int:
     for name in (args.optimizer, "adam"):
         torch.manual_seed(0)
         model = build_model(args.task, **options).to(device)
-        step, pre = make_step(name, args.task, model, x, y, lr if name == args.optimizer else 1e-3, hp)
+        step, pre, opt = make_step(name, args.task, model, x, y, lr if name == args.optimizer else 1e-3, hp)
         timed(step, args.warmup, device)
         wall = timed(step, args.steps, device)
-        results[name] = {"ms_per_step": 1000 * statistics.median(wall), "all_ms": [1000 * t for t in wall]}
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        results[name] = {"ms_per_step": 1000 * statistics.median(wall), "all_ms": [1000 * t for t in wall],
+                         "state_mb": state_bytes(opt.state_dict()) / 2**20, "params_mb": params / 2**20}
         if name == args.optimizer:
             if pre is not None:
                 reads = count_reads(pre, step)
@@ -182,12 +203,13 @@ def _run(args: argparse.Namespace) -> int:
             for event in prof.key_averages():
                 if event.key in MARKS:
                     profiled[event.key] = profiled.get(event.key, 0.0) + event.cpu_time_total / 1000 / args.steps
-        del model, step, pre
+        del model, step, pre, opt
     ours, adam = results[args.optimizer]["ms_per_step"], results["adam"]["ms_per_step"]
     record = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
         "machine": machine_info(args.device, args.threads), "model_options": options, "lr": lr,
         "hyper": {k: v for k, v in vars(hp).items()}, "steps": results, "ratio_to_adam": ours / adam,
+        "state_ratio_to_adam": results[args.optimizer]["state_mb"] / max(results["adam"]["state_mb"], 1e-12),
         "parts_ms_per_step": {k: profiled[k] for k in MARKS if k in profiled}, "host_reads_in_pre_step": reads,
     }
     out = args.out
@@ -207,6 +229,9 @@ def write_markdown(path: Path, record: dict[str, Any], args: argparse.Namespace)
              f"{m['cpu_model']}, torch {m['torch']}. Medians of {args.steps} steps after {args.warmup} warm-up steps.",
              "", f"- {args.optimizer}: **{ours:.0f} ms/step**; Adam: {steps['adam']['ms_per_step']:.0f} ms/step "
              f"(ratio {record['ratio_to_adam']:.2f}).",
+             f"- Optimizer state (tensors of `state_dict()`, after {args.warmup + args.steps} steps): "
+             f"{steps[args.optimizer]['state_mb']:.0f} MiB against Adam's {steps['adam']['state_mb']:.0f} MiB "
+             f"(ratio {record['state_ratio_to_adam']:.2f}; parameters {steps['adam']['params_mb']:.0f} MiB).",
              f"- Device reads inside `Preconditioner.step()`: {record['host_reads_in_pre_step']}.", "",
              "Parts (inclusive time per step under the profiler, which adds overhead; nested parts are indented):",
              "", "| part | ms/step | share of the step |", "|---|---|---|"]
