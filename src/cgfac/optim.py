@@ -692,14 +692,14 @@ class CGFAC(SecondOrderOptimizer):
         128 curvature rows per step whatever the batch (the true Fisher sampled on those samples
         alone), the exact low-rank solve of this step's rows (QR of the rows, ``r × r``
         eigendecompositions; no warm start kept), factored damping adapted by the LM rule from
-        ``λ₀ = 0.1``, the quadratic model on 250 samples. Tuned on the ×4 autoencoder
+        ``λ₀ = 0.1``, the quadratic model on 128 other samples of the batch (its last). Tuned on the ×4 autoencoder
         (``benchmarks/tuning-autoencoder-wide``), where it trains fastest per second."""
         return cls(model, loss_type=loss_type, **{**WIDE_DEFAULTS, **overrides})
 
 
 WIDE_DEFAULTS: dict[str, Any] = {
     "curvature_samples": 128, "curvature_window": 1, "solver": "lowrank", "damping_form": "factored",
-    "fisher": "true", "damping": 0.1, "min_damping": 1e-3, "quad_samples": 250,
+    "fisher": "true", "damping": 0.1, "min_damping": 1e-3, "quad_samples": 128,
 }
 """The settings of :meth:`CGFAC.wide` (the tuned ×4 autoencoder's)."""
 

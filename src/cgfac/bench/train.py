@@ -252,8 +252,11 @@ TUNED: dict[str, dict[str, dict[str, Any]]] = {
 # Peers at 60 s: Adam {3e-4, 1e-3, 3e-3, 1e-2}: 123.4, 168.5, 209, 682; Muon (original scaling)
 # {5e-3, 0.01, 0.02, 0.05}: 186, 184, 175, 151 and (match_rms_adamw) {3e-4 .. 1e-2}: best 173 (3e-3);
 # SOAP {3e-4 .. 1e-2}: best 583 (1e-3); Shampoo {1e-3 .. 3e-2}: best 214 (1e-3): 4–20 steps in 60 s.
+# Round 2, after the quadratic model's samples were made disjoint from the curvature rows (r2-*, one
+# quiet machine): 128 rows with the model on 250 / 128 / 64 samples: 72.9 / 71.9 / 72.0 (1315 / 1150 /
+# 1099 ms/step); 64 rows with 250 / 128: 76.4 / 75.5. Chosen: 128 rows, the model on 128 samples.
 WIDE_CGFAC = {"lr": 1.0, "damping": 0.1,
-              "hyper": {"curvature_window": 1, "curvature_samples": 128, "quad_samples": 250, "min_damping": 1e-3,
+              "hyper": {"curvature_window": 1, "curvature_samples": 128, "quad_samples": 128, "min_damping": 1e-3,
                         "damping_form": "factored", "fisher": "true"}}
 TUNED["autoencoder-wide"] = {
     "cgfac-kron-adaptive": WIDE_CGFAC,
