@@ -107,14 +107,27 @@ $B train $T $C --hyper "$F,curvature_samples=256,quad_samples=250" --out $O/cgfa
 $B train $T $C --hyper "$F,curvature_samples=128,quad_samples=128" --out $O/cgfac-factored-quad128
 $B train $T --optimizers cgfac-kron --lr-grid 1e-4,3e-4 --damping-grid 1e-3 --out $O/cgfac-graft \
   --hyper "curvature_samples=128,graft=rmsprop,kl_clip=none,damping_form=factored"
+# Round 2 (after the quadratic model's samples were made disjoint from the curvature rows):
+for spec in "128 250 r2-cgfac-factored" "128 128 r2-cgfac-factored-quad128" "128 64 r2-cgfac-factored-quad64" \
+            "64 128 r2-cgfac-factored-64-quad128" "64 250 r2-cgfac-factored-64"; do
+  set -- $spec
+  $B train $T $C --hyper "$F,curvature_samples=$1,quad_samples=$2" --out $O/$3
+done
+$B train $T --optimizers muon,muon-original --out $O/r2-muon \
+  --lr-grid "muon=1e-3,3e-3,1e-2,3e-2;muon-original=0.02,0.05,0.1,0.2"
 # One step at ×4 itemised (the tuned CG-FAC against Adam):
 $B profile --task autoencoder-wide --width-mult 4 --optimizer cgfac-kron-adaptive --out benchmarks/profile-autoencoder-wide-x4
 # The target run: ×4, 300 s, the tuned settings; CG-FAC and Adam (the best peer at 60 s) on 3 seeds, the others on one.
 W="--task autoencoder-wide --width-mult 4 --tuned --budget 300 --eval-every 25 --eval-samples 5000"
 $B train $W --optimizers cgfac-kron-adaptive,adam --seeds 0,1,2 --out benchmarks/train-autoencoder-wide-x4-300s
-$B train $W --optimizers muon-original,soap,kfac-adaptive --out benchmarks/train-autoencoder-wide-x4-300s-others
+$B train $W --optimizers cgfac-kron-adaptive,muon-original --lr-grid "muon-original=0.05" --seeds 0,1,2 \
+  --out benchmarks/train-autoencoder-wide-x4-300s-muon
+# (earlier code and host, kept for the record: muon-original, soap, kfac-adaptive, one seed each)
+# $B train $W --optimizers muon-original,soap,kfac-adaptive --out benchmarks/train-autoencoder-wide-x4-300s-others
 # The width sweep: ×1, ×2, ×4, 40 s per run, time to training loss 130, one seed.
 $B sweep --task autoencoder-wide --widths 1,2,4 --target 130 --out benchmarks/sweep-autoencoder-wide -- \
   --tuned --budget 40 --eval-every 4 --eval-samples 2000 --optimizers cgfac-kron-adaptive,adam,muon-original,soap,kfac-adaptive
 $B sweep --task mlp-wide --widths 1024,2048,4096 --target 0.2 --out benchmarks/sweep-mlp-wide -- \
   --tuned --budget 30 --eval-every 3 --eval-samples 2000 --optimizers cgfac-kron-adaptive,adam,muon-original
+# The sweeps' summaries (the width from which CG-FAC stays ahead) rebuilt from their saved runs:
+# $B sweep --task autoencoder-wide --widths 1,2,4 --target 130 --out benchmarks/sweep-autoencoder-wide --from-results

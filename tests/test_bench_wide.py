@@ -61,6 +61,13 @@ def test_sweep_summary_picks_the_first_width_where_cgfac_is_sooner() -> None:
     assert table["adam"]["1"]["time_to_target"] == pytest.approx(20 * 100 / 110)  # interpolated from 200 to 90
     assert table["cgfac-kron-adaptive"]["1"]["time_to_target"] is None  # 120 > 100: not reached
     assert summary["overtakes"] == {"adam": "2"}
+    assert summary["ahead"] == {"adam": ["2"]}
+    # Ahead at the narrowest width only (Muon on the x4 autoencoder): not "from width 1".
+    records["3"] = record({"cgfac-kron-adaptive": (30.0, 80.0), "adam": (20.0, 70.0)})
+    records["1"] = record({"cgfac-kron-adaptive": (10.0, 80.0), "adam": (20.0, 90.0)})
+    summary = sweep.summarise("autoencoder-wide", ["1", "2", "3"], records, target=100.0)
+    assert summary["overtakes"] == {"adam": None}
+    assert summary["ahead"] == {"adam": ["1", "2"]}
 
 
 def test_sweep_and_profile_smoke(tmp_path: Path) -> None:

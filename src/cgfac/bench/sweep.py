@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autoencoder-wide: width multipliers; mlp-wide: hidden widths (default 1,2,4)")
     parser.add_argument("--target", type=float, required=True, help="the training loss to reach")
     parser.add_argument("--out", type=Path, default=None, help="default runs/sweep-<task>")
+    parser.add_argument("--from-results", action="store_true",
+                        help="train nothing: summarise the runs already in --out/w<width>/results.json")
     parser.add_argument("train_options", nargs=argparse.REMAINDER,
                         help="options passed to cgfac-bench train (after --)")
 
@@ -57,12 +59,17 @@ def summarise(task: str, widths: list[str], records: dict[str, dict[str, Any]], 
                 "steps": run.get("steps")}
     ours = next((o for o in OURS if o in table), None)
     overtakes: dict[str, str | None] = {}
+    ahead: dict[str, list[str]] = {}
     if ours is not None:
         for name in table:
             if name == ours:
                 continue
-            overtakes[name] = next((w for w in widths if _sooner(table[ours].get(w), table[name].get(w))), None)
-    return {"task": task, "widths": widths, "target": target, "ours": ours, "table": table, "overtakes": overtakes}
+            wins = [_sooner(table[ours].get(w), table[name].get(w)) for w in widths]
+            ahead[name] = [w for w, won in zip(widths, wins) if won]
+            # The narrowest width from which CG-FAC is ahead at every wider width swept.
+            overtakes[name] = next((w for i, w in enumerate(widths) if all(wins[i:])), None)
+    return {"task": task, "widths": widths, "target": target, "ours": ours, "table": table, "overtakes": overtakes,
+            "ahead": ahead}
 
 
 def _sooner(mine: dict[str, Any] | None, theirs: dict[str, Any] | None) -> bool:
@@ -100,7 +107,10 @@ def write_markdown(path: Path, summary: dict[str, Any]) -> None:
     if summary["ours"] is not None:
         lines += ["", f"Where {summary['ours']} reaches the target sooner (or, neither reaching it, ends lower):", ""]
         for name, w in summary["overtakes"].items():
-            lines.append(f"- against {name}: " + (f"from {label}{w}" if w is not None else "at no width swept"))
+            at = summary.get("ahead", {}).get(name, [])
+            where = ", ".join(f"{label}{v}" for v in at) if at else "none"
+            lines.append(f"- against {name}: " + (f"from {label}{w} on (at every wider width swept)" if w is not None
+                                                  else "not from any width on") + f"; ahead at: {where}")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -139,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     records, status = {}, 0
     for width in widths:
         sub = out / f"w{width}"
-        status |= train.run(_train_args(args.task, width, sub, options))
+        if not args.from_results:
+            status |= train.run(_train_args(args.task, width, sub, options))
         records[width] = json.loads((sub / "results.json").read_text())
     summary = summarise(args.task, widths, records, args.target)
     out.mkdir(parents=True, exist_ok=True)
