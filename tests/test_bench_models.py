@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import cgfac
-from cgfac.bench.models import INPUT_SHAPES, MODELS, build_model, transformer_lm
+from cgfac_bench.models import INPUT_SHAPES, MODELS, build_model, transformer_lm
 
 
 def _inputs(task: str, batch: int) -> torch.Tensor:

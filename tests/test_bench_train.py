@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgfac.bench import cli, train
+from cgfac_bench import cli, train
 
 GRID = "cgfac-kron=0.1;cgfac-exact=0.1;kfac=0.1;adam=0.003;sgd=0.1"
 

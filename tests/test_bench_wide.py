@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import cgfac
-from cgfac.bench import cli, peers, sweep, train
-from cgfac.bench.models import build_model, wide_widths
 from cgfac.solvers import CG_PROBE_STEPS
+from cgfac_bench import cli, peers, sweep, train
+from cgfac_bench.models import build_model, wide_widths
 
 
 def test_wide_models_scale_the_hidden_widths() -> None:

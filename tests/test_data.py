@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cgfac import data
-from cgfac.data import DatasetNotFoundError, load_digits_data, load_mnist, restricted_loads
+from cgfac_bench import data
+from cgfac_bench.data import DatasetNotFoundError, load_digits_data, load_mnist, restricted_loads
 
 
 class _RunsShell:

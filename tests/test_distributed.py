@@ -69,10 +69,10 @@ def test_a_failing_rank_ends_the_run_with_its_error(tmp_path) -> None:
 
 
 def test_byte_formulas_match_the_counted_bytes(two_ranks) -> None:
-    """``cgfac.bench.comm``'s formulas reproduce what each rank counted (float64, 4 samples each)."""
+    """``cgfac_bench.comm``'s formulas reproduce what each rank counted (float64, 4 samples each)."""
     import dist_worker
 
-    from cgfac.bench.comm import layer_shapes, per_rank_bytes
+    from cgfac_bench.comm import layer_shapes, per_rank_bytes
 
     shapes = layer_shapes(dist_worker.net().float(), (1, 4, 4))
     local = dist_worker.GLOBAL_BATCH // 2

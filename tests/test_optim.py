@@ -564,7 +564,7 @@ def test_dropout_gram_replays_the_mask():
 def test_adaptive_step_through_multihead_attention() -> None:
     """nn.MultiheadAttention's fused CPU kernel has no forward-mode AD; the GGN passes use the
     math kernel, which equals it: the Gram of a tiny transformer matches a dense reference."""
-    from cgfac.bench.models import transformer_lm
+    from cgfac_bench.models import transformer_lm
 
     torch.manual_seed(0)
     model = transformer_lm(vocab=11, context=6, width=8, depth=1, heads=2).double()

@@ -5,11 +5,11 @@ on the standard library's text, and Muon as a peer (issue 17's evidence).
   vocabulary 256, context 128, width 320, 6 layers of 5 heads, dropout off: 7.5 M parameters, the
   output head tied to the token embedding. Wrapped so that ``model(x)`` returns the logits
   ``(batch, 128, 256)`` like the library's own ``transformer`` task, whose data, loss and
-  evaluation (:func:`cgfac.data.load_stdlib_text`, held-out bits per byte) it shares.
+  evaluation (:func:`cgfac_bench.data.load_stdlib_text`, held-out bits per byte) it shares.
   The run is the harness's own loop (forward, backward, ``pre.step()``, ``opt.step()``), which is
   exactly what ``transformers.Trainer`` does with ``PreconditionerCallback`` (tested against each
   other in ``tests/test_integrations.py``), without ``Trainer``'s logging in the timed steps.
-* Muon (``muon``, ``muon-original``: :mod:`cgfac.bench.peers`) takes the hidden 2-D matrices (the
+* Muon (``muon``, ``muon-original``: :mod:`cgfac_bench.peers`) takes the hidden 2-D matrices (the
   blocks' ``Conv1D`` projections), AdamW the rest (embeddings and the tied head, biases, LayerNorms).
 
 ``transformers`` is imported only when the model is built (the ``hf`` extra).

@@ -10,7 +10,7 @@
   maxpool-linear(32·7·7→10).
 * ``digits``: a classifier for scikit-learn's 8×8 digits, 64-64-10 with tanh (quick runs).
 * ``transformer``: a small decoder-only byte-level transformer LM (:func:`transformer_lm`) for
-  :func:`cgfac.data.load_stdlib_text`; input ``(batch, 128)`` int64 bytes, output logits
+  :func:`cgfac_bench.data.load_stdlib_text`; input ``(batch, 128)`` int64 bytes, output logits
   ``(batch, 128, 256)``.
 * ``cnn-norm``: an MNIST CNN with BatchNorm, GroupNorm and a depthwise-separable block
   (:func:`cnn_norm`).
@@ -22,7 +22,7 @@
 
 :func:`build_model` passes its keyword options (``width_mult``, ``width``) to the wide models.
 * ``gpt2``: a Hugging Face ``GPT2LMHeadModel`` (tied embeddings, 7.5 M parameters) for the same
-  text, :func:`cgfac.bench.hf.gpt2_lm`.
+  text, :func:`cgfac_bench.hf.gpt2_lm`.
 """
 
 from __future__ import annotations
@@ -204,8 +204,8 @@ def build_model(task: str, **options: Any) -> nn.Module:
     return MODELS[task](**options)
 
 
-# The Hugging Face GPT-2 task (cgfac.bench.hf; transformers is imported when it is built).
-from cgfac.bench.hf import gpt2_lm  # noqa: E402
+# The Hugging Face GPT-2 task (cgfac_bench.hf; transformers is imported when it is built).
+from cgfac_bench.hf import gpt2_lm  # noqa: E402
 
 MODELS["gpt2"] = gpt2_lm
 INPUT_SHAPES["gpt2"] = (128,)

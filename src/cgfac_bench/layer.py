@@ -55,11 +55,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cgfac import cost
-from cgfac.bench.machine import default_device, machine_info
 from cgfac.cg import CGResult
 from cgfac.curvature import KronFactors, KronRows, RunningFactors
 from cgfac.layers import Rows
 from cgfac.solvers import AutoSolver, CGSolver, EigenSolver, LowRankSolver, SolverState
+from cgfac_bench.machine import default_device, machine_info
 
 METHODS = ("cgfac-cg-cold", "cgfac-cg-warm", "cgfac-lowrank", "cgfac-auto", "kfac-fresh",
            "kfac-amortised", "explicit-product", "matfree-product")

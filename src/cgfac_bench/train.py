@@ -19,11 +19,11 @@ Protocol, for every (optimizer, learning rate) pair of the grid:
   through ``/proc/self/clear_refs`` after data and model are loaded; elsewhere the process-lifetime
   ``ru_maxrss``), plus ``torch.cuda.max_memory_allocated`` on CUDA.
 
-Tasks (``cgfac.bench.models``): ``autoencoder`` (MNIST, Bernoulli cross-entropy of the logits
+Tasks (``cgfac_bench.models``): ``autoencoder`` (MNIST, Bernoulli cross-entropy of the logits
 summed over the 784 pixels, averaged over the batch), ``mlp`` and ``cnn`` (MNIST classification,
 cross-entropy), ``cnn-norm`` (the same with BatchNorm, GroupNorm and a depthwise block), ``digits``
 (scikit-learn's 8×8 digits, a quick check), ``transformer`` (a byte-level LM on the standard
-library's source, :func:`cgfac.data.load_stdlib_text` with context 128, capped to the first 4 MiB of
+library's source, :func:`cgfac_bench.data.load_stdlib_text` with context 128, capped to the first 4 MiB of
 the training files and 256 KiB of the held-out ones, see ``TEXT_MAX_*``; batch 32 sequences; loss:
 cross-entropy over every position, so the curvature rows are positions; training loss on 256 fixed
 sequences; test metric: held-out bits per byte = loss / ln 2, and next-byte accuracy).
@@ -105,10 +105,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import cgfac
 from cgfac import cost
-from cgfac.bench.machine import default_device, machine_info
-from cgfac.bench.models import build_model
-from cgfac.bench.peers import ADAMW_WEIGHT_DECAY, MUON_ADAMW_LR, muon_with_adamw
-from cgfac.data import load_digits_data, load_mnist, load_stdlib_text
+from cgfac_bench.data import load_digits_data, load_mnist, load_stdlib_text
+from cgfac_bench.machine import default_device, machine_info
+from cgfac_bench.models import build_model
+from cgfac_bench.peers import ADAMW_WEIGHT_DECAY, MUON_ADAMW_LR, muon_with_adamw
 
 ADAPTIVE = ("kfac-adaptive", "cgfac-kron-adaptive", "cgfac-exact-adaptive")  # cgfac.optim: own the update
 PRECONDITIONED = ("cgfac-kron", "cgfac-exact", "kfac")  # a preconditioner under SGD with momentum
@@ -273,7 +273,7 @@ TUNED["mlp-wide"] = {"cgfac-kron-adaptive": WIDE_CGFAC, "adam": {"lr": 1e-3}, "m
                      "soap": {"lr": 3e-3}, "kfac-adaptive": TUNED["autoencoder-wide"]["kfac-adaptive"]}
 TUNED["cnn-norm"] = TUNED["cnn"]  # lr {5e-4, 1e-3}: 0.0191, 0.0277 at 60 s (train-cnn-norm-60s-graft)
 
-# The Hugging Face GPT-2 task (cgfac.bench.hf): tied embeddings, Conv1D projections, the transformer
+# The Hugging Face GPT-2 task (cgfac_bench.hf): tied embeddings, Conv1D projections, the transformer
 # task's data, loss and evaluation; Muon (torch.optim.Muon on hidden matrices, AdamW on the rest) as a
 # peer. Not tuned yet: the TUNED entries are the transformer task's (K-FAC grafted, AdamW, SOAP) and
 # Muon's common rate; give --lr-grid for the grids (README, "Hugging Face ...").
@@ -609,7 +609,7 @@ def run_torchrun(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> d
     work = Path(tempfile.mkdtemp(prefix="cgfac-torchrun-", dir=cfg["data_dir"]))
     (work / "cfg.json").write_text(json.dumps(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg["nproc"]),
-           "-m", "cgfac.bench.train", str(work)]
+           "-m", "cgfac_bench.train", str(work)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while proc.poll() is None:
         time.sleep(1.0)
@@ -1065,13 +1065,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CG-FAC: samples of each batch whose rows form the curvature (default: the task's)")
     parser.add_argument("--hyper", default=None,
                         help='settings of the second-order runs, overriding the tuned ones: "kfac_samples=250,'
-                             'min_damping=1e-3" (fields of cgfac.bench.train.SecondOrder; "none" for None)')
+                             'min_damping=1e-3" (fields of cgfac_bench.train.SecondOrder; "none" for None)')
     parser.add_argument("--fisher", choices=("empirical", "true"), default=None,
                         help="Fisher of the second-order methods (default: the task's)")
 
 
 def model_options(task: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The wide tasks' width options from the command line (:data:`cgfac.bench.models.MODEL_OPTIONS`)."""
+    """The wide tasks' width options from the command line (:data:`cgfac_bench.models.MODEL_OPTIONS`)."""
     if task == "autoencoder-wide":
         mult = args.width_mult
         return {"width_mult": int(mult) if float(mult).is_integer() else mult}
@@ -1178,5 +1178,5 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in runs) else 0
 
 
-if __name__ == "__main__":  # a rank launched by run_torchrun: python -m cgfac.bench.train WORK_DIR
+if __name__ == "__main__":  # a rank launched by run_torchrun: python -m cgfac_bench.train WORK_DIR
     torchrun_worker(Path(sys.argv[1]))

@@ -26,7 +26,7 @@ Units are the library's registry's (``make_helper``): the projections of ``nn.Mu
 wide as the unit's ``row_widths`` (``d_in + d_out`` except an embedding, whose ``a`` row is one
 token index: ``1 + d_out``). The K-FAC terms use ``d_in² + d_out²`` for every unit, an upper bound
 for embeddings (diagonal input factor) and normalisation layers (per-feature blocks). Token
-models (the transformer) are fed int64 tokens (:func:`cgfac.bench.models.example_input`).
+models (the transformer) are fed int64 tokens (:func:`cgfac_bench.models.example_input`).
 
 The 2-process test checks these formulas against the bytes the library counts.
 """
@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 
-from cgfac.bench.models import build_model, example_input
 from cgfac.distributed import choose_comm, comm_bytes, greedy_assignment
 from cgfac.layers import Chunk, LayerHelper, make_helper
+from cgfac_bench.models import build_model, example_input
 
 BATCH = {"autoencoder": 256, "mlp": 256, "cnn": 128, "digits": 128, "transformer": 32, "cnn-norm": 128}
 
@@ -87,7 +87,7 @@ class _ShapeRecorder:
 def layer_shapes(model: torch.nn.Module, input_shape: tuple[int, ...] | torch.Tensor) -> list[LayerShape]:
     """Covered layers (every unit the library's registry makes) with their widths and rows per
     sample, from one forward pass of a zero input of ``input_shape`` (one sample) or of the
-    given input tensor (token models take int64 inputs: :func:`cgfac.bench.models.example_input`)."""
+    given input tensor (token models take int64 inputs: :func:`cgfac_bench.models.example_input`)."""
     helpers = []
     for name, module in model.named_modules():
         helper = make_helper(name, module)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import cgfac
-from cgfac.bench.machine import machine_info
-from cgfac.bench.models import build_model
-from cgfac.data import load_mnist
+from cgfac_bench.data import load_mnist
+from cgfac_bench.machine import machine_info
+from cgfac_bench.models import build_model
 
 PRECONDITIONERS = {
     "cgfac": lambda m: cgfac.CGFAC(m, fisher="true", damping=1.0, kl_clip=0.1, lr=0.1, curvature_window=4),
@@ -52,7 +52,7 @@ def growth(steps: list[int], rss: list[float], warmup: int) -> tuple[float, floa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="autoencoder-tanh", help="an autoencoder task of cgfac.bench.models")
+    parser.add_argument("--task", default="autoencoder-tanh", help="an autoencoder task of cgfac_bench.models")
     parser.add_argument("--optimizer", default="cgfac", choices=list(PRECONDITIONERS))
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--every", type=int, default=100, help="sample RSS every this many steps")

@@ -4,7 +4,7 @@ The paper's claim 3: warm-started CG needs only 10–20 iterations per layer and
 ``--task`` (default the autoencoder) for ``--steps`` steps (default 100) with
 ``cgfac.CGFAC(curvature="kron", solver="cg", warm_start=True, jacobi=True)`` in front of SGD with
 momentum 0.9, the task's damping, KL clip and Fisher and the smaller second-order learning rate
-of the grid (see :mod:`cgfac.bench.train`), CG tolerance ``--cg-tol`` (relative residual,
+of the grid (see :mod:`cgfac_bench.train`), CG tolerance ``--cg-tol`` (relative residual,
 default 1e-3) and an iteration cap ``--cg-max-iters`` (default 200, well above the library's 50,
 so that counts are rarely capped). At every step and layer it records:
 
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 import cgfac
-from cgfac.bench.machine import default_device, machine_info
-from cgfac.bench.models import build_model
-from cgfac.bench.train import LR_GRID, TASKS, _finite, load_task_data, task_loss
 from cgfac.solvers import CGSolver
+from cgfac_bench.machine import default_device, machine_info
+from cgfac_bench.models import build_model
+from cgfac_bench.train import LR_GRID, TASKS, _finite, load_task_data, task_loss
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

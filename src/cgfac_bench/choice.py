@@ -1,7 +1,7 @@
 """The automatic solve-method choice against every candidate, layer by layer.
 
 For each configuration ``model:batch`` (default the autoencoder at batch 256 and 1000, the MLP
-at 256, the CNN at 128) a model from :mod:`cgfac.bench.models` (seeded, train mode, fixed
+at 256, the CNN at 128) a model from :mod:`cgfac_bench.models` (seeded, train mode, fixed
 weights) sees ``--steps + 1`` fresh random batches of the right shape (autoencoder: uniform
 pixels, Bernoulli cross-entropy against themselves; classifiers: uniform inputs, random labels,
 cross-entropy; the transformer: uniform random tokens, a random next byte per position).
@@ -49,12 +49,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cgfac import CGFAC, cost
-from cgfac.bench.layer import Timing, measure
-from cgfac.bench.machine import default_device, machine_info
-from cgfac.bench.models import INPUT_SHAPES, build_model, example_input
 from cgfac.curvature import ExactRows, KronRows
 from cgfac.layers import Rows
 from cgfac.solvers import CG_PROBE_STEPS, DEFAULT_CG_PRODUCTS, AutoSolver, CGSolver, SolverState
+from cgfac_bench.layer import Timing, measure
+from cgfac_bench.machine import default_device, machine_info
+from cgfac_bench.models import INPUT_SHAPES, build_model, example_input
 
 CONFIGS = "autoencoder:256,autoencoder:1000,mlp:256,cnn:128"
 CANDIDATES = {kind: cost.candidates(kind) for kind in ("kron", "exact")}

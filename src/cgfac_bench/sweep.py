@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cgfac.bench import train
+from cgfac_bench import train
 
 OURS = ("cgfac-kron-adaptive", "cgfac-exact-adaptive", "cgfac-kron", "cgfac-exact")
 

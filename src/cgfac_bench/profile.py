@@ -1,6 +1,6 @@
 """One optimizer step, itemised: where the time of a second-order step goes, against Adam's step.
 
-For a task of :mod:`cgfac.bench.train` at its tuned settings (``TUNED``; ``--hyper`` overrides),
+For a task of :mod:`cgfac_bench.train` at its tuned settings (``TUNED``; ``--hyper`` overrides),
 on one batch of the task's data: ``--warmup`` untimed steps, then ``--steps`` timed steps of the
 optimizer and of Adam (wall clock, device synchronised; medians), then ``--steps`` steps under
 ``torch.profiler``. The library marks its parts with ``torch.profiler.record_function``; the
@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 import cgfac
-from cgfac.bench.machine import default_device, machine_info
-from cgfac.bench.models import build_model
-from cgfac.bench.train import (
+from cgfac_bench.machine import default_device, machine_info
+from cgfac_bench.models import build_model
+from cgfac_bench.train import (
     ALL_OPTIMIZERS,
     TASKS,
     TUNED,
