@@ -48,16 +48,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cgfac import CGFAC, cost
+from cgfac import CGFAC
+from cgfac.cost import CostConstants, calibrate, predicted_costs
 from cgfac.curvature import ExactRows, KronRows
 from cgfac.layers import Rows
 from cgfac.solvers import CG_PROBE_STEPS, DEFAULT_CG_PRODUCTS, AutoSolver, CGSolver, SolverState
+from cgfac.solvers import candidates as solver_candidates
 from cgfac_bench.layer import Timing, measure
 from cgfac_bench.machine import default_device, machine_info
 from cgfac_bench.models import INPUT_SHAPES, build_model, example_input
 
 CONFIGS = "autoencoder:256,autoencoder:1000,mlp:256,cnn:128"
-CANDIDATES = {kind: cost.candidates(kind) for kind in ("kron", "exact")}
+CANDIDATES = {kind: tuple(s.name for s in solver_candidates(kind)) for kind in ("kron", "exact")}
 TARGET = 1.10
 
 
@@ -134,7 +136,7 @@ class ChoiceBench:
                        max_s=a.max_seconds, memory=False)
 
     def layer(self, pre: CGFAC, name: str, curvature: str, steps: list[tuple[Rows, Tensor]],
-              calib: cost.CostConstants) -> dict[str, Any]:
+              calib: CostConstants) -> dict[str, Any]:
         """One layer and curvature: candidate times, auto's picks and its ratio to the fastest."""
         helper = pre.layers[name]
         ops = [helper.operator(curvature, [rows], [1.0]) for rows, _ in steps]
@@ -185,7 +187,7 @@ class ChoiceBench:
         return rec
 
     def _auto(self, auto: AutoSolver, ops: list[KronRows | ExactRows], grads: list[Tensor],
-              cg_iters: list[int], rec: dict[str, Any], calib: cost.CostConstants) -> dict[str, Any]:
+              cg_iters: list[int], rec: dict[str, Any], calib: CostConstants) -> dict[str, Any]:
         """Replay ``auto.choose`` along the batches with one layer's solver state (with its CG
         probes: a warm start exists after the untimed first step); auto's time is its picks'
         measured times."""
@@ -219,8 +221,8 @@ class ChoiceBench:
         return {"auto_picks": dict(Counter(picks)), "auto_ms": auto_ms if math.isfinite(auto_ms) else None,
                 "probe_ms": probe_ms,
                 "decision_ms": decide, "k_predicted": ks[-1],
-                "predicted_cost": cost.predicted_costs(ops[-1], ks[-1], calib),
-                "cost_at_measured_iters": cost.predicted_costs(ops[-1], actual_k, calib)}
+                "predicted_cost": predicted_costs(ops[-1], ks[-1], calib),
+                "cost_at_measured_iters": predicted_costs(ops[-1], actual_k, calib)}
 
 
 def calibration_fit(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -386,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or default_device())
     pre_kwargs = {k: v for k, v in (("damping", args.damping), ("cg_tol", args.cg_tol),
                                      ("cg_max_iters", args.cg_max_iters)) if v is not None}
-    calib = cost.calibrate(str(torch.empty(0, device=device).device), torch.float32)
+    calib = calibrate(str(torch.empty(0, device=device).device), torch.float32)
     bench = ChoiceBench(args, device)
     captured = [(task, batch, *capture(task, batch, args.steps, pre_kwargs, args.seed, device))
                 for task, batch in args.configs]

@@ -54,8 +54,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from cgfac import cost
 from cgfac.cg import CGResult
+from cgfac.cost import calibrate
 from cgfac.curvature import KronFactors, KronRows, RunningFactors
 from cgfac.layers import Rows
 from cgfac.solvers import AutoSolver, CGSolver, EigenSolver, LowRankSolver, SolverState
@@ -709,7 +709,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or default_device())
     torch.manual_seed(s.seed)
     probe = check_memory_probe(device)
-    calibration = cost.calibrate(str(torch.empty(0, device=device).device), torch.float32)
+    calibration = calibrate(str(torch.empty(0, device=device).device), torch.float32)
     bench = LayerBench(s, device)
     results: list[dict[str, Any]] = []
     total = len(s.rows) * len(s.widths) * len(s.methods)

@@ -104,7 +104,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import cgfac
-from cgfac import cost
+from cgfac.cost import calibrate
 from cgfac_bench.data import load_digits_data, load_mnist, load_stdlib_text
 from cgfac_bench.machine import default_device, machine_info
 from cgfac_bench.models import build_model
@@ -475,7 +475,7 @@ def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = N
     solver_pre = owner.preconditioner if owner is not None else pre
     t0 = time.perf_counter()
     if isinstance(solver_pre, cgfac.CGFAC) and solver_pre.solver == "auto":
-        cost.calibrate(str(next(model.parameters()).device), torch.float32)  # once per process
+        calibrate(str(next(model.parameters()).device), torch.float32)  # once per process
     calibration_seconds = time.perf_counter() - t0
     order = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(n, generator=order).to(device), 0
