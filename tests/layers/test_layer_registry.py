@@ -10,7 +10,7 @@ from layer_reference import EXACT_KINDS, KRON_KINDS, PRECONDITIONERS
 from torch import nn
 
 import cgfac
-from cgfac.layers import LinearHelper, find_factory, linear_helper, registry
+from cgfac.layers import LinearHelper, find_factory, linear_helper
 
 
 class MyLinear(nn.Module):
@@ -27,14 +27,6 @@ class MyLinear(nn.Module):
 
 class MyLinearChild(MyLinear):
     pass
-
-
-@pytest.fixture
-def clean_registry():
-    saved = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
 
 
 def pair(make_first):

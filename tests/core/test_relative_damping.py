@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from preconditioners import preconditioned_grads
 from reference import (
     Case,
     capture,
@@ -18,7 +19,6 @@ from reference import (
     unvec,
     vec,
 )
-from test_directions import preconditioned_grads
 
 import cgfac
 from cgfac.exact import ExactRows

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from preconditioners import DAMPING, PRECONDITIONERS, preconditioned_grads
 from reference import (
     Case,
     capture,
     cases,
-    covered,
     dense_kron,
     exact_fisher,
     factors,
@@ -21,23 +21,6 @@ from reference import (
 import cgfac
 
 CASES = cases()
-DAMPING = 0.05
-
-PRECONDITIONERS = {
-    "kfac": lambda m: cgfac.KFAC(m, damping=DAMPING, factor_decay=0.0, inv_update_steps=1, kl_clip=None),
-    "cgfac-kron-cg": lambda m: cgfac.CGFAC(m, damping=DAMPING, kl_clip=None, solver="cg",
-                                           cg_tol=1e-13, cg_max_iters=2000),
-    "cgfac-kron-cg-nojacobi": lambda m: cgfac.CGFAC(m, damping=DAMPING, kl_clip=None, solver="cg",
-                                                    jacobi=False, cg_tol=1e-13, cg_max_iters=2000),
-    "cgfac-kron-lowrank": lambda m: cgfac.CGFAC(m, damping=DAMPING, kl_clip=None, solver="lowrank"),
-    "cgfac-kron-eigen": lambda m: cgfac.CGFAC(m, damping=DAMPING, kl_clip=None, solver="eigen"),
-    "cgfac-kron-auto": lambda m: cgfac.CGFAC(m, damping=DAMPING, kl_clip=None, cg_tol=1e-13,
-                                             cg_max_iters=2000),
-    "cgfac-exact-cg": lambda m: cgfac.CGFAC(m, curvature="exact", damping=DAMPING, kl_clip=None,
-                                            solver="cg", cg_tol=1e-13, cg_max_iters=2000),
-    "cgfac-exact-lowrank": lambda m: cgfac.CGFAC(m, curvature="exact", damping=DAMPING, kl_clip=None,
-                                                 solver="lowrank"),
-}
 
 
 def dense_directions(case: Case, model: torch.nn.Module, exact: bool) -> dict[str, torch.Tensor]:
@@ -53,14 +36,6 @@ def dense_directions(case: Case, model: torch.nn.Module, exact: bool) -> dict[st
             a_f, g_f = factors(a, g, n)
             system = dense_kron(a_f, g_f) + DAMPING * torch.eye(a_f.shape[0] * g_f.shape[0], dtype=a.dtype)
             out[name] = unvec(torch.linalg.solve(system, vec(grads[name])), grads[name].shape)
-    return out
-
-
-def preconditioned_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, m in covered(model).items():
-        w = m.weight.grad.reshape(m.weight.shape[0], -1)
-        out[name] = torch.cat([w, m.bias.grad[:, None]], 1) if m.bias is not None else w
     return out
 
 

@@ -19,7 +19,6 @@ from layer_reference import (
     output_grads,
     per_sample_params,
 )
-from test_layer_registry import clean_registry  # noqa: F401  (fixture)
 from torch import nn
 
 import cgfac
@@ -122,7 +121,7 @@ def test_functional_embedding_matches_dense_solve(kind: str) -> None:
 
 @pytest.mark.parametrize("norm", ["llama", "hand", "llama-registered"])
 @pytest.mark.parametrize("kind", ["kfac", "cgfac-kron-cg", EXACT_KINDS[1]])
-def test_rms_norm_like_matches_dense_solve(kind: str, norm: str, clean_registry) -> None:  # noqa: F811
+def test_rms_norm_like_matches_dense_solve(kind: str, norm: str, clean_registry) -> None:
     torch.manual_seed(0)
     c = 5
     layer = HandRMSNorm(c) if norm == "hand" else LlamaRMSNorm(c, eps=1e-6)

@@ -101,7 +101,7 @@ def test_no_warm_start_copy_where_cg_cannot_win() -> None:
 
 
 def test_wide_defaults_are_the_tuned_settings_and_step_with_one_read() -> None:
-    from test_host_reads import count_reads
+    from host_reads import count_reads
 
     tuned = train.TUNED["autoencoder-wide"]["cgfac-kron-adaptive"]
     wide = cgfac.optim.WIDE_DEFAULTS
