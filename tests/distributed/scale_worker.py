@@ -1,4 +1,4 @@
-"""Worker for the world-size, true-Fisher and non-finite tests (``tests/test_scale.py``).
+"""Worker for the world-size, true-Fisher and non-finite tests (``tests/distributed/test_scale.py``).
 
 Launched by ``torchrun --standalone --nproc_per_node 2``. Every check runs on gloo in float64 on
 the model and batches of ``dist_worker``; results are written by each rank to
