@@ -1,5 +1,9 @@
-"""Shared test set-up: ``tests/`` is on ``sys.path`` (``reference``, ``layer_reference``), and the
-dense reference cases of :mod:`reference` are fixtures for the tests in subfolders."""
+"""Shared test set-up. The tests sit in sub-folders mirroring the packages (``core`` for the
+preconditioners themselves, ``layers``, ``curvature``, ``solvers``, ``optim``, ``distributed`` with
+its worker scripts, ``integrations``, ``bench`` for ``cgfac_bench``, ``docs``); ``tests/`` is on
+``sys.path`` (``pythonpath`` in pyproject.toml) for the shared modules at its top level
+(``reference``, ``layer_reference``, ``preconditioners``, ``host_reads``, ``hf_models``), and the
+dense reference cases of :mod:`reference` are fixtures for the tests in sub-folders."""
 
 from __future__ import annotations
 

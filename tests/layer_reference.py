@@ -11,8 +11,8 @@ import copy
 from collections.abc import Callable
 
 import torch
+from preconditioners import DAMPING, PRECONDITIONERS
 from reference import dense_kron, unvec, vec
-from test_directions import DAMPING, PRECONDITIONERS
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 

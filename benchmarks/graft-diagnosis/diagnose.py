@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import cgfac
-from cgfac.bench.models import build_model
-from cgfac.bench.train import load_task_data
+from cgfac_bench.models import build_model
+from cgfac_bench.train import load_task_data
 
 torch.manual_seed(0)
 WIDTH, BATCH, ROWS, DAMPING, LR, STEPS = 1024, 256, 64, 1e-3, 1e-3, 30

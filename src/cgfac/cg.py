@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+__all__ = ["CGResult", "cg"]
+
 
 @dataclass
 class CGResult:

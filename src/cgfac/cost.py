@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+__all__ = ["CostConstants", "calibrate", "candidates", "choose", "exact_costs", "kron_costs", "predicted_costs"]
+
 
 @dataclass(frozen=True)
 class CostConstants:

@@ -29,6 +29,9 @@ from torch import Tensor
 
 from cgfac.layers import Rows
 
+__all__ = ["BUCKET_BYTES", "COMM_METHODS", "CollectiveError", "WorkAssignment", "choose_comm", "comm_bytes",
+           "greedy_assignment"]
+
 BUCKET_BYTES = 25 * 2**20
 
 

@@ -1,0 +1,68 @@
+"""The benchmark models: shapes, causality, and every parameter registered by CG-FAC and K-FAC."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cgfac
+from cgfac_bench.models import INPUT_SHAPES, MODELS, build_model, transformer_lm
+
+
+def _inputs(task: str, batch: int) -> torch.Tensor:
+    if task == "transformer":
+        return torch.randint(0, 256, (batch, *INPUT_SHAPES[task]), generator=torch.Generator().manual_seed(0))
+    return torch.rand(batch, *INPUT_SHAPES[task], generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("task", "out_shape"), [("transformer", (3, 128, 256)), ("cnn-norm", (3, 10))])
+def test_new_models_build_and_forward(task: str, out_shape: tuple[int, ...]) -> None:
+    assert task in MODELS and task in INPUT_SHAPES
+    torch.manual_seed(0)
+    model = build_model(task)
+    assert model(_inputs(task, 3)).shape == out_shape
+
+
+@pytest.mark.parametrize("train", [True, False])  # eval + no_grad takes MultiheadAttention's fast path
+def test_transformer_is_causal(train: bool) -> None:
+    torch.manual_seed(0)
+    model = transformer_lm(context=12, width=16, heads=2).train(train)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    changed = x.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 256
+    with torch.no_grad():
+        a, b = model(x), model(changed)
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+@pytest.mark.parametrize("task", ["transformer", "cnn-norm"])
+@pytest.mark.parametrize("cls", [cgfac.CGFAC, cgfac.KFAC])
+def test_new_models_fully_covered(task: str, cls: type) -> None:
+    torch.manual_seed(0)
+    model = build_model(task)
+    pre = cls(model)
+    assert all(e.covered for e in pre.registration_report())
+    covered = {id(p) for u in pre.layers.values() for p in u.params()}
+    assert all(id(p) in covered for p in model.parameters())
+
+
+@pytest.mark.parametrize("task", ["transformer-small", "cnn-norm"])
+@pytest.mark.parametrize("cls", [cgfac.CGFAC, cgfac.KFAC])
+def test_new_models_step_without_fallback(task: str, cls: type) -> None:
+    torch.manual_seed(0)
+    if task == "cnn-norm":
+        model = build_model(task)
+        loss = lambda: F.cross_entropy(model(_inputs(task, 4)), torch.tensor([0, 1, 2, 3]))  # noqa: E731
+    else:
+        model = transformer_lm(context=12, width=16, heads=2)
+        x = torch.randint(0, 256, (3, 13), generator=torch.Generator().manual_seed(1))
+        loss = lambda: F.cross_entropy(model(x[:, :-1]).reshape(-1, 256), x[:, 1:].reshape(-1))  # noqa: E731
+    pre = cls(model)
+    for _ in range(2):
+        model.zero_grad()
+        loss().backward()
+        pre.step()
+        assert not [n for n, st in pre.layer_stats().items() if "fallback" in st]
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())

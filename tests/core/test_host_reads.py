@@ -1,0 +1,88 @@
+"""pre.step() reads the device once per step in one process (counted, not timed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from host_reads import count_reads
+from torch import nn
+
+import cgfac
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10))
+
+
+def _backward(model: nn.Module, pre: cgfac.Preconditioner | None = None, bad: bool = False) -> None:
+    x = torch.randn(32, 40, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2))
+    out = model(x)
+    if pre is not None and pre.fisher == "true":
+        pre.sample_fisher(out, "cross_entropy")
+    F.cross_entropy(out, y).backward()
+    if bad:
+        next(model.parameters()).grad[0, 0] = float("nan")
+
+
+CASES = [
+    {},
+    {"damping_form": "factored"},
+    {"damping_scale": "relative"},
+    {"damping_scale": "rank", "damping_form": "factored"},
+    {"graft": "rmsprop", "kl_clip": None},
+    {"fisher": "true"},
+    {"kl_clip": None},
+]
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
+def test_lowrank_step_reads_the_device_once(kwargs: dict) -> None:
+    model = _model()
+    pre = cgfac.CGFAC(model, solver="lowrank", curvature_samples=8, **kwargs)
+    for step in range(3):
+        model.zero_grad()
+        _backward(model, pre)
+        with count_reads() as seen:
+            pre.step()
+        assert len(seen) == 1, (step, seen)
+        assert all(isinstance(v, float) for st in pre.layer_stats().values()
+                   for k, v in st.items() if k in ("damping", "curvature_bound"))
+    assert pre.fallbacks == 0
+
+
+def test_a_skipped_step_also_reads_once_and_keeps_no_rows() -> None:
+    model = _model()
+    pre = cgfac.CGFAC(model, solver="lowrank", curvature_window=2)
+    model.zero_grad()
+    _backward(model, pre)
+    pre.step()
+    before = {name: len(pre.windows[name]) for name in pre.layers}
+    model.zero_grad()
+    _backward(model, pre, bad=True)
+    with count_reads() as seen, pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        pre.step()
+    assert len(seen) == 1
+    assert {name: len(pre.windows[name]) for name in pre.layers} == before
+    assert pre.skipped_steps == 1
+    assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters())
+
+
+def test_non_finite_rows_are_dropped_after_the_read_and_the_older_batch_restored() -> None:
+    model = _model()
+    pre = cgfac.CGFAC(model, solver="lowrank", curvature_window=1)
+    model.zero_grad()
+    _backward(model, pre)
+    pre.step()
+    kept = pre.windows["0"].batches[0]
+    model.zero_grad()
+    _backward(model, pre)
+    pre.layers["0"].chunks[0].a[0, 0] = float("inf")  # this step's input rows of layer 0
+    grad = pre.layers["0"].grad_matrix().clone()
+    with pytest.warns(RuntimeWarning, match="non-finite curvature rows"):
+        pre.step()
+    assert pre.windows["0"].batches[0] is kept
+    torch.testing.assert_close(pre.layers["0"].grad_matrix(), grad)  # the plain gradient
+    assert pre.layer_stats()["0"]["fallback"].startswith("non-finite curvature rows")
