@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import cgfac, torch, tqdm, matplotlib, sklearn, pytest, hypothesis, scipy, mnist, pytorch_optimizer, mypy, transformers, accelerate, lightning" 2>/dev/null; then
+if ! .venv/bin/python -c "import cgfac, torch, tqdm, matplotlib, sklearn, pytest, hypothesis, scipy, mnist, pytorch_optimizer, mypy, importlinter, transformers, accelerate, lightning" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0
   # transformers and lightning (the hf and lightning extras) must keep this torch: pip is held to it.

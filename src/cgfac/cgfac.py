@@ -9,7 +9,7 @@ Per covered layer and step, with rows ``a``, ``g`` from back-propagation (``cgfa
 solution), ``"lowrank"`` (exact: kron through a QR of the rows and ``r × r`` eigendecompositions
 per factor, exact through the ``n × n`` Gram matrix of per-sample gradients and Woodbury),
 ``"eigen"`` (kron only: explicit factors, eigendecomposed every step), ``"auto"`` (the
-cheapest by :mod:`cgfac.cost`) or any solver registered with :func:`cgfac.solvers.register_solver`
+cheapest by :mod:`cgfac.solvers.cost`) or any solver registered with :func:`cgfac.solvers.register_solver`
 (one object per method, :mod:`cgfac.solvers`). Curvature rows can be bounded to the first
 ``curvature_samples`` samples of each batch and extended to a window of the last
 ``curvature_window`` batches with K-FAC's running-average weights ``(1 − ρ) ρ^j``
@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cgfac import cost
 from cgfac.base import Preconditioner
 from cgfac.curvature import DirectCurvature, KronRows, RowWindow, eigh
 from cgfac.distributed import COMM_METHODS, choose_comm, comm_bytes
@@ -48,6 +47,7 @@ from cgfac.solvers import (
     Solver,
     SolverSettings,
     SolverState,
+    cost,
     make_solver,
     solver_class,
     solver_names,

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cgfac.layers import Rows
+from cgfac.rows import Rows
 
 BUCKET_BYTES = 25 * 2**20
 
