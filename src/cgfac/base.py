@@ -191,7 +191,8 @@ class Preconditioner:
 
         In one process (no sharded gradients) the step reads the device once: every decision
         that needs a value (finite gradients, rows and directions; the KL clip's products) and
-        every statistic is gathered into one transfer after the solves (:meth:`_read_back`),
+        every statistic is gathered into one transfer after the solves
+        (:meth:`cgfac.strategies.SingleProcess.read_back`),
         and the writes follow it. CG's iterations read their residuals (a direct solver's
         don't); with ``graft`` and ``kl_clip`` both set the grafted products take a second read.
         Across processes the decisions are agreed by collectives as they arise."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -94,8 +94,9 @@ class LayerHelper:
         self.name = name
         self.module = module
         self.has_bias = has_bias
-        self.weight = module.weight if weight is None else weight
-        self.bias = (module.bias if bias is None else bias) if has_bias else None
+        # ``module.weight`` is typed ``Tensor | Module`` (nn.Module.__getattr__): a helper's are tensors.
+        self.weight: Tensor = cast(Tensor, module.weight) if weight is None else weight
+        self.bias: Tensor | None = (cast(Tensor, module.bias) if bias is None else bias) if has_bias else None
         self.out_slice = out_slice
         self.bias_slice = out_slice if bias_slice is None else bias_slice
         self.chunks: list[Chunk] = []
