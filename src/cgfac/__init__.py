@@ -1,13 +1,37 @@
 """cgfac: CG-FAC (matrix-free K-FAC by conjugate gradients) and standard K-FAC for PyTorch.
 
-* :class:`cgfac.CGFAC`, :class:`cgfac.KFAC`: preconditioners for any ``torch.optim`` optimizer
-  (``loss.backward(); pre.step(); opt.step()``).
-* :class:`cgfac.optim.CGFAC`, :class:`cgfac.optim.KFAC`: optimizers that own the update
-  (quadratic-model step and momentum, Levenberg–Marquardt damping; ``opt.step(closure)``).
-* :mod:`cgfac.solvers` (``Solver``, ``register_solver``, CG / low-rank / eigen / auto),
-  :mod:`cgfac.curvature` (the ``Curvature`` protocol, Kronecker rows and factors, exact rows),
-  :class:`cgfac.LayerState` (one block's helper, curvature, solver state and statistics):
-  the pieces a preconditioner strings together, re-exported here.
+Use a preconditioner between the backward and the optimizer (``loss.backward(); pre.step();
+opt.step()``), or an optimizer of :mod:`cgfac.optim` that owns the update (``opt.step(closure)``).
+
+Public names (``__all__``), one line each:
+
+=========================  ==========================================================================
+``CGFAC``                  preconditioner: K-FAC's (or the exact Fisher block's) system solved matrix-free
+``KFAC``                   preconditioner: standard K-FAC, running factors eigendecomposed every few steps
+``Preconditioner``         the base of both: hooks, the step's data flow, reports, checkpoints
+``ReportEntry``            one trainable module in ``pre.registration_report()``: covered or not, and why
+``LayerHelper``            one curvature block of a module (rows, gradient matrix); subclass for new types
+``LayerGroup``             a module made of several blocks (grouped convolutions, attention)
+``register_layer_helper``  register the helper factory of a module type, globally
+``LayerState``             one block's state: helper, curvature, solver state, statistics
+``Curvature``              the protocol of a block's damped curvature (products, diagonal, rows)
+``DirectCurvature``        a block solved in closed form (embeddings, normalisation layers)
+``KronRows``               K-FAC's Kronecker curvature kept as rows (CG-FAC's ``curvature="kron"``)
+``KronFactors``            K-FAC's Kronecker curvature as explicit factors ``A``, ``G``
+``ExactRows``              the exact empirical-Fisher block of a layer (``curvature="exact"``)
+``Solver``                 the interface of a solve method (``supports``, ``cost``, ``solve``)
+``register_solver``        register a solver class under its name (``solver=`` of CG-FAC)
+``optim``                  module: optimizers owning the update (quadratic-model step, adaptive damping)
+``checkpoint``             module: ``full_state_dict`` of every rank, ``save_atomic``
+``curvature``              module: the curvature implementations (``RowWindow``, ``RunningFactors``, ...)
+``solvers``                module: CG, low-rank, eigen and automatic solvers, and their registry
+=========================  ==========================================================================
+
+Layout (see also the README's "How the code is organised"): :mod:`cgfac.base` (the step),
+:mod:`cgfac.registration`, :mod:`cgfac.capture`, :mod:`cgfac.strategies` (distribution),
+:mod:`cgfac.transforms` (graft, KL clip, vanishing-step check), :mod:`cgfac.persist`
+(checkpoint plumbing), :mod:`cgfac.layers`, :mod:`cgfac.curvature`, :mod:`cgfac.solvers`,
+:mod:`cgfac.distributed` and :mod:`cgfac.sharded` (collectives, FSDP2's owner exchange).
 """
 
 from cgfac import checkpoint, curvature, optim, solvers

@@ -9,7 +9,7 @@ Per covered layer and step, with rows ``a``, ``g`` from back-propagation (``cgfa
 solution), ``"lowrank"`` (exact: kron through a QR of the rows and ``r × r`` eigendecompositions
 per factor, exact through the ``n × n`` Gram matrix of per-sample gradients and Woodbury),
 ``"eigen"`` (kron only: explicit factors, eigendecomposed every step), ``"auto"`` (the
-cheapest by :mod:`cgfac.cost`) or any solver registered with :func:`cgfac.solvers.register_solver`
+cheapest by :mod:`cgfac.solvers.cost`) or any solver registered with :func:`cgfac.solvers.register_solver`
 (one object per method, :mod:`cgfac.solvers`). Curvature rows can be bounded to the first
 ``curvature_samples`` samples of each batch and extended to a window of the last
 ``curvature_window`` batches with K-FAC's running-average weights ``(1 − ρ) ρ^j``
@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cgfac import cost
 from cgfac.base import Preconditioner
 from cgfac.curvature import DirectCurvature, KronRows, RowWindow, eigh
 from cgfac.distributed import COMM_METHODS, choose_comm, comm_bytes
@@ -48,6 +47,7 @@ from cgfac.solvers import (
     Solver,
     SolverSettings,
     SolverState,
+    cost,
     make_solver,
     solver_class,
     solver_names,
@@ -200,8 +200,8 @@ class CGFAC(Preconditioner):
         for name, r in rows.items():
             if not self.dist.owns(name) or r is None:
                 continue
-            if self._pending is not None:  # the one-read step: checked after the fact (_collect_undo)
-                self._pending[(name, "rows")] = (r.a.sum() + r.g.sum()).isfinite()
+            if self.route.pending is not None:  # the one-read step: checked after the fact (_collect_undo)
+                self.route.pending[(name, "rows")] = (r.a.sum() + r.g.sum()).isfinite()
                 window = self._window(name)
                 self._appended[name] = window.batches[0] if len(window) == window.size else None
                 window.append(r)
@@ -212,7 +212,7 @@ class CGFAC(Preconditioner):
             self._window(name).append(r)
         for name in active:
             if self.dist.owns(name) and not self._window(name) and "fallback" not in self.stats[name]:
-                self.stats[name]["fallback"] = self._no_rows_reason()
+                self.stats[name]["fallback"] = self.capture.no_rows_reason()
 
     _reads_once = True
     _appended: dict[str, Rows | None]
@@ -307,7 +307,7 @@ class CGFAC(Preconditioner):
             self._check_graft_rows(name, operator)
         if isinstance(operator, KronRows):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
             bound = operator.trace_tensor()
-            st["curvature_bound"] = bound if self._pending is not None else float(bound)
+            st["curvature_bound"] = bound if self.route.pending is not None else float(bound)
         if form == "factored":
             st["damping_form"] = "factored"
         sol = self.solver_object.solve(operator, grad, damping, self._state(name).solver, step=self.steps, form=form)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cgfac.layers import Rows
+from cgfac.rows import Rows
 
 __all__ = ["BUCKET_BYTES", "COMM_METHODS", "CollectiveError", "WorkAssignment", "choose_comm", "comm_bytes",
            "greedy_assignment"]

@@ -139,7 +139,7 @@ class KFAC(Preconditioner):
     def _holds_decomposition(self, name: str) -> bool:
         """Whether this rank keeps the layer's decomposition: its owner; under comm-opt every rank,
         except for layers under the owner scheme of sharded gradients (only the owner solves)."""
-        return (self.strategy == "comm-opt" and name not in self._owner_routed) or self.dist.owns(name)
+        return (self.strategy == "comm-opt" and name not in self.route.owner_routed) or self.dist.owns(name)
 
     def _collect(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
         if self.dist.active and not self.dist.owners:
@@ -151,7 +151,7 @@ class KFAC(Preconditioner):
             self._update_factors(active)  # takes (and so clears) every active layer's rows
         for name in active:
             if not self._running(name):
-                self.stats[name].setdefault("fallback", self._no_rows_reason())
+                self.stats[name].setdefault("fallback", self.capture.no_rows_reason())
         self._refresh_decompositions([n for n in active if self._running(name=n)])
 
     def _batch_factors(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> dict[str, tuple[Tensor, ...]]:
@@ -195,7 +195,7 @@ class KFAC(Preconditioner):
                 fresh[name] = None
                 self.stats[name]["decomposition_error"] = str(err)
         if self.dist.active and self.strategy == "comm-opt":  # not the owner scheme's: only their owner holds them
-            self._broadcast_decompositions([n for n in due if n not in self._owner_routed], fresh)
+            self._broadcast_decompositions([n for n in due if n not in self.route.owner_routed], fresh)
         for name in due:
             e, solver = fresh.get(name), self.states[name].solver
             if e is not None:

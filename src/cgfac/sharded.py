@@ -29,58 +29,33 @@ Plain tensors pass through :func:`full`, :func:`local` and :func:`write_shard` u
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
-try:  # torch.distributed may be built without DTensor
-    from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
-    Shard = None  # type: ignore[assignment,misc]
-    compute_local_shape_and_global_offset = None  # type: ignore[assignment]
+from cgfac.dtensor import DTensor, Shard, compute_local_shape_and_global_offset, full, is_sharded, local, write_shard
+
+__all__ = ["DTensor", "OwnerExchange", "chunk_rows", "full", "is_sharded", "local", "row_layout", "write_shard"]
 
 if TYPE_CHECKING:
     from cgfac.distributed import WorkAssignment
-    from cgfac.layers import LayerHelper
 
 
-def is_sharded(t: Tensor | None) -> bool:
-    """Whether ``t`` is a ``DTensor`` (a sharded or replicated distributed tensor)."""
-    return DTensor is not None and isinstance(t, DTensor)
+class ExchangeUnit(Protocol):
+    """What the owner scheme needs of a block (a :class:`cgfac.layers.LayerHelper` is one): the
+    parameters its gradient matrix is made of, and the conversions between their rows and the matrix."""
 
+    @property
+    def device(self) -> torch.device: ...
 
-def full(t: Tensor) -> Tensor:
-    """The whole tensor: ``t`` itself, or a ``DTensor``'s ``full_tensor()`` (an all-gather)."""
-    return cast(Any, t).full_tensor() if is_sharded(t) else t
+    def grad_parts(self) -> list[tuple[Tensor, slice | None]]: ...
 
+    def matrix_from_parts(self, parts: Sequence[Tensor]) -> Tensor: ...
 
-def local(t: Tensor) -> Tensor:
-    """This rank's part: ``t`` itself, or a ``DTensor``'s local shard (no communication)."""
-    return cast(Any, t).to_local() if is_sharded(t) else t
-
-
-def write_shard(dst: Tensor, value: Tensor, row_start: int = 0) -> None:
-    """Copy ``value``, the rows ``row_start : row_start + len(value)`` (dim 0) of the whole
-    tensor, into ``dst``: into those rows of a plain tensor, or into the part of them in this
-    rank's shard of a ``DTensor`` (offsets by ``dst``'s placements; no communication)."""
-    if not is_sharded(dst):
-        dst[row_start: row_start + value.shape[0]].copy_(value.reshape(value.shape[0], *dst.shape[1:]))
-        return
-    value = value.reshape(value.shape[0], *dst.shape[1:])
-    d: Any = dst
-    shape, offset = compute_local_shape_and_global_offset(d.shape, d.device_mesh, d.placements)
-    lo, hi = max(offset[0], row_start), min(offset[0] + shape[0], row_start + value.shape[0])
-    if lo >= hi or 0 in shape:
-        return
-    rest = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:]))
-    full_rest = tuple(slice(None) for _ in rest)
-    into = (slice(lo - offset[0], hi - offset[0]), *full_rest)
-    part = (slice(lo - row_start, hi - row_start), *rest)
-    d.to_local()[into].copy_(value[part])
+    def parts_of_matrix(self, x: Tensor) -> list[Tensor]: ...
 
 
 def chunk_rows(rows: int, world: int) -> list[tuple[int, int]]:
@@ -155,7 +130,7 @@ class OwnerExchange:
         dtypes: each unit's compute dtype (directions travel in it).
     """
 
-    def __init__(self, dist: WorkAssignment, units: list[tuple[str, LayerHelper, int, list[list[tuple[int, int]]]]],
+    def __init__(self, dist: WorkAssignment, units: list[tuple[str, ExchangeUnit, int, list[list[tuple[int, int]]]]],
                  dtypes: dict[str, torch.dtype]) -> None:
         self.dist = dist
         self.rank, self.world = dist.rank, dist.world

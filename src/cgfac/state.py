@@ -4,7 +4,9 @@ A :class:`LayerState` holds the block's helper (how its module becomes rows and 
 matrix), its curvature state (CG-FAC: a :class:`~cgfac.curvature.RowWindow` of recent rows; K-FAC:
 :class:`~cgfac.curvature.RunningFactors`), its :class:`~cgfac.solvers.SolverState` (warm start,
 CG counts, probes, a kept decomposition) and the statistics of its last step. A preconditioner
-holds ``dict[name, LayerState]`` and checkpoints through :meth:`LayerState.state_dict`.
+holds ``dict[name, LayerState]`` and checkpoints through :meth:`LayerState.state_dict` (with the
+direction stages' per-layer state merged in, :mod:`cgfac.persist`; the graft's second moment is
+:class:`cgfac.transforms.Graft`'s).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 import torch
 
 from cgfac.curvature import RowWindow, RunningFactors
-from cgfac.graft import RMSPropGraft
 from cgfac.layers import LayerHelper
 from cgfac.solvers import SolverState
 
@@ -29,7 +30,6 @@ class LayerState:
     curvature: RowWindow | RunningFactors | None = None
     solver: SolverState = field(default_factory=SolverState)
     stats: dict[str, Any] | None = None
-    graft: RMSPropGraft | None = None  # graft="rmsprop": the gradient's second moment
 
     def state_dict(self) -> dict[str, Any]:
         """``shape`` (``(d_out, d_in)``, checked on load), the curvature's state (``window``, or
@@ -43,8 +43,6 @@ class LayerState:
         elif isinstance(self.curvature, RunningFactors):
             state.update(self.curvature.state_dict())
         state.update(self.solver.state_dict())
-        if self.graft is not None:
-            state.update(self.graft.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -56,7 +54,6 @@ class LayerState:
             self.curvature.load_state_dict(state, device)
         rebuild = self.helper.kfac_decomposition if self.helper is not None else None
         self.solver.load_state_dict(state, device, rebuild)
-        self.graft = RMSPropGraft.from_state(state, device) if "graft_v" in state else None
 
 
 class StateView(MutableMapping[str, Any]):

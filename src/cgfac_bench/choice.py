@@ -49,11 +49,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cgfac import CGFAC
-from cgfac.cost import CostConstants, calibrate, predicted_costs
 from cgfac.curvature import ExactRows, KronRows
 from cgfac.layers import Rows
 from cgfac.solvers import CG_PROBE_STEPS, DEFAULT_CG_PRODUCTS, AutoSolver, CGSolver, SolverState
 from cgfac.solvers import candidates as solver_candidates
+from cgfac.solvers.cost import CostConstants, calibrate, predicted_costs
 from cgfac_bench.layer import Timing, measure
 from cgfac_bench.machine import default_device, machine_info
 from cgfac_bench.models import INPUT_SHAPES, build_model, example_input

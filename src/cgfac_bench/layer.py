@@ -54,11 +54,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from cgfac.cg import CGResult
-from cgfac.cost import calibrate
 from cgfac.curvature import KronFactors, KronRows, RunningFactors
 from cgfac.layers import Rows
 from cgfac.solvers import AutoSolver, CGSolver, EigenSolver, LowRankSolver, SolverState
+from cgfac.solvers.cost import calibrate
+from cgfac.solvers.pcg import CGResult
 from cgfac_bench.machine import default_device, machine_info
 
 METHODS = ("cgfac-cg-cold", "cgfac-cg-warm", "cgfac-lowrank", "cgfac-auto", "kfac-fresh",

@@ -8,7 +8,7 @@ Protocol, for every (optimizer, learning rate) pair of the grid:
   the same batches in the same order.
 * The clock counts training steps only (batch indexing, forward, backward, preconditioner,
   optimizer step, and a device sync); it stops once the run has spent ``--budget`` seconds.
-  CG-FAC's one-off cost-model calibration (``cgfac.cost.calibrate``, cached per process) runs
+  CG-FAC's one-off cost-model calibration (``cgfac.solvers.cost.calibrate``, cached per process) runs
   before the clock starts; its time is recorded as ``calibration_seconds``.
 * Every ``--eval-every`` seconds of that clock (default budget/12), and at the start and end,
   the training loss is evaluated on a fixed subset of 10,000 training samples (the same for every
@@ -104,7 +104,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import cgfac
-from cgfac.cost import calibrate
+from cgfac.solvers.cost import calibrate
 from cgfac_bench.data import load_digits_data, load_mnist, load_stdlib_text
 from cgfac_bench.machine import default_device, machine_info
 from cgfac_bench.models import build_model

@@ -270,7 +270,7 @@ def test_true_fisher_rows_of_every_layer_equal_a_full_backward_of_the_sampled_lo
     x = torch.randn(16, 4, dtype=torch.float64)
     out = model(x)
     pre.sample_fisher(out, "cross_entropy")
-    assert not pre._sample_targets  # nothing of the sampled forward is kept
+    assert not pre.capture.sample_targets  # nothing of the sampled forward is kept
     assert all(p.grad is None for p in model.parameters())
     rows = {name: pre._rows(pre.layers[name]) for name in ("0", "2", "4")}
     sampled = (torch.softmax(out.detach(), -1) - rows["4"].g).round().argmax(1)

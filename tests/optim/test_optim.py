@@ -497,7 +497,7 @@ def test_optimizers_train(make):
     assert opt.skipped_steps == 0 and opt.preconditioner.fallbacks == 0
     assert seen["gram"].shape == (2, 2)
     if opt.preconditioner.fisher == "true":
-        assert opt.preconditioner._generators  # targets were sampled in the root forward hook
+        assert opt.preconditioner.capture.generators  # targets were sampled in the root forward hook
 
 
 def test_true_fisher_factors_from_sampled_targets():

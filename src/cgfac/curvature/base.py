@@ -26,7 +26,7 @@ from torch import Tensor
 class Curvature(Protocol):
     """A layer's curvature ``C`` as products; what CG, low-rank and eigen solvers accept.
 
-    ``kind`` names the cost table of :mod:`cgfac.cost` (``"kron"``, ``"exact"``; others have none
+    ``kind`` names the cost table of :mod:`cgfac.solvers.cost` (``"kron"``, ``"exact"``; others have none
     and are solved only by a forced solver). ``num_rows``/``num_samples``: the rows ``r`` and
     samples ``n`` it was built from (for cost models).
     """

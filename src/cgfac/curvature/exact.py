@@ -22,7 +22,7 @@ from torch import Tensor
 from cgfac.curvature.base import RowBlock
 
 if TYPE_CHECKING:
-    from cgfac.layers import Rows
+    from cgfac.rows import Rows
 
 
 @dataclass

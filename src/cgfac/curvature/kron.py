@@ -31,7 +31,7 @@ from torch.profiler import record_function
 from cgfac.curvature.base import RowBlock
 
 if TYPE_CHECKING:
-    from cgfac.layers import Rows
+    from cgfac.rows import Rows
 
 DAMPING_FORMS = ("exact", "factored")
 _CHECKED = contextvars.ContextVar("cgfac_checked_eigh", default=True)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from cgfac.layers import Rows
+from cgfac.rows import Rows
 
 
 def window_weights(count: int, rho: float) -> list[float]:
@@ -61,7 +60,7 @@ class RowWindow:
 
     def load_state_dict(self, state: list[Any], device: torch.device) -> None:
         """Restore the newest ``size`` batches of a :meth:`state_dict` (copied onto ``device``)."""
-        from cgfac.layers import Rows
+        from cgfac.rows import Rows
 
         self.batches.clear()
         for a, g, n in state[-self.size:]:

@@ -24,29 +24,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
-from cgfac import sharded
+from cgfac import dtensor
 from cgfac.curvature.exact import ExactRows
 from cgfac.curvature.kron import KronEigen, KronRows
-
-
-@dataclass
-class Rows:
-    """Curvature rows of one layer: ``a`` (``r × d_in``), ``g`` (``r × d_out``), ``n`` samples."""
-
-    a: Tensor
-    g: Tensor
-    n: int
-
-    @property
-    def rows_per_sample(self) -> int:
-        return self.a.shape[0] // self.n
+from cgfac.rows import Rows
 
 
 @dataclass(eq=False)
@@ -106,8 +94,9 @@ class LayerHelper:
         self.name = name
         self.module = module
         self.has_bias = has_bias
-        self.weight = module.weight if weight is None else weight
-        self.bias = (module.bias if bias is None else bias) if has_bias else None
+        # ``module.weight`` is typed ``Tensor | Module`` (nn.Module.__getattr__): a helper's are tensors.
+        self.weight: Tensor = cast(Tensor, module.weight) if weight is None else weight
+        self.bias: Tensor | None = (cast(Tensor, module.bias) if bias is None else bias) if has_bias else None
         self.out_slice = out_slice
         self.bias_slice = out_slice if bias_slice is None else bias_slice
         self.chunks: list[Chunk] = []
@@ -173,17 +162,17 @@ class LayerHelper:
 
     def grad_matrix(self) -> Tensor | None:
         """``∇W`` as a ``d_out × d_in`` matrix (bias last column), or None when a grad is missing.
-        A sharded (``DTensor``) gradient is all-gathered (:func:`cgfac.sharded.full`)."""
+        A sharded (``DTensor``) gradient is all-gathered (:func:`cgfac.dtensor.full`)."""
         parts = self.grad_parts()
         if any(p.grad is None for p, _ in parts):
             return None
-        return self.matrix_from_parts([_rows(sharded.full(p.grad), sl) for p, sl in parts])
+        return self.matrix_from_parts([_rows(dtensor.full(p.grad), sl) for p, sl in parts])
 
     def set_grad(self, x: Tensor) -> None:
         """Write a ``d_out × d_in`` matrix back into the parameters' ``.grad`` (this rank's shard
-        of it for FSDP2's sharded gradients, :func:`cgfac.sharded.write_shard`)."""
+        of it for FSDP2's sharded gradients, :func:`cgfac.dtensor.write_shard`)."""
         for (p, sl), value in zip(self.grad_parts(), self.parts_of_matrix(x)):
-            sharded.write_shard(p.grad, value, 0 if sl is None else sl.indices(p.shape[0])[0])
+            dtensor.write_shard(p.grad, value, 0 if sl is None else sl.indices(p.shape[0])[0])
 
     # --- rows ---------------------------------------------------------------------------------
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:

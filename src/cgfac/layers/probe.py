@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cgfac import sharded
+from cgfac import dtensor
 from cgfac.layers.base import LayerHelper
 from cgfac.layers.embedding import MAX_INDEX, EmbeddingHelper
 from cgfac.layers.linear import Conv1DHelper, LinearHelper
@@ -54,7 +54,7 @@ def probe_helper(name: str, module: nn.Module) -> LayerHelper | str:
     weight, bias = own["weight"], own.get("bias")
     if not weight.requires_grad:
         return f"{kind} is not a covered layer type (not probed: weight is frozen)"
-    if sharded.is_sharded(weight) or weight.is_meta or not weight.is_floating_point():
+    if dtensor.is_sharded(weight) or weight.is_meta or not weight.is_floating_point():
         return (f"{kind} is not a covered layer type (not probed: sharded, meta or non-float weight; register it "
                 "with cgfac.register_layer_helper)")
     if weight.numel() > _MAX_PROBE:

@@ -1,6 +1,6 @@
 """The automatic choice as a solver of its own: the cheapest candidate by the cost model.
 
-Per layer and step, the candidates' costs (:func:`cgfac.cost.predicted_costs`, from each
+Per layer and step, the candidates' costs (:func:`cgfac.solvers.cost.predicted_costs`, from each
 solver's formula and the constants measured once on the device) pick the method. CG's cost
 depends on its product count ``k``, known only by running it: the layer's last measured count is
 used (``DEFAULT_CG_PRODUCTS`` before any). When another method is predicted cheaper but CG would
@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from cgfac import cost
+from cgfac.solvers import cost
 from cgfac.solvers.base import Solution, Solver, SolverSettings, SolverState
 from cgfac.solvers.cg import CGSolver, keep_warm_start
 from cgfac.solvers.registry import solver_class
@@ -38,7 +38,7 @@ class AutoSolver(Solver):
     Args:
         cg: the CG solver (its settings: the probes' cap, tolerance, warm start).
         others: the other candidates by name (default: every registered ``auto_candidate``).
-        constants: the cost model's constants (default: measured on first use, :func:`cgfac.cost.calibrate`).
+        constants: the cost model's constants (default: measured on first use, :func:`cgfac.solvers.cost.calibrate`).
     """
 
     name: ClassVar[str] = "auto"

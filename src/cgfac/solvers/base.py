@@ -2,7 +2,7 @@
 
 A solver is one object per method. It says which curvatures it can solve (:meth:`Solver.supports`),
 what a solve would cost (:meth:`Solver.cost`, in multiply-adds of a large square matrix product,
-the unit of :mod:`cgfac.cost`) and solves (:meth:`Solver.solve`), reading and updating the
+the unit of :mod:`cgfac.solvers.cost`) and solves (:meth:`Solver.solve`), reading and updating the
 layer's :class:`SolverState` (warm start, measured iteration counts, probes) so that a solver
 object itself is shared by every layer and holds only settings.
 """
@@ -11,16 +11,30 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from cgfac.cost import CostConstants
     from cgfac.curvature import Curvature
     from cgfac.hyperparams import HyperParam
+
+
+@dataclass(frozen=True)
+class CostConstants:
+    """Measured conversion factors into square-matmul multiply-adds (see the module docstring)."""
+
+    c_eig: float
+    c_solve: float
+    c_qr: float
+    thin: float
+    o_iter: float
+    o_call: float
+
+    def as_tuple(self) -> tuple[float, ...]:
+        return astuple(self)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Jacobi-preconditioned by the curvature's diagonal (``jacobi``), warm-started from the layer's last
 solution (:class:`~cgfac.solvers.base.SolverState`), stopped at relative residual ``tol`` or
-``max_iters`` iterations (:func:`cgfac.cg.cg`). Cost of ``k`` products (``p = d_in·d_out``)::
+``max_iters`` iterations (:func:`cgfac.solvers.pcg.cg`). Cost of ``k`` products (``p = d_in·d_out``)::
 
     kron    k · (thin · min((r_g + r_a) p + r_g r_a (d_in + d_out), 2 (r_g + r_a) p) + 4p + o_iter)
     exact   k · (thin · 2 r p + 4p + o_iter)     (jvp ``(gV)⊙a``: r p, vjp ``gᵀ diag(c) a``: r p)
@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from cgfac.cg import CGResult, cg
 from cgfac.hyperparams import HyperParam
 from cgfac.solvers.base import Solution, Solver, SolverSettings, SolverState, form_kwargs
+from cgfac.solvers.pcg import CGResult, cg
 
 if TYPE_CHECKING:
-    from cgfac.cost import CostConstants
+    from cgfac.solvers.base import CostConstants
 
 
 class CGSolver(Solver):

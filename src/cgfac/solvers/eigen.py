@@ -19,7 +19,7 @@ from cgfac.curvature.kron import KronEigen
 from cgfac.solvers.base import DirectSolver
 
 if TYPE_CHECKING:
-    from cgfac.cost import CostConstants
+    from cgfac.solvers.base import CostConstants
 
 
 class EigenSolver(DirectSolver):

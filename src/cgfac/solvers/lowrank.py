@@ -20,7 +20,7 @@ from torch import Tensor
 from cgfac.solvers.base import DirectSolver, form_kwargs
 
 if TYPE_CHECKING:
-    from cgfac.cost import CostConstants
+    from cgfac.solvers.base import CostConstants
 
 
 def factor_cost(rows: int, width: int, c: CostConstants) -> float:

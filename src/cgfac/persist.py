@@ -1,0 +1,93 @@
+"""Checkpointing plumbing of a preconditioner: :func:`state_dict` and :func:`load_state_dict`.
+
+The format (unchanged since the first checkpoints): ``type``, ``world_size``, ``rank``, ``full``,
+``steps``, ``fallbacks``, ``skipped_steps``, ``hyperparameters`` (every non-callable
+:class:`cgfac.hyperparams.HyperParam` attribute by name), ``generator`` and ``generators`` (the
+true Fisher's random streams), and ``layers``: per block its :class:`cgfac.state.LayerState`
+entry with the direction stages' per-layer state merged in (the graft's ``graft_v``,
+``graft_steps``). Subclasses add their own keys (CG-FAC: ``cost_constants``).
+:func:`cgfac.checkpoint.full_state_dict` assembles the states of every rank.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cgfac.hyperparams import HyperParam
+
+if TYPE_CHECKING:
+    from cgfac.base import Preconditioner
+
+__all__ = ["load_state_dict", "state_dict"]
+
+
+def state_dict(pre: Preconditioner) -> dict[str, Any]:
+    """See :meth:`cgfac.base.Preconditioner.state_dict`."""
+    graft = pre.grafting.state_dict()
+    return {
+        "type": type(pre).__name__,
+        "world_size": pre.dist.world,
+        "rank": pre.dist.rank,
+        "full": not pre.dist.active,
+        "steps": pre.steps,
+        "fallbacks": pre.fallbacks,
+        "skipped_steps": pre.skipped_steps,
+        "hyperparameters": {k: v.value for k, v in vars(pre).items() if isinstance(v, HyperParam)
+                            and not callable(v.value)},
+        "generator": pre.capture.generator.get_state(),
+        "generators": {d: g.get_state() for d, g in pre.capture.generators.items()},
+        "layers": {name: {**pre.states[name].state_dict(), **graft.get(name, {})} for name in pre.layers},
+    }
+
+
+def check_loadable(pre: Preconditioner, state: Any) -> None:
+    """Raise ``ValueError`` unless ``state`` is a state of this preconditioner's class and model
+    that loads on this rank and number of processes."""
+    if not isinstance(state, dict) or "layers" not in state:
+        raise ValueError("state_dict: not a cgfac preconditioner state")
+    if state.get("type") != type(pre).__name__:
+        raise ValueError(f"state_dict: saved from {state.get('type')}, loading into {type(pre).__name__}")
+    saved_world, dist = state.get("world_size", 1), pre.dist
+    if not state.get("full", True) and (saved_world != dist.world or state.get("rank") != dist.rank):
+        raise ValueError(
+            f"state_dict: rank {state.get('rank')}'s own state of {saved_world} processes cannot be loaded on rank "
+            f"{dist.rank} of {dist.world} (its layers' curvature lives on their owners); save "
+            "cgfac.checkpoint.full_state_dict(pre) instead, which loads on any number of processes")
+    mine = {name: (h.d_out, h.d_in) for name, h in pre.layers.items()}
+    theirs = {name: tuple(layer["shape"]) for name, layer in state["layers"].items()}
+    if mine != theirs:
+        diff = sorted(f"{n}: saved {theirs.get(n)}, model {mine.get(n)}"
+                      for n in set(mine) | set(theirs) if mine.get(n) != theirs.get(n))
+        raise ValueError("state_dict: saved for a different model: " + "; ".join(diff))
+
+
+def load_state_dict(pre: Preconditioner, state: dict[str, Any]) -> None:
+    """See :meth:`cgfac.base.Preconditioner.load_state_dict`."""
+    check_loadable(pre, state)
+    for key, value in state["hyperparameters"].items():
+        param = getattr(pre, key)
+        if not callable(param.value):
+            param.value = value
+            param(pre.steps)  # re-checks bounds
+    pre.steps = state["steps"]
+    pre.fallbacks = state["fallbacks"]
+    pre.skipped_steps = state["skipped_steps"]
+    capture = pre.capture
+    capture.generator.set_state(state["generator"])
+    capture.generators = {}
+    generators = state["generators"]
+    per_rank = state.get("rank_generators")
+    if per_rank is not None:
+        generators = per_rank[pre.dist.rank] if len(per_rank) == pre.dist.world else {}
+    elif state.get("world_size", 1) != pre.dist.world:
+        generators = {}
+    for device, gen_state in generators.items():
+        gen = torch.Generator(device=device)
+        gen.set_state(gen_state)
+        capture.generators[device] = gen
+    layers = {name: state["layers"][name] for name in pre.layers}
+    for name, entry in layers.items():
+        pre.states[name].load_state_dict(entry)
+    pre.grafting.load_state_dict(layers, {name: helper.device for name, helper in pre.layers.items()})
