@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import cgfac
+from cgfac.curvature import RunningFactors
 from cgfac.solvers import CGSolver
 from cgfac_bench.machine import default_device, machine_info
 from cgfac_bench.models import build_model
@@ -63,7 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cold_solve(pre: cgfac.CGFAC, name: str, grad: torch.Tensor) -> tuple[int, float, bool]:
     """Iterations, relative residual and convergence of a zero-started CG on a layer's last system."""
-    rows = list(pre.states[name].curvature or [])
+    curvature = pre.states[name].curvature
+    if isinstance(curvature, RunningFactors):
+        raise ValueError("cold_solve expects CG-FAC's window of rows, not running factors")
+    rows = list(curvature or [])
     if len(rows) != 1:
         raise ValueError("cold_solve expects curvature_window=1 (this batch's rows only)")
     operator = pre.layers[name].operator("kron", rows, [1.0])
@@ -73,6 +77,17 @@ def cold_solve(pre: cgfac.CGFAC, name: str, grad: torch.Tensor) -> tuple[int, fl
         raise ValueError("cold_solve expects CGFAC(solver='cg')")
     res = solver.run(operator, grad, damping, None, step=pre.steps - 1)
     return res.iters, res.rel_residual, res.converged
+
+
+def grad_matrices(pre: cgfac.CGFAC) -> dict[str, torch.Tensor]:
+    """Every layer's ``∇W`` after the backward pass (float32 copies)."""
+    grads = {}
+    for name, helper in pre.layers.items():
+        grad = helper.grad_matrix()
+        if grad is None:
+            raise RuntimeError(f"layer {name}: no gradient after the backward pass")
+        grads[name] = grad.detach().float().clone()
+    return grads
 
 
 def summarize(iters: list[int], converged: list[bool]) -> dict[str, float]:
@@ -176,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         if fisher == "true":
             pre.sample_fisher(out, task.loss_type)
         loss.backward()
-        grads = {name: h.grad_matrix().detach().float().clone() for name, h in pre.layers.items()}
+        grads = grad_matrices(pre)
         pre.step()
         opt.step()
         losses.append(loss.item())

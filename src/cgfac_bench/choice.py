@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -101,7 +102,10 @@ def capture(task: str, batch: int, steps: int, pre_kwargs: dict[str, Any], seed:
         per_layer = {}
         for name, helper in pre.layers.items():
             rows = helper.take_rows(mean_reduced=pre.loss_reduction == "mean", max_samples=None)
-            per_layer[name] = (rows, helper.grad_matrix().detach().clone())
+            grad = helper.grad_matrix()
+            if rows is None or grad is None:
+                raise RuntimeError(f"choice: layer {name!r} has no captured rows or no gradient")
+            per_layer[name] = (rows, grad.detach().clone())
         batches.append(per_layer)
     return pre, batches
 
@@ -166,11 +170,11 @@ class ChoiceBench:
             x = cold.x
             for t in range(1, len(ops)):
                 if method == "cg":
-                    timing = self._measure(lambda op=ops[t], g=grads[t], x0=x: run_cg(op, g, x0), t == 1)
+                    timing = self._measure(functools.partial(run_cg, ops[t], grads[t], x), t == 1)
                     x = timing.result.x
                     cg_iters.append(timing.result.iters)
                 else:
-                    timing = self._measure(lambda op=ops[t], g=grads[t], m=method: run_other(m, op, g), t == 1)
+                    timing = self._measure(functools.partial(run_other, method, ops[t], grads[t]), t == 1)
                 times.append(timing.seconds)
                 if timing.seconds > self.args.max_seconds:
                     break
@@ -225,7 +229,7 @@ class ChoiceBench:
                 "cost_at_measured_iters": predicted_costs(ops[-1], actual_k, calib)}
 
 
-def calibration_fit(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def calibration_fit(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per candidate, ``time ≈ α·cost + β·calls`` by least squares relative to time (α, β ≥ 0).
 
     ``cost`` is the model's multiply-adds at the measured iterations; ``calls`` CG iterations
@@ -241,7 +245,7 @@ def calibration_fit(records: list[dict[str, Any]]) -> dict[str, dict[str, float]
             calls = c.get("iters", 1.0) or 1.0
             points.setdefault(f"{r['curvature']}-{method}", []).append(
                 (r["cost_at_measured_iters"][method], calls, c["time_ms"] * 1e-3))
-    fits = {}
+    fits: dict[str, dict[str, Any]] = {}  # points (int), alpha, beta, rms_rel_error, scale, overhead_macs
     for key, pts in points.items():
         x = np.array([[p[0], p[1]] for p in pts])
         y = np.array([p[2] for p in pts])
@@ -254,7 +258,7 @@ def calibration_fit(records: list[dict[str, Any]]) -> dict[str, dict[str, float]
     return fits
 
 
-def replay(records: list[dict[str, Any]], fits: dict[str, dict[str, float]], measured_k: bool) -> int:
+def replay(records: list[dict[str, Any]], fits: dict[str, dict[str, Any]], measured_k: bool) -> int:
     """How many layers the choice would get within the target if it predicted time by the fit.
 
     Predicted time ``α·cost + β·calls`` per candidate, with CG's cost and calls at the
@@ -402,12 +406,13 @@ def run(args: argparse.Namespace) -> int:
                     rec = bench.layer(pre, name, curvature, [b[name] for b in batches], calib)
                     layers.append({"config": f"{task}:{batch}", **rec})
                     bar.update()
-    report = {"machine": machine_info(device), "calibration": dataclasses.asdict(calib),
-              "settings": {"configs": [f"{t}:{b}" for t, b in args.configs], "steps": args.steps,
-                           "repeats": args.repeats, "time_budget": args.time_budget,
-                           "damping": captured[0][2].damping(0), "cg_tol": captured[0][2].cg_tol(0),
-                           "cg_max_iters": captured[0][2].cg_max_iters, "max_memory_gb": args.max_memory_gb},
-              "layers": layers, "calibration_fit": calibration_fit(layers)}
+    report: dict[str, Any] = {"machine": machine_info(device), "calibration": dataclasses.asdict(calib),
+                              "settings": {"configs": [f"{t}:{b}" for t, b in args.configs], "steps": args.steps,
+                                           "repeats": args.repeats, "time_budget": args.time_budget,
+                                           "damping": captured[0][2].damping(0), "cg_tol": captured[0][2].cg_tol(0),
+                                           "cg_max_iters": captured[0][2].cg_max_iters,
+                                           "max_memory_gb": args.max_memory_gb},
+                              "layers": layers, "calibration_fit": calibration_fit(layers)}
     report["replay"] = {"library_k": replay(layers, report["calibration_fit"], measured_k=False),
                         "measured_k": replay(layers, report["calibration_fit"], measured_k=True)}
     args.out.mkdir(parents=True, exist_ok=True)

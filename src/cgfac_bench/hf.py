@@ -17,6 +17,8 @@ on the standard library's text, and Muon as a peer (issue 17's evidence).
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 GPT2_SIZE: dict[str, int] = {"n_embd": 320, "n_layer": 6, "n_head": 5}  # tests shrink it
@@ -40,6 +42,7 @@ def gpt2_lm(**size: int) -> GPT2LM:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         raise RuntimeError("the gpt2 task needs transformers: pip install 'cgfac[hf]'") from None
+    sizes: dict[str, Any] = {**GPT2_SIZE, **size}  # GPT2Config's keywords are of many types
     config = GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=True, **{**GPT2_SIZE, **size})
+                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=True, **sizes)
     return GPT2LM(GPT2LMHeadModel(config))

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -397,10 +398,15 @@ class LayerBench:
         """
         method, x, iters = step(batches[0], grads(0), None)
         after(method, iters)
-        times, its, res, picks, peak, calls = [], [], [], Counter(), None, 0
+        times: list[float] = []
+        its: list[int] = []
+        res: list[float] = []
+        picks: Counter[str] = Counter()
+        peak: int | None = None
+        calls = 0
         for t in range(1, len(batches)):
             grad = grads(t)
-            timing = self._measure(lambda rows=batches[t], grad=grad, x0=x: step(rows, grad, x0),
+            timing = self._measure(functools.partial(step, batches[t], grad, x),
                                    warmup=None if t == 1 else 0, memory=t == 1)
             method, x, iters = timing.result
             after(method, iters)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from itertools import pairwise
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +59,8 @@ def autoencoder(activation: str = "sigmoid", init: str = "default",
     for i, (d_in, d_out) in enumerate(pairwise(widths)):
         linear = nn.Linear(d_in, d_out)
         if init == "glorot":
-            nn.init.xavier_uniform_(linear.weight, gain=nn.init.calculate_gain(activation))
+            gain = nn.init.calculate_gain(cast(Literal["sigmoid", "tanh"], activation))
+            nn.init.xavier_uniform_(linear.weight, gain=gain)
             nn.init.zeros_(linear.bias)
         elif init == "sparse":
             with torch.no_grad():
@@ -123,6 +124,8 @@ class TransformerBlock(nn.Module):
 class TransformerLM(nn.Module):
     """Decoder-only LM: token + learned position embeddings, ``depth`` pre-norm blocks, a final
     LayerNorm and an untied output layer (so every parameter has its own Kronecker block)."""
+
+    causal_mask: Tensor  # a buffer (``register_buffer``)
 
     def __init__(self, vocab: int = 256, context: int = 128, width: int = 128, depth: int = 2,
                  heads: int = 4) -> None:

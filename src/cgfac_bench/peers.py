@@ -34,7 +34,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         loss = closure() if closure is not None else None
         for o in self.optimizers:
             o.step()
@@ -53,10 +53,12 @@ def hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
     but embeddings' (and an output head tied to one) and the output layer's (the last module with
     a 2-D weight); the rest are every other trainable parameter, each once."""
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    matrices = [m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)
-                and m.weight.dim() == 2]
+    matrices = [w for m in model.modules() if isinstance(w := getattr(m, "weight", None), nn.Parameter)
+                and w.dim() == 2]
     head = id(matrices[-1]) if matrices else None
-    hidden, rest, seen = [], [], set()
+    hidden: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue

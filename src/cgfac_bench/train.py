@@ -91,10 +91,10 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ class Task:
 
     data: str  # "mnist", "digits" or "stdlib-text" (byte-level LM: x, y of shape (N, context))
     flatten: bool  # feed images as (N, 784) rows
-    loss_type: str  # "bernoulli" (reconstruction) or "cross_entropy" (classification)
+    loss_type: Literal["bernoulli", "cross_entropy"]  # reconstruction or classification
     batch_size: int
     damping: float  # λ of the second-order methods
     kl_clip: float  # κ of the second-order methods
@@ -356,9 +356,10 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
             return pytorch_optimizer.SOAP(model.parameters(), lr=lr), None
         return pytorch_optimizer.ScalableShampoo(model.parameters(), lr=lr, preconditioning_compute_steps=20), None
     if name in ADAPTIVE:
-        common = {"damping": hp.damping, "fisher": hp.fisher, "loss_type": loss_type, "lr": lr,
-                  "adaptive": hp.adaptive, "adapt_damping": hp.adaptive != "none", "quad_samples": hp.quad_samples,
-                  "min_damping": hp.min_damping, "damping_scale": hp.damping_scale}
+        common: dict[str, Any] = {"damping": hp.damping, "fisher": hp.fisher, "loss_type": loss_type, "lr": lr,
+                                  "adaptive": hp.adaptive, "adapt_damping": hp.adaptive != "none",
+                                  "quad_samples": hp.quad_samples, "min_damping": hp.min_damping,
+                                  "damping_scale": hp.damping_scale}
         if hp.adaptive == "none":
             common["momentum"] = hp.momentum
         if loss_type == "bernoulli" and hp.adaptive != "none":  # the autoencoders: the target is the input, so
@@ -369,7 +370,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
                                     curvature_samples=hp.kfac_samples, damping_form=hp.damping_form, **common), None
         if name == "cgfac-kron-adaptive":
             common["damping_form"] = hp.damping_form
-        return cgfac.optim.CGFAC(model, curvature=name.split("-")[1], curvature_window=hp.curvature_window,
+        curvature = cast(Literal["kron", "exact"], name.split("-")[1])
+        return cgfac.optim.CGFAC(model, curvature=curvature, curvature_window=hp.curvature_window,
                                  curvature_samples=hp.curvature_samples, factor_decay=hp.factor_decay,
                                  **common), None
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=hp.momentum)
@@ -387,7 +389,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
                                                factor_update_steps=hp.factor_update_steps,
                                                curvature_samples=hp.kfac_samples, **common)
     elif name in ("cgfac-kron", "cgfac-exact"):
-        pre = cgfac.CGFAC(model, curvature=name.removeprefix("cgfac-"), curvature_window=hp.curvature_window,
+        curvature = cast(Literal["kron", "exact"], name.removeprefix("cgfac-"))
+        pre = cgfac.CGFAC(model, curvature=curvature, curvature_window=hp.curvature_window,
                           curvature_samples=hp.curvature_samples, factor_decay=hp.factor_decay, **common)
     else:
         raise ValueError(f"optimizer must be one of {ALL_OPTIMIZERS}, got {name!r}")
@@ -669,7 +672,7 @@ def run_isolated(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> d
 
 
 # --- the comparison ------------------------------------------------------------------------------
-def parse_grid(text: str | None, optimizers: Sequence[str], defaults: dict[str, Sequence[float]],
+def parse_grid(text: str | None, optimizers: Sequence[str], defaults: Mapping[str, Sequence[float]],
                flag: str = "--lr-grid") -> dict[str, list[float]]:
     """``defaults`` for ``optimizers``, overridden by ``"0.1,0.3"`` (all) or ``"adam=1e-3;kfac=0.1,0.3"``."""
     grid = {name: list(defaults[name]) for name in optimizers}

@@ -8,6 +8,8 @@
 * :mod:`~cgfac.layers.probe`: unregistered types recognised by shape and a registration-time probe.
 """
 
+from typing import cast
+
 from torch import nn
 
 from cgfac.layers.attention import MultiheadAttentionHelper, mha_helper
@@ -26,15 +28,18 @@ from cgfac.layers.registry import (
 )
 from cgfac.layers.tied import TiedHelper, tie_reason
 
+# A factory typed for its module type (``conv_helper(name, module: _ConvNd)``) is a ``HelperFactory``
+# for that type: the registry calls it only with instances of the type it is registered for.
 register_layer_helper(nn.Linear, linear_helper)
+_conv: type[nn.Module]
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_layer_helper(_conv, conv_helper)
+    register_layer_helper(_conv, cast(HelperFactory, conv_helper))
 for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
     register_layer_helper(_conv, transposed_conv_reason)
-register_layer_helper(nn.Embedding, embedding_helper)
+register_layer_helper(nn.Embedding, cast(HelperFactory, embedding_helper))
 for _norm in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_layer_helper(_norm, norm_helper)
-register_layer_helper(nn.MultiheadAttention, mha_helper)
+register_layer_helper(nn.MultiheadAttention, cast(HelperFactory, mha_helper))
 
 __all__ = [
     "Capture", "Chunk", "Conv1DHelper", "Conv2dHelper", "ConvHelper", "EmbeddingHelper", "FeatureNormHelper",

@@ -19,6 +19,7 @@ each (the KFC / "K-FAC expand" convention), so ``curvature="exact"`` is the per-
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -75,7 +76,7 @@ def _weight_param(node) -> tuple[Tensor, int, int] | None:
     return None
 
 
-def find_products(root, params: Sequence[Tensor], stop: set) -> list[tuple[object, Tensor, Tensor, int, int]]:
+def find_products(root, params: Sequence[Tensor], stop: set) -> list[tuple[Any, Tensor, Tensor, int, int]]:
     """``(node, param, saved input, first weight row, rows)`` for every product in the graph
     above ``root`` (not beyond ``stop``) whose weight operand is a slice of one of ``params``."""
     ids = {id(p) for p in params}
@@ -103,7 +104,7 @@ class MultiheadAttentionHelper(LayerGroup):
         super().__init__(name, module, parts, note)
 
     def claims(self) -> list[nn.Module]:
-        return [self.module.out_proj]
+        return [cast(nn.Module, self.module.out_proj)]
 
     def attach(self, capture: Capture) -> list[RemovableHandle]:
         module = self.module
@@ -131,7 +132,7 @@ class MultiheadAttentionHelper(LayerGroup):
                 return
             names = ("query", "key", "value")
             inputs = [args[i] if len(args) > i else kwargs.get(names[i]) for i in range(3)]
-            query = inputs[0]
+            query = cast(Tensor, inputs[0])  # required by MultiheadAttention.forward
             batched = query.dim() == 3
             n = (query.shape[0] if mod.batch_first else query.shape[1]) if batched else 1
             stop = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
@@ -150,8 +151,10 @@ class MultiheadAttentionHelper(LayerGroup):
                 if targets:
                     node.register_prehook(_grad_hook(capture, targets, n, length))
 
+        # _EagerForward is used like the hook handles: only ``remove()`` is called on them.
         return [module.register_forward_pre_hook(eager(pre_hook)),
-                module.register_forward_hook(eager(hook), with_kwargs=True), _EagerForward(module)]
+                module.register_forward_hook(eager(hook), with_kwargs=True),
+                cast(RemovableHandle, _EagerForward(module))]
 
 
 class _EagerForward:
@@ -214,6 +217,7 @@ def mha_helper(name: str, module: nn.MultiheadAttention) -> MultiheadAttentionHe
     bias = module.in_proj_bias
     has_bias = bias is not None and bias.requires_grad
     plain = []
+    weights: list[tuple[Tensor, slice | None]]
     if module._qkv_same_embed_dim:
         weights = [(module.in_proj_weight, slice(i * e, (i + 1) * e)) for i in range(3)]
     else:

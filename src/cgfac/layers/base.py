@@ -128,7 +128,7 @@ class LayerHelper:
     def params(self) -> list[Tensor]:
         ps = [self.weight]
         if self.has_bias:
-            ps.append(self.bias)
+            ps.append(cast(Tensor, self.bias))  # set whenever ``has_bias`` (see ``__init__``)
         return ps
 
     def sampling_params(self) -> list[Tensor]:
@@ -166,13 +166,13 @@ class LayerHelper:
         parts = self.grad_parts()
         if any(p.grad is None for p, _ in parts):
             return None
-        return self.matrix_from_parts([_rows(dtensor.full(p.grad), sl) for p, sl in parts])
+        return self.matrix_from_parts([_rows(dtensor.full(cast(Tensor, p.grad)), sl) for p, sl in parts])
 
     def set_grad(self, x: Tensor) -> None:
         """Write a ``d_out × d_in`` matrix back into the parameters' ``.grad`` (this rank's shard
         of it for FSDP2's sharded gradients, :func:`cgfac.dtensor.write_shard`)."""
         for (p, sl), value in zip(self.grad_parts(), self.parts_of_matrix(x)):
-            dtensor.write_shard(p.grad, value, 0 if sl is None else sl.indices(p.shape[0])[0])
+            dtensor.write_shard(cast(Tensor, p.grad), value, 0 if sl is None else sl.indices(p.shape[0])[0])
 
     # --- rows ---------------------------------------------------------------------------------
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
@@ -235,7 +235,7 @@ class LayerHelper:
 
     def kfac_decomposition(self, tensors: Sequence[Tensor]) -> Any:
         """Rebuild :meth:`kfac_decompose`'s result from its ``tensors()``."""
-        return KronEigen(*tensors)
+        return KronEigen(*cast("tuple[Tensor, Tensor, Tensor, Tensor]", tensors))  # s_a, q_a, s_g, q_g
 
     def kfac_empty_decomposition(self, factors: Sequence[Tensor]) -> list[Tensor]:
         """Zero tensors shaped like ``kfac_decompose(factors).tensors()`` (broadcast buffers)."""
@@ -269,10 +269,14 @@ class LayerHelper:
             else:
                 groups.append([c])
         n_total = sum(grp[0].n_full for grp in groups)
-        a_parts, g_parts, n = [], [], 0
+        a_parts: list[Tensor] = []
+        g_parts: list[Tensor] = []
+        n = 0
         left = max_samples
         for grp in groups:
-            gs = [c.g if c.per_sample else c.g * (n_total if mean_reduced else 1) for c in grp]
+            # every kept chunk has its ``g`` (filtered above)
+            gs = [cast(Tensor, c.g) if c.per_sample else cast(Tensor, c.g) * (n_total if mean_reduced else 1)
+                  for c in grp]
             a_grp, g_grp, n_grp = join_per_sample([c.a for c in grp], grp[0].n), join_per_sample(gs, grp[0].n), grp[0].n
             if left is not None and grp[0].batch > left:  # the first `left` entries of this chunk
                 rows, n_grp = left * (a_grp.shape[0] // grp[0].batch), left * (n_grp // grp[0].batch)
@@ -318,7 +322,7 @@ def unit_forward_hook(units: list[LayerHelper], capture: Capture) -> Callable:
                 b = unit.batch_size(x)
                 k = b if limit is None or b is None or b <= limit else limit
                 a, n = unit.input_rows(x if k == b else x[:k])
-                n_full = n if k == b else n // k * b
+                n_full = n if k is None or b is None or k == b else n // k * b  # k is None only if b is
                 chunks.append(capture.record_input(unit, a, n, n_full=n_full, batch=k or 1))
                 kept.append(k != b)
 

@@ -11,6 +11,7 @@ solved on its own.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -75,7 +76,7 @@ class ConvHelper(LayerHelper):
         return x.shape[0] if x.dim() == self.nd + 2 else None
 
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
-        m = self.module
+        m = cast(nn.modules.conv._ConvNd, self.module)  # the module given to ``__init__``
         if x.dim() == self.nd + 1:
             x = x.unsqueeze(0)
         if self.group is not None:
@@ -108,7 +109,8 @@ def conv_helper(name: str, module: nn.modules.conv._ConvNd) -> LayerHelper | Lay
     pads = conv_pads(module)
     if module.groups == 1:
         return ConvHelper(name, module, has_bias, pads)
-    parts = [ConvHelper(f"{name}:group{j}", module, has_bias, pads, group=j) for j in range(module.groups)]
+    parts: list[LayerHelper] = [ConvHelper(f"{name}:group{j}", module, has_bias, pads, group=j)
+                                for j in range(module.groups)]
     return LayerGroup(name, module, parts, note=f"groups={module.groups}, one block per group")
 
 

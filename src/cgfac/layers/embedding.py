@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -59,13 +60,14 @@ class DiagKron:
 
     @classmethod
     def from_rows(cls, window: Sequence[Rows], weights: Sequence[float], size: int) -> DiagKron:
-        a_diag, g_parts = None, []
+        a_diag: Tensor | None = None
+        g_parts: list[Tensor] = []
         for r, w in zip(window, weights):
             idx, _, g = _index_and_g(r)
             part = _counts(idx, size, g.dtype) * (w / r.a.shape[0])
             a_diag = part if a_diag is None else a_diag + part
             g_parts.append(g * (w / r.n) ** 0.5)
-        return cls(a_diag, torch.cat(g_parts))
+        return cls(cast(Tensor, a_diag), torch.cat(g_parts))  # a window holds at least one batch
 
     def solve(self, grad: Tensor, damping: float) -> Tensor:
         s, q = factor_eig(self.g)
@@ -114,18 +116,23 @@ class ExactIndexRows(ExactRows):
         idx, gather, g = _index_and_g(Rows(base.a, base.g, base.n_samples))
         return cls(idx, g, base.sample, base.n_samples, base.segments, width=size, index=gather)
 
+    @property
+    def _index(self) -> Tensor:
+        # set by :meth:`from_index_rows` (a default only because the base dataclass has defaults)
+        return cast(Tensor, self.index)
+
     def jvp(self, v: Tensor) -> Tensor:
         return self._per_sample((self.g * v[:, self.index].T).sum(1))
 
     def vjp(self, z: Tensor) -> Tensor:
         out = self.g.new_zeros(self.g.shape[1], self.width)
-        return out.index_add_(1, self.index, (self.g * self._per_row(z)[:, None]).T)
+        return out.index_add_(1, self._index, (self.g * self._per_row(z)[:, None]).T)
 
     def jacobi(self, damping: float) -> Tensor | None:
         if self.sample is not None:
             return None
         out = self.g.new_zeros(self.g.shape[1], self.width)
-        return out.index_add_(1, self.index, (self.g * self.g).T).add_(damping)
+        return out.index_add_(1, self._index, (self.g * self.g).T).add_(damping)
 
     def per_sample(self) -> Tensor:
         parts = [self.vjp(torch.eye(self.n_samples, dtype=self.g.dtype, device=self.g.device)[s]).reshape(-1)
@@ -159,7 +166,7 @@ class EmbeddingHelper(LayerHelper):
     structure = "diag-kron"
     weight_transposed = True
 
-    def __init__(self, name: str, module: nn.Embedding) -> None:
+    def __init__(self, name: str, module: nn.Module) -> None:  # an nn.Embedding, or a probed look-alike
         super().__init__(name, module, False)
         self.padding_idx = getattr(module, "padding_idx", None)
 

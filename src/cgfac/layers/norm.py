@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +39,12 @@ def feature_jacobians(rows: Rows, k: int) -> Tensor:
 
 def feature_blocks(window: Sequence[Rows], weights: Sequence[float], k: int) -> Tensor:
     """``F = Σ_j w_j (1/n_j) Σ_s j_s j_sᵀ`` per feature: ``(C, k, k)``."""
-    total = None
+    total: Tensor | None = None
     for r, w in zip(window, weights):
         j = feature_jacobians(r, k)
         part = torch.einsum("sci,scj->cij", j, j) * (w / r.n)
         total = part if total is None else total + part
-    return total
+    return cast(Tensor, total)  # a window holds at least one batch
 
 
 @dataclass
@@ -91,9 +92,10 @@ class NormHelper(LayerHelper):
             return F.rms_norm(x, m.normalized_shape, eps=m.eps)
         if isinstance(m, nn.GroupNorm):
             return F.group_norm(x, m.num_groups, eps=m.eps)
-        batch_stats = m.training or not m.track_running_stats
-        return F.batch_norm(x, None if batch_stats else m.running_mean, None if batch_stats else m.running_var,
-                            training=batch_stats, eps=m.eps)
+        bn = cast(nn.modules.batchnorm._BatchNorm, m)  # the remaining registered types: BatchNorm1d/2d/3d
+        batch_stats = bn.training or not bn.track_running_stats
+        return F.batch_norm(x, None if batch_stats else bn.running_mean, None if batch_stats else bn.running_var,
+                            training=batch_stats, eps=bn.eps)
 
     def _arrange(self, t: Tensor) -> tuple[Tensor, int]:
         if isinstance(self.module, (nn.LayerNorm, nn.RMSNorm)):

@@ -149,7 +149,7 @@ class TiedHelper(LayerHelper):
         return [w.T if self.transposed else w, *(x[:, self.width + j] for j in range(len(self.biases)))]
 
     # --- capture: each use's own hooks record into its own helper --------------------------------
-    @property  # type: ignore[override]
+    @property
     def chunks(self) -> list[Chunk]:
         return [c for u in getattr(self, "uses", []) for c in u.helper.chunks]
 
