@@ -131,3 +131,5 @@ $B sweep --task mlp-wide --widths 1024,2048,4096 --target 0.2 --out benchmarks/s
   --tuned --budget 30 --eval-every 3 --eval-samples 2000 --optimizers cgfac-kron-adaptive,adam,muon-original
 # The sweeps' summaries (the width from which CG-FAC stays ahead) rebuilt from their saved runs:
 # $B sweep --task autoencoder-wide --widths 1,2,4 --target 130 --out benchmarks/sweep-autoencoder-wide --from-results
+# Preliminary GPT-2 run (issue 17; one seed, the tuned lr of each, 300 s):
+$B train --task gpt2 --tuned --optimizers kfac,adamw,muon-original,soap --budget 300 --out benchmarks/train-gpt2-300s-prelim
