@@ -467,6 +467,9 @@ def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = N
     n, batch, seed = train_x.shape[0], cfg["batch_size"], cfg["seed"]
     subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: cfg["eval_samples"]]
     eval_x, eval_y = train_x[subset.to(device)], train_y[subset.to(device)]
+    # The LM's held-out curve: the same fixed held-out windows for every run and seed.
+    held = torch.randperm(data["test_x"].shape[0], generator=torch.Generator().manual_seed(0))[: cfg["eval_samples"]]
+    held_x, held_y = data["test_x"][held.to(device)], data["test_y"][held.to(device)]
     torch.manual_seed(seed)
     model = build_model(cfg["task"], **cfg.get("model_options", {})).to(device)
     if distributed:  # every rank trains on its shard of the same global batch
@@ -488,6 +491,7 @@ def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = N
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     curve: list[tuple[float, int, float]] = []
+    heldout_curve: list[tuple[float, int, float]] = []  # the LM: held-out loss at the same evaluations
     elapsed, step, next_eval, diverged = 0.0, 0, 0.0, False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -498,6 +502,8 @@ def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = N
             if decision[0] and rank == 0:
                 loss_now, _ = evaluate(model, task, eval_x, eval_y)
                 curve.append((elapsed, step, loss_now))
+                if task.lm:
+                    heldout_curve.append((elapsed, step, evaluate(model, task, held_x, held_y)[0]))
                 if progress is not None:
                     progress(elapsed)
                 diverged = not math.isfinite(loss_now)
@@ -583,6 +589,7 @@ def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = N
     if task.lm:  # held-out loss in bits per byte (the loss is in nats per position, one byte each)
         record["test_bits_per_byte"] = test_loss / math.log(2)
         record["final_train_bits_per_byte"] = record["final_train_loss"] / math.log(2)
+        record["heldout_curve"] = heldout_curve
     record["damping"] = hp.damping
     record["hyper"] = asdict(hp)
     record["seed"] = cfg["seed"]
@@ -727,8 +734,19 @@ def configs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ordered = sorted(members, key=_score)
         out.append({"optimizer": name, "lr": lr, "damping": damping, "seeds": [r.get("seed") for r in members],
                     "final_losses": [_score(r) for r in members], "median": median,
-                    "min": scores[0], "max": scores[-1], "median_run": ordered[(len(ordered) - 1) // 2]})
+                    "min": scores[0], "max": scores[-1], "median_run": ordered[(len(ordered) - 1) // 2],
+                    "members": members})
     return out
+
+
+def best_configs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per optimizer: its configuration (:func:`configs`) with the lowest median final training loss."""
+    best: dict[str, dict[str, Any]] = {}
+    for cfg in configs(runs):
+        name, current = cfg["optimizer"], best.get(cfg["optimizer"])
+        if current is None or cfg["median"] < current["median"]:
+            best[name] = cfg
+    return best
 
 
 def best_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -736,12 +754,48 @@ def best_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     training loss (a single seed: the run itself); an optimizer whose runs all failed gives its first run.
 
     (In the record, ``best`` maps each optimizer to its best run's index in ``runs``.)"""
-    best: dict[str, dict[str, Any]] = {}
-    for cfg in configs(runs):
-        name, current = cfg["optimizer"], best.get(cfg["optimizer"])
-        if current is None or cfg["median"] < current["median"]:
-            best[name] = cfg
-    return {name: cfg["median_run"] for name, cfg in best.items()}
+    return {name: cfg["median_run"] for name, cfg in best_configs(runs).items()}
+
+
+def heldout_times(runs: Sequence[dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
+    """The LM's held-out race against ``reference``, per optimizer's best configuration and seed.
+
+    For each seed ``s`` that both ran: ``target[s]`` is the reference's final held-out loss (the last
+    point of its ``heldout_curve``), ``seconds[s]`` the training time at which the optimizer's
+    held-out curve first reaches it (interpolated; None: not reached), and ``ratio[s]`` that time
+    over the reference's own time to it (≈ its budget). ``median_ratio`` counts a miss as ``inf``.
+    Empty when the reference has no usable run."""
+    best = best_configs(runs)
+    if reference not in best:
+        return {}
+    ref_runs = {r.get("seed"): r for r in best[reference]["members"] if _usable(r) and r.get("heldout_curve")}
+    out: dict[str, dict[str, Any]] = {}
+    for name, cfg in best.items():
+        seeds, targets, seconds, ratios = [], [], [], []
+        for run in cfg["members"]:
+            ref = ref_runs.get(run.get("seed"))
+            if ref is None or "error" in run:
+                continue
+            target = ref["heldout_curve"][-1][2]
+            t, t_ref = time_to_interpolated(run, target, "heldout_curve"), time_to_interpolated(ref, target,
+                                                                                               "heldout_curve")
+            seeds.append(run.get("seed"))
+            targets.append(target)
+            seconds.append(t)
+            ratios.append(t / t_ref if t is not None and t_ref else None)
+        if seeds:
+            out[name] = {"seeds": seeds, "target": targets, "seconds": seconds, "ratio": ratios,
+                         "median_ratio": float(np.median([math.inf if r is None else r for r in ratios]))}
+    return out
+
+
+def best_peer_heldout(runs: Sequence[dict[str, Any]]) -> str | None:
+    """The peer whose best configuration ends with the lowest median held-out loss (None: no peer ran)."""
+    finals = {name: float(np.median([r["heldout_curve"][-1][2] for r in cfg["members"]
+                                     if _usable(r) and r.get("heldout_curve")] or [math.inf]))
+              for name, cfg in best_configs(runs).items() if name in PEERS}
+    finals = {k: v for k, v in finals.items() if math.isfinite(v)}
+    return min(finals, key=finals.__getitem__) if finals else None
 
 
 def adam_target(runs: Sequence[dict[str, Any]]) -> float | None:
@@ -767,11 +821,12 @@ def loss_at(run: dict[str, Any], seconds: float) -> float | None:
     return None
 
 
-def time_to_interpolated(run: dict[str, Any], target: float | None) -> float | None:
-    """Training seconds at which the loss first reaches ``target``, linear between evaluations."""
+def time_to_interpolated(run: dict[str, Any], target: float | None, key: str = "curve") -> float | None:
+    """Training seconds at which the loss of ``run[key]`` (the training-loss curve, or the LM's
+    ``"heldout_curve"``) first reaches ``target``, linear between evaluations."""
     if target is None or "error" in run:
         return None
-    curve = run.get("curve", [])
+    curve = run.get(key, [])
     if curve and curve[0][2] <= target:
         return curve[0][0]
     for (t0, _, l0), (t1, _, l1) in itertools.pairwise(curve):
@@ -926,6 +981,7 @@ def write_markdown(path: Path, record: dict[str, Any]) -> None:
         lines.append(f"| {name} | {run['lr']:g} | {settings_text(name, run_hp, run.get('damping'))} | "
                      f"{_fmt(run['ms_per_step'], '.1f')} | {run['steps']} | {mem} | "
                      f"{final}{status} | {test} | {reach} | {ref} | {covered} |")
+    lines += heldout_lines(record)
     lines += ["", "## Every run", "", "| optimizer | lr | damping | seed | steps | final train loss | final damping "
               "| status |", "|---|---|---|---|---|---|---|---|"]
     for run in record["runs"]:
@@ -940,6 +996,40 @@ def write_markdown(path: Path, record: dict[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def heldout_lines(record: dict[str, Any]) -> list[str]:
+    """The LM's held-out race (:func:`heldout_times`) as a markdown section; none without one."""
+    held = record.get("heldout")
+    if not held or not held["to_reference"]:
+        return []
+    s = record["settings"]
+    ref, peer = held["reference"], held["best_peer"]
+
+    def one(value: float, spec: str) -> str:
+        return format(value, spec) if math.isfinite(value) else "not reached"
+
+    def spread(values: Sequence[float | None], spec: str) -> str:
+        vals = [math.inf if v is None else v for v in values]
+        text = one(float(np.median(vals)), spec)
+        return text + (f" [{one(min(vals), spec)}, {one(max(vals), spec)}]" if len(vals) > 1 else "")
+
+    lines = ["", "## Held-out loss against time", "",
+             f"Held-out loss evaluated on {s['eval_samples']} fixed held-out sequences (the same for every run) "
+             f"at each evaluation. Target: each seed's final held-out loss of {ref}'s best configuration, and of "
+             f"the best peer's ({peer}: the peer with the lowest median final held-out loss). Time: interpolated "
+             "between evaluations; × : over the target run's own time to it. Median [min, max] over seeds.", "",
+             f"| optimizer | final held-out bits/byte ({s['eval_samples']} sequences) | time to {ref}'s final (s) "
+             f"| × {ref}'s time | time to {peer}'s final (s) | × {peer}'s time |", "|---|---|---|---|---|---|"]
+    best = best_configs(record["runs"])
+    for name, to_ref in held["to_reference"].items():
+        finals = [r["heldout_curve"][-1][2] / math.log(2) for r in best[name]["members"]
+                  if "error" not in r and r.get("heldout_curve")]
+        to_peer = held["to_best_peer"].get(name, {"seconds": [None], "ratio": [None]})
+        lines.append(f"| {name} | {spread(finals, '.4f')} | {spread(to_ref['seconds'], '.1f')} | "
+                     f"{spread(to_ref['ratio'], '.2f')} | {spread(to_peer['seconds'], '.1f')} | "
+                     f"{spread(to_peer['ratio'], '.2f')} |")
+    return lines
+
+
 def write_plots(out: Path, record: dict[str, Any]) -> None:
     """``loss_vs_time.png`` and ``loss_vs_steps.png`` (the best run of each optimizer), and, when
     the grid has several dampings or learning rates for a second-order method,
@@ -952,24 +1042,27 @@ def write_plots(out: Path, record: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     target = record["target_train_loss"]
-    for fname, column, xlabel in (("loss_vs_time.png", 0, "training time (s)"),
-                                  ("loss_vs_steps.png", 1, "step")):
+    panels = [("loss_vs_time.png", 0, "training time (s)", "curve"), ("loss_vs_steps.png", 1, "step", "curve")]
+    if record.get("heldout"):
+        panels.append(("heldout_vs_time.png", 0, "training time (s)", "heldout_curve"))
+    for fname, column, xlabel, key in panels:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         losses: list[float] = []
         for name, index in record["best"].items():
             run = record["runs"][index]
-            points = [c for c in run.get("curve", []) if math.isfinite(c[2])]
+            points = [c for c in run.get(key, []) if math.isfinite(c[2])]
             if not points:
                 continue
             losses += [c[2] for c in points]
             label = f"{name} (lr {run['lr']:g})" + (", diverged" if run["diverged"] else "")
             ax.plot([c[column] for c in points], [c[2] for c in points], marker=".", label=label)
-        if target is not None:
+        if target is not None and key == "curve":
             ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="Adam's best")
         if losses and min(losses) > 0 and max(losses) > 10 * min(losses):  # log scale where it helps
             ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"training loss ({record['settings']['eval_samples']} samples)")
+        ax.set_ylabel(f"{'training' if key == 'curve' else 'held-out'} loss "
+                      f"({record['settings']['eval_samples']} samples)")
         ax.set_title(f"{record['settings']['task']}: best run per optimizer")
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
@@ -1171,8 +1264,14 @@ def run(args: argparse.Namespace) -> int:
         "time_to_target": {name: time_to(run, target) for name, run in best.items()},
         "adam_loss_at_reference": reference,
         "time_to_reference": {name: time_to_interpolated(run, reference) for name, run in best.items()},
-        "configs": [{k: v for k, v in c.items() if k != "median_run"} for c in configs(runs)],
+        "configs": [{k: v for k, v in c.items() if k not in ("median_run", "members")} for c in configs(runs)],
     }
+    if task.lm:  # the held-out race: against AdamW (Adam without it) and against the best peer
+        reference = "adamw" if "adamw" in best else "adam"
+        best_peer = best_peer_heldout(runs)
+        record["heldout"] = {"reference": reference, "best_peer": best_peer,
+                             "to_reference": heldout_times(runs, reference),
+                             "to_best_peer": heldout_times(runs, best_peer) if best_peer else {}}
     (out / "results.json").write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
     write_markdown(out / "results.md", record)
     write_plots(out, record)
