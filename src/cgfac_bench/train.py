@@ -902,23 +902,26 @@ def settings_text(name: str, hp: SecondOrder, damping: float | None = None) -> s
             text += f", {hp.damping_scale} damping scale"
         if hp.quad_samples is not None:
             text += f", {hp.quad_samples} samples for the quadratic model"
-        if name == "kfac-adaptive":
-            return text + f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps" + (
-                f", factors from {hp.kfac_samples} samples" if hp.kfac_samples is not None else "") + (
-                f", factors every {hp.factor_update_steps} steps" if hp.factor_update_steps != 1 else "")
-        samples = "all" if hp.curvature_samples is None else hp.curvature_samples
-        return text + f", curvature window {hp.curvature_window}, curvature samples {samples}"
+        return text + (_kfac_text(hp) if name == "kfac-adaptive" else _cgfac_text(hp))
     text = f"SGD momentum {hp.momentum}, damping {lam:g}, KL clip {hp.kl_clip}, {hp.fisher} Fisher"
     if hp.graft != "none":
         text += f", grafted onto {hp.graft}'s step length"
     if hp.damping_form != "exact":
         text += f", {hp.damping_form} damping"
-    if name == "kfac":
-        return text + f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps" + (
-            f", factors from {hp.kfac_samples} samples" if hp.kfac_samples is not None else "") + (
-                f", factors every {hp.factor_update_steps} steps" if hp.factor_update_steps != 1 else "")
+    return text + (_kfac_text(hp) if name == "kfac" else ", solver auto" + _cgfac_text(hp))
+
+
+def _kfac_text(hp: SecondOrder) -> str:
+    """K-FAC's factor settings, for :func:`settings_text`."""
+    return f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps" + (
+        f", factors from {hp.kfac_samples} samples" if hp.kfac_samples is not None else "") + (
+        f", factors every {hp.factor_update_steps} steps" if hp.factor_update_steps != 1 else "")
+
+
+def _cgfac_text(hp: SecondOrder) -> str:
+    """CG-FAC's curvature settings, for :func:`settings_text`."""
     samples = "all" if hp.curvature_samples is None else hp.curvature_samples
-    return text + f", solver auto, curvature window {hp.curvature_window}, curvature samples {samples}"
+    return f", curvature window {hp.curvature_window}, curvature samples {samples}"
 
 
 def write_markdown(path: Path, record: dict[str, Any]) -> None:
