@@ -133,3 +133,13 @@ $B sweep --task mlp-wide --widths 1024,2048,4096 --target 0.2 --out benchmarks/s
 # $B sweep --task autoencoder-wide --widths 1,2,4 --target 130 --out benchmarks/sweep-autoencoder-wide --from-results
 # Preliminary GPT-2 run (issue 17; one seed, the tuned lr of each, 300 s):
 $B train --task gpt2 --tuned --optimizers kfac,adamw,muon-original,soap --budget 300 --out benchmarks/train-gpt2-300s-prelim
+# GPT-2 (issue 17), tuning: 75 s per run, one seed, this host (2-core AMD EPYC), the best at a grid's
+# edge extended in the next round.
+G="--task gpt2 --tuned --budget 75 --eval-every 25"
+$B train $G --optimizers adamw,muon-original,soap,kfac --damping-grid "kfac=1e-3,1e-2" --out benchmarks/tuning-gpt2 \
+  --lr-grid "adamw=5e-4,1e-3,2e-3,3e-3,6e-3;muon-original=0.01,0.02,0.04,0.08;soap=1e-3,3e-3,6e-3,1e-2;kfac=2.5e-4,5e-4,1e-3,2e-3"
+$B train $G --optimizers adamw,soap,kfac --lr-grid "adamw=2.5e-4;soap=5e-4;kfac=1.25e-4,2.5e-4,1e-3" \
+  --damping-grid "kfac=0.1" --out benchmarks/tuning-gpt2-2
+$B train $G --optimizers adamw,soap,kfac --lr-grid "adamw=1.25e-4;soap=2.5e-4;kfac=6.25e-5" --damping-grid "kfac=0.1" \
+  --out benchmarks/tuning-gpt2-3
+$B train $G --optimizers kfac --lr-grid "kfac=1.25e-4" --damping-grid "kfac=1" --out benchmarks/tuning-gpt2-4
