@@ -131,8 +131,9 @@ $B sweep --task mlp-wide --widths 1024,2048,4096 --target 0.2 --out benchmarks/s
   --tuned --budget 30 --eval-every 3 --eval-samples 2000 --optimizers cgfac-kron-adaptive,adam,muon-original
 # The sweeps' summaries (the width from which CG-FAC stays ahead) rebuilt from their saved runs:
 # $B sweep --task autoencoder-wide --widths 1,2,4 --target 130 --out benchmarks/sweep-autoencoder-wide --from-results
-# Preliminary GPT-2 run (issue 17; one seed, the tuned lr of each, 300 s):
-$B train --task gpt2 --tuned --optimizers kfac,adamw,muon-original,soap --budget 300 --out benchmarks/train-gpt2-300s-prelim
+# Preliminary GPT-2 run (issue 17; one seed, 300 s, the transformer task's lrs, before the gpt2 grids; another host):
+$B train --task gpt2 --tuned --optimizers kfac,adamw,muon-original,soap --budget 300 --out benchmarks/train-gpt2-300s-prelim \
+  --lr-grid "kfac=5e-4;adamw=3e-3;muon-original=0.02;soap=3e-3" --damping-grid "kfac=1e-3"  # TUNED["gpt2"] then
 # GPT-2 (issue 17), tuning: 75 s per run, one seed, this host (2-core AMD EPYC), the best at a grid's
 # edge extended in the next round.
 G="--task gpt2 --tuned --budget 75 --eval-every 25"
@@ -143,3 +144,7 @@ $B train $G --optimizers adamw,soap,kfac --lr-grid "adamw=2.5e-4;soap=5e-4;kfac=
 $B train $G --optimizers adamw,soap,kfac --lr-grid "adamw=1.25e-4;soap=2.5e-4;kfac=6.25e-5" --damping-grid "kfac=0.1" \
   --out benchmarks/tuning-gpt2-3
 $B train $G --optimizers kfac --lr-grid "kfac=1.25e-4" --damping-grid "kfac=1" --out benchmarks/tuning-gpt2-4
+# GPT-2 (issue 17), the side-by-side run at the tuned settings: 240 s per run, 3 seeds, held-out curve
+# on 256 fixed held-out sequences every 30 s (the race to AdamW's and the best peer's final held-out loss).
+$B train --task gpt2 --tuned --optimizers kfac,adamw,muon-original,soap --budget 240 --eval-every 30 --seeds 0,1,2 \
+  --out benchmarks/train-gpt2-240s

@@ -26,7 +26,9 @@ cross-entropy), ``cnn-norm`` (the same with BatchNorm, GroupNorm and a depthwise
 library's source, :func:`cgfac_bench.data.load_stdlib_text` with context 128, capped to the first 4 MiB of
 the training files and 256 KiB of the held-out ones, see ``TEXT_MAX_*``; batch 32 sequences; loss:
 cross-entropy over every position, so the curvature rows are positions; training loss on 256 fixed
-sequences; test metric: held-out bits per byte = loss / ln 2, and next-byte accuracy).
+sequences; test metric: held-out bits per byte = loss / ln 2, and next-byte accuracy; at every
+evaluation also the held-out loss on ``eval_samples`` fixed held-out sequences, the ``heldout_curve``,
+from which ``results.md`` times each optimizer to AdamW's and the best peer's final held-out loss).
 ``adamw``: ``torch.optim.AdamW`` with weight decay 0.01. The ``*-adaptive`` optimizers fail on the
 transformer with torch 2.13 on CPU: no forward AD for the fused attention kernel. Batch size 256 on MNIST
 (on two CPU cores a step of batch 1000, K-FAC's classic autoencoder setting, costs about four
@@ -1038,7 +1040,8 @@ def heldout_lines(record: dict[str, Any]) -> list[str]:
 
 
 def write_plots(out: Path, record: dict[str, Any]) -> None:
-    """``loss_vs_time.png`` and ``loss_vs_steps.png`` (the best run of each optimizer), and, when
+    """``loss_vs_time.png`` and ``loss_vs_steps.png`` (the best run of each optimizer; the LM tasks
+    also ``heldout_vs_time.png``, their held-out curves), and, when
     the grid has several dampings or learning rates for a second-order method,
     ``loss_vs_damping_lr.png`` (median final loss of every configuration).
 
