@@ -1277,10 +1277,10 @@ def run(args: argparse.Namespace) -> int:
         "configs": [{k: v for k, v in c.items() if k not in ("median_run", "members")} for c in configs(runs)],
     }
     if task.lm:  # the held-out race: against AdamW (Adam without it) and against the best peer
-        reference = "adamw" if "adamw" in best else "adam"
+        ref_name = "adamw" if "adamw" in best else "adam"
         best_peer = best_peer_heldout(runs)
-        record["heldout"] = {"reference": reference, "best_peer": best_peer,
-                             "to_reference": heldout_times(runs, reference),
+        record["heldout"] = {"reference": ref_name, "best_peer": best_peer,
+                             "to_reference": heldout_times(runs, ref_name),
                              "to_best_peer": heldout_times(runs, best_peer) if best_peer else {}}
     (out / "results.json").write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
     write_markdown(out / "results.md", record)
