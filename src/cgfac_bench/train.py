@@ -473,9 +473,11 @@ def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = N
     n, batch, seed = train_x.shape[0], cfg["batch_size"], cfg["seed"]
     subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: cfg["eval_samples"]]
     eval_x, eval_y = train_x[subset.to(device)], train_y[subset.to(device)]
-    # The LM's held-out curve: the same fixed held-out windows for every run and seed.
-    held = torch.randperm(data["test_x"].shape[0], generator=torch.Generator().manual_seed(0))[: cfg["eval_samples"]]
-    held_x, held_y = data["test_x"][held.to(device)], data["test_y"][held.to(device)]
+    held_x = held_y = None  # the LM's held-out curve: the same fixed held-out windows for every run and seed
+    if task.lm:
+        held = torch.randperm(data["test_x"].shape[0], generator=torch.Generator().manual_seed(0))
+        held = held[: cfg["eval_samples"]]
+        held_x, held_y = data["test_x"][held.to(device)], data["test_y"][held.to(device)]
     torch.manual_seed(seed)
     model = build_model(cfg["task"], **cfg.get("model_options", {})).to(device)
     if distributed:  # every rank trains on its shard of the same global batch
@@ -508,7 +510,7 @@ def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = N
             if decision[0] and rank == 0:
                 loss_now, _ = evaluate(model, task, eval_x, eval_y)
                 curve.append((elapsed, step, loss_now))
-                if task.lm:
+                if held_x is not None and held_y is not None:
                     heldout_curve.append((elapsed, step, evaluate(model, task, held_x, held_y)[0]))
                 if progress is not None:
                     progress(elapsed)
