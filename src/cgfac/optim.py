@@ -72,6 +72,7 @@ from cgfac.fisher import LOSS_TYPES
 from cgfac.hyperparams import _check, choice, positive_int
 from cgfac.kfac import KFAC as _KFACPreconditioner
 from cgfac.options import LossType
+from cgfac.transformer_kfac import TransformerKFAC, hidden_matrices
 
 ADAPTIVE = ("lr+momentum", "lr", "none")
 
@@ -703,4 +704,5 @@ WIDE_DEFAULTS: dict[str, Any] = {
 }
 """The settings of :meth:`CGFAC.wide` (the tuned ×4 autoencoder's)."""
 
-__all__ = ["CGFAC", "KFAC", "WIDE_DEFAULTS", "SecondOrderOptimizer", "output_quad_form"]
+__all__ = ["CGFAC", "KFAC", "WIDE_DEFAULTS", "SecondOrderOptimizer", "TransformerKFAC", "hidden_matrices",
+           "output_quad_form"]

@@ -27,11 +27,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import Any, Literal, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 AUTOENCODER_WIDTHS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
@@ -154,6 +156,60 @@ def transformer_lm(vocab: int = 256, context: int = 128, width: int = 128, depth
                    heads: int = 4) -> TransformerLM:
     """A small decoder-only transformer; logits ``(batch, t, vocab)`` for int64 tokens ``(batch, t)``."""
     return TransformerLM(vocab, context, width, depth, heads)
+
+
+class NanoBlock(nn.Module):
+    """nanoGPT's block: ``h + attn(ln_1(h))``, ``h + mlp(ln_2(h))``; LayerNorms and Linears without bias,
+    one ``c_attn`` Linear for q, k, v, causal scaled-dot-product attention, a GELU MLP of width ×4."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width, bias=False)
+        self.c_attn = nn.Linear(width, 3 * width, bias=False)
+        self.attn_proj = nn.Linear(width, width, bias=False)
+        self.ln_2 = nn.LayerNorm(width, bias=False)
+        self.c_fc = nn.Linear(width, 4 * width, bias=False)
+        self.mlp_proj = nn.Linear(4 * width, width, bias=False)
+
+    def forward(self, h: Tensor) -> Tensor:
+        b, t, c = h.shape
+        q, k, v = self.c_attn(self.ln_1(h)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.attn_proj(y.transpose(1, 2).reshape(b, t, c))
+        return h + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(h))))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's GPT (Karpathy): token and learned position embeddings, ``depth`` pre-LayerNorm blocks,
+    a final LayerNorm and a head tied to the token embedding; no bias, no dropout. Initialisation
+    as nanoGPT's: normal(0, 0.02), the residual projections normal(0, 0.02/√(2·depth))."""
+
+    def __init__(self, vocab: int, context: int = 64, width: int = 128, depth: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not a multiple of heads {heads}")
+        self.context = context
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(NanoBlock(width, heads) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(width, bias=False)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * depth) if name.endswith("_proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        if t > self.context:
+            raise ValueError(f"sequence length {t} exceeds the context {self.context}")
+        h = self.wte(x) + self.wpe(torch.arange(t, device=x.device))
+        for block in self.blocks:
+            h = block(h)
+        return self.lm_head(self.ln_f(h))
 
 
 def cnn_norm() -> nn.Sequential:

@@ -107,7 +107,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import cgfac
 from cgfac.solvers.cost import calibrate
+from cgfac_bench import lm
 from cgfac_bench.data import load_digits_data, load_mnist, load_stdlib_text
+from cgfac_bench.lm import LM_TASKS
 from cgfac_bench.machine import default_device, machine_info
 from cgfac_bench.models import build_model
 from cgfac_bench.peers import ADAMW_WEIGHT_DECAY, MUON_ADAMW_LR, muon_with_adamw
@@ -1122,7 +1124,14 @@ def save_arrays(data: dict[str, Tensor], directory: Path) -> None:
 # --- command line --------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--task", choices=tuple(TASKS), default="autoencoder")
+    parser.add_argument("--task", choices=(*TASKS, *LM_TASKS), default="autoencoder",
+                        help="nanogpt-s, nanogpt-m: the step-based LM benchmark (cgfac_bench.lm; --iters, "
+                             "--wd-grid, --jobs)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="nanogpt-*: training iterations per run (default: the task's, 2000 or 3000)")
+    parser.add_argument("--wd-grid", default=None, help='nanogpt-*: weight decays, like --lr-grid')
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="nanogpt-*: runs at once (one thread each unless --threads): for tuning only")
     parser.add_argument("--width-mult", type=float, default=4.0,
                         help="autoencoder-wide: hidden widths times this (default 4)")
     parser.add_argument("--width", type=int, default=2048, help="mlp-wide: hidden width (default 2048)")
@@ -1154,8 +1163,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes per run, launched by torchrun (DDP; the batch is the global batch)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/train-<task>)")
     parser.add_argument("--device", default=default_device(), help="default cuda if available, else cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads in each run (default: torch's default here)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in each run (default: torch's default here; nanogpt-* with "
+                             "--jobs > 1: 1)")
     parser.add_argument("--eval-every", type=float, default=None,
                         help="training seconds between evaluations (default budget/12)")
     parser.add_argument("--eval-samples", type=int, default=None,
@@ -1189,6 +1199,10 @@ def model_options(task: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task in LM_TASKS:  # the step-based LM benchmark
+        return lm.run(args, "cgfac-bench train " + " ".join(sys.argv[2:]))
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
     tuned = TUNED.get(args.task, {}) if args.tuned else {}
     if args.tuned and not tuned:
         raise SystemExit(f"--tuned: no tuned settings for task {args.task!r}; tuned tasks: {', '.join(TUNED)}")

@@ -1,0 +1,502 @@
+"""A Kronecker-factored optimizer for transformers: K-FAC's factors on the hidden matrices, AdamW on the rest.
+
+Routing (:func:`hidden_matrices`): the weight of every ``nn.Linear`` and Hugging Face ``Conv1D``
+that is neither tied to an embedding nor the output layer (the last module holding a 2-D weight)
+takes the Kronecker-factored direction below; every other trainable parameter (embeddings, the
+head, norms, biases) takes AdamW, with weight decay on the parameters of two or more dimensions
+only (nanoGPT's convention). One ``lr`` and one ``weight_decay`` serve both (the hidden update is
+scaled to AdamW's RMS), and an ``lr`` scheduler scales every group together.
+
+Per hidden layer, ``W``: ``d_out × d_in`` (a ``Conv1D``'s ``d_in × d_out`` weight is used
+transposed), the factors come from the layer's inputs ``a`` and output gradients ``g`` at every
+position the forward saw (``rows`` of them sampled per step, or all)::
+
+    A = E[a aᵀ]  (d_in × d_in),   G = E[g gᵀ]  (d_out × d_out)
+
+``factors="ema"``: running averages ``F ← β_f F + (1 − β_f) F̂`` refreshed every ``factor_every``
+steps and eigendecomposed every ``eig_every`` steps, ``F = Q diag(s) Qᵀ``. ``factors="rows"``: this
+step's ``r`` rows alone, through CG-FAC's low-rank eigensystem (QR of the rows, an ``r × r``
+eigendecomposition, :func:`cgfac.curvature.kron.factor_eig`), no ``d × d`` matrix kept. Either way a
+damped power is, for any ``p`` (``λ = damping · tr(F)/d``, relative: unit-free)::
+
+    (F + λI)^p = λ^p (I − QQᵀ) + Q diag((s + λ)^p) Qᵀ          (exact: QQᵀ = I where F has full rank)
+
+The direction ``O`` of the Nesterov momentum ``M = (1 − μ) g + μ m``, ``m ← μ m + (1 − μ) g`` (``sides="input"``:
+``P_G = I``; ``"both"``: both factors)::
+
+    "ortho"   O = msgn(P_G M P_A),  P = (F + λI)^p           Newton–Schulz, as torch.optim.Muon
+              scaled by 0.2·√max(d_out, d_in) (AdamW's update RMS; Moonlight)
+    "power"   O = P_G M P_A, rescaled to RMS 0.2              fractional powers, p = −1/2 or −1/4
+    "ekfac"   O = Q_G [ (Q_Gᵀ m̂ Q_A) / (√v̂ + ε) ] Q_Aᵀ,     Adam in K-FAC's eigenbasis (EKFAC / SOAP)
+              v ← β₂ v + (1 − β₂) (Q_Gᵀ g Q_A)²,  m ← β₁ m + (1 − β₁) g, bias-corrected
+
+and the update is ``W ← W (1 − lr·wd) − lr·O``. ``power = 0`` with ``"ortho"`` is Muon
+(``adjust_lr_fn="match_rms_adamw"``). Newton-Muon (arXiv 2604.01472) is ``"ortho"``, ``sides="input"``,
+``power=-1``.
+
+Failure behaviour: a non-finite gradient skips the whole step (no parameter or state changes,
+``skipped_steps`` counts it, a warning says so); a factor whose eigendecomposition fails keeps its
+previous powers (the identity before the first), counted in ``factor_failures``.
+Processes: under DDP the factors' statistics are averaged over the process group before use, so
+every rank takes the same step. FSDP2-sharded (``DTensor``) parameters are refused at construction.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from cgfac.curvature.kron import factor_eig
+
+Direction = Literal["ortho", "power", "ekfac"]
+Sides = Literal["input", "both"]
+Factors = Literal["ema", "rows"]
+DIRECTIONS = ("ortho", "power", "ekfac")
+SIDES = ("input", "both")
+FACTORS = ("ema", "rows")
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic (Keller Jordan)
+UPDATE_RMS = 0.2  # AdamW's typical update RMS (Moonlight's matching constant)
+
+__all__ = ["DIRECTIONS", "TransformerKFAC", "damped_power", "hidden_matrices", "newton_schulz"]
+
+
+def _is_matrix_layer(module: nn.Module) -> bool:
+    """``nn.Linear`` or a Hugging Face ``Conv1D`` (``x @ W + b``, ``W``: ``d_in × d_out``), by class name
+    so that transformers need not be imported."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and (
+        isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
+
+
+def hidden_matrices(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[nn.Parameter]]:
+    """``(hidden, rest)``: the hidden matrix layers as ``(name, module)`` and every other trainable parameter.
+
+    Hidden: ``nn.Linear`` and ``Conv1D`` modules whose weight is trainable, not an embedding's (a head
+    tied to the token embedding is the embedding's) and not the output layer's, the last module of the
+    model holding a 2-D weight (Muon's routing). Rest: every other trainable parameter, each once.
+    """
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    holders = [m for m in model.modules() if isinstance(w := getattr(m, "weight", None), nn.Parameter)
+               and w.dim() == 2]
+    head = id(holders[-1].weight) if holders else None
+    hidden: list[tuple[str, nn.Module]] = []
+    taken: set[int] = set()
+    for name, module in model.named_modules():
+        if not _is_matrix_layer(module):
+            continue
+        w = module.weight
+        if w.requires_grad and id(w) not in embedded and id(w) != head and id(w) not in taken:
+            hidden.append((name, module))
+            taken.add(id(w))
+    rest: list[nn.Parameter] = []
+    for p in model.parameters():  # parameters() yields each shared tensor once
+        if p.requires_grad and id(p) not in taken:
+            rest.append(p)
+    return hidden, rest
+
+
+def newton_schulz(m: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """``msgn(m) ≈ U Vᵀ`` (``m = U S Vᵀ``) by the quintic Newton–Schulz iteration of torch.optim.Muon.
+
+    ``X ← a X + (b XXᵀ + c (XXᵀ)²) X`` from ``X = m / ‖m‖_F`` on the wide orientation, in ``dtype``.
+    The coefficients trade convergence for speed: the singular values land in about [0.7, 1.2] after
+    5 steps (not 1), which Muon's authors found does not hurt training; the result is ``m``'s dtype.
+    """
+    a, b, c = NS_COEFFICIENTS
+    x = m.to(dtype)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp_min(eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(m.dtype)
+
+
+def damped_power(s: Tensor, q: Tensor, damping: float, dim: int, power: float) -> tuple[Tensor, Tensor, float]:
+    """``(q, coeff, base)`` with ``(F + λI)^p v = base·v + q diag(coeff) qᵀ v`` for ``F = q diag(s) qᵀ``.
+
+    ``λ = damping · Σs / dim`` (relative to the mean eigenvalue; ``Σs = tr F``), ``base = λ^p``,
+    ``coeff = (s + λ)^p − λ^p``. ``q`` (``dim × k``) may hold fewer than ``dim`` columns (the rows'
+    span): the formula is exact for the rank-``k`` ``F``.
+    """
+    lam = damping * float(s.sum()) / dim
+    if not lam > 0:
+        lam = damping
+    base = lam**power
+    return q, (s + lam).pow(power) - base, base
+
+
+class _Side:
+    """One factor's damped power: dense ``P`` (``d × d``) or low-rank ``(q, coeff, base)``."""
+
+    __slots__ = ("base", "coeff", "dense", "q")
+
+    def __init__(self, q: Tensor, coeff: Tensor, base: float, dense: bool) -> None:
+        self.q, self.coeff, self.base = q, coeff, base
+        self.dense = (q * (coeff + base)) @ q.T if dense else None
+
+    def right(self, m: Tensor) -> Tensor:
+        """``M P``."""
+        if self.dense is not None:
+            return m @ self.dense
+        return torch.addmm(m, (m @ self.q) * self.coeff, self.q.T, beta=self.base)
+
+    def left(self, m: Tensor) -> Tensor:
+        """``P M``."""
+        if self.dense is not None:
+            return self.dense @ m
+        return torch.addmm(m, self.q, self.coeff[:, None] * (self.q.T @ m), beta=self.base)
+
+
+class _Capture:
+    """Rows ``a`` (inputs) and ``g`` (output gradients) of one hidden layer, sampled per forward."""
+
+    def __init__(self, module: nn.Module, transposed: bool) -> None:
+        self.module, self.transposed = module, transposed
+        self.a: list[Tensor] = []
+        self.g: list[Tensor] = []
+
+    def clear(self) -> None:
+        self.a.clear()
+        self.g.clear()
+
+
+def _check_unit(name: str, value: float, low: float = 0.0, high: float = 1.0) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not low <= value < high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+    return float(value)
+
+
+class TransformerKFAC(torch.optim.Optimizer):
+    """K-FAC's Kronecker factors on a transformer's hidden matrices, AdamW on the rest (module docstring).
+
+    Built from the model in one line, ``TransformerKFAC(model, lr=3e-3, weight_decay=0.1)``; a
+    ``torch.optim.Optimizer`` (param groups, ``state_dict``, closures, ``lr`` schedulers), so it
+    goes into Hugging Face ``Trainer(optimizers=(opt, sched))`` and Lightning as it is.
+
+    Args:
+        model: the model (or its DDP wrapper); hooks on its hidden layers record factor rows.
+        lr: learning rate of both parts (AdamW-like; the hidden update has AdamW's RMS).
+        weight_decay: decoupled weight decay of the hidden matrices and the other ≥ 2-D parameters.
+        direction: "ortho", "power" or "ekfac" (module docstring).
+        sides: "input" (``P_G = I``) or "both".
+        power: the factors' power ``p`` (``"ortho"``: −1 is Newton-Muon, 0 is Muon; ``"power"``: −1/2,
+            −1/4); unused by "ekfac".
+        damping: λ relative to each factor's mean eigenvalue (> 0).
+        factors: "ema" (running factors, eigendecomposed every ``eig_every`` steps) or "rows" (this
+            step's rows, low-rank; not with "ekfac").
+        rows: positions sampled per layer and step for the factors (None: all).
+        momentum: μ of the hidden matrices' (Nesterov) momentum; ``"ekfac"`` uses ``betas`` instead.
+        betas, eps: AdamW's (and ``"ekfac"``'s) β₁, β₂ and ε.
+        factor_decay: β_f of the running factors; factor_every, eig_every: their refresh periods.
+        ns_steps: Newton–Schulz iterations of ``"ortho"``; ns_dtype: their dtype (default: bfloat16, as
+            torch.optim.Muon, on CUDA; float32 elsewhere: a CPU without bfloat16 matrix units emulates it,
+            and torch.optim.Muon's step cost 16x AdamW's on the 2-core AMD EPYC of the benchmarks).
+        adamw_lr: the rest's learning rate, if it should differ from ``lr`` (a scheduler scales both).
+        seed: seeds the sampling of rows.
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float = 3e-3, weight_decay: float = 0.1,
+                 direction: Direction = "ortho", sides: Sides = "input", power: float = -0.5,
+                 damping: float = 0.03, factors: Factors = "ema", rows: int | None = None,
+                 momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
+                 factor_decay: float = 0.95, factor_every: int = 1, eig_every: int = 10, ns_steps: int = 5,
+                 ns_dtype: torch.dtype | None = None, adamw_lr: float | None = None, seed: int = 0) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for name, value, allowed in (("direction", direction, DIRECTIONS), ("sides", sides, SIDES),
+                                     ("factors", factors, FACTORS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if direction == "ekfac" and factors == "rows":
+            raise ValueError("direction='ekfac' needs factors='ema' (a full eigenbasis); got factors='rows'")
+        if not isinstance(lr, (int, float)) or lr < 0:
+            raise ValueError(f"lr must be a non-negative number, got {lr!r}")
+        if adamw_lr is not None and (not isinstance(adamw_lr, (int, float)) or adamw_lr < 0):
+            raise ValueError(f"adamw_lr must be a non-negative number or None, got {adamw_lr!r}")
+        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+        if not isinstance(damping, (int, float)) or not damping > 0:
+            raise ValueError(f"damping must be a positive number, got {damping!r}")
+        if not isinstance(power, (int, float)) or not -1.0 <= power <= 0.0:
+            raise ValueError(f"power must be in [-1, 0], got {power!r}")
+        _check_unit("momentum", momentum)
+        _check_unit("factor_decay", factor_decay)
+        if not (isinstance(betas, tuple) and len(betas) == 2):
+            raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+        _check_unit("betas[0]", betas[0])
+        _check_unit("betas[1]", betas[1])
+        if not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        for name, value in (("factor_every", factor_every), ("eig_every", eig_every), ("ns_steps", ns_steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+            raise ValueError(f"rows must be a positive int or None, got {rows!r}")
+        hidden, rest = hidden_matrices(model)
+        for p in [m.weight for _, m in hidden] + rest:
+            if type(p.data).__name__ == "DTensor":
+                raise ValueError("TransformerKFAC does not take FSDP2-sharded (DTensor) parameters yet; "
+                                 "use it with DDP or a single process")
+        self.direction, self.sides, self.factors = direction, sides, factors
+        self.power, self.damping, self.rows = float(power), float(damping), rows
+        self.factor_decay, self.factor_every, self.eig_every = float(factor_decay), factor_every, eig_every
+        self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
+        # power 0 with "ortho"/"power": P = I, no factors (with "ortho": Muon itself)
+        self.needs_factors = direction == "ekfac" or power != 0.0
+        self.skipped_steps = 0
+        self.factor_failures = 0
+        kron_ids = {id(m.weight) for _, m in hidden}
+        #: every trainable parameter's route, by name: "kron" (the Kronecker direction) or "adamw"
+        self.routes = {name: "kron" if id(p) in kron_ids else "adamw"
+                       for name, p in model.named_parameters() if p.requires_grad}
+        decay = [p for p in rest if p.dim() >= 2]
+        no_decay = [p for p in rest if p.dim() < 2]
+        rest_lr = lr if adamw_lr is None else adamw_lr
+        groups: list[dict[str, Any]] = [{"params": [m.weight for _, m in hidden], "kind": "kron"},
+                                        {"params": decay, "kind": "adamw", "lr": rest_lr},
+                                        {"params": no_decay, "kind": "adamw", "lr": rest_lr, "weight_decay": 0.0}]
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "betas": betas, "eps": eps}
+        super().__init__([g for g in groups if g["params"]], defaults)
+        self._captures = {m.weight: _Capture(m, type(m).__name__ == "Conv1D") for _, m in hidden}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._capturing = True
+        self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook) for _, m in hidden
+                                                if self.needs_factors]
+        self._by_module = {m: self._captures[m.weight] for _, m in hidden}
+        self._step_count = 0
+
+    # --- capture ----------------------------------------------------------------------------------
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Record this forward's sampled input rows and, through a hook on the output, its gradient rows."""
+        if not (self._capturing and module.training and torch.is_grad_enabled()):
+            return
+        if not (isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor)):
+            return
+        cap = self._by_module[module]
+        a = args[0].detach().reshape(-1, args[0].shape[-1])
+        idx = None
+        if self.rows is not None and self.rows < a.shape[0]:
+            idx = torch.randperm(a.shape[0], generator=self._generator)[: self.rows].to(a.device)
+            a = a[idx]
+        cap.a.append(a)
+
+        def grad_rows(grad: Tensor) -> None:
+            g = grad.detach().reshape(-1, grad.shape[-1])
+            cap.g.append(g[idx] if idx is not None else g)
+
+        output.register_hook(grad_rows)
+
+    def remove(self) -> None:
+        """Remove the capture hooks (the optimizer is then unusable for factor updates)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # --- factors ----------------------------------------------------------------------------------
+    @staticmethod
+    def _rows(parts: list[Tensor]) -> Tensor:
+        """The captured rows as one matrix, in at least float32."""
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return x.float() if x.element_size() < 4 else x
+
+    @classmethod
+    def _mean_outer(cls, parts: list[Tensor]) -> Tensor:
+        x = cls._rows(parts)
+        f = x.T @ x / x.shape[0]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(f, op=dist.ReduceOp.AVG)
+        return f
+
+    @classmethod
+    def _gathered_rows(cls, parts: list[Tensor]) -> Tensor:
+        x = cls._rows(parts)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            chunks = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+            dist.all_gather(chunks, x.contiguous())
+            x = torch.cat(chunks)
+        return x / math.sqrt(x.shape[0])
+
+    def _eig(self, f: Tensor) -> tuple[Tensor, Tensor] | None:
+        try:
+            s, q = torch.linalg.eigh(f)
+        except RuntimeError:
+            try:
+                s, q = torch.linalg.eigh(f.double())
+            except RuntimeError:
+                return None
+            s, q = s.to(f.dtype), q.to(f.dtype)
+        if not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+            return None
+        return s.clamp_min(0), q
+
+    def _refresh(self, p: Tensor, cap: _Capture, state: dict[str, Any]) -> None:
+        """This step's factor statistics into the layer's state, and its damped powers where due."""
+        sides = ("a", "g") if self.sides == "both" else ("a",)
+        have = all(getattr(cap, s) for s in sides)
+        if self.factors == "rows":
+            if not have:
+                return
+            for s in sides:
+                rows = self._gathered_rows(getattr(cap, s))
+                ev, q = factor_eig(rows)
+                q_, coeff, base = damped_power(ev, q, self.damping, rows.shape[1], self.power)
+                state[f"side_{s}"] = _Side(q_, coeff, base, dense=False)
+            return
+        if have and state["step"] % self.factor_every == 0:
+            for s in sides:
+                f = self._mean_outer(getattr(cap, s))
+                old = state.get(f"factor_{s}")
+                state[f"factor_{s}"] = f if old is None else old.lerp_(f, 1 - self.factor_decay)
+        for s in sides:
+            f = state.get(f"factor_{s}")
+            if f is None or (state["step"] % self.eig_every != 0 and f"eig_{s}" in state):
+                continue
+            eig = self._eig(f)
+            if eig is None:
+                self.factor_failures += 1
+                continue
+            state[f"eig_{s}"] = eig
+            if self.direction != "ekfac":
+                ev, q = eig
+                q_, coeff, base = damped_power(ev, q, self.damping, f.shape[0], self.power)
+                state[f"side_{s}"] = _Side(q_, coeff, base, dense=True)
+
+    # --- the step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter with a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all() if params else True
+        if not bool(finite):
+            self.skipped_steps += 1
+            warnings.warn("TransformerKFAC: a non-finite gradient; the step is skipped", RuntimeWarning, stacklevel=2)
+            for cap in self._captures.values():
+                cap.clear()
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["kind"] == "kron":
+                    self._kron_update(p, group)
+                else:
+                    self._adamw_update(p, group)
+        for cap in self._captures.values():
+            cap.clear()
+        self._step_count += 1
+        return loss
+
+    def _adamw_update(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        lr, t = group["lr"], state["step"]
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+        p.mul_(1 - lr * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+
+    def _kron_update(self, p: Tensor, group: dict[str, Any]) -> None:
+        cap = self._captures[p]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+        grad = p.grad.T if cap.transposed else p.grad  # d_out × d_in
+        if self.needs_factors:
+            self._refresh(p, cap, state)
+        state["step"] += 1
+        if self.direction == "ekfac":
+            update = self._ekfac(grad, state, group)
+        else:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(grad)
+            buf.lerp_(grad, 1 - group["momentum"])  # torch.optim.Muon's convention (a scale NS ignores)
+            m = grad.lerp(buf, group["momentum"])
+            m = self._precondition(m, state)
+            if self.direction == "ortho":
+                dtype = self.ns_dtype or (torch.bfloat16 if m.is_cuda else torch.float32)
+                update = newton_schulz(m, self.ns_steps, dtype=dtype)
+                update.mul_(UPDATE_RMS * math.sqrt(max(m.shape)))
+            else:
+                update = m * (UPDATE_RMS * math.sqrt(m.numel()) / m.norm().clamp_min(1e-30))
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update.T if cap.transposed else update, alpha=-group["lr"])
+
+    def _precondition(self, m: Tensor, state: dict[str, Any]) -> Tensor:
+        side_a, side_g = state.get("side_a"), state.get("side_g")
+        if side_a is not None:
+            m = side_a.right(m)
+        if side_g is not None and self.sides == "both":
+            m = side_g.left(m)
+        return m
+
+    def _ekfac(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        """Adam in the factors' eigenbasis (identity on a side without factors yet)."""
+        beta1, beta2 = group["betas"]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+            state["adam_step"] = 0
+        q_a = state["eig_a"][1] if "eig_a" in state else None
+        q_g = state["eig_g"][1] if "eig_g" in state and self.sides == "both" else None
+
+        def rotate(x: Tensor) -> Tensor:
+            x = x @ q_a if q_a is not None else x
+            return q_g.T @ x if q_g is not None else x
+
+        state["adam_step"] += 1
+        t = state["adam_step"]
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        g_rot = rotate(grad)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g_rot, g_rot, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+        u = rotate(state["exp_avg"]).div_(denom).div_(1 - beta1**t)
+        u = u @ q_a.T if q_a is not None else u
+        return q_g @ u if q_g is not None else u
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's, without the derived powers (``side_*``: rebuilt from ``eig_*``/rows on load)."""
+        sd = super().state_dict()
+        sd["state"] = {k: {n: v for n, v in s.items() if not n.startswith("side_")} for k, s in sd["state"].items()}
+        sd["transformer_kfac"] = {"skipped_steps": self.skipped_steps, "factor_failures": self.factor_failures,
+                                  "step_count": self._step_count, "generator": self._generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("transformer_kfac", {})
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "transformer_kfac"})
+        self.skipped_steps = extra.get("skipped_steps", 0)
+        self.factor_failures = extra.get("factor_failures", 0)
+        self._step_count = extra.get("step_count", 0)
+        if "generator" in extra:
+            self._generator.set_state(extra["generator"])
+        for p, state in self.state.items():  # the powers derive from the eigensystems
+            for s in ("a", "g"):
+                if f"eig_{s}" in state and self.direction != "ekfac":
+                    ev, q = state[f"eig_{s}"]
+                    q_, coeff, base = damped_power(ev, q, self.damping, q.shape[0], self.power)
+                    state[f"side_{s}"] = _Side(q_, coeff, base, dense=True)
+

@@ -1,0 +1,311 @@
+"""cgfac.optim.TransformerKFAC against dense float64 references (eigendecompositions, matrix powers,
+the SVD's polar factor), torch.optim.Muon and AdamW, and its routing on Hugging Face models."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import cgfac
+from cgfac.transformer_kfac import NS_COEFFICIENTS, UPDATE_RMS, _Side, damped_power, newton_schulz
+
+torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(seed: int = 0) -> nn.Sequential:
+    """Two hidden Linear layers and an output layer (which goes to AdamW), float64."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 7, bias=True), nn.Tanh(),
+                         nn.Linear(7, 3)).double()
+
+
+def batch(n: int = 5, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def dense_power(f: torch.Tensor, lam: float, p: float) -> torch.Tensor:
+    """``(F + λI)^p`` by the dense eigendecomposition of ``F + λI``."""
+    s, q = torch.linalg.eigh(f + lam * torch.eye(f.shape[0], dtype=f.dtype))
+    return (q * s.pow(p)) @ q.T
+
+
+def polar(m: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    return u @ vh
+
+
+def quintic(x: torch.Tensor, steps: int) -> torch.Tensor:
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 9), (6, 6)])
+def test_newton_schulz_is_the_quintic_on_the_singular_values(shape) -> None:
+    """In float64, NS(m) = U f(S/‖m‖_F) Vᵀ exactly (f: the quintic map iterated), and it lies within
+    the documented band of the polar factor UVᵀ."""
+    m = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    got = newton_schulz(m, steps=5, dtype=torch.float64)
+    want = (u * quintic(s / m.norm(), 5)) @ vh
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    sv = torch.linalg.svdvals(got)
+    assert sv.min() > 0.6 and sv.max() < 1.25  # the 5-step quintic's band around 1
+    assert (got - polar(m)).abs().max() < 0.4
+    torch.testing.assert_close(polar(got), polar(m), rtol=1e-9, atol=1e-10)  # the same singular vectors
+
+
+@pytest.mark.parametrize("rows", [3, 20])  # low rank (r < d) and full rank
+@pytest.mark.parametrize("p", [-1.0, -0.5, -0.25])
+def test_damped_power_matches_the_dense_matrix_power(rows: int, p: float) -> None:
+    """``(F + λI)^p`` from the rows' low-rank eigensystem (QR route) and from the dense eigh of F,
+    applied on both sides, against the dense power, λ = damping·tr(F)/d."""
+    from cgfac.curvature.kron import factor_eig
+
+    d, damping = 8, 0.05
+    x = torch.randn(rows, d, dtype=torch.float64, generator=torch.Generator().manual_seed(rows))
+    f = x.T @ x / rows
+    lam = damping * float(torch.trace(f)) / d
+    want = dense_power(f, lam, p)
+    m = torch.randn(5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    s, q = factor_eig(x / math.sqrt(rows))
+    low = _Side(*damped_power(s, q, damping, d, p), dense=False)
+    torch.testing.assert_close(low.right(m), m @ want, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(low.left(m.T), want @ m.T, rtol=1e-9, atol=1e-11)
+    s2, q2 = torch.linalg.eigh(f)
+    full = _Side(*damped_power(s2.clamp_min(0), q2, damping, d, p), dense=True)
+    torch.testing.assert_close(full.right(m), m @ want, rtol=1e-9, atol=1e-11)
+
+
+def captured(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{index: (inputs, output gradients)}`` of the model's Linear layers on one loss."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for i, m in enumerate(model):
+        if isinstance(m, nn.Linear):
+            def hook(mod, args, out, i=i):
+                seen[i] = [args[0].detach()]
+                out.register_hook(lambda g, i=i: seen[i].append(g.detach()))
+            handles.append(m.register_forward_hook(hook))
+    nn.functional.cross_entropy(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    model.zero_grad()
+    return {i: (v[0], v[1]) for i, v in seen.items()}
+
+
+def reference_ortho(model: nn.Sequential, x, y, *, lr, wd, damping, p, sides, mu=0.95) -> dict[int, torch.Tensor]:
+    """One step of "ortho" by hand, dense float64: W ← W(1 − lr·wd) − lr·0.2·√max(m,n)·NS(P_G M P_A)."""
+    rows = captured(model, x, y)
+    nn.functional.cross_entropy(model(x), y).backward()
+    out = {}
+    for i in (0, 2):
+        w = model[i].weight
+        g = w.grad
+        m = (1 - mu) * g + mu * (1 - mu) * g  # Nesterov, torch.optim.Muon's convention, first buffer (1-μ)g
+        a, gg = rows[i]
+        fa = a.T @ a / a.shape[0]
+        m = m @ dense_power(fa, damping * float(torch.trace(fa)) / fa.shape[0], p)
+        if sides == "both":
+            fg = gg.T @ gg / gg.shape[0]
+            m = dense_power(fg, damping * float(torch.trace(fg)) / fg.shape[0], p) @ m
+        u = newton_schulz(m, 5, dtype=torch.float64) * UPDATE_RMS * math.sqrt(max(m.shape))
+        out[i] = w.detach() * (1 - lr * wd) - lr * u
+    model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("sides", ["input", "both"])
+@pytest.mark.parametrize("factors", ["ema", "rows"])
+def test_ortho_step_matches_the_dense_reference(sides: str, factors: str) -> None:
+    x, y = batch(n=5)  # 5 rows < d: low-rank factors, exact through the rows' span
+    model, ref_model = mlp(), mlp()
+    want = reference_ortho(ref_model, x, y, lr=0.1, wd=0.3, damping=0.07, p=-0.5, sides=sides)
+    opt = cgfac.optim.TransformerKFAC(model, lr=0.1, weight_decay=0.3, direction="ortho", sides=sides, power=-0.5,
+                                      damping=0.07, factors=factors, ns_dtype=torch.float64)
+    head_before = model[4].weight.detach().clone()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    for i in (0, 2):
+        torch.testing.assert_close(model[i].weight.detach(), want[i], rtol=1e-9, atol=1e-11)
+    assert not torch.equal(model[4].weight, head_before)  # the head moved by AdamW
+    assert opt.routes == {"0.weight": "kron", "2.weight": "kron", "2.bias": "adamw", "4.weight": "adamw",
+                          "4.bias": "adamw"}
+
+
+def test_power_zero_is_torch_muon_and_the_rest_is_torch_adamw() -> None:
+    """With ``power=0`` and Newton–Schulz in bfloat16 the hidden update is torch.optim.Muon's
+    (match_rms_adamw), and the other parameters follow torch.optim.AdamW (wd on ≥ 2-D only)."""
+    model, ref = mlp().float(), mlp().float()
+    x, y = batch(n=16)
+    x = x.float()
+    opt = cgfac.optim.TransformerKFAC(model, lr=0.02, weight_decay=0.1, power=0.0, ns_dtype=torch.bfloat16,
+                                      betas=(0.9, 0.99))
+    hidden = [ref[0].weight, ref[2].weight]
+    muon = torch.optim.Muon(hidden, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([{"params": [ref[4].weight], "weight_decay": 0.1},
+                               {"params": [ref[2].bias, ref[4].bias], "weight_decay": 0.0}], lr=0.02,
+                              betas=(0.9, 0.99))
+    for _ in range(3):
+        for o, mdl in ((opt, model), (None, ref)):
+            nn.functional.cross_entropy(mdl(x), y).backward()
+            if o is not None:
+                o.step()
+                o.zero_grad()
+            else:
+                muon.step()
+                adamw.step()
+                muon.zero_grad()
+                adamw.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ekfac_steps_match_adam_in_the_eigenbasis() -> None:
+    """Two "ekfac" steps by hand: m, v of the gradient rotated into the eigenbases of the running
+    factors (decay β_f), bias-corrected Adam there, rotated back."""
+    x1, y1 = batch(n=40, seed=1)  # full-rank factors: distinct eigenvalues, a unique eigenbasis
+    x2, y2 = batch(n=40, seed=2)
+    b1, b2, eps, lr, wd, fd = 0.9, 0.99, 1e-8, 0.05, 0.1, 0.8
+    model, ref = mlp(), mlp()
+    opt = cgfac.optim.TransformerKFAC(model, lr=lr, weight_decay=wd, direction="ekfac", sides="both",
+                                      betas=(b1, b2), eps=eps, factor_decay=fd, eig_every=1)
+    state: dict[int, dict[str, torch.Tensor]] = {0: {}, 2: {}}
+    rest = torch.optim.AdamW([{"params": [ref[4].weight], "weight_decay": wd},
+                              {"params": [ref[2].bias, ref[4].bias], "weight_decay": 0.0}], lr=lr, betas=(b1, b2),
+                             eps=eps)
+    for t, (x, y) in enumerate(((x1, y1), (x2, y2)), start=1):
+        rows = captured(ref, x, y)
+        nn.functional.cross_entropy(ref(x), y).backward()
+        with torch.no_grad():
+            for i in (0, 2):
+                s = state[i]
+                a, g = rows[i]
+                fa, fg = a.T @ a / a.shape[0], g.T @ g / g.shape[0]
+                s["A"] = fa if t == 1 else fd * s["A"] + (1 - fd) * fa
+                s["G"] = fg if t == 1 else fd * s["G"] + (1 - fd) * fg
+                qa, qg = torch.linalg.eigh(s["A"])[1], torch.linalg.eigh(s["G"])[1]
+                grad = ref[i].weight.grad
+                s["m"] = (1 - b1) * grad + (b1 * s["m"] if t > 1 else 0)
+                rot = qg.T @ grad @ qa
+                s["v"] = (1 - b2) * rot**2 + (b2 * s["v"] if t > 1 else 0)
+                u = (qg.T @ s["m"] @ qa) / (1 - b1**t) / ((s["v"] / (1 - b2**t)).sqrt() + eps)
+                ref[i].weight.mul_(1 - lr * wd).sub_(lr * qg @ u @ qa.T)
+        rest.step()
+        ref.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    # eigenvectors are defined up to sign; the update is invariant to it, so the weights must agree
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_power_direction_has_the_update_rms() -> None:
+    model = mlp()
+    x, y = batch()
+    opt = cgfac.optim.TransformerKFAC(model, lr=1.0, weight_decay=0.0, direction="power", sides="both", power=-0.25)
+    before = model[0].weight.detach().clone()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    step = before - model[0].weight.detach()
+    assert step.pow(2).mean().sqrt().item() == pytest.approx(UPDATE_RMS, rel=1e-9)
+
+
+def test_state_dict_resumes_bit_for_bit() -> None:
+    x, y = batch(n=12)
+
+    def make():
+        model = mlp()
+        return model, cgfac.optim.TransformerKFAC(model, lr=0.05, rows=6, sides="both", eig_every=2)
+
+    def steps(model, opt, k):
+        for _ in range(k):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = make()
+    steps(model, opt, 3)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    steps(model, opt, 3)
+    model2, opt2 = make()
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    steps(model2, opt2, 3)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_non_finite_gradient_skips_the_step() -> None:
+    model = mlp()
+    x, y = batch()
+    opt = cgfac.optim.TransformerKFAC(model, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert opt.skipped_steps == 1 and not opt.state
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"direction": "newton"}, "direction"), ({"sides": "output"}, "sides"), ({"factors": "window"}, "factors"),
+    ({"damping": 0.0}, "damping"), ({"power": 0.5}, "power"), ({"lr": -1.0}, "lr"), ({"momentum": 1.0}, "momentum"),
+    ({"rows": 0}, "rows"), ({"eig_every": 0}, "eig_every"), ({"weight_decay": -0.1}, "weight_decay"),
+    ({"direction": "ekfac", "factors": "rows"}, "factors"), ({"betas": (0.9, 1.5)}, "betas"),
+])
+def test_bad_arguments_raise_naming_the_argument(kwargs, name) -> None:
+    with pytest.raises(ValueError, match=name):
+        cgfac.optim.TransformerKFAC(mlp(), **kwargs)
+    with pytest.raises(TypeError, match="model"):
+        cgfac.optim.TransformerKFAC([nn.Linear(2, 2).weight])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_routing_on_hugging_face_models(arch: str) -> None:
+    """Attention and MLP projections (GPT-2's Conv1D included) take the Kronecker direction; the token
+    embedding, the (tied) head, position tables and norms take AdamW; training lowers the loss."""
+    pytest.importorskip("transformers")
+    from hf_models import tiny_model, token_batches
+
+    model = tiny_model(arch)
+    opt = cgfac.optim.TransformerKFAC(model, lr=3e-3, sides="both", eig_every=2)
+    kron = {n for n, r in opt.routes.items() if r == "kron"}
+    if arch == "gpt2":
+        want = {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    else:
+        want = {f"model.layers.{i}.{m}.weight" for i in range(2)
+                for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert kron == want
+    assert set(opt.routes) == {n for n, p in model.named_parameters() if p.requires_grad}
+    data = token_batches(8, 4)
+    losses = []
+    for b in data:
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    conv = model.transformer.h[0].mlp.c_fc if arch == "gpt2" else model.model.layers[0].mlp.up_proj
+    state = opt.state[conv.weight]
+    d_in = 64
+    assert state["factor_a"].shape == (d_in, d_in)  # Conv1D's weight (d_in × d_out) is used transposed
