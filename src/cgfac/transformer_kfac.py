@@ -170,6 +170,12 @@ class _Capture:
         self.g.clear()
 
 
+def _grad(p: Tensor) -> Tensor:
+    if p.grad is None:  # the step takes only parameters with a gradient
+        raise RuntimeError("a parameter of the update lost its .grad")
+    return p.grad
+
+
 def _check_unit(name: str, value: float, low: float = 0.0, high: float = 1.0) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -205,6 +211,8 @@ class TransformerKFAC(torch.optim.Optimizer):
             and torch.optim.Muon's step cost 16x AdamW's on the 2-core AMD EPYC of the benchmarks).
         adamw_lr: the rest's learning rate, if it should differ from ``lr`` (a scheduler scales both).
         seed: seeds the sampling of rows.
+        process_group: the ``torch.distributed`` group whose ranks share the factors (default: the world,
+            when initialised): their statistics are averaged (``"ema"``) or their rows gathered (``"rows"``).
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 3e-3, weight_decay: float = 0.1,
@@ -212,7 +220,8 @@ class TransformerKFAC(torch.optim.Optimizer):
                  damping: float = 0.03, factors: Factors = "ema", rows: int | None = None,
                  momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
                  factor_decay: float = 0.95, factor_every: int = 1, eig_every: int = 10, ns_steps: int = 5,
-                 ns_dtype: torch.dtype | None = None, adamw_lr: float | None = None, seed: int = 0) -> None:
+                 ns_dtype: torch.dtype | None = None, adamw_lr: float | None = None, seed: int = 0,
+                 process_group: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         for name, value, allowed in (("direction", direction, DIRECTIONS), ("sides", sides, SIDES),
@@ -239,9 +248,9 @@ class TransformerKFAC(torch.optim.Optimizer):
         _check_unit("betas[1]", betas[1])
         if not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"eps must be positive, got {eps!r}")
-        for name, value in (("factor_every", factor_every), ("eig_every", eig_every), ("ns_steps", ns_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for count_name, count in (("factor_every", factor_every), ("eig_every", eig_every), ("ns_steps", ns_steps)):
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ValueError(f"{count_name} must be a positive int, got {count!r}")
         if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
             raise ValueError(f"rows must be a positive int or None, got {rows!r}")
         hidden, rest = hidden_matrices(model)
@@ -255,6 +264,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
         # power 0 with "ortho"/"power": P = I, no factors (with "ortho": Muon itself)
         self.needs_factors = direction == "ekfac" or power != 0.0
+        self.process_group = process_group
         self.skipped_steps = 0
         self.factor_failures = 0
         kron_ids = {id(m.weight) for _, m in hidden}
@@ -311,20 +321,26 @@ class TransformerKFAC(torch.optim.Optimizer):
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         return x.float() if x.element_size() < 4 else x
 
-    @classmethod
-    def _mean_outer(cls, parts: list[Tensor]) -> Tensor:
-        x = cls._rows(parts)
+    def _world(self) -> int:
+        """Processes sharing the factors (1 without an initialised process group)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _mean_outer(self, parts: list[Tensor]) -> Tensor:
+        """``F̂ = XᵀX / n`` of this step's rows ``X``, averaged over the processes."""
+        x = self._rows(parts)
         f = x.T @ x / x.shape[0]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(f, op=dist.ReduceOp.AVG)
+        if self._world() > 1:
+            dist.all_reduce(f, op=dist.ReduceOp.AVG, group=self.process_group)
         return f
 
-    @classmethod
-    def _gathered_rows(cls, parts: list[Tensor]) -> Tensor:
-        x = cls._rows(parts)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            chunks = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-            dist.all_gather(chunks, x.contiguous())
+    def _gathered_rows(self, parts: list[Tensor]) -> Tensor:
+        """Every process's rows ``X`` (equal counts per rank), scaled by ``1/√n`` so ``F̂ = XᵀX``."""
+        x = self._rows(parts)
+        if (world := self._world()) > 1:
+            chunks = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(chunks, x.contiguous(), group=self.process_group)
             x = torch.cat(chunks)
         return x / math.sqrt(x.shape[0])
 
@@ -360,17 +376,17 @@ class TransformerKFAC(torch.optim.Optimizer):
                 old = state.get(f"factor_{s}")
                 state[f"factor_{s}"] = f if old is None else old.lerp_(f, 1 - self.factor_decay)
         for s in sides:
-            f = state.get(f"factor_{s}")
-            if f is None or (state["step"] % self.eig_every != 0 and f"eig_{s}" in state):
+            factor: Tensor | None = state.get(f"factor_{s}")
+            if factor is None or (state["step"] % self.eig_every != 0 and f"eig_{s}" in state):
                 continue
-            eig = self._eig(f)
+            eig = self._eig(factor)
             if eig is None:
                 self.factor_failures += 1
                 continue
             state[f"eig_{s}"] = eig
             if self.direction != "ekfac":
                 ev, q = eig
-                q_, coeff, base = damped_power(ev, q, self.damping, f.shape[0], self.power)
+                q_, coeff, base = damped_power(ev, q, self.damping, factor.shape[0], self.power)
                 state[f"side_{s}"] = _Side(q_, coeff, base, dense=True)
 
     # --- the step ---------------------------------------------------------------------------------
@@ -411,8 +427,9 @@ class TransformerKFAC(torch.optim.Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         lr, t = group["lr"], state["step"]
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        grad = _grad(p)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
         p.mul_(1 - lr * group["weight_decay"])
         p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
@@ -422,7 +439,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = 0
-        grad = p.grad.T if cap.transposed else p.grad  # d_out × d_in
+        grad = _grad(p).T if cap.transposed else _grad(p)  # d_out × d_in
         if self.needs_factors:
             self._refresh(p, cap, state)
         state["step"] += 1
@@ -493,7 +510,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         self._step_count = extra.get("step_count", 0)
         if "generator" in extra:
             self._generator.set_state(extra["generator"])
-        for p, state in self.state.items():  # the powers derive from the eigensystems
+        for state in self.state.values():  # the powers derive from the eigensystems
             for s in ("a", "g"):
                 if f"eig_{s}" in state and self.direction != "ekfac":
                     ev, q = state[f"eig_{s}"]

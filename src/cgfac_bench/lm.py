@@ -57,7 +57,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +134,8 @@ def make_lm_optimizer(name: str, model: nn.Module, lr: float, wd: float,
     if name in ("muon", "muon-original"):
         hidden_layers, rest = cgfac.optim.hidden_matrices(model)
         original = name == "muon-original"
-        muon = torch.optim.Muon([m.weight for _, m in hidden_layers], lr=lr, weight_decay=wd,
+        weights: list[Tensor] = [cast(Tensor, m.weight) for _, m in hidden_layers]
+        muon = torch.optim.Muon(weights, lr=lr, weight_decay=wd,
                                 adjust_lr_fn="original" if original else "match_rms_adamw")
         rest_lr = float(hyper.get("adamw_lr", 3e-3)) if original else lr
         adamw = torch.optim.AdamW(_adamw_groups(rest, rest_lr, wd), lr=rest_lr, betas=ADAMW_BETAS)
@@ -145,7 +146,7 @@ def make_lm_optimizer(name: str, model: nn.Module, lr: float, wd: float,
         return pytorch_optimizer.SOAP(params, lr=lr, weight_decay=wd, **hyper)
     if name == "kron":
         try:
-            import kron_torch
+            import kron_torch  # type: ignore[import-untyped]
         except ImportError:
             raise RuntimeError("kron needs kron-torch: pip install kron-torch") from None
         return kron_torch.Kron(params, lr=lr, weight_decay=wd, **hyper)
@@ -344,7 +345,10 @@ def _spread(values: Sequence[float | None], spec: str = ".3f") -> str:
     med = _median(values)
     lo = min((v for v in values if v is not None), default=None)
     hi = max(math.inf if v is None else v for v in values)
-    fmt = (lambda v: "not reached" if v is None or math.isinf(v) else format(v, spec))
+
+    def fmt(v: float | None) -> str:
+        return "not reached" if v is None or math.isinf(v) else format(v, spec)
+
     return f"{fmt(med)} [{fmt(lo)}, {fmt(hi)}]" if len(values) > 1 else fmt(med)
 
 
@@ -402,7 +406,8 @@ def write_plots(out: Path, record: Mapping[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     best = best_configs(record["runs"])
-    for axis, label, fname in ((1, "iteration", "heldout_vs_steps.png"), (0, "training seconds", "heldout_vs_time.png")):
+    plots = ((1, "iteration", "heldout_vs_steps.png"), (0, "training seconds", "heldout_vs_time.png"))
+    for axis, label, fname in plots:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, rs in sorted(best.items()):
             r = sorted(rs, key=lambda r: r["final_heldout"])[len(rs) // 2]  # the median seed
@@ -493,7 +498,8 @@ def run(args: argparse.Namespace, argv_text: str = "") -> int:
         for c in cfgs:
             c["data_path"] = str(data_path)
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool, \
+        pool_args: dict[str, Any] = {"max_workers": jobs, "mp_context": ctx, "max_tasks_per_child": 1}
+        with concurrent.futures.ProcessPoolExecutor(**pool_args) as pool, \
                 tqdm(total=len(cfgs), desc=args.task, unit="run", dynamic_ncols=True) as bar:
             futures = [pool.submit(_child, c) for c in cfgs]
             for fut in concurrent.futures.as_completed(futures):

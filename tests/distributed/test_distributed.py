@@ -13,9 +13,9 @@ import pytest
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def torchrun(out: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(out: Path, *extra: str, timeout: int = 240, worker: Path = WORKER) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), "--out", str(out), *extra]
+           str(worker), "--out", str(out), *extra]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "MASTER_ADDR": "127.0.0.1",
            "GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo",
            **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {})}

@@ -143,6 +143,39 @@ def test_cgfac_optim_under_hf_trainer_without_closure(arch: str, tmp_path) -> No
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_transformer_kfac_under_hf_trainer_equals_plain_loop(arch: str, tmp_path) -> None:
+    """``Trainer(optimizers=(TransformerKFAC, scheduler))`` with gradient accumulation and clipping takes
+    exactly the plain loop's steps (the factor rows of every micro-batch of a step count)."""
+    from transformers import Trainer
+
+    def make():
+        model = tiny_model(arch)
+        opt = cgfac.optim.TransformerKFAC(model, lr=3e-3, sides="both", eig_every=2, ns_dtype=torch.float64)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.8**s)
+
+    batches = micro_batches()
+    model, opt, sched = make()
+    items = record_items(model)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_grad_norm=1.0),
+                      train_dataset=Stream(batches), optimizers=(opt, sched))
+    trainer.train()
+
+    want_model, want_opt, want_sched = make()
+    for s in range(STEPS):
+        for k in range(s * ACCUM, (s + 1) * ACCUM):
+            want_model(**batches[k], num_items_in_batch=items[k]).loss.backward()
+        torch.nn.utils.clip_grad_norm_(want_model.parameters(), 1.0)
+        want_opt.step()
+        want_sched.step()
+        want_model.zero_grad()
+    assert opt.skipped_steps == 0 and sum(r == "kron" for r in opt.routes.values()) > 0
+    for (name, p), q in zip(model.named_parameters(), want_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert logged[-1] < logged[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_lightning_trainer_with_preconditioner_callback_equals_plain_loop(arch: str, tmp_path) -> None:
     pl = pytest.importorskip("lightning.pytorch")
 
