@@ -142,7 +142,7 @@ def test_cgfac_optim_under_hf_trainer_without_closure(arch: str, tmp_path) -> No
     assert logged[-1] < logged[0]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2"])  # Conv1D, tied head; Llama's routing: tests/optim
 def test_transformer_kfac_under_hf_trainer_equals_plain_loop(arch: str, tmp_path) -> None:
     """``Trainer(optimizers=(TransformerKFAC, scheduler))`` with gradient accumulation and clipping takes
     exactly the plain loop's steps (the factor rows of every micro-batch of a step count)."""
