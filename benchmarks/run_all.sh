@@ -148,3 +148,8 @@ $B train $G --optimizers kfac --lr-grid "kfac=1.25e-4" --damping-grid "kfac=1" -
 # on 256 fixed held-out sequences every 30 s (the race to AdamW's and the best peer's final held-out loss).
 $B train --task gpt2 --tuned --optimizers kfac,adamw,muon-original,soap --budget 240 --eval-every 30 --seeds 0,1,2 \
   --out benchmarks/train-gpt2-240s
+# nanoGPT-style LM benchmark (issue 23): nanoGPT's char-level GPT (size S: 4 layers, 4 heads, width 128,
+# context 64, batch 12, 2000 iterations; warm-up 100, cosine to lr/10, clip 1.0) on the stdlib's prose.
+# Tuning at the full horizon, one seed, two runs at a time on one thread each (losses only: --jobs 2).
+$B train --task nanogpt-s --jobs 2 --optimizers adamw,muon-f32,tkfac-ortho-input,tkfac-ekfac,soap \
+  --out benchmarks/tuning-nanogpt-s

@@ -29,6 +29,7 @@ The direction ``O`` of the Nesterov momentum ``M = (1 − μ) g + μ m``, ``m �
     "power"   O = P_G M P_A, rescaled to RMS 0.2              fractional powers, p = −1/2 or −1/4
     "ekfac"   O = Q_G [ (Q_Gᵀ m̂ Q_A) / (√v̂ + ε) ] Q_Aᵀ,     Adam in K-FAC's eigenbasis (EKFAC / SOAP)
               v ← β₂ v + (1 − β₂) (Q_Gᵀ g Q_A)²,  m ← β₁ m + (1 − β₁) g, bias-corrected
+    "ekfac-ortho"  O = msgn(EKFAC's O), scaled as "ortho"     (SOAP-Muon with K-FAC's factors)
 
 and the update is ``W ← W (1 − lr·wd) − lr·O``. ``power = 0`` with ``"ortho"`` is Muon
 (``adjust_lr_fn="match_rms_adamw"``). Newton-Muon (arXiv 2604.01472) is ``"ortho"``, ``sides="input"``,
@@ -55,10 +56,10 @@ from torch.utils.hooks import RemovableHandle
 
 from cgfac.curvature.kron import factor_eig
 
-Direction = Literal["ortho", "power", "ekfac"]
+Direction = Literal["ortho", "power", "ekfac", "ekfac-ortho"]
 Sides = Literal["input", "both"]
 Factors = Literal["ema", "rows"]
-DIRECTIONS = ("ortho", "power", "ekfac")
+DIRECTIONS = ("ortho", "power", "ekfac", "ekfac-ortho")
 SIDES = ("input", "both")
 FACTORS = ("ema", "rows")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic (Keller Jordan)
@@ -195,7 +196,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         model: the model (or its DDP wrapper); hooks on its hidden layers record factor rows.
         lr: learning rate of both parts (AdamW-like; the hidden update has AdamW's RMS).
         weight_decay: decoupled weight decay of the hidden matrices and the other ≥ 2-D parameters.
-        direction: "ortho", "power" or "ekfac" (module docstring).
+        direction: "ortho", "power", "ekfac" or "ekfac-ortho" (module docstring).
         sides: "input" (``P_G = I``) or "both".
         power: the factors' power ``p`` (``"ortho"``: −1 is Newton-Muon, 0 is Muon; ``"power"``: −1/2,
             −1/4); unused by "ekfac".
@@ -228,8 +229,8 @@ class TransformerKFAC(torch.optim.Optimizer):
                                      ("factors", factors, FACTORS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if direction == "ekfac" and factors == "rows":
-            raise ValueError("direction='ekfac' needs factors='ema' (a full eigenbasis); got factors='rows'")
+        if direction.startswith("ekfac") and factors == "rows":
+            raise ValueError(f"direction={direction!r} needs factors='ema' (a full eigenbasis); got factors='rows'")
         if not isinstance(lr, (int, float)) or lr < 0:
             raise ValueError(f"lr must be a non-negative number, got {lr!r}")
         if adamw_lr is not None and (not isinstance(adamw_lr, (int, float)) or adamw_lr < 0):
@@ -263,7 +264,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         self.factor_decay, self.factor_every, self.eig_every = float(factor_decay), factor_every, eig_every
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
         # power 0 with "ortho"/"power": P = I, no factors (with "ortho": Muon itself)
-        self.needs_factors = direction == "ekfac" or power != 0.0
+        self.needs_factors = direction.startswith("ekfac") or power != 0.0
         self.process_group = process_group
         self.skipped_steps = 0
         self.factor_failures = 0
@@ -384,7 +385,7 @@ class TransformerKFAC(torch.optim.Optimizer):
                 self.factor_failures += 1
                 continue
             state[f"eig_{s}"] = eig
-            if self.direction != "ekfac":
+            if not self.direction.startswith("ekfac"):
                 ev, q = eig
                 q_, coeff, base = damped_power(ev, q, self.damping, factor.shape[0], self.power)
                 state[f"side_{s}"] = _Side(q_, coeff, base, dense=True)
@@ -443,23 +444,27 @@ class TransformerKFAC(torch.optim.Optimizer):
         if self.needs_factors:
             self._refresh(p, cap, state)
         state["step"] += 1
-        if self.direction == "ekfac":
+        if self.direction.startswith("ekfac"):
             update = self._ekfac(grad, state, group)
+            if self.direction == "ekfac-ortho":
+                update = self._orthogonalised(update)
         else:
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = state["momentum_buffer"] = torch.zeros_like(grad)
             buf.lerp_(grad, 1 - group["momentum"])  # torch.optim.Muon's convention (a scale NS ignores)
-            m = grad.lerp(buf, group["momentum"])
-            m = self._precondition(m, state)
+            m = self._precondition(grad.lerp(buf, group["momentum"]), state)
             if self.direction == "ortho":
-                dtype = self.ns_dtype or (torch.bfloat16 if m.is_cuda else torch.float32)
-                update = newton_schulz(m, self.ns_steps, dtype=dtype)
-                update.mul_(UPDATE_RMS * math.sqrt(max(m.shape)))
+                update = self._orthogonalised(m)
             else:
                 update = m * (UPDATE_RMS * math.sqrt(m.numel()) / m.norm().clamp_min(1e-30))
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update.T if cap.transposed else update, alpha=-group["lr"])
+
+    def _orthogonalised(self, m: Tensor) -> Tensor:
+        """``msgn(m)`` by Newton–Schulz, scaled to AdamW's update RMS: ``0.2·√max(d_out, d_in)``."""
+        dtype = self.ns_dtype or (torch.bfloat16 if m.is_cuda else torch.float32)
+        return newton_schulz(m, self.ns_steps, dtype=dtype).mul_(UPDATE_RMS * math.sqrt(max(m.shape)))
 
     def _precondition(self, m: Tensor, state: dict[str, Any]) -> Tensor:
         side_a, side_g = state.get("side_a"), state.get("side_g")
@@ -512,7 +517,7 @@ class TransformerKFAC(torch.optim.Optimizer):
             self._generator.set_state(extra["generator"])
         for state in self.state.values():  # the powers derive from the eigensystems
             for s in ("a", "g"):
-                if f"eig_{s}" in state and self.direction != "ekfac":
+                if f"eig_{s}" in state and not self.direction.startswith("ekfac"):
                     ev, q = state[f"eig_{s}"]
                     q_, coeff, base = damped_power(ev, q, self.damping, q.shape[0], self.power)
                     state[f"side_{s}"] = _Side(q_, coeff, base, dense=True)

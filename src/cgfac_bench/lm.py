@@ -90,12 +90,13 @@ LM_TASKS = {"nanogpt-s": LMTask(width=128), "nanogpt-m": LMTask(width=256, iters
 LM_PEERS = ("adamw-published", "adamw", "muon", "muon-f32", "muon-original", "soap", "kron")
 # The TransformerKFAC candidates of the transformers issue (cgfac.optim.TransformerKFAC's arguments):
 # (a) precondition, then orthogonalise (input side; both sides; fresh low-rank rows), (b) EKFAC,
-# (c) fractional powers.
+# (c) fractional powers; (a)+(b) EKFAC's direction orthogonalised (SOAP-Muon with K-FAC's factors).
 TKFAC_VARIANTS: dict[str, dict[str, Any]] = {
     "tkfac-ortho-input": {"direction": "ortho", "sides": "input", "power": -0.5},
     "tkfac-ortho-both": {"direction": "ortho", "sides": "both", "power": -0.25},
     "tkfac-ortho-rows": {"direction": "ortho", "sides": "input", "power": -0.5, "factors": "rows", "rows": 64},
     "tkfac-ekfac": {"direction": "ekfac", "sides": "both", "eig_every": 10},
+    "tkfac-ekfac-ortho": {"direction": "ekfac-ortho", "sides": "both", "eig_every": 10},
     "tkfac-power": {"direction": "power", "sides": "both", "power": -0.5},
 }
 LM_OPTIMIZERS = LM_PEERS + tuple(TKFAC_VARIANTS)
@@ -505,6 +506,8 @@ def run(args: argparse.Namespace, argv_text: str = "") -> int:
             for fut in concurrent.futures.as_completed(futures):
                 r = fut.result()
                 runs.append(r)
+                with (out / "runs.jsonl").open("a") as f:  # kept as they finish: an interrupted grid keeps them
+                    f.write(json.dumps(r, default=str) + "\n")
                 bar.update(1)
                 bar.write(f"{config_key(r)} seed={r['seed']}: "
                           + (f"error {r['error']}" if "error" in r else

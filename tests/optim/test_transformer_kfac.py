@@ -309,3 +309,20 @@ def test_routing_on_hugging_face_models(arch: str) -> None:
     state = opt.state[conv.weight]
     d_in = 64
     assert state["factor_a"].shape == (d_in, d_in)  # Conv1D's weight (d_in × d_out) is used transposed
+
+
+def test_ekfac_ortho_orthogonalises_the_ekfac_direction() -> None:
+    """``"ekfac-ortho"``'s update is ``0.2·√max(d_out, d_in)·NS(O)`` with ``O`` the ``"ekfac"`` update."""
+    x, y = batch(n=40)
+    updates = {}
+    for direction in ("ekfac", "ekfac-ortho"):
+        model = mlp()
+        opt = cgfac.optim.TransformerKFAC(model, lr=1.0, weight_decay=0.0, direction=direction, sides="both",
+                                          ns_dtype=torch.float64)
+        before = [model[i].weight.detach().clone() for i in (0, 2)]
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        updates[direction] = [b - model[i].weight.detach() for b, i in zip(before, (0, 2))]
+    for o, got in zip(updates["ekfac"], updates["ekfac-ortho"]):
+        want = newton_schulz(o, 5, dtype=torch.float64) * UPDATE_RMS * math.sqrt(max(o.shape))
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
