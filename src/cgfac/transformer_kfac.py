@@ -54,7 +54,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from cgfac.curvature.kron import factor_eig
+from cgfac.curvature.kron import eigh, factor_eig
 
 Direction = Literal["ortho", "power", "ekfac", "ekfac-ortho"]
 Sides = Literal["input", "both"]
@@ -282,16 +282,16 @@ class TransformerKFAC(torch.optim.Optimizer):
         super().__init__([g for g in groups if g["params"]], defaults)
         self._captures = {m.weight: _Capture(m, type(m).__name__ == "Conv1D") for _, m in hidden}
         self._generator = torch.Generator().manual_seed(seed)
-        self._capturing = True
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook) for _, m in hidden
                                                 if self.needs_factors]
         self._by_module = {m: self._captures[m.weight] for _, m in hidden}
-        self._step_count = 0
+        self._steps_taken = 0
 
     # --- capture ----------------------------------------------------------------------------------
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Record this forward's sampled input rows and, through a hook on the output, its gradient rows."""
-        if not (self._capturing and module.training and torch.is_grad_enabled()):
+        due = self.factors == "rows" or self._steps_taken % self.factor_every == 0  # rows only where used
+        if not (due and module.training and torch.is_grad_enabled()):
             return
         if not (isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor)):
             return
@@ -346,19 +346,13 @@ class TransformerKFAC(torch.optim.Optimizer):
         return x / math.sqrt(x.shape[0])
 
     def _eig(self, f: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``F = Q diag(s) Qᵀ`` (``s ≥ 0``; retried in float64 once), or None where it fails."""
         try:
-            s, q = torch.linalg.eigh(f)
-        except RuntimeError:
-            try:
-                s, q = torch.linalg.eigh(f.double())
-            except RuntimeError:
-                return None
-            s, q = s.to(f.dtype), q.to(f.dtype)
-        if not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+            return eigh(f)
+        except (torch.linalg.LinAlgError, RuntimeError):
             return None
-        return s.clamp_min(0), q
 
-    def _refresh(self, p: Tensor, cap: _Capture, state: dict[str, Any]) -> None:
+    def _refresh(self, cap: _Capture, state: dict[str, Any]) -> None:
         """This step's factor statistics into the layer's state, and its damped powers where due."""
         sides = ("a", "g") if self.sides == "both" else ("a",)
         have = all(getattr(cap, s) for s in sides)
@@ -371,7 +365,7 @@ class TransformerKFAC(torch.optim.Optimizer):
                 q_, coeff, base = damped_power(ev, q, self.damping, rows.shape[1], self.power)
                 state[f"side_{s}"] = _Side(q_, coeff, base, dense=False)
             return
-        if have and state["step"] % self.factor_every == 0:
+        if have:  # captured on refresh steps only (the hook)
             for s in sides:
                 f = self._mean_outer(getattr(cap, s))
                 old = state.get(f"factor_{s}")
@@ -416,7 +410,7 @@ class TransformerKFAC(torch.optim.Optimizer):
                     self._adamw_update(p, group)
         for cap in self._captures.values():
             cap.clear()
-        self._step_count += 1
+        self._steps_taken += 1
         return loss
 
     def _adamw_update(self, p: Tensor, group: dict[str, Any]) -> None:
@@ -442,7 +436,7 @@ class TransformerKFAC(torch.optim.Optimizer):
             state["step"] = 0
         grad = _grad(p).T if cap.transposed else _grad(p)  # d_out × d_in
         if self.needs_factors:
-            self._refresh(p, cap, state)
+            self._refresh(cap, state)
         state["step"] += 1
         if self.direction.startswith("ekfac"):
             update = self._ekfac(grad, state, group)
@@ -504,7 +498,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["state"] = {k: {n: v for n, v in s.items() if not n.startswith("side_")} for k, s in sd["state"].items()}
         sd["transformer_kfac"] = {"skipped_steps": self.skipped_steps, "factor_failures": self.factor_failures,
-                                  "step_count": self._step_count, "generator": self._generator.get_state()}
+                                  "step_count": self._steps_taken, "generator": self._generator.get_state()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -512,7 +506,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "transformer_kfac"})
         self.skipped_steps = extra.get("skipped_steps", 0)
         self.factor_failures = extra.get("factor_failures", 0)
-        self._step_count = extra.get("step_count", 0)
+        self._steps_taken = extra.get("step_count", 0)
         if "generator" in extra:
             self._generator.set_state(extra["generator"])
         for state in self.state.values():  # the powers derive from the eigensystems

@@ -100,6 +100,7 @@ TKFAC_VARIANTS: dict[str, dict[str, Any]] = {
     "tkfac-power": {"direction": "power", "sides": "both", "power": -0.5},
 }
 LM_OPTIMIZERS = LM_PEERS + tuple(TKFAC_VARIANTS)
+HYPER_TAKERS = ("soap", "kron", "muon-original", "muon-f32", *TKFAC_VARIANTS)  # --hyper goes to these
 PUBLISHED = {"lr": 1e-3, "wd": 0.1}  # nanoGPT's shakespeare_char recipe
 ADAMW_BETAS = (0.9, 0.99)
 CLIP = 1.0
@@ -480,16 +481,16 @@ def run(args: argparse.Namespace, argv_text: str = "") -> int:
         if name in lrs:
             lrs[name], wds[name] = [PUBLISHED["lr"]], [PUBLISHED["wd"]]
     seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
-    cli_hyper = parse_lm_hyper(args.hyper)
+    hypers = [parse_lm_hyper(alt) for alt in (args.hyper or "").split("|")]  # "a=1|a=2": one config each
     jobs = max(1, args.jobs)
     threads = args.threads or (1 if jobs > 1 else torch.get_num_threads())
     out = args.out or Path("runs") / f"train-{args.task}"
     out.mkdir(parents=True, exist_ok=True)
     iters = args.iters or task.iters
     cfgs = [{"task": args.task, "optimizer": n, "lr": lr, "wd": wd, "seed": s, "iters": iters, "threads": threads,
-             "device": args.device, "hyper": {**tuned.get(n, {}).get("hyper", {}), **cli_hyper}
-             if n.startswith("tkfac") or n in ("soap", "kron", "muon-original", "muon-f32") else {}}
-            for n in optimizers for lr in lrs[n] for wd in wds[n] for s in seeds]
+             "device": args.device, "hyper": {**tuned.get(n, {}).get("hyper", {}), **hyper}}
+            for n in optimizers for hyper in (hypers if n in HYPER_TAKERS else [{}])
+            for lr in lrs[n] for wd in wds[n] for s in seeds]
     from tqdm import tqdm
 
     runs: list[dict[str, Any]] = []

@@ -1183,7 +1183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CG-FAC: samples of each batch whose rows form the curvature (default: the task's)")
     parser.add_argument("--hyper", default=None,
                         help='settings of the second-order runs, overriding the tuned ones: "kfac_samples=250,'
-                             'min_damping=1e-3" (fields of cgfac_bench.train.SecondOrder; "none" for None)')
+                             'min_damping=1e-3" (fields of cgfac_bench.train.SecondOrder; "none" for None); '
+                             'nanogpt-*: keywords of the optimizer, "|" between alternatives run as a grid')
     parser.add_argument("--fisher", choices=("empirical", "true"), default=None,
                         help="Fisher of the second-order methods (default: the task's)")
 

@@ -326,3 +326,25 @@ def test_ekfac_ortho_orthogonalises_the_ekfac_direction() -> None:
     for o, got in zip(updates["ekfac"], updates["ekfac-ortho"]):
         want = newton_schulz(o, 5, dtype=torch.float64) * UPDATE_RMS * math.sqrt(max(o.shape))
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_factors_refresh_every_factor_every_steps_from_those_steps_rows() -> None:
+    """``factor_every=2``: the running factor after three steps is ``β_f A₁ + (1 − β_f) A₃`` (step 2's rows
+    are not captured); ``rows=r`` samples ``r`` positions per forward."""
+    model, ref = mlp(), mlp()
+    opt = cgfac.optim.TransformerKFAC(model, lr=0.0, weight_decay=0.0, factor_every=2, factor_decay=0.7)
+    seen = []
+    for seed in (1, 2, 3):
+        x, y = batch(n=6, seed=seed)
+        seen.append(captured(ref, x, y)[2][0])
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    a1, a3 = (a.T @ a / a.shape[0] for a in (seen[0], seen[2]))
+    torch.testing.assert_close(opt.state[model[2].weight]["factor_a"], 0.7 * a1 + 0.3 * a3, rtol=1e-12, atol=1e-14)
+    sampled_model = mlp()
+    sampled = cgfac.optim.TransformerKFAC(sampled_model, lr=0.0, rows=4)
+    x, y = batch(n=10)
+    nn.functional.cross_entropy(sampled_model(x), y).backward()
+    sampled.step()
+    assert int(torch.linalg.matrix_rank(sampled.state[sampled_model[2].weight]["factor_a"])) == 4  # 4 of 10 rows
