@@ -497,7 +497,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         self._step_count = extra.get("step_count", 0)
         if "generator" in extra:
             self._generator.set_state(extra["generator"])
-        for p, state in self.state.items():  # the powers derive from the eigensystems
+        for state in self.state.values():  # the powers derive from the eigensystems
             for s in ("a", "g"):
                 if f"eig_{s}" in state and self.direction != "ekfac":
                     ev, q = state[f"eig_{s}"]

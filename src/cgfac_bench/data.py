@@ -256,7 +256,6 @@ def prose_documents(root: str | Path | None = None) -> list[tuple[str, str]]:
     (``ast.get_docstring``) joined by blank lines. About 2.1 M characters on CPython 3.11.
     """
     import ast
-
     from pydoc_data.topics import topics
 
     docs = [(f"pydoc_data:{key}", topics[key]) for key in sorted(topics)]

@@ -344,7 +344,10 @@ def _spread(values: Sequence[float | None], spec: str = ".3f") -> str:
     med = _median(values)
     lo = min((v for v in values if v is not None), default=None)
     hi = max(math.inf if v is None else v for v in values)
-    fmt = (lambda v: "not reached" if v is None or math.isinf(v) else format(v, spec))
+
+    def fmt(v: float | None) -> str:
+        return "not reached" if v is None or math.isinf(v) else format(v, spec)
+
     return f"{fmt(med)} [{fmt(lo)}, {fmt(hi)}]" if len(values) > 1 else fmt(med)
 
 
@@ -402,7 +405,8 @@ def write_plots(out: Path, record: Mapping[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     best = best_configs(record["runs"])
-    for axis, label, fname in ((1, "iteration", "heldout_vs_steps.png"), (0, "training seconds", "heldout_vs_time.png")):
+    for axis, label, fname in ((1, "iteration", "heldout_vs_steps.png"),
+                               (0, "training seconds", "heldout_vs_time.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, rs in sorted(best.items()):
             r = sorted(rs, key=lambda r: r["final_heldout"])[len(rs) // 2]  # the median seed
