@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -243,9 +243,9 @@ class TransformerKFAC(torch.optim.Optimizer):
         _check_unit("betas[1]", betas[1])
         if not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"eps must be positive, got {eps!r}")
-        for name, value in (("factor_every", factor_every), ("eig_every", eig_every), ("ns_steps", ns_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, count in (("factor_every", factor_every), ("eig_every", eig_every), ("ns_steps", ns_steps)):
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ValueError(f"{name} must be a positive int, got {count!r}")
         if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
             raise ValueError(f"rows must be a positive int or None, got {rows!r}")
         hidden, rest = hidden_matrices(model)
@@ -364,17 +364,17 @@ class TransformerKFAC(torch.optim.Optimizer):
                 old = state.get(f"factor_{s}")
                 state[f"factor_{s}"] = f if old is None else old.lerp_(f, 1 - self.factor_decay)
         for s in sides:
-            f = state.get(f"factor_{s}")
-            if f is None or (state["step"] % self.eig_every != 0 and f"eig_{s}" in state):
+            factor = state.get(f"factor_{s}")
+            if factor is None or (state["step"] % self.eig_every != 0 and f"eig_{s}" in state):
                 continue
-            eig = self._eig(f)
+            eig = self._eig(factor)
             if eig is None:
                 self.factor_failures += 1
                 continue
             state[f"eig_{s}"] = eig
             if self.direction != "ekfac":
                 ev, q = eig
-                q_, coeff, base = damped_power(ev, q, self.damping, f.shape[0], self.power)
+                q_, coeff, base = damped_power(ev, q, self.damping, factor.shape[0], self.power)
                 state[f"side_{s}"] = _Side(q_, coeff, base, dense=True)
 
     # --- the step ---------------------------------------------------------------------------------
@@ -426,7 +426,8 @@ class TransformerKFAC(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = 0
-        grad = p.grad.T if cap.transposed else p.grad  # d_out × d_in
+        grad = cast(Tensor, p.grad)
+        grad = grad.T if cap.transposed else grad  # d_out × d_in
         if self.needs_factors:
             self._refresh(p, cap, state)
         state["step"] += 1

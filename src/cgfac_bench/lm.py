@@ -51,13 +51,14 @@ import json
 import math
 import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +135,7 @@ def make_lm_optimizer(name: str, model: nn.Module, lr: float, wd: float,
     if name in ("muon", "muon-original"):
         hidden_layers, rest = cgfac.optim.hidden_matrices(model)
         original = name == "muon-original"
-        muon = torch.optim.Muon([m.weight for _, m in hidden_layers], lr=lr, weight_decay=wd,
+        muon = torch.optim.Muon([cast(Tensor, m.weight) for _, m in hidden_layers], lr=lr, weight_decay=wd,
                                 adjust_lr_fn="original" if original else "match_rms_adamw")
         rest_lr = float(hyper.get("adamw_lr", 3e-3)) if original else lr
         adamw = torch.optim.AdamW(_adamw_groups(rest, rest_lr, wd), lr=rest_lr, betas=ADAMW_BETAS)
@@ -497,7 +498,11 @@ def run(args: argparse.Namespace, argv_text: str = "") -> int:
         for c in cfgs:
             c["data_path"] = str(data_path)
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool, \
+        if sys.version_info >= (3, 11):  # a fresh process per run
+            executor = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1)
+        else:  # Python 3.10 has no max_tasks_per_child: the workers are reused
+            executor = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx)
+        with executor as pool, \
                 tqdm(total=len(cfgs), desc=args.task, unit="run", dynamic_ncols=True) as bar:
             futures = [pool.submit(_child, c) for c in cfgs]
             for fut in concurrent.futures.as_completed(futures):
