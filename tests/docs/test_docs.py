@@ -22,9 +22,12 @@ MODULES = ["cgfac", "cgfac.optim", "cgfac.checkpoint", "cgfac.curvature", "cgfac
 WHOLE = {"cgfac.curvature", "cgfac.solvers"}
 PAGES = ["index.md", "getting-started.md", "which-method.md", "maths.md", "distributed.md", "failure.md",
          "examples.md", "code-organisation.md", "changelog.md"]
+README_BLOCKS = set(re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S))
+# the pages' own blocks: not the examples they include (tests/docs/test_examples.py runs those), nor
+# those copied verbatim from the README (tests/docs/test_readme.py runs those)
 BLOCKS = [(page, i, block) for page in PAGES
           for i, block in enumerate(re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S))
-          if "--8<--" not in block]
+          if "--8<--" not in block and block not in README_BLOCKS]
 
 
 def public_names() -> list[str]:

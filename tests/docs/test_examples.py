@@ -18,8 +18,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 # script -> the argument lists it is run with (each a separate test); torchrun for the distributed ones
 RUNS: dict[str, list[list[str]]] = {
-    "preconditioner_loop.py": [["--tiny"], ["--tiny", "--kfac"]],
-    "optim_closure.py": [["--tiny"], ["--tiny", "--cgfac"]],
+    "preconditioner_loop.py": [["--tiny"]],  # --kfac: cgfac.KFAC, tested throughout the suite
+    "optim_closure.py": [["--tiny"]],  # --cgfac: cgfac.optim.CGFAC, as in tests/optim
     "wide_layers.py": [["--tiny"]],
     "hf_trainer.py": [["--tiny"]],
     "lightning_module.py": [["--tiny"]],
