@@ -84,7 +84,8 @@ class Preconditioner:
             so the step no longer depends on the curvature's scale and ``lr`` is Adam-like
             (use ``kl_clip=None``). Tried on the transformer benchmark, where the KL-clipped step
             trailed AdamW.
-        graft_beta2, graft_eps: RMSProp's ``β₂`` (in ``[0, 1)``) and ``ε`` (> 0).
+        graft_beta2: RMSProp's ``β₂`` (in ``[0, 1)``).
+        graft_eps: RMSProp's ``ε`` (> 0).
         sharded_grads: how FSDP2's sharded (``DTensor``) gradients reach a layer's solve
             (:mod:`cgfac.sharded`): ``"auto"`` (default) the owner scheme (the layer's owner alone
             gathers ``∇W`` from the shards and returns each rank its rows of the direction) wherever

@@ -139,7 +139,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         adapt_damping: Levenberg–Marquardt adaptation of ``λ`` (needs ``step(closure)``).
         damping_interval: ``T``, steps between adaptations.
         damping_decay: ``ω = damping_decay^T``.
-        min_damping, max_damping: the range of ``λ``.
+        min_damping: the lower end of ``λ``'s range.
+        max_damping: the upper end of ``λ``'s range.
         quad_samples: use only the *last* this-many samples of each recorded forward for the
             curvature products of the quadratic model (None: all). The curvature's own rows
             (``curvature_samples``) are the *first* entries, so where the batch holds both the two

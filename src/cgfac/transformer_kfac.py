@@ -205,11 +205,15 @@ class TransformerKFAC(torch.optim.Optimizer):
             step's rows, low-rank; not with "ekfac").
         rows: positions sampled per layer and step for the factors (None: all).
         momentum: μ of the hidden matrices' (Nesterov) momentum; ``"ekfac"`` uses ``betas`` instead.
-        betas, eps: AdamW's (and ``"ekfac"``'s) β₁, β₂ and ε.
-        factor_decay: β_f of the running factors; factor_every, eig_every: their refresh periods.
-        ns_steps: Newton–Schulz iterations of ``"ortho"``; ns_dtype: their dtype (default: bfloat16, as
-            torch.optim.Muon, on CUDA; float32 elsewhere: a CPU without bfloat16 matrix units emulates it,
-            and torch.optim.Muon's step cost 16x AdamW's on the 2-core AMD EPYC of the benchmarks).
+        betas: AdamW's (and ``"ekfac"``'s) β₁ and β₂.
+        eps: AdamW's (and ``"ekfac"``'s) ε.
+        factor_decay: β_f of the running factors.
+        factor_every: the running factors' refresh period (steps); rows are captured on those steps only.
+        eig_every: the period (steps) of the factors' eigendecompositions.
+        ns_steps: Newton–Schulz iterations of ``"ortho"``.
+        ns_dtype: the Newton–Schulz iterations' dtype (default: bfloat16, as torch.optim.Muon, on CUDA;
+            float32 elsewhere: a CPU without bfloat16 matrix units emulates it, and torch.optim.Muon's
+            step cost 16x AdamW's on the 2-core AMD EPYC of the benchmarks).
         adamw_lr: the rest's learning rate, if it should differ from ``lr`` (a scheduler scales both).
         seed: seeds the sampling of rows.
         process_group: the ``torch.distributed`` group whose ranks share the factors (default: the world,

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from cgfac.rows import Rows
 
 DAMPING_FORMS = ("exact", "factored")
+"""The values of ``damping_form``: ``"exact"`` solves ``G X A + λX = ∇W``, ``"factored"``
+``(G + γ_G I) X (A + γ_A I) = ∇W`` with ``γ_A = π√λ``, ``γ_G = √λ/π``."""
 _CHECKED = contextvars.ContextVar("cgfac_checked_eigh", default=True)
 
 

@@ -80,7 +80,8 @@ class LayerHelper:
         name: the unit's name (the module's name, or ``module_name:part`` for a part).
         module: the module whose forward hook captures the rows.
         has_bias: whether the bias is trained (then it is the last column of the layer matrix).
-        weight, bias: the tensors of the layer matrix (default ``module.weight``/``module.bias``).
+        weight: the weight tensor of the layer matrix (default ``module.weight``).
+        bias: its bias tensor (default ``module.bias``).
         out_slice: the rows (dim 0) of ``weight``/``bias`` this unit owns (default all).
     """
 

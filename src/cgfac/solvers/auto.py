@@ -28,8 +28,11 @@ from cgfac.solvers.cg import CGSolver, keep_warm_start
 from cgfac.solvers.registry import solver_class
 
 DEFAULT_CG_PRODUCTS = 10  # CG's assumed products per solve before any was measured
+"""CG's assumed curvature products per solve before any solve was measured."""
 CG_PROBE_STEPS = 50  # how often a layer not solved by CG measures CG's iteration count again
+"""How often (in steps) a layer not solved by CG measures CG's iteration count again."""
 STALE_DAMPING_RATIO = 2.0  # a CG count measured at a damping this far off (either way) is re-measured
+"""A CG iteration count measured at a damping this many times off (either way) is measured again."""
 
 
 class AutoSolver(Solver):
