@@ -33,6 +33,7 @@ preconditioned gradient every step. Layers whose FSDP2-sharded gradients go by t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -107,7 +108,11 @@ class KFAC(Preconditioner):
         super().__init__(model, **kwargs)
 
     def _plan_memory(self, blocks: dict[str, Block]) -> dict[str, BlockMemory]:
-        """Each block's form by the rule of :mod:`cgfac.memory` (set on its helper), with its bytes."""
+        """Each block's form by the rule of :mod:`cgfac.memory` (set on its helper), with its bytes.
+        A Kronecker helper with its own ``kfac_factors`` keeps its factors (sized dense, no cheaper form)."""
+        for name, block in blocks.items():
+            if block.structure == "kron" and type(self.layers[name]).kfac_factors is not LayerHelper.kfac_factors:
+                blocks[name] = replace(block, structure="kron (own factors)")
         requested = resolve_forms(list(blocks), self.factor_form)
         plan = plan_kfac(blocks, self.memory_budget, requested, graft=self.graft != "none")
         for name, memory in plan.items():
