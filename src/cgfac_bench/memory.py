@@ -25,6 +25,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--memory-budget", type=float, default=None, help="the preconditioners' memory_budget")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per optimizer (its steps so far are kept)")
     parser.add_argument("--one", choices=OPTIMIZERS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--progress", type=Path, default=None, help=argparse.SUPPRESS)
 
 
 def rss_bytes() -> int:
@@ -88,8 +91,10 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         opt.step()
         times.append(1e3 * (time.perf_counter() - start))
         out.setdefault("losses", []).append(float(loss))
-    out["ms_per_step"] = times
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
+        out["ms_per_step"] = times
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
+        if args.progress is not None:  # the steps so far survive a timeout
+            args.progress.write_text(json.dumps(out))
     if pre is not None:
         out["fallbacks"] = pre.fallbacks
         out["tied_stats"] = {k: v for k, v in pre.layer_stats()[TIED].items() if isinstance(v, (str, int, float))}
@@ -117,6 +122,9 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: s
         if "peak_rss_bytes" not in r:
             lines.append(f"| {r['optimizer']} | failed: {r.get('error', '?')} | | | | | |")
             continue
+        if "error" in r:
+            r = {**r, "tied_block": f"{r.get('tied_block', '-')} **{len(r['ms_per_step'])} of {args.steps} steps: "
+                 f"{r['error']}**"}
         ratio = f"{r['peak_rss_bytes'] / adamw['peak_rss_bytes']:.2f}" if adamw else "-"
         planned = f"{r['planned_state_bytes'] / 1e9:.2f} GB" if "planned_state_bytes" in r else "-"
         lines.append(f"| {r['optimizer']} | {', '.join(f'{t:.0f}' for t in r['ms_per_step'])} | "
@@ -138,12 +146,20 @@ def run(args: argparse.Namespace) -> int:
             cmd += ["--threads", str(args.threads)]
         if args.memory_budget is not None:
             cmd += ["--memory-budget", repr(args.memory_budget)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-            results.append({"optimizer": name, "error": f"exit {proc.returncode}: {tail}"})
-        else:
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        with tempfile.TemporaryDirectory() as tmp:
+            progress = Path(tmp) / "progress.json"
+            cmd += ["--progress", str(progress)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                error = None if proc.returncode == 0 else \
+                    f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"
+            except subprocess.TimeoutExpired:
+                error = f"timed out after {args.timeout:g} s"
+            result = json.loads(progress.read_text()) if progress.exists() else {"optimizer": name}
+        if error is not None:
+            result["error"] = error
+        results.append(result)
         print(json.dumps(results[-1]), flush=True)
     if args.out is not None:
         from cgfac_bench.machine import cpu_model
