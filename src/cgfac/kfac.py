@@ -67,8 +67,8 @@ class KFAC(Preconditioner):
             ``n ≈ d``; a running average over many batches needs far fewer samples per batch than
             the gradient does.
         factor_form: each Kronecker block's form: "auto" (default: dense, unless the blocks'
-            state exceeds ``memory_budget``; then the largest blocks keep their larger side as a
-            diagonal factor, :mod:`cgfac.memory`), "dense", "diag-out", "diag-in" or "diag"
+            state exceeds ``memory_budget``; then, largest saving first, blocks keep their larger
+            side as a diagonal factor, :mod:`cgfac.memory`), "dense", "diag-out", "diag-in" or "diag"
             (both sides diagonal), or ``{block name or regex: form}`` (others "auto"). A block
             forced "dense" that does not fit the budget raises ``ValueError`` naming it and its
             bytes. ``memory_plan[name]`` and the registration report give each block's form, rule

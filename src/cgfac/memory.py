@@ -21,9 +21,9 @@ tensors) and the eigendecomposition's transient workspace (about ``2d²`` for on
 device's memory (CPU: total RAM, ``os.sysconf``; CUDA: ``get_device_properties().total_memory``);
 a number ``≤ 1`` a fraction of it; a number ``> 1`` bytes; ``math.inf`` no budget.
 
-**The rule** (K-FAC, :func:`plan_kfac`): if the blocks' total exceeds the budget, the block with
-the largest state among those left to the rule (``factor_form="auto"``) takes its next cheaper
-form, and so on until the total fits: ``"dense"`` → the larger side (by width; the output side on
+**The rule** (K-FAC, :func:`plan_kfac`): if the blocks' total exceeds the budget, the block whose
+next cheaper form saves the most bytes, among those left to the rule (``factor_form="auto"``),
+takes it, and so on until the total fits: ``"dense"`` → the larger side (by width; the output side on
 a tie) kept as its diagonal (``"diag-out"`` or ``"diag-in"``, the factor ``diag(Σ_rows g²)/n``, its
 eigenbasis the identity) → ``"diag"`` (both sides diagonal). With a diagonal output side the
 system ``G X A + λX = ∇W`` separates by rows: row ``i`` of ``X`` is
@@ -210,9 +210,10 @@ def plan_kfac(blocks: Mapping[str, Block], budget: Budget, requested: Mapping[st
         open_ = [n for n in auto if _cheaper(blocks[n], form[n]) is not None]
         if not open_:
             break
-        name = max(open_, key=lambda n: size[n])  # the first of equals, in layer order
+        cheaper = {n: kfac_block_bytes(blocks[n], _cheaper(blocks[n], form[n]) or form[n], graft=graft) for n in open_}
+        name = max(open_, key=lambda n: size[n] - cheaper[n])  # the largest saving; the first of equals
         form[name] = _cheaper(blocks[name], form[name]) or form[name]
-        new = kfac_block_bytes(blocks[name], form[name], graft=graft)
+        new = cheaper[name]
         total += new - size[name]
         size[name] = new
     fits = total <= budget.bytes
@@ -235,8 +236,8 @@ def plan_kfac(blocks: Mapping[str, Block], budget: Budget, requested: Mapping[st
         elif form[name] == "dense":
             rule = "dense: the total fits the budget" if fits else "dense: no cheaper form"
         else:
-            rule = (f"dense would need {format_bytes(dense[name])}: the largest blocks go diagonal on their larger "
-                    "side until the total fits the budget")
+            rule = (f"dense would need {format_bytes(dense[name])}: the widest sides go diagonal, largest saving "
+                    "first, until the total fits the budget")
         plan[name] = BlockMemory(name, form[name], size[name], dense[name], f"{rule}; budget {budget}")
     return plan
 

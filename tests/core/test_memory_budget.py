@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -118,14 +117,21 @@ def test_under_and_over_a_tiny_budget():
     assert pre.memory_plan["0"].bytes == 8 * (3 * 81 + 9 + 3 * 5)
 
 
-def test_largest_block_goes_first():
-    """Two blocks: only the larger one is made cheaper when that is enough."""
+def test_largest_saving_goes_first():
+    """Two blocks: only the one whose diagonal side saves most is made cheaper when that is enough;
+    with the graft's fixed share the tied GPT-2 block's 768 side stays dense while wide MLP sides
+    go diagonal."""
     blocks = {"small": Block("kron", 4, 4, 4), "big": Block("kron", 10, 30, 4)}
     small, big = kfac_block_bytes(blocks["small"]), kfac_block_bytes(blocks["big"])
     plan = plan_kfac(blocks, Budget(small + big - 1, "test"), {})
     assert (plan["small"].form, plan["big"].form) == ("dense", "diag-out")
     plan = plan_kfac(blocks, Budget(small + big, "test"), {})
     assert (plan["small"].form, plan["big"].form) == ("dense", "dense")
+    gpt2 = {"tied": Block("kron", D, V, 4), "c_fc": Block("kron", 769, 3072, 4), "c_proj": Block("kron", 3073, 768, 4)}
+    dense = {n: kfac_block_bytes(b, graft=True) for n, b in gpt2.items()}
+    budget = kfac_block_bytes(gpt2["tied"], "diag-out", graft=True) + dense["c_fc"] + dense["c_proj"] - 1
+    plan = plan_kfac(gpt2, Budget(budget, "test"), {}, graft=True)
+    assert [plan[n].form for n in gpt2] == ["diag-out", "dense", "diag-in"]  # 3073 inputs save more than 3072 outputs
     with pytest.raises(ValueError, match="not a Kronecker one"):
         plan_kfac({"emb": Block("diag-kron", 10, 4, 4)}, Budget(math.inf, "none"), {"emb": "diag"})
 
@@ -235,7 +241,6 @@ def test_kfac_at_gpt2_vocabulary_size():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, n_positions=16, resid_pdrop=0.0,
                                        embd_pdrop=0.0, attn_pdrop=0.0))
-    start = time.perf_counter()
     pre = cgfac.KFAC(model, damping=0.1, kl_clip=None, graft="rmsprop", damping_form="factored",
                      curvature_samples=8, factor_update_steps=5, inv_update_steps=20)
     assert pre.memory_plan["transformer.wte+lm_head"].form == "diag-out"
@@ -252,4 +257,6 @@ def test_kfac_at_gpt2_vocabulary_size():
     assert "fallback" not in stats and stats["method"] == "eigen"
     a_kept, g_kept = pre.factors["transformer.wte+lm_head"]
     assert a_kept.shape == (64, 64) and g_kept.shape == (V,)
-    assert time.perf_counter() - start < 30  # about 3 s on a loaded 2-core machine: no V × V work
+    # No wall-clock assertion: 2.8 s here with a share of 2 cores, 220 s when starved by other jobs (niced);
+    # "small" is asserted by the shapes above (no V × V factor) and the planned bytes.
+    assert pre.memory_plan["transformer.wte+lm_head"].bytes < 20e6
