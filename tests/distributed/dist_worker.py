@@ -33,11 +33,6 @@ PRECONDITIONERS = {
     "kfac-comm-opt": lambda m: cgfac.KFAC(m, factor_decay=0.0, inv_update_steps=1, kl_clip=None),
     "kfac-mem-opt": lambda m: cgfac.KFAC(m, factor_decay=0.0, inv_update_steps=1, kl_clip=None,
                                          strategy="mem-opt"),
-    # the memory budget's diagonal forms: decompositions with identity bases, broadcast (comm-opt)
-    "kfac-comm-opt-diag-out": lambda m: cgfac.KFAC(m, factor_decay=0.0, inv_update_steps=1, kl_clip=None,
-                                                   factor_form="diag-out"),
-    "kfac-mem-opt-diag": lambda m: cgfac.KFAC(m, factor_decay=0.0, inv_update_steps=1, kl_clip=None,
-                                              strategy="mem-opt", factor_form="diag"),
 }
 TRAINING = {
     # CG to convergence: a truncated solve is discontinuous in its inputs (the iteration count can
