@@ -70,7 +70,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     out: dict[str, Any] = {"optimizer": args.one, "params": sum(p.numel() for p in model.parameters()),
                            "rss_model_bytes": rss_bytes(), "threads": torch.get_num_threads()}
-    pre = None
+    pre: cgfac.KFAC | cgfac.CGFAC | None = None
     if args.one == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     else:
@@ -79,6 +79,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         else:
             pre = cgfac.CGFAC(model, **PRE_SETTINGS, memory_budget=args.memory_budget)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        assert pre is not None
         out["planned_state_bytes"] = sum(m.bytes for m in pre.memory_plan.values())
         out["budget"] = str(pre.memory_budget)
         out["tied_block"] = str(pre.memory_plan[TIED])
