@@ -35,8 +35,9 @@ from cgfac.dtensor import local
 from cgfac.hyperparams import Hyper, HyperParam
 from cgfac.layers import Chunk, LayerHelper, Rows
 from cgfac.layers.registry import HelperFactory, check_overrides
+from cgfac.memory import Block, BlockMemory, Budget, resolve_budget
 from cgfac.options import DampingScale, FisherKind, GraftKind, LossReduction, LossType, ShardedGrads, check
-from cgfac.registration import ReportEntry, log_report, register, unwrap
+from cgfac.registration import ReportEntry, annotate, log_report, register, unwrap
 from cgfac.state import LayerState, StateView
 from cgfac.strategies import make_distribution
 from cgfac.transforms import DAMPING_SWAMPS, VANISHING_KL_SCALE, Graft, KLClip, StepData, VanishingCheck
@@ -96,6 +97,12 @@ class Preconditioner:
         probe_layers: probe modules of unregistered types at registration (:mod:`cgfac.layers.probe`:
             a forward that is ``F.linear``, HF ``Conv1D``'s ``x @ weight + b``, ``F.embedding``, or a
             weight scaling an RMS/Layer-normalised input is covered); False: only registered types.
+        memory_budget: the bytes the blocks' state may take (:mod:`cgfac.memory`): None (default)
+            a quarter of the device's memory (CPU: total RAM; CUDA: the device's total memory), a
+            number ``≤ 1`` that fraction of it, a number ``> 1`` bytes, ``math.inf`` none. Every
+            block's state is sized at registration, before anything is allocated
+            (:attr:`memory_plan`); K-FAC gives blocks over the budget a cheaper form, and the
+            registration report names each block's form, rule and bytes.
 
     Tied weights (a Parameter used by several covered modules, e.g. an embedding and the output
     head) are one block, ``"<first>+<other>"``, fed by the rows of every use
@@ -131,6 +138,7 @@ class Preconditioner:
         graft_eps: float = 1e-8,
         sharded_grads: ShardedGrads = "auto",
         probe_layers: bool = True,
+        memory_budget: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -178,6 +186,13 @@ class Preconditioner:
         if not self.layers:
             raise ValueError("model: no covered layer with trainable parameters to precondition "
                              "(see cgfac.register_layer_helper)")
+        first = next(iter(self.layers.values()))
+        self.memory_budget: Budget = resolve_budget(memory_budget, first.device)
+        # Sized before anything is allocated; may choose cheaper forms or raise ValueError (cgfac.memory).
+        self.memory_plan: dict[str, BlockMemory] = self._plan_memory(
+            {name: Block(h.structure, h.d_in, h.d_out, torch.finfo(self._compute_dtype(h)).bits // 8)
+             for name, h in self.layers.items()})
+        self.report = annotate(self.report, found.blocks, self.memory_plan)
         self._handles = [*found.handles, model.register_forward_pre_hook(self.capture.count_forward_pass)]
         self.states: dict[str, LayerState] = {name: self._new_state(helper) for name, helper in self.layers.items()}
         self.route = make_distribution(self)  # the distribution strategy (cgfac.strategies)
@@ -231,6 +246,11 @@ class Preconditioner:
                 return None
 
     # --- what subclasses define ---------------------------------------------------------------
+    def _plan_memory(self, blocks: dict[str, Block]) -> dict[str, BlockMemory]:
+        """Each block's planned state (:mod:`cgfac.memory`), sized from ``blocks`` before anything is
+        allocated; subclasses size their own state and may choose cheaper forms."""
+        return {}
+
     def _new_state(self, helper: LayerHelper) -> LayerState:
         """A block's empty state (subclasses add their curvature state)."""
         return LayerState(helper)

@@ -38,6 +38,7 @@ from cgfac.curvature import DirectCurvature, KronRows, RowWindow, eigh
 from cgfac.distributed import COMM_METHODS, choose_comm, comm_bytes
 from cgfac.hyperparams import Hyper, HyperParam, positive_int
 from cgfac.layers import LayerHelper, Rows
+from cgfac.memory import Block, BlockMemory, plan_cgfac
 from cgfac.options import CurvatureKind, DampingForm, check
 from cgfac.solvers import (
     CG_PROBE_STEPS,
@@ -151,6 +152,12 @@ class CGFAC(Preconditioner):
         self._cost_constants: cost.CostConstants | None = None
         self._warned_graft_rows = False
         super().__init__(model, **kwargs)
+
+    def _plan_memory(self, blocks: dict[str, Block]) -> dict[str, BlockMemory]:
+        """Each block's state (:func:`cgfac.memory.plan_cgfac`): rows, and explicit factors with
+        ``solver="eigen"`` (``ValueError`` when they do not fit the budget)."""
+        return plan_cgfac(blocks, self.memory_budget, solver=self.solver, window=self.curvature_window,
+                          graft=self.graft != "none")
 
     def _new_state(self, helper: LayerHelper) -> LayerState:
         return LayerState(helper, RowWindow(self.curvature_window))

@@ -32,6 +32,8 @@ preconditioned gradient every step. Layers whose FSDP2-sharded gradients go by t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ from cgfac.base import Preconditioner
 from cgfac.curvature import KronEigen, RunningFactors
 from cgfac.hyperparams import Hyper, HyperParam, positive_int
 from cgfac.layers import LayerHelper
+from cgfac.memory import Block, BlockMemory, plan_kfac, resolve_forms
 from cgfac.options import DampingForm, FactorWarmup, Strategy, check
 from cgfac.state import LayerState, StateView
 
@@ -63,6 +66,13 @@ class KFAC(Preconditioner):
             ``n (d_in² + d_out²)`` per layer, as much as the backward pass of a wide layer at
             ``n ≈ d``; a running average over many batches needs far fewer samples per batch than
             the gradient does.
+        factor_form: each Kronecker block's form: "auto" (default: dense, unless the blocks'
+            state exceeds ``memory_budget``; then, largest saving first, blocks keep their larger
+            side as a diagonal factor, :mod:`cgfac.memory`), "dense", "diag-out", "diag-in" or "diag"
+            (both sides diagonal), or ``{block name or regex: form}`` (others "auto"). A block
+            forced "dense" that does not fit the budget raises ``ValueError`` naming it and its
+            bytes. ``memory_plan[name]`` and the registration report give each block's form, rule
+            and bytes.
 
     Per block, :attr:`states` holds a :class:`cgfac.state.LayerState`: the running factors
     (:class:`cgfac.curvature.RunningFactors`), the kept decomposition and its age (the solver
@@ -81,8 +91,12 @@ class KFAC(Preconditioner):
         damping_form: DampingForm = "exact",
         factor_warmup: FactorWarmup = "first",
         curvature_samples: int | None = None,
+        factor_form: str | Mapping[str, str] = "auto",
         **kwargs: Any,
     ) -> None:
+        if not isinstance(factor_form, (str, Mapping)):
+            raise TypeError(f"factor_form must be a str or a mapping, got {type(factor_form).__name__}")
+        self.factor_form = factor_form
         self.damping_form: DampingForm = check("damping_form", damping_form, DampingForm)
         self.factor_warmup: FactorWarmup = check("factor_warmup", factor_warmup, FactorWarmup)
         self.factor_decay = HyperParam("factor_decay", factor_decay, low=0.0, high=1.0)
@@ -92,6 +106,19 @@ class KFAC(Preconditioner):
         self.curvature_samples = positive_int("curvature_samples", curvature_samples, allow_none=True)
         self.steps = 0
         super().__init__(model, **kwargs)
+
+    def _plan_memory(self, blocks: dict[str, Block]) -> dict[str, BlockMemory]:
+        """Each block's form by the rule of :mod:`cgfac.memory` (set on its helper), with its bytes.
+        A Kronecker helper with its own ``kfac_factors`` keeps its factors (sized dense, no cheaper form)."""
+        for name, block in blocks.items():
+            if block.structure == "kron" and type(self.layers[name]).kfac_factors is not LayerHelper.kfac_factors:
+                blocks[name] = replace(block, structure="kron (own factors)")
+        requested = resolve_forms(list(blocks), self.factor_form)
+        plan = plan_kfac(blocks, self.memory_budget, requested, graft=self.graft != "none")
+        for name, memory in plan.items():
+            if blocks[name].structure == "kron":
+                self.layers[name].kfac_form = memory.form
+        return plan
 
     def _new_state(self, helper: LayerHelper) -> LayerState:
         return LayerState(helper, RunningFactors(self.factor_warmup))

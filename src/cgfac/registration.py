@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from torch import nn
@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from cgfac.layers import Capture, LayerHelper, TiedHelper, make_helper, tie_reason
 from cgfac.layers.registry import HelperFactory
 
-__all__ = ["Registration", "ReportEntry", "log_report", "register", "unwrap"]
+__all__ = ["Registration", "ReportEntry", "annotate", "log_report", "register", "unwrap"]
 
 logger = logging.getLogger("cgfac")
 
@@ -51,11 +51,13 @@ class ReportEntry:
     covered: bool
     reason: str
     rule: str = ""  # which rule covered it: "registered:<class>", "layer_helpers[<class>]", "probe:<kind>", "tied"
+    memory: str = ""  # its blocks' planned state: form, bytes and rule (cgfac.memory)
 
     def __str__(self) -> str:
         status = "preconditioned" if self.covered else "plain gradient"
         rule = f" [{self.rule}]" if self.rule else ""
-        return f"{self.name or '<root>'} ({self.module_type}): {status}{rule}: {self.reason}"
+        memory = f"; state: {self.memory}" if self.memory else ""
+        return f"{self.name or '<root>'} ({self.module_type}): {status}{rule}: {self.reason}{memory}"
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Registration:
     layers: dict[str, LayerHelper] = field(default_factory=dict)
     report: list[ReportEntry] = field(default_factory=list)
     handles: list[RemovableHandle] = field(default_factory=list)
+    blocks: dict[str, list[str]] = field(default_factory=dict)  # covered report entry -> the blocks of its module
 
 
 def skipped(name: str, module: nn.Module, skip_layers: Sequence[str | type]) -> bool:
@@ -129,12 +132,14 @@ def register(model: nn.Module, capture: Capture, *, skip_layers: Sequence[str | 
                 out.report.append(ReportEntry(
                     use.name, use_kind, True, f"shares its weight with {others}: {block.describe()}",
                     f"tied ({use.helper.rule or 'registered'})"))
+                out.blocks[use.name] = [block.name]
             out.layers[block.name] = block
             out.handles += block.attach(capture)
             continue
         for unit in helper.units():
             out.layers[unit.name] = unit
         out.report.append(ReportEntry(name, kind, True, helper.describe(), helper.rule))
+        out.blocks[name] = [unit.name for unit in helper.units()]
         out.handles += helper.attach(capture)
     return out
 
@@ -198,6 +203,20 @@ def tie(entries: list[tuple[str, nn.Module, Any]]) -> tuple[dict[str, TiedHelper
             uncovered[n] = (f"shares a Parameter with {others}, which cannot be one block ({reason}): "
                             "plain gradient")
     return tied, uncovered
+
+
+def annotate(report: list[ReportEntry], blocks: Mapping[str, list[str]],
+             memory: Mapping[str, Any]) -> list[ReportEntry]:
+    """The report with each covered entry's ``memory`` set from its blocks' plans (``str(plan)``;
+    several blocks of one module are named)."""
+    out = []
+    for entry in report:
+        names = [b for b in blocks.get(entry.name, []) if b in memory] if entry.covered else []
+        if names:
+            text = str(memory[names[0]]) if len(names) == 1 else "; ".join(f"{b}: {memory[b]}" for b in names)
+            entry = replace(entry, memory=text)
+        out.append(entry)
+    return out
 
 
 def log_report(owner: str, report: list[ReportEntry]) -> None:

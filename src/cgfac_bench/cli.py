@@ -10,6 +10,7 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and `
 * ``soak``      many training steps with the resident memory sampled along (``cgfac_bench.soak``)
 * ``profile``   one optimizer step itemised against Adam's (``cgfac_bench.profile``)
 * ``sweep``     ``train`` over widths: time to a fixed loss per optimizer and width (``cgfac_bench.sweep``)
+* ``memory``    GPT-2 small at its real size: ms per step and peak memory per optimizer (``cgfac_bench.memory``)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "soak": ("cgfac_bench.soak", "many training steps, resident memory sampled along"),
     "profile": ("cgfac_bench.profile", "one optimizer step itemised against Adam's"),
     "sweep": ("cgfac_bench.sweep", "train over widths: time to a fixed loss per optimizer and width"),
+    "memory": ("cgfac_bench.memory", "GPT-2 small: ms per step and peak memory per optimizer"),
 }
 
 

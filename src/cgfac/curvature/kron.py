@@ -94,9 +94,13 @@ class KronRows(RowBlock):
         g = [r.g * (w / r.n) ** 0.5 for r, w in zip(window, weights)]
         return cls(torch.cat(a), torch.cat(g))
 
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """The explicit factors ``(A, G)``: ``O(r d²)`` time, ``O(d²)`` memory."""
-        return self.a.T @ self.a, self.g.T @ self.g
+    def factors(self, diagonal: tuple[bool, bool] = (False, False)) -> tuple[Tensor, Tensor]:
+        """The explicit factors ``(A, G)``: ``O(r d²)`` time, ``O(d²)`` memory. ``diagonal``
+        ``(in, out)``: that side's factor is only its diagonal, ``Σ_rows a²`` column-wise (a 1-D
+        tensor of ``d`` numbers, ``O(r d)`` time): the cheaper forms of :mod:`cgfac.memory`."""
+        a_factor = (self.a * self.a).sum(0) if diagonal[0] else self.a.T @ self.a
+        g_factor = (self.g * self.g).sum(0) if diagonal[1] else self.g.T @ self.g
+        return a_factor, g_factor
 
     def mean_diagonal(self) -> float:
         """``tr(A)·tr(G)/(d_in·d_out)``, the mean eigenvalue of ``A ⊗ G``."""
@@ -231,20 +235,55 @@ def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class KronEigen:
-    """Eigendecomposed factors ``A = Q_A diag(s_A) Q_Aᵀ``, ``G = Q_G diag(s_G) Q_Gᵀ`` (K-FAC)."""
+    """Eigendecomposed factors ``A = Q_A diag(s_A) Q_Aᵀ``, ``G = Q_G diag(s_G) Q_Gᵀ`` (K-FAC).
+
+    A basis that is None is the identity: that factor is diagonal, ``diag(s)`` (the diagonal
+    forms of :mod:`cgfac.memory`, for a side too wide to keep its ``d × d`` factor), and every
+    formula below holds with ``Q = I`` (the basis change is skipped)."""
 
     s_a: Tensor
-    q_a: Tensor
+    q_a: Tensor | None
     s_g: Tensor
-    q_g: Tensor
+    q_g: Tensor | None
 
     @classmethod
     def from_factors(cls, a_factor: Tensor, g_factor: Tensor) -> KronEigen:
-        s_a, q_a = eigh(a_factor)
-        s_g, q_g = eigh(g_factor)
+        """Eigendecompose each factor; a 1-D factor is a diagonal one (its basis the identity)."""
+        s_a, q_a = (a_factor.clamp_min(0), None) if a_factor.dim() == 1 else eigh(a_factor)
+        s_g, q_g = (g_factor.clamp_min(0), None) if g_factor.dim() == 1 else eigh(g_factor)
         return cls(s_a, q_a, s_g, q_g)
 
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[Tensor], diagonal: tuple[bool, bool] = (False, False)) -> KronEigen:
+        """Rebuild from :meth:`tensors` (``diagonal``: which sides, ``(in, out)``, have no basis)."""
+        it = iter(tensors)
+        s_a = next(it)
+        q_a = None if diagonal[0] else next(it)
+        s_g = next(it)
+        q_g = None if diagonal[1] else next(it)
+        return cls(s_a, q_a, s_g, q_g)
+
+    @staticmethod
+    def empty_tensors(a_factor: Tensor, g_factor: Tensor) -> list[Tensor]:
+        """Zero tensors shaped like ``from_factors(a_factor, g_factor).tensors()`` (broadcast buffers)."""
+        out = []
+        for f in (a_factor, g_factor):
+            out.append(f.new_zeros(f.shape[0]))
+            if f.dim() == 2:
+                out.append(torch.zeros_like(f))
+        return out
+
     _inverses: tuple[float, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def _to_basis(self, grad: Tensor) -> Tensor:
+        """``Q_Gᵀ ∇W Q_A`` (an identity basis skipped)."""
+        c = grad if self.q_g is None else self.q_g.T @ grad
+        return c if self.q_a is None else c @ self.q_a
+
+    def _from_basis(self, c: Tensor) -> Tensor:
+        """``Q_G C Q_Aᵀ`` (an identity basis skipped)."""
+        x = c if self.q_g is None else self.q_g @ c
+        return x if self.q_a is None else x @ self.q_a.T
 
     def solve(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
         """``X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (s_G s_Aᵀ + λ)] Q_Aᵀ``; factored:
@@ -255,22 +294,25 @@ class KronEigen:
         square-ish layers, never very unequal sides), they are built once per ``λ`` and every solve
         at that ``λ`` is two products instead of four; a ``λ`` that changed every step would cost
         at most 1.5× the four products. The choice depends on shapes only, so a resumed run
-        repeats it."""
+        repeats it. A diagonal side (no basis) always takes the four-product route, where its
+        basis changes cost nothing."""
         if form == "factored":
             d_in, d_out = self.s_a.shape[0], self.s_g.shape[0]
-            if d_in**3 + d_out**3 <= 2 * (d_out * d_out * d_in + d_out * d_in * d_in):
+            dense = self.q_a is not None and self.q_g is not None
+            if dense and d_in**3 + d_out**3 <= 2 * (d_out * d_out * d_in + d_out * d_in * d_in):
+                assert self.q_a is not None and self.q_g is not None
                 if self._inverses is None or self._inverses[0] != damping:
                     gamma_a, gamma_g = self._gammas(damping)
                     self._inverses = (damping, (self.q_a / (self.s_a + gamma_a)) @ self.q_a.T,
                                       (self.q_g / (self.s_g + gamma_g)) @ self.q_g.T)
                 return self._inverses[2] @ grad @ self._inverses[1]
             gamma_a, gamma_g = self._gammas(damping)
-            c = self.q_g.T @ grad @ self.q_a
-            c /= torch.outer(self.s_g + gamma_g, self.s_a + gamma_a)
-            return self.q_g @ c @ self.q_a.T
-        c = self.q_g.T @ grad @ self.q_a
-        c /= torch.outer(self.s_g, self.s_a) + damping
-        return self.q_g @ c @ self.q_a.T
+            c = self._to_basis(grad)
+            scale = torch.outer(self.s_g + gamma_g, self.s_a + gamma_a)
+            return self._from_basis(c / scale if c is grad else c.div_(scale))
+        c = self._to_basis(grad)
+        scale = torch.outer(self.s_g, self.s_a).add_(damping)
+        return self._from_basis(c / scale if c is grad else c.div_(scale))
 
     def mean_diagonal(self) -> float:
         """``tr(A)·tr(G)/(d_in·d_out)``, the mean eigenvalue of ``A ⊗ G``."""
@@ -281,7 +323,8 @@ class KronEigen:
                                 self.s_g.shape[0], damping)
 
     def tensors(self) -> tuple[Tensor, ...]:
-        return self.s_a, self.q_a, self.s_g, self.q_g
+        """``(s_A, Q_A, s_G, Q_G)``, an identity basis left out."""
+        return tuple(t for t in (self.s_a, self.q_a, self.s_g, self.q_g) if t is not None)
 
 
 @dataclass

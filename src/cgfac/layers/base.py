@@ -223,12 +223,24 @@ class LayerHelper:
         build = KronRows if curvature == "kron" else ExactRows
         return build.from_rows(window, weights)
 
+    # K-FAC's form of a "kron" block (:mod:`cgfac.memory`): "dense" (both factors ``d × d``),
+    # "diag-in"/"diag-out" (that side's factor kept as its diagonal, basis the identity) or "diag".
+    kfac_form = "dense"
+
+    @property
+    def kfac_diagonal(self) -> tuple[bool, bool]:
+        """Which sides, ``(in, out)``, K-FAC keeps as diagonal factors (:attr:`kfac_form`)."""
+        return self.kfac_form in ("diag-in", "diag"), self.kfac_form in ("diag-out", "diag")
+
     def kfac_factors(self, rows: Rows) -> tuple[Tensor, ...]:
-        """This batch's K-FAC factors (averaged over ranks by weight ``n``)."""
-        return KronRows.from_rows([rows], [1.0]).factors()
+        """This batch's K-FAC factors (averaged over ranks by weight ``n``); a diagonal side
+        (:attr:`kfac_form`) is the 1-D diagonal of its factor, never formed whole."""
+        return KronRows.from_rows([rows], [1.0]).factors(self.kfac_diagonal)
 
     def kfac_zero_factors(self, like: Tensor) -> tuple[Tensor, ...]:
-        return like.new_zeros(self.d_in, self.d_in), like.new_zeros(self.d_out, self.d_out)
+        diag_in, diag_out = self.kfac_diagonal
+        return (like.new_zeros(self.d_in) if diag_in else like.new_zeros(self.d_in, self.d_in),
+                like.new_zeros(self.d_out) if diag_out else like.new_zeros(self.d_out, self.d_out))
 
     def kfac_decompose(self, factors: Sequence[Tensor]) -> Any:
         """An object with ``solve(grad, damping)`` and ``tensors()`` (for broadcasts, checkpoints)."""
@@ -236,15 +248,16 @@ class LayerHelper:
 
     def kfac_decomposition(self, tensors: Sequence[Tensor]) -> Any:
         """Rebuild :meth:`kfac_decompose`'s result from its ``tensors()``."""
-        return KronEigen(*cast("tuple[Tensor, Tensor, Tensor, Tensor]", tensors))  # s_a, q_a, s_g, q_g
+        return KronEigen.from_tensors(tensors, self.kfac_diagonal)
 
     def kfac_empty_decomposition(self, factors: Sequence[Tensor]) -> list[Tensor]:
         """Zero tensors shaped like ``kfac_decompose(factors).tensors()`` (broadcast buffers)."""
         a, g = factors
-        return [a.new_zeros(a.shape[0]), torch.zeros_like(a), g.new_zeros(g.shape[0]), torch.zeros_like(g)]
+        return KronEigen.empty_tensors(a, g)
 
     def decomposition_cost(self) -> float:
-        return float(self.d_in**3 + self.d_out**3)
+        diag_in, diag_out = self.kfac_diagonal
+        return float((self.d_in if diag_in else self.d_in**3) + (self.d_out if diag_out else self.d_out**3))
 
     # --- capture ------------------------------------------------------------------------------
     def take_rows(self, *, mean_reduced: bool, max_samples: int | None) -> Rows | None:
