@@ -159,7 +159,7 @@ def make_lm_optimizer(name: str, model: nn.Module, lr: float, wd: float,
         return pytorch_optimizer.SOAP(params, lr=lr, weight_decay=wd, **hyper)
     if name == "kron":
         try:
-            import kron_torch  # type: ignore[import-untyped]
+            import kron_torch
         except ImportError:
             raise RuntimeError("kron needs kron-torch: pip install kron-torch") from None
         return kron_torch.Kron(params, lr=lr, weight_decay=wd, **hyper)
