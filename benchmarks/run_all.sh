@@ -153,3 +153,19 @@ $B train --task gpt2 --tuned --optimizers kfac,adamw,muon-original,soap --budget
 # Tuning at the full horizon, one seed, two runs at a time on one thread each (losses only: --jobs 2).
 $B train --task nanogpt-s --jobs 2 --optimizers adamw,muon-f32,tkfac-ortho-input,tkfac-ekfac,soap \
   --out benchmarks/tuning-nanogpt-s
+# Round 2 (SOAP, EKFAC orthogonalised, plain EKFAC; stopped after SOAP 8e-3 for time) and the
+# ortho-input variants at its best lr (power -1, damping 0.1, 128 rows per layer):
+$B train --task nanogpt-s --jobs 2 --optimizers tkfac-ekfac-ortho,soap,tkfac-ekfac \
+  --lr-grid "soap=1e-3,2e-3,4e-3,8e-3,1.6e-2;tkfac-ekfac=4e-3,8e-3;tkfac-ekfac-ortho=2e-3,4e-3,8e-3" \
+  --out benchmarks/tuning-nanogpt-s-2
+$B train --task nanogpt-s --jobs 1 --threads 1 --optimizers tkfac-ortho-input --lr-grid 4e-3 \
+  --hyper "power=-1|damping=0.1" --out benchmarks/tuning-nanogpt-s-variants
+$B train --task nanogpt-s --jobs 1 --threads 1 --optimizers tkfac-ortho-input --lr-grid 4e-3 \
+  --hyper "rows=128|rows=128,eig_every=25" --out benchmarks/tuning-nanogpt-s-rows  # the second stopped for time
+# Side by side at the tuned settings (TUNED_LM), 3 seeds; the 0.8x-steps run; step times one at a time.
+$B train --task nanogpt-s --tuned --jobs 2 --seeds 0,1,2 --optimizers adamw-published,adamw,muon-f32,tkfac-ortho-input \
+  --out benchmarks/train-nanogpt-s
+$B train --task nanogpt-s --tuned --jobs 2 --seeds 0,1,2 --iters 1600 --optimizers tkfac-ortho-input \
+  --out benchmarks/train-nanogpt-s-1600
+$B train --task nanogpt-s --tuned --jobs 1 --threads 1 --iters 100 \
+  --optimizers adamw,muon-f32,tkfac-ortho-input,tkfac-ekfac-ortho,soap --lr-grid "soap=2e-3" --out benchmarks/speed-nanogpt-s
