@@ -13,7 +13,12 @@ rule                candidate (weight shape)                    helper
 ``probe:embedding``  ``F.embedding(i, weight)`` (``V × D``)       :class:`~cgfac.layers.EmbeddingHelper`
 ``probe:rms-norm``  ``weight · x/√(mean x² + ε)`` (+ ``bias``; ``C``)  :class:`~cgfac.layers.FeatureNormHelper`
 ``probe:layer-norm``  ``weight · (x − μ)/√(σ² + ε) + bias`` (``C``)   :class:`~cgfac.layers.FeatureNormHelper`
+``probe:router``    ``(F.linear(x, weight), ...)`` (a MoE router)  :class:`~cgfac.layers.RouterHelper`
+``probe:experts``   ``F.linear``/``@``/``_grouped_mm`` with 3-D ``E × d × d'``  :class:`~cgfac.layers.ExpertsGroup`
 ==================  ==========================================  ================================
+
+A module with 3-D trainable parameters is probed as a mixture-of-experts layer
+(:func:`cgfac.layers.experts.experts_helper`: called as ``module(hidden, top_k_index, top_k_weights)``).
 
 (``ε`` is read from the module's ``eps``/``variance_epsilon``/``epsilon``; the probe's inputs
 have unit scale, so the comparison does not depend on it.) A module matching none keeps its plain
@@ -27,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cgfac import dtensor
-from cgfac.layers.base import LayerHelper
+from cgfac.layers.base import LayerGroup, LayerHelper
 from cgfac.layers.embedding import MAX_INDEX, EmbeddingHelper
+from cgfac.layers.experts import RouterHelper, experts_helper
 from cgfac.layers.linear import Conv1DHelper, LinearHelper
 from cgfac.layers.norm import FeatureNormHelper, module_eps
 
@@ -44,11 +50,13 @@ def _close(y: object, want: Tensor) -> bool:
     return bool(torch.isfinite(y).all()) and float((y - want).abs().max()) <= _TOL * (1 + float(want.abs().max()))
 
 
-def probe_helper(name: str, module: nn.Module) -> LayerHelper | str:
+def probe_helper(name: str, module: nn.Module) -> LayerHelper | LayerGroup | str:
     """A helper for an unregistered module recognised by its probe (its ``rule`` says which
     candidate matched), or the reason it is not covered."""
     kind = type(module).__name__
     own = dict(module.named_parameters(recurse=False))
+    if any(p.dim() == 3 and p.requires_grad for p in own.values()):
+        return experts_helper(name, module)
     if set(own) not in ({"weight"}, {"weight", "bias"}):
         return f"{kind} is not a covered layer type (not probed: its parameters are not weight and bias)"
     weight, bias = own["weight"], own.get("bias")
@@ -87,9 +95,16 @@ def probe_helper(name: str, module: nn.Module) -> LayerHelper | str:
         d0, d1 = weight.shape
         x = rand(2, 3, d1)
         tried.append("F.linear")
-        if (bias is None or bias.shape[0] == d0) and _close(run(x), F.linear(x, w, b)):
+        out = run(x)
+        if (bias is None or bias.shape[0] == d0) and _close(out, F.linear(x, w, b)):
             return _rule(LinearHelper(name, module, trained_bias),
                          "probe:linear (forward is F.linear(x, weight, bias))")
+        tried.append("a router's (F.linear(x, weight), ...)")
+        want = F.linear(x, w)
+        if (bias is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor)
+                and out[0].numel() == want.numel() and _close(out[0].reshape(want.shape), want)):
+            return _rule(RouterHelper(name, module, False),
+                         "probe:router (its output's first tensor is F.linear(x, weight): the logits)")
         x = rand(2, 3, d0)
         tried.append("x @ weight + bias")
         if bias is None or bias.shape[0] == d1:
