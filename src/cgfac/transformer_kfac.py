@@ -65,7 +65,7 @@ FACTORS = ("ema", "rows")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic (Keller Jordan)
 UPDATE_RMS = 0.2  # AdamW's typical update RMS (Moonlight's matching constant)
 
-__all__ = ["DIRECTIONS", "TransformerKFAC", "damped_power", "hidden_matrices", "newton_schulz"]
+__all__ = ["DIRECTIONS", "TransformerKFAC", "damped_power", "factor_from_power", "hidden_matrices", "newton_schulz"]
 
 
 def _is_matrix_layer(module: nn.Module) -> bool:
@@ -137,25 +137,45 @@ def damped_power(s: Tensor, q: Tensor, damping: float, dim: int, power: float) -
 
 
 class _Side:
-    """One factor's damped power: dense ``P`` (``d × d``) or low-rank ``(q, coeff, base)``."""
+    """One factor's damped power: dense ``P`` (``d × d``, nothing else kept) or low-rank ``(q, coeff, base)``."""
 
     __slots__ = ("base", "coeff", "dense", "q")
 
-    def __init__(self, q: Tensor, coeff: Tensor, base: float, dense: bool) -> None:
-        self.q, self.coeff, self.base = q, coeff, base
-        self.dense = (q * (coeff + base)) @ q.T if dense else None
+    def __init__(self, q: Tensor | None, coeff: Tensor | None, base: float, dense: Tensor | None) -> None:
+        self.q, self.coeff, self.base, self.dense = q, coeff, base, dense
+
+    @classmethod
+    def power(cls, q: Tensor, coeff: Tensor, base: float) -> _Side:
+        """The dense ``P = q diag(coeff + base) qᵀ`` (``q`` square)."""
+        return cls(None, None, base, (q * (coeff + base)) @ q.T)
+
+    @classmethod
+    def lowrank(cls, q: Tensor, coeff: Tensor, base: float) -> _Side:
+        return cls(q, coeff, base, None)
 
     def right(self, m: Tensor) -> Tensor:
         """``M P``."""
         if self.dense is not None:
             return m @ self.dense
+        assert self.q is not None and self.coeff is not None
         return torch.addmm(m, (m @ self.q) * self.coeff, self.q.T, beta=self.base)
 
     def left(self, m: Tensor) -> Tensor:
         """``P M``."""
         if self.dense is not None:
             return self.dense @ m
+        assert self.q is not None and self.coeff is not None
         return torch.addmm(m, self.q, self.coeff[:, None] * (self.q.T @ m), beta=self.base)
+
+
+def factor_from_power(power_matrix: Tensor, damping: float, power: float) -> Tensor:
+    """The factor ``F`` whose damped power (:func:`damped_power`) is ``P = (F + λI)^p``, ``p < 0``:
+    ``P = Q diag(μ) Qᵀ`` gives ``s + λ = μ^{1/p}``; ``tr(F + λI) = (1 + damping)·tr F`` gives
+    ``λ = damping · Σ(s + λ) / ((1 + damping) d)``; ``F = Q diag(s) Qᵀ``."""
+    mu, q = eigh(power_matrix)
+    shifted = mu.clamp_min(torch.finfo(mu.dtype).tiny).pow(1.0 / power)
+    lam = damping * float(shifted.sum()) / ((1.0 + damping) * shifted.shape[0])
+    return (q * (shifted - lam).clamp_min(0.0)) @ q.T
 
 
 class _Capture:
@@ -267,6 +287,8 @@ class TransformerKFAC(torch.optim.Optimizer):
         self.power, self.damping, self.rows = float(power), float(damping), rows
         self.factor_decay, self.factor_every, self.eig_every = float(factor_decay), factor_every, eig_every
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
+        # the running factor is not kept where it is refreshed and decomposed on the same steps (_refresh)
+        self.compact = factors == "ema" and not direction.startswith("ekfac") and factor_every == eig_every
         # power 0 with "ortho"/"power": P = I, no factors (with "ortho": Muon itself)
         self.needs_factors = direction.startswith("ekfac") or power != 0.0
         self.process_group = process_group
@@ -357,7 +379,13 @@ class TransformerKFAC(torch.optim.Optimizer):
             return None
 
     def _refresh(self, cap: _Capture, state: dict[str, Any]) -> None:
-        """This step's factor statistics into the layer's state, and its damped powers where due."""
+        """This step's factor statistics into the layer's state, and its damped powers where due.
+
+        Kept per side: ``"ekfac"``: the running factor and its eigensystem ``eig_*``; ``"ortho"`` and
+        ``"power"``: the running factor and the dense power ``power_*``, or the power alone where the
+        factor is refreshed and decomposed on the same steps (``factor_every == eig_every``: the
+        running factor is recovered from the power when the next rows arrive,
+        :func:`factor_from_power`), one ``d × d`` matrix per side."""
         sides = ("a", "g") if self.sides == "both" else ("a",)
         have = all(getattr(cap, s) for s in sides)
         if self.factors == "rows":
@@ -366,27 +394,34 @@ class TransformerKFAC(torch.optim.Optimizer):
             for s in sides:
                 rows = self._gathered_rows(getattr(cap, s))
                 ev, q = factor_eig(rows)
-                q_, coeff, base = damped_power(ev, q, self.damping, rows.shape[1], self.power)
-                state[f"side_{s}"] = _Side(q_, coeff, base, dense=False)
+                state[f"side_{s}"] = _Side.lowrank(*damped_power(ev, q, self.damping, rows.shape[1], self.power))
             return
+        fresh: dict[str, Tensor] = {}
         if have:  # captured on refresh steps only (the hook)
             for s in sides:
                 f = self._mean_outer(getattr(cap, s))
                 old = state.get(f"factor_{s}")
-                state[f"factor_{s}"] = f if old is None else old.lerp_(f, 1 - self.factor_decay)
+                if old is None and self.compact and f"power_{s}" in state:
+                    old = factor_from_power(state[f"power_{s}"], self.damping, self.power)
+                fresh[s] = f if old is None else old.lerp_(f, 1 - self.factor_decay)
+                if not self.compact:
+                    state[f"factor_{s}"] = fresh[s]
         for s in sides:
-            factor: Tensor | None = state.get(f"factor_{s}")
-            if factor is None or (state["step"] % self.eig_every != 0 and f"eig_{s}" in state):
+            factor: Tensor | None = fresh.get(s) if self.compact else state.get(f"factor_{s}")
+            decomposed = f"eig_{s}" in state or f"power_{s}" in state
+            if factor is None or (not self.compact and state["step"] % self.eig_every != 0 and decomposed):
                 continue
             eig = self._eig(factor)
             if eig is None:
                 self.factor_failures += 1
                 continue
-            state[f"eig_{s}"] = eig
-            if not self.direction.startswith("ekfac"):
-                ev, q = eig
-                q_, coeff, base = damped_power(ev, q, self.damping, factor.shape[0], self.power)
-                state[f"side_{s}"] = _Side(q_, coeff, base, dense=True)
+            if self.direction.startswith("ekfac"):
+                state[f"eig_{s}"] = eig
+                continue
+            ev, q = eig
+            side = _Side.power(*damped_power(ev, q, self.damping, factor.shape[0], self.power))
+            state[f"power_{s}"] = side.dense
+            state[f"side_{s}"] = side
 
     # --- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -498,7 +533,7 @@ class TransformerKFAC(torch.optim.Optimizer):
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's, without the derived powers (``side_*``: rebuilt from ``eig_*``/rows on load)."""
+        """torch.optim's, without the ``side_*`` wrappers (rebuilt from ``power_*`` on load; ``"rows"``' from the next rows)."""
         sd = super().state_dict()
         sd["state"] = {k: {n: v for n, v in s.items() if not n.startswith("side_")} for k, s in sd["state"].items()}
         sd["transformer_kfac"] = {"skipped_steps": self.skipped_steps, "factor_failures": self.factor_failures,
@@ -513,10 +548,8 @@ class TransformerKFAC(torch.optim.Optimizer):
         self._steps_taken = extra.get("step_count", 0)
         if "generator" in extra:
             self._generator.set_state(extra["generator"])
-        for state in self.state.values():  # the powers derive from the eigensystems
+        for state in self.state.values():  # the sides wrap the saved powers
             for s in ("a", "g"):
-                if f"eig_{s}" in state and not self.direction.startswith("ekfac"):
-                    ev, q = state[f"eig_{s}"]
-                    q_, coeff, base = damped_power(ev, q, self.damping, q.shape[0], self.power)
-                    state[f"side_{s}"] = _Side(q_, coeff, base, dense=True)
+                if f"power_{s}" in state:
+                    state[f"side_{s}"] = _Side(None, None, 0.0, state[f"power_{s}"])
 

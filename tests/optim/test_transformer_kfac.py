@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 import cgfac
-from cgfac.transformer_kfac import NS_COEFFICIENTS, UPDATE_RMS, _Side, damped_power, newton_schulz
+from cgfac.transformer_kfac import (
+    NS_COEFFICIENTS,
+    UPDATE_RMS,
+    _Side,
+    damped_power,
+    factor_from_power,
+    newton_schulz,
+)
 
 torch.set_default_dtype(torch.float32)
 
@@ -83,11 +90,11 @@ def test_damped_power_matches_the_dense_matrix_power(rows: int, p: float) -> Non
     want = dense_power(f, lam, p)
     m = torch.randn(5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     s, q = factor_eig(x / math.sqrt(rows))
-    low = _Side(*damped_power(s, q, damping, d, p), dense=False)
+    low = _Side.lowrank(*damped_power(s, q, damping, d, p))
     torch.testing.assert_close(low.right(m), m @ want, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(low.left(m.T), want @ m.T, rtol=1e-9, atol=1e-11)
     s2, q2 = torch.linalg.eigh(f)
-    full = _Side(*damped_power(s2.clamp_min(0), q2, damping, d, p), dense=True)
+    full = _Side.power(*damped_power(s2.clamp_min(0), q2, damping, d, p))
     torch.testing.assert_close(full.right(m), m @ want, rtol=1e-9, atol=1e-11)
 
 
@@ -226,12 +233,14 @@ def test_power_direction_has_the_update_rms() -> None:
     assert step.pow(2).mean().sqrt().item() == pytest.approx(UPDATE_RMS, rel=1e-9)
 
 
-def test_state_dict_resumes_bit_for_bit() -> None:
+@pytest.mark.parametrize("factor_every", [1, 2])  # the full state; the compact one (factor_every == eig_every)
+def test_state_dict_resumes_bit_for_bit(factor_every: int) -> None:
     x, y = batch(n=12)
 
     def make():
         model = mlp()
-        return model, cgfac.optim.TransformerKFAC(model, lr=0.05, rows=6, sides="both", eig_every=2)
+        return model, cgfac.optim.TransformerKFAC(model, lr=0.05, rows=6, sides="both", eig_every=2,
+                                                  factor_every=factor_every)
 
     def steps(model, opt, k):
         for _ in range(k):
@@ -249,6 +258,41 @@ def test_state_dict_resumes_bit_for_bit() -> None:
     steps(model2, opt2, 3)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("p", [-1.0, -0.5, -0.25])
+def test_factor_from_power_recovers_the_factor(p: float) -> None:
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    f = rows.T @ rows / 9
+    s, q = torch.linalg.eigh(f)
+    damping = 0.03
+    p_matrix = dense_power(f, damping * float(s.sum()) / 6, p)
+    torch.testing.assert_close(factor_from_power(p_matrix, damping, p), f, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("sides", ["input", "both"])
+def test_compact_state_takes_the_same_steps(sides: str) -> None:
+    """``factor_every == eig_every`` keeps only the power per side (no factor, no eigensystem); its
+    steps equal those of the full state with the same refreshes (decomposed every step)."""
+    x, y = batch(n=12)
+    params, states = [], []
+    for eig_every in (2, 1):
+        model = mlp()
+        opt = cgfac.optim.TransformerKFAC(model, lr=0.05, sides=sides, factor_every=2, eig_every=eig_every)
+        assert opt.compact == (eig_every == 2)
+        for _ in range(5):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        params.append([q.detach().clone() for q in model.parameters()])
+        states.append(opt.state[model[0].weight])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    kept = {k for k in states[0] if isinstance(states[0][k], torch.Tensor) and states[0][k].dim() == 2}
+    want = {"momentum_buffer", "power_a"} | ({"power_g"} if sides == "both" else set())
+    assert kept == want
+    assert "factor_a" in states[1] and "eig_a" not in states[1]  # the full state: factor and power
 
 
 def test_a_non_finite_gradient_skips_the_step() -> None:
