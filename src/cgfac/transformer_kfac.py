@@ -533,7 +533,8 @@ class TransformerKFAC(torch.optim.Optimizer):
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's, without the ``side_*`` wrappers (rebuilt from ``power_*`` on load; ``"rows"``' from the next rows)."""
+        """torch.optim's, without the ``side_*`` wrappers (rebuilt from ``power_*`` on load; with
+        ``factors="rows"`` from the next step's rows)."""
         sd = super().state_dict()
         sd["state"] = {k: {n: v for n, v in s.items() if not n.startswith("side_")} for k, s in sd["state"].items()}
         sd["transformer_kfac"] = {"skipped_steps": self.skipped_steps, "factor_failures": self.factor_failures,

@@ -265,7 +265,7 @@ def test_factor_from_power_recovers_the_factor(p: float) -> None:
     g = torch.Generator().manual_seed(4)
     rows = torch.randn(9, 6, generator=g, dtype=torch.float64)
     f = rows.T @ rows / 9
-    s, q = torch.linalg.eigh(f)
+    s = torch.linalg.eigvalsh(f)
     damping = 0.03
     p_matrix = dense_power(f, damping * float(s.sum()) / 6, p)
     torch.testing.assert_close(factor_from_power(p_matrix, damping, p), f, rtol=1e-9, atol=1e-11)
