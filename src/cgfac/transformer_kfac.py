@@ -7,6 +7,11 @@ head, norms, biases) takes AdamW, with weight decay on the parameters of two or 
 only (nanoGPT's convention). One ``lr`` and one ``weight_decay`` serve both (the hidden update is
 scaled to AdamW's RMS), and an ``lr`` scheduler scales every group together.
 
+Mixture-of-experts layers (3-D expert parameters ``E × d_out × d_in``, :mod:`cgfac.layers.experts`):
+each expert's slice ``W_e`` is a hidden matrix of its own (route ``"kron-experts"``), with its own
+momentum and factors from the tokens routed to it (every rank joins the factors' reduction, with or
+without tokens); an expert that received no token keeps its factors.
+
 Per hidden layer, ``W``: ``d_out × d_in`` (a ``Conv1D``'s ``d_in × d_out`` weight is used
 transposed), the factors come from the layer's inputs ``a`` and output gradients ``g`` at every
 position the forward saw (``rows`` of them sampled per step, or all)::
@@ -55,6 +60,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from cgfac.curvature.kron import eigh, factor_eig
+from cgfac.layers.experts import ExpertsGroup, expert_products, experts_helper
 
 Direction = Literal["ortho", "power", "ekfac", "ekfac-ortho"]
 Sides = Literal["input", "both"]
@@ -65,7 +71,8 @@ FACTORS = ("ema", "rows")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic (Keller Jordan)
 UPDATE_RMS = 0.2  # AdamW's typical update RMS (Moonlight's matching constant)
 
-__all__ = ["DIRECTIONS", "TransformerKFAC", "damped_power", "factor_from_power", "hidden_matrices", "newton_schulz"]
+__all__ = ["DIRECTIONS", "TransformerKFAC", "damped_power", "expert_layers", "factor_from_power", "hidden_matrices",
+           "newton_schulz"]
 
 
 def _is_matrix_layer(module: nn.Module) -> bool:
@@ -101,6 +108,18 @@ def hidden_matrices(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list
         if p.requires_grad and id(p) not in taken:
             rest.append(p)
     return hidden, rest
+
+
+def expert_layers(model: nn.Module) -> list[tuple[str, ExpertsGroup]]:
+    """The mixture-of-experts modules (3-D expert parameters, :func:`cgfac.layers.experts_helper`'s
+    probe), each as ``(name, group)``: their experts take the Kronecker direction one by one."""
+    out = []
+    for name, module in model.named_modules():
+        if any(p.dim() == 3 and p.requires_grad for p in module.parameters(recurse=False)):
+            found = experts_helper(name, module)
+            if isinstance(found, ExpertsGroup):
+                out.append((name, found))
+    return out
 
 
 def newton_schulz(m: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -181,8 +200,8 @@ def factor_from_power(power_matrix: Tensor, damping: float, power: float) -> Ten
 class _Capture:
     """Rows ``a`` (inputs) and ``g`` (output gradients) of one hidden layer, sampled per forward."""
 
-    def __init__(self, module: nn.Module, transposed: bool) -> None:
-        self.module, self.transposed = module, transposed
+    def __init__(self, module: nn.Module, transposed: bool, expert: bool = False) -> None:
+        self.module, self.transposed, self.expert = module, transposed, expert
         self.a: list[Tensor] = []
         self.g: list[Tensor] = []
 
@@ -279,6 +298,9 @@ class TransformerKFAC(torch.optim.Optimizer):
         if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
             raise ValueError(f"rows must be a positive int or None, got {rows!r}")
         hidden, rest = hidden_matrices(model)
+        experts = expert_layers(model)
+        expert_params = {id(p): (group, pname) for _, group in experts for pname, p in group.params.items()}
+        rest = [p for p in rest if id(p) not in expert_params]
         for p in [m.weight for _, m in hidden] + rest:
             if type(p.data).__name__ == "DTensor":
                 raise ValueError("TransformerKFAC does not take FSDP2-sharded (DTensor) parameters yet; "
@@ -295,13 +317,16 @@ class TransformerKFAC(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.factor_failures = 0
         kron_ids = {id(m.weight) for _, m in hidden}
-        #: every trainable parameter's route, by name: "kron" (the Kronecker direction) or "adamw"
-        self.routes = {name: "kron" if id(p) in kron_ids else "adamw"
+        #: every trainable parameter's route, by name: "kron" (the Kronecker direction), "kron-experts"
+        #: (a 3-D expert parameter: the direction per expert) or "adamw"
+        self.routes = {name: "kron" if id(p) in kron_ids else "kron-experts" if id(p) in expert_params else "adamw"
                        for name, p in model.named_parameters() if p.requires_grad}
         decay = [p for p in rest if p.dim() >= 2]
         no_decay = [p for p in rest if p.dim() < 2]
         rest_lr = lr if adamw_lr is None else adamw_lr
+        expert_tensors = [p for _, group in experts for p in group.params.values()]
         groups: list[dict[str, Any]] = [{"params": [m.weight for _, m in hidden], "kind": "kron"},
+                                        {"params": expert_tensors, "kind": "experts"},
                                         {"params": decay, "kind": "adamw", "lr": rest_lr},
                                         {"params": no_decay, "kind": "adamw", "lr": rest_lr, "weight_decay": 0.0}]
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "betas": betas, "eps": eps}
@@ -311,6 +336,13 @@ class TransformerKFAC(torch.optim.Optimizer):
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook) for _, m in hidden
                                                 if self.needs_factors]
         self._by_module = {m: self._captures[m.weight] for _, m in hidden}
+        # per 3-D expert parameter, one capture per expert (rows: the expert's routed tokens)
+        self._expert_captures: dict[Tensor, list[_Capture]] = {
+            p: [_Capture(group.module, group.transposed[pname], expert=True) for _ in range(p.shape[0])]
+            for _, group in experts for pname, p in group.params.items()}
+        if self.needs_factors:
+            for _, group in experts:
+                self._handles += self._attach_experts(group)
         self._steps_taken = 0
 
     # --- capture ----------------------------------------------------------------------------------
@@ -334,6 +366,47 @@ class TransformerKFAC(torch.optim.Optimizer):
             cap.g.append(g[idx] if idx is not None else g)
 
         output.register_hook(grad_rows)
+
+    def _attach_experts(self, group: ExpertsGroup) -> list[RemovableHandle]:
+        """Hooks recording each expert's sampled routed rows (:mod:`cgfac.layers.experts`' products)."""
+        modes: list[Any] = []
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            due = self._steps_taken % self.factor_every == 0
+            if not (due and module.training and torch.is_grad_enabled()):
+                return
+
+            def found(pname: str, segments: list[tuple[int, int, int]], transposed: bool, x: Tensor,
+                      out: Tensor) -> None:
+                caps = self._expert_captures[group.params[pname]]
+                if not out.requires_grad or transposed != caps[0].transposed:
+                    return
+                rows_x = x.detach().reshape(-1, x.shape[-1])
+                picks: list[tuple[_Capture, Tensor]] = []
+                for e, lo, hi in segments:
+                    idx = torch.arange(lo, hi, device=x.device)
+                    if self.rows is not None and self.rows < hi - lo:
+                        idx = idx[torch.randperm(hi - lo, generator=self._generator)[: self.rows].to(x.device)]
+                    caps[e].a.append(rows_x[idx])
+                    picks.append((caps[e], idx))
+
+                def grad_rows(grad: Tensor) -> None:
+                    g = grad.detach().reshape(-1, grad.shape[-1])
+                    for cap, idx in picks:
+                        cap.g.append(g[idx])
+
+                out.register_hook(grad_rows)
+
+            mode = expert_products(found, group.params)
+            mode.__enter__()
+            modes.append(mode)
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if modes:
+                modes.pop().__exit__(None, None, None)
+
+        return [group.module.register_forward_pre_hook(pre, with_kwargs=True),
+                group.module.register_forward_hook(post, with_kwargs=True, always_call=True)]
 
     def remove(self) -> None:
         """Remove the capture hooks (the optimizer is then unusable for factor updates)."""
@@ -361,6 +434,22 @@ class TransformerKFAC(torch.optim.Optimizer):
         if self._world() > 1:
             dist.all_reduce(f, op=dist.ReduceOp.AVG, group=self.process_group)
         return f
+
+    def _expert_outer(self, cap: _Capture, sides: tuple[str, ...], state: dict[str, Any]) -> dict[str, Tensor] | None:
+        """An expert's ``F̂ = Σ XᵀX / Σ n`` over the processes' routed rows on a refresh step (every
+        rank joins the reduction, with or without rows), or None where no process had rows."""
+        if self._steps_taken % self.factor_every != 0:
+            return None
+        dims, like = {"a": state["dims"][1], "g": state["dims"][0]}, state["like"]
+        have = all(getattr(cap, s) for s in sides)
+        sums = {s: (lambda x: (x.T @ x).to(like.dtype))(self._rows(getattr(cap, s))) if have else
+                like.new_zeros(dims[s], dims[s]) for s in sides}
+        count = like.new_tensor([float(sum(t.shape[0] for t in cap.a)) if have else 0.0])
+        if self._world() > 1:
+            for t in [*sums.values(), count]:
+                dist.all_reduce(t, group=self.process_group)
+        total = float(count)
+        return {s: f / total for s, f in sums.items()} if total > 0 else None
 
     def _gathered_rows(self, parts: list[Tensor]) -> Tensor:
         """Every process's rows ``X`` (equal counts per rank), scaled by ``1/√n`` so ``F̂ = XᵀX``."""
@@ -397,9 +486,11 @@ class TransformerKFAC(torch.optim.Optimizer):
                 state[f"side_{s}"] = _Side.lowrank(*damped_power(ev, q, self.damping, rows.shape[1], self.power))
             return
         fresh: dict[str, Tensor] = {}
-        if have:  # captured on refresh steps only (the hook)
+        batch = self._expert_outer(cap, sides, state) if cap.expert else (
+            {s: self._mean_outer(getattr(cap, s)) for s in sides} if have else None)
+        if batch is not None:  # captured on refresh steps only (the hook)
             for s in sides:
-                f = self._mean_outer(getattr(cap, s))
+                f = batch[s]
                 old = state.get(f"factor_{s}")
                 if old is None and self.compact and f"power_{s}" in state:
                     old = factor_from_power(state[f"power_{s}"], self.damping, self.power)
@@ -436,7 +527,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         if not bool(finite):
             self.skipped_steps += 1
             warnings.warn("TransformerKFAC: a non-finite gradient; the step is skipped", RuntimeWarning, stacklevel=2)
-            for cap in self._captures.values():
+            for cap in self._all_captures():
                 cap.clear()
             return loss
         for group in self.param_groups:
@@ -445,9 +536,11 @@ class TransformerKFAC(torch.optim.Optimizer):
                     continue
                 if group["kind"] == "kron":
                     self._kron_update(p, group)
+                elif group["kind"] == "experts":
+                    self._experts_update(p, group)
                 else:
                     self._adamw_update(p, group)
-        for cap in self._captures.values():
+        for cap in self._all_captures():
             cap.clear()
         self._steps_taken += 1
         return loss
@@ -468,12 +561,36 @@ class TransformerKFAC(torch.optim.Optimizer):
         p.mul_(1 - lr * group["weight_decay"])
         p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
+    def _all_captures(self) -> list[_Capture]:
+        return [*self._captures.values(), *(c for caps in self._expert_captures.values() for c in caps)]
+
     def _kron_update(self, p: Tensor, group: dict[str, Any]) -> None:
         cap = self._captures[p]
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
         grad = _grad(p).T if cap.transposed else _grad(p)  # d_out × d_in
+        update = self._direction(grad, cap, self.state[p], group)
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update.T if cap.transposed else update, alpha=-group["lr"])
+
+    def _experts_update(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Each expert's slice ``p[e]`` as its own hidden matrix (its own factors and momentum)."""
+        caps = self._expert_captures[p]
+        state = self.state[p]
+        if "experts" not in state:
+            state["experts"] = [{} for _ in caps]
+        grad = _grad(p)
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        for e, (cap, sub) in enumerate(zip(caps, state["experts"])):
+            g = grad[e].T if cap.transposed else grad[e]
+            if "dims" not in sub:
+                sub["dims"] = tuple(g.shape)
+            sub["like"] = g.new_empty(0, dtype=torch.promote_types(g.dtype, torch.float32))  # not saved
+            update = self._direction(g, cap, sub, group)
+            p[e].add_(update.T if cap.transposed else update, alpha=-group["lr"])
+
+    def _direction(self, grad: Tensor, cap: _Capture, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        """One hidden matrix's update ``O`` (``d_out × d_in``) from its gradient, rows and state."""
+        if "step" not in state:
+            state["step"] = 0
         if self.needs_factors:
             self._refresh(cap, state)
         state["step"] += 1
@@ -481,18 +598,15 @@ class TransformerKFAC(torch.optim.Optimizer):
             update = self._ekfac(grad, state, group)
             if self.direction == "ekfac-ortho":
                 update = self._orthogonalised(update)
-        else:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(grad)
-            buf.lerp_(grad, 1 - group["momentum"])  # torch.optim.Muon's convention (a scale NS ignores)
-            m = self._precondition(grad.lerp(buf, group["momentum"]), state)
-            if self.direction == "ortho":
-                update = self._orthogonalised(m)
-            else:
-                update = m * (UPDATE_RMS * math.sqrt(m.numel()) / m.norm().clamp_min(1e-30))
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update.T if cap.transposed else update, alpha=-group["lr"])
+            return update
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(grad)
+        buf.lerp_(grad, 1 - group["momentum"])  # torch.optim.Muon's convention (a scale NS ignores)
+        m = self._precondition(grad.lerp(buf, group["momentum"]), state)
+        if self.direction == "ortho":
+            return self._orthogonalised(m)
+        return m * (UPDATE_RMS * math.sqrt(m.numel()) / m.norm().clamp_min(1e-30))
 
     def _orthogonalised(self, m: Tensor) -> Tensor:
         """``msgn(m)`` by Newton–Schulz, scaled to AdamW's update RMS: ``0.2·√max(d_out, d_in)``."""
@@ -536,7 +650,14 @@ class TransformerKFAC(torch.optim.Optimizer):
         """torch.optim's, without the ``side_*`` wrappers (rebuilt from ``power_*`` on load; with
         ``factors="rows"`` from the next step's rows)."""
         sd = super().state_dict()
-        sd["state"] = {k: {n: v for n, v in s.items() if not n.startswith("side_")} for k, s in sd["state"].items()}
+
+        def plain(st: dict[str, Any]) -> dict[str, Any]:
+            out = {n: v for n, v in st.items() if not n.startswith("side_") and n != "like"}
+            if "experts" in out:
+                out["experts"] = [plain(sub) for sub in out["experts"]]
+            return out
+
+        sd["state"] = {k: plain(s) for k, s in sd["state"].items()}
         sd["transformer_kfac"] = {"skipped_steps": self.skipped_steps, "factor_failures": self.factor_failures,
                                   "step_count": self._steps_taken, "generator": self._generator.get_state()}
         return sd
@@ -550,7 +671,10 @@ class TransformerKFAC(torch.optim.Optimizer):
         if "generator" in extra:
             self._generator.set_state(extra["generator"])
         for state in self.state.values():  # the sides wrap the saved powers
-            for s in ("a", "g"):
-                if f"power_{s}" in state:
-                    state[f"side_{s}"] = _Side(None, None, 0.0, state[f"power_{s}"])
+            for sub in state.get("experts", [state]):
+                if "dims" in sub:
+                    sub["dims"] = tuple(sub["dims"])
+                for s in ("a", "g"):
+                    if f"power_{s}" in sub:
+                        sub[f"side_{s}"] = _Side(None, None, 0.0, sub[f"power_{s}"])
 

@@ -49,7 +49,7 @@ from cgfac import dtensor
 from cgfac.layers.base import Capture, Chunk, LayerGroup, LayerHelper, eager
 from cgfac.layers.linear import LinearHelper
 
-__all__ = ["ExpertHelper", "ExpertsGroup", "RouterHelper", "experts_helper"]
+__all__ = ["ExpertHelper", "ExpertsGroup", "RouterHelper", "expert_products", "experts_helper"]
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, Tensor.__matmul__, torch._C.TensorBase.matmul, torch.mm, torch._C.TensorBase.mm}
@@ -192,6 +192,14 @@ class _Products(TorchFunctionMode):
                            not layout, x, out)
                 break
         return out
+
+
+def expert_products(found: Callable[[str, list[tuple[int, int, int]], bool, Tensor, Tensor], None],
+                    params: dict[str, Tensor]) -> TorchFunctionMode:
+    """A mode that calls ``found(name, [(e, lo, hi)], transposed, x, out)`` for every product of an
+    expert module's input with its 3-D parameters ``params`` (by name): expert ``e``'s rows are
+    ``x[lo:hi]`` and ``out[lo:hi]``; enter it for the module's forward."""
+    return _Products(found, params)
 
 
 def _bias_of(module: nn.Module, pname: str, param: Tensor) -> Tensor | None:
