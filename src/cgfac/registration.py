@@ -141,6 +141,23 @@ def register(model: nn.Module, capture: Capture, *, skip_layers: Sequence[str | 
         out.report.append(ReportEntry(name, kind, True, helper.describe(), helper.rule))
         out.blocks[name] = [unit.name for unit in helper.units()]
         out.handles += helper.attach(capture)
+    return _shared_with_covered(out, unwrap(model))
+
+
+def _shared_with_covered(out: Registration, model: nn.Module) -> Registration:
+    """An uncovered module whose trainable parameters are all another covered block's (BERT's MLM head
+    holds the bias its decoder uses) is reported as covered there."""
+    owner = {id(p): block for block, helper in out.layers.items() for unit in helper.units() for p in unit.params()}
+    modules = dict(model.named_modules())
+    for i, entry in enumerate(out.report):
+        module = modules.get(entry.name)
+        if entry.covered or module is None or entry.reason == "in skip_layers":
+            continue
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own and all(id(p) in owner for p in own):
+            blocks = ", ".join(sorted({repr(owner[id(p)]) for p in own}))
+            out.report[i] = replace(entry, covered=True, reason=f"its parameters are shared with block {blocks}, "
+                                    "which covers them", rule="shared")
     return out
 
 

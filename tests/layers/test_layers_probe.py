@@ -52,6 +52,19 @@ class HandRMSNorm(nn.Module):
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.epsilon) + self.bias
 
 
+class GemmaNorm(nn.Module):
+    """GemmaRMSNorm's forward: the scale is ``1 + weight`` (computed in float32)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(c))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
 class NotANorm(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -119,17 +132,17 @@ def test_functional_embedding_matches_dense_solve(kind: str) -> None:
     assert rule(pre, "0").startswith("probe:embedding")
 
 
-@pytest.mark.parametrize("norm", ["llama", "hand", "llama-registered"])
+@pytest.mark.parametrize("norm", ["llama", "hand", "llama-registered", "gemma"])
 @pytest.mark.parametrize("kind", ["kfac", "cgfac-kron-cg", EXACT_KINDS[1]])
 def test_rms_norm_like_matches_dense_solve(kind: str, norm: str, clean_registry) -> None:
     torch.manual_seed(0)
     c = 5
-    layer = HandRMSNorm(c) if norm == "hand" else LlamaRMSNorm(c, eps=1e-6)
+    layer = HandRMSNorm(c) if norm == "hand" else GemmaNorm(c) if norm == "gemma" else LlamaRMSNorm(c, eps=1e-6)
     if norm == "llama-registered":
         cgfac.register_layer_helper(LlamaRMSNorm, cgfac.layers.rms_norm_helper)  # the one-line alternative
     model = nn.Sequential(nn.Linear(4, c), layer, nn.Tanh(), nn.Linear(c, 3)).double()
     with torch.no_grad():
-        model[1].weight.uniform_(0.5, 1.5)
+        model[1].weight.uniform_(-0.5, 0.5) if norm == "gemma" else model[1].weight.uniform_(0.5, 1.5)
         if norm == "hand":
             model[1].bias.uniform_(-0.5, 0.5)
     gen = torch.Generator().manual_seed(3)

@@ -13,6 +13,7 @@ rule                candidate (weight shape)                    helper
 ``probe:embedding``  ``F.embedding(i, weight)`` (``V × D``)       :class:`~cgfac.layers.EmbeddingHelper`
 ``probe:rms-norm``  ``weight · x/√(mean x² + ε)`` (+ ``bias``; ``C``)  :class:`~cgfac.layers.FeatureNormHelper`
 ``probe:layer-norm``  ``weight · (x − μ)/√(σ² + ε) + bias`` (``C``)   :class:`~cgfac.layers.FeatureNormHelper`
+(either norm)       the scale ``1 + weight`` (``GemmaRMSNorm``)       the same block (``∂y/∂weight`` is ``x̂``)
 ``probe:router``    ``(F.linear(x, weight), ...)`` (a MoE router)  :class:`~cgfac.layers.RouterHelper`
 ``probe:experts``   ``F.linear``/``@``/``_grouped_mm`` with 3-D ``E × d × d'``  :class:`~cgfac.layers.ExpertsGroup`
 ==================  ==========================================  ================================
@@ -55,10 +56,14 @@ def probe_helper(name: str, module: nn.Module) -> LayerHelper | LayerGroup | str
     candidate matched), or the reason it is not covered."""
     kind = type(module).__name__
     own = dict(module.named_parameters(recurse=False))
-    if any(p.dim() == 3 and p.requires_grad for p in own.values()):
-        return experts_helper(name, module)
+    cubes = [p for p in own.values() if p.dim() == 3 and p.requires_grad]
+    if cubes and min(p.shape[0] for p in cubes) >= 2 and len({p.shape[0] for p in cubes}) == 1:
+        return experts_helper(name, module)  # E ≥ 2 experts of one leading size
     if set(own) not in ({"weight"}, {"weight", "bias"}):
-        return f"{kind} is not a covered layer type (not probed: its parameters are not weight and bias)"
+        free = ", ".join(f"{k} ({'x'.join(map(str, p.shape))})" for k, p in own.items() if p.requires_grad)
+        return (f"{kind} is not a covered layer type: its own parameters {free} are not a layer's weight and bias "
+                "(free parameters such as class tokens, position tables or state-space parameters: plain gradient; "
+                "its child layers are covered on their own)")
     weight, bias = own["weight"], own.get("bias")
     if not weight.requires_grad:
         return f"{kind} is not a covered layer type (not probed: weight is frozen)"
@@ -126,11 +131,13 @@ def probe_helper(name: str, module: nn.Module) -> LayerHelper | LayerGroup | str
             shift = b if b is not None else 0
             for norm_kind, normalised in (("rms", F.rms_norm(x, (c,), eps=eps)),
                                           ("layer", F.layer_norm(x, (c,), eps=eps))):
-                tried.append(f"{norm_kind}-norm")
-                if _close(out, w * normalised + shift):
-                    return _rule(FeatureNormHelper(name, module, trained_bias, norm_kind, eps),
-                                 f"probe:{norm_kind}-norm (weight scales a {norm_kind}-normalised last dimension, "
-                                 f"eps={eps:g})")
+                # the scale is weight, or 1 + weight (GemmaRMSNorm): ∂y/∂weight = x̂ either way, one block
+                for offset, scale_text in ((0.0, "weight"), (1.0, "1 + weight")):
+                    tried.append(f"{norm_kind}-norm" + (" (1 + weight)" if offset else ""))
+                    if _close(out, (w + offset) * normalised + shift):
+                        return _rule(FeatureNormHelper(name, module, trained_bias, norm_kind, eps),
+                                     f"probe:{norm_kind}-norm ({scale_text} scales a {norm_kind}-normalised last "
+                                     f"dimension, eps={eps:g})")
     candidates = ", ".join(tried) or "the candidates"
     return (f"{kind} is not a covered layer type (probe: its forward is none of {candidates}; "
             "see cgfac.register_layer_helper)")
