@@ -85,9 +85,12 @@ class LMTask:
     eval_interval: int = 100
     eval_windows: int = 256
     final_windows: int = 2048
+    experts: int = 0  # > 0: every MLP a mixture of this many experts (top 2, cgfac_bench.models.NanoMoE)
+    aux_weight: float = 0.01  # the load-balancing loss's weight in the training loss (experts > 0)
 
 
-LM_TASKS = {"nanogpt-s": LMTask(width=128), "nanogpt-m": LMTask(width=256, iters=3000, eval_interval=150)}
+LM_TASKS = {"nanogpt-s": LMTask(width=128), "nanogpt-m": LMTask(width=256, iters=3000, eval_interval=150),
+            "nanogpt-moe-s": LMTask(width=128, experts=4)}
 LM_PEERS = ("adamw-published", "adamw", "muon", "muon-f32", "muon-original", "soap", "kron")
 # The TransformerKFAC candidates of the transformers issue (cgfac.optim.TransformerKFAC's arguments):
 # (a) precondition, then orthogonalise (input side; both sides; fresh low-rank rows), (b) EKFAC,
@@ -234,7 +237,7 @@ def lm_run(cfg: dict[str, Any], data: dict[str, Tensor] | None = None) -> dict[s
     iters = cfg.get("iters") or task.iters
     task = LMTask(**{**task.__dict__, "iters": iters})
     torch.manual_seed(cfg["seed"])
-    model = NanoGPT(PROSE_VOCAB, task.context, task.width, task.depth, task.heads).to(device)
+    model = NanoGPT(PROSE_VOCAB, task.context, task.width, task.depth, task.heads, task.experts).to(device)
     opt = make_lm_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["wd"], cfg.get("hyper"))
     base_lrs = [g["lr"] for g in opt.param_groups]
     order = torch.Generator().manual_seed(cfg["seed"])
@@ -259,7 +262,7 @@ def lm_run(cfg: dict[str, Any], data: dict[str, Tensor] | None = None) -> dict[s
             g["lr"] = base * factor
         out = model(xb)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), yb.reshape(-1))
-        loss.backward()
+        (loss + task.aux_weight * model.aux_loss() if task.experts else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)

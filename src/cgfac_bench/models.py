@@ -181,26 +181,93 @@ class NanoBlock(nn.Module):
         return h + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(h))))
 
 
+class NanoExperts(nn.Module):
+    """``experts`` GELU MLPs as 3-D parameters (transformers ≥ 5's layout): ``c_fc`` ``E × hidden × width``,
+    ``mlp_proj`` ``E × width × hidden``, run as its ``"eager"`` loop (a product per expert on its tokens)."""
+
+    def __init__(self, width: int, hidden: int, experts: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Parameter(torch.empty(experts, hidden, width))
+        self.mlp_proj = nn.Parameter(torch.empty(experts, width, hidden))
+
+    def forward(self, h: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = torch.zeros_like(h)
+        for e in range(self.c_fc.shape[0]):
+            token, slot = torch.where(top_k_index == e)
+            if token.numel() == 0:
+                continue
+            y = F.linear(F.gelu(F.linear(h[token], self.c_fc[e])), self.mlp_proj[e])
+            out = out.index_add(0, token, y * top_k_weights[token, slot, None])
+        return out
+
+
+class NanoMoE(nn.Module):
+    """A mixture-of-experts MLP: a linear router, top-``k`` of ``experts`` GELU experts (weights: the
+    softmax of the chosen logits), and Switch's load-balancing loss ``E·Σ_e f_e P_e`` (``f_e`` the
+    share of routed slots, ``P_e`` the mean router probability) kept in ``aux_loss``."""
+
+    def __init__(self, width: int, experts: int, top_k: int, hidden: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(width, experts, bias=False)
+        self.experts = NanoExperts(width, hidden, experts)
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, h: Tensor) -> Tensor:
+        x = h.reshape(-1, h.shape[-1])
+        logits = self.router(x)
+        top, index = logits.topk(self.top_k, dim=-1)
+        probs = logits.softmax(-1)
+        share = F.one_hot(index, logits.shape[-1]).float().mean((0, 1))
+        self.aux_loss = logits.shape[-1] * (share * probs.mean(0)).sum()
+        return self.experts(x, index, top.softmax(-1)).reshape(h.shape)
+
+
+class NanoBlockMoE(NanoBlock):
+    """:class:`NanoBlock` with its MLP a :class:`NanoMoE` (experts of width ``2·width``, top 2 of 4:
+    the dense block's active MLP width ``4·width``)."""
+
+    def __init__(self, width: int, heads: int, experts: int = 4, top_k: int = 2) -> None:
+        super().__init__(width, heads)
+        del self.c_fc, self.mlp_proj
+        self.moe = NanoMoE(width, experts, top_k, 4 * width // top_k)
+
+    def forward(self, h: Tensor) -> Tensor:
+        b, t, c = h.shape
+        q, k, v = self.c_attn(self.ln_1(h)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.attn_proj(y.transpose(1, 2).reshape(b, t, c))
+        return h + self.moe(self.ln_2(h))
+
+
 class NanoGPT(nn.Module):
     """nanoGPT's GPT (Karpathy): token and learned position embeddings, ``depth`` pre-LayerNorm blocks,
     a final LayerNorm and a head tied to the token embedding; no bias, no dropout. Initialisation
     as nanoGPT's: normal(0, 0.02), the residual projections normal(0, 0.02/√(2·depth))."""
 
-    def __init__(self, vocab: int, context: int = 64, width: int = 128, depth: int = 4, heads: int = 4) -> None:
+    def __init__(self, vocab: int, context: int = 64, width: int = 128, depth: int = 4, heads: int = 4,
+                 experts: int = 0) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not a multiple of heads {heads}")
         self.context = context
         self.wte = nn.Embedding(vocab, width)
         self.wpe = nn.Embedding(context, width)
-        self.blocks = nn.ModuleList(NanoBlock(width, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList((NanoBlockMoE(width, heads, experts) if experts else NanoBlock(width, heads))
+                                    for _ in range(depth))
         self.ln_f = nn.LayerNorm(width, bias=False)
         self.lm_head = nn.Linear(width, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
         for name, p in self.named_parameters():
-            if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * depth) if name.endswith("_proj.weight") else 0.02
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * depth) if name.endswith(("_proj.weight", "experts.mlp_proj")) else 0.02
                 nn.init.normal_(p, 0.0, std)
+
+    def aux_loss(self) -> Tensor:
+        """The mixture-of-experts blocks' load-balancing losses of the last forward, summed (0 without)."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, NanoMoE)]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
 
     def forward(self, x: Tensor) -> Tensor:
         t = x.shape[1]

@@ -1125,8 +1125,8 @@ def save_arrays(data: dict[str, Tensor], directory: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--task", choices=(*TASKS, *LM_TASKS), default="autoencoder",
-                        help="nanogpt-s, nanogpt-m: the step-based LM benchmark (cgfac_bench.lm; --iters, "
-                             "--wd-grid, --jobs)")
+                        help="nanogpt-s, nanogpt-m, nanogpt-moe-s: the step-based LM benchmark (cgfac_bench.lm; "
+                             "--iters, --wd-grid, --jobs)")
     parser.add_argument("--iters", type=int, default=None,
                         help="nanogpt-*: training iterations per run (default: the task's, 2000 or 3000)")
     parser.add_argument("--wd-grid", default=None, help='nanogpt-*: weight decays, like --lr-grid')

@@ -66,3 +66,23 @@ def test_new_models_step_without_fallback(task: str, cls: type) -> None:
         pre.step()
         assert not [n for n, st in pre.layer_stats().items() if "fallback" in st]
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_nanogpt_moe_routes_tokens_to_experts_and_is_covered() -> None:
+    from cgfac_bench.models import NanoGPT, NanoMoE
+
+    torch.manual_seed(0)
+    model = NanoGPT(20, context=8, width=16, depth=1, heads=2, experts=4)
+    x = torch.randint(0, 20, (3, 8))
+    out = model(x)
+    assert out.shape == (3, 8, 20)
+    moe = next(m for m in model.modules() if isinstance(m, NanoMoE))
+    # top 2 of 4 experts of width 32: the active MLP width is the dense block's 4 x 16
+    assert moe.experts.c_fc.shape == (4, 32, 16) and moe.experts.mlp_proj.shape == (4, 16, 32)
+    assert 0.99 < float(model.aux_loss()) < 4.0  # E·Σ f_e P_e: 1 when balanced, E when collapsed
+    opt = cgfac.optim.TransformerKFAC(model, lr=1e-3)
+    assert opt.routes["blocks.0.moe.experts.c_fc"] == "kron-experts"
+    assert opt.routes["blocks.0.moe.router.weight"] == "kron"
+    pre = cgfac.KFAC(model)
+    assert all(e.covered for e in pre.registration_report())
+    assert "blocks.0.moe.experts.mlp_proj:3" in pre.layers
