@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover
     Shard = None  # type: ignore[assignment,misc]
     compute_local_shape_and_global_offset = None  # type: ignore[assignment]
 
-__all__ = ["DTensor", "Shard", "full", "is_sharded", "local", "write_shard"]
+__all__ = ["DTensor", "Shard", "add_full", "full", "is_sharded", "local", "write_shard"]
 
 
 def is_sharded(t: Tensor | None) -> bool:
@@ -53,3 +53,16 @@ def write_shard(dst: Tensor, value: Tensor, row_start: int = 0) -> None:
     into = (slice(lo - offset[0], hi - offset[0]), *full_rest)
     part = (slice(lo - row_start, hi - row_start), *rest)
     d.to_local()[into].copy_(value[part])
+
+
+def add_full(dst: Tensor, value: Tensor, alpha: float = 1.0) -> None:
+    """``dst += alpha·value`` for ``value`` the whole tensor: into a plain ``dst``, or into the part of
+    a ``DTensor``'s shard this rank holds (offsets by its placements; no communication)."""
+    if not is_sharded(dst):
+        dst.add_(value, alpha=alpha)
+        return
+    d: Any = dst
+    shape, offset = compute_local_shape_and_global_offset(d.shape, d.device_mesh, d.placements)
+    if 0 in shape:
+        return
+    d.to_local().add_(value[tuple(slice(o, o + n) for o, n in zip(offset, shape))], alpha=alpha)

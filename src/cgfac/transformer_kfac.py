@@ -44,7 +44,10 @@ Failure behaviour: a non-finite gradient skips the whole step (no parameter or s
 ``skipped_steps`` counts it, a warning says so); a factor whose eigendecomposition fails keeps its
 previous powers (the identity before the first), counted in ``factor_failures``.
 Processes: under DDP the factors' statistics are averaged over the process group before use, so
-every rank takes the same step. FSDP2-sharded (``DTensor``) parameters are refused at construction.
+every rank takes the same step. Under FSDP2 (``DTensor`` parameters) each hidden matrix's gradient is
+gathered whole, every rank computes the same direction and writes its own shard (the hidden
+matrices' momentum and powers are whole on every rank; AdamW's state is sharded); the non-finite
+check is agreed over the ranks.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from cgfac import dtensor
 from cgfac.curvature.kron import eigh, factor_eig
 from cgfac.layers.experts import ExpertsGroup, expert_products, experts_helper
 
@@ -301,10 +305,6 @@ class TransformerKFAC(torch.optim.Optimizer):
         experts = expert_layers(model)
         expert_params = {id(p): (group, pname) for _, group in experts for pname, p in group.params.items()}
         rest = [p for p in rest if id(p) not in expert_params]
-        for p in [m.weight for _, m in hidden] + rest:
-            if type(p.data).__name__ == "DTensor":
-                raise ValueError("TransformerKFAC does not take FSDP2-sharded (DTensor) parameters yet; "
-                                 "use it with DDP or a single process")
         self.direction, self.sides, self.factors = direction, sides, factors
         self.power, self.damping, self.rows = float(power), float(damping), rows
         self.factor_decay, self.factor_every, self.eig_every = float(factor_decay), factor_every, eig_every
@@ -523,7 +523,12 @@ class TransformerKFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all() if params else True
+        finite = torch.stack([torch.isfinite(dtensor.local(p.grad)).all() for p in params]).all() if params \
+            else torch.ones((), dtype=torch.bool)
+        if any(dtensor.is_sharded(p) for p in params) and self._world() > 1:  # FSDP2: each rank sees its shards
+            flag = finite.to(torch.float32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
+            finite = flag[0] > 0
         if not bool(finite):
             self.skipped_steps += 1
             warnings.warn("TransformerKFAC: a non-finite gradient; the step is skipped", RuntimeWarning, stacklevel=2)
@@ -566,10 +571,11 @@ class TransformerKFAC(torch.optim.Optimizer):
 
     def _kron_update(self, p: Tensor, group: dict[str, Any]) -> None:
         cap = self._captures[p]
-        grad = _grad(p).T if cap.transposed else _grad(p)  # d_out × d_in
+        grad = dtensor.full(_grad(p))  # FSDP2: the whole gradient (an all-gather); every rank takes the step
+        grad = grad.T if cap.transposed else grad  # d_out × d_in
         update = self._direction(grad, cap, self.state[p], group)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update.T if cap.transposed else update, alpha=-group["lr"])
+        dtensor.local(p).mul_(1 - group["lr"] * group["weight_decay"])
+        dtensor.add_full(p, update.T if cap.transposed else update, alpha=-group["lr"])
 
     def _experts_update(self, p: Tensor, group: dict[str, Any]) -> None:
         """Each expert's slice ``p[e]`` as its own hidden matrix (its own factors and momentum)."""

@@ -1,6 +1,7 @@
 """TransformerKFAC under DDP: two gloo ranks, each on half of the global batch, take the same steps as one
 process on the whole batch (factors averaged, or rows gathered, across the ranks), a mixture-of-experts
-model's experts included (each expert's routed rows reduced over the ranks)."""
+model's experts included (each expert's routed rows reduced over the ranks); and under FSDP2
+(``fully_shard``: DTensor parameters, uneven shards), the same."""
 
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("variant", ["ortho-both-ema", "ortho-input-rows", "ekfac", "moe-ortho-both"])
+@pytest.mark.parametrize("variant", ["ortho-both-ema", "ortho-input-rows", "ekfac", "moe-ortho-both",
+                                     "fsdp2-ortho-both-ema"])
 def test_ddp_steps_equal_one_process_on_the_global_batch(ranks, variant: str) -> None:
     for result in ranks:
         r = result["variants"][variant]
         assert r["moved"] > 1e-3  # the parameters did move
         assert r["max_rel_err"] < 1e-9, (result["rank"], variant, r)
+        if variant.startswith("fsdp2"):
+            assert r["sharded"] == "DTensor"
         if variant.startswith("moe"):
             assert r["routes"]["module.experts.gate_up_proj"] == "kron-experts"
             assert r["routes"]["module.router.weight"] == "kron" and r["routes"]["module.head.weight"] == "adamw"

@@ -100,6 +100,27 @@ def main() -> None:
                   zip(model.module.parameters(), single.parameters()))
         moved = max(float((p - q).abs().max()) for p, q in zip(single.parameters(), make().parameters()))
         result["variants"][name] = {"max_rel_err": err, "moved": moved, "routes": opt.routes}
+    # FSDP2: every Linear and the root fully_shard'ed (7 output rows over 2 ranks: uneven shards)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    kwargs = dict(VARIANTS["ortho-both-ema"])
+    model = mlp()
+    for module in model:
+        if isinstance(module, nn.Linear):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = cgfac.optim.TransformerKFAC(model, lr=0.05, weight_decay=0.1, **kwargs)
+    train(model, opt, [x.chunk(world)[rank] for x in xs], [y.chunk(world)[rank] for y in ys])
+    single = mlp()
+    opt1 = cgfac.optim.TransformerKFAC(single, lr=0.05, weight_decay=0.1, process_group=alone, **kwargs)
+    train(single, opt1, xs, ys)
+    whole = [p.full_tensor() for p in model.parameters()]
+    result["variants"]["fsdp2-ortho-both-ema"] = {
+        "max_rel_err": max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(whole, single.parameters())),
+        "moved": max(float((p - q).abs().max()) for p, q in zip(single.parameters(), mlp().parameters())),
+        "routes": {f"module.{k}": v for k, v in opt.routes.items()}, "sharded": type(model[0].weight).__name__}
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
