@@ -54,8 +54,24 @@ class Recorder:
         self.sample_targets: list[tuple[list[LayerHelper], Tensor]] = []  # fisher="true": layer outputs
         self.generator = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
+        self._routed: list[int | None] = []  # enter_experts / leave_experts
 
     # --- the layer hooks' protocol (cgfac.layers.Capture) --------------------------------------
+    def routed_tokens(self) -> int | None:
+        """Tokens ``N`` of the ``nn.ModuleList`` mixture-of-experts call now running (set by the hooks of
+        :func:`cgfac.registration.register` on the module holding ``experts``), or None."""
+        return self._routed[-1] if self._routed else None
+
+    def enter_experts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward pre-hook on a module holding an ``experts`` ``nn.ModuleList``: ``N``, the tokens
+        of its input ``(..., H)``, for the experts' layers called inside it."""
+        hidden = args[0] if args else next(iter(kwargs.values()), None)
+        self._routed.append(hidden.numel() // hidden.shape[-1] if isinstance(hidden, Tensor) and hidden.dim() else None)
+
+    def leave_experts(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        if self._routed:
+            self._routed.pop()
+
     def count_forward_pass(self, module: nn.Module, inputs: tuple) -> None:
         """A forward pre-hook on the model: numbers its forward passes (:attr:`Chunk.forward_pass`)."""
         self.forward_passes += 1

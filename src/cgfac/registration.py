@@ -141,7 +141,30 @@ def register(model: nn.Module, capture: Capture, *, skip_layers: Sequence[str | 
         out.report.append(ReportEntry(name, kind, True, helper.describe(), helper.rule))
         out.blocks[name] = [unit.name for unit in helper.units()]
         out.handles += helper.attach(capture)
+    _experts_lists(out, unwrap(model), capture)
     return _shared_with_covered(out, unwrap(model))
+
+
+def _experts_lists(out: Registration, model: nn.Module, capture: Capture) -> None:
+    """Mixture-of-experts layers of older transformers (an ``experts`` ``nn.ModuleList`` of MLPs): each
+    expert's layers see only their routed tokens, so their blocks are the per-expert Fisher over the
+    ``N`` tokens of the call (:mod:`cgfac.layers.experts`), ``N`` read by hooks on the module holding
+    the list."""
+    units = {id(u.module): u for helper in out.layers.values() for u in helper.units()}
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, nn.ModuleList):
+            continue
+        inside = [units[id(m)] for m in experts.modules() if id(m) in units]
+        if not inside:
+            continue
+        for unit in inside:
+            unit.in_experts = True
+        enter, leave = getattr(capture, "enter_experts", None), getattr(capture, "leave_experts", None)
+        if enter is None or leave is None:
+            continue
+        out.handles += [module.register_forward_pre_hook(enter, with_kwargs=True),
+                        module.register_forward_hook(leave, with_kwargs=True, always_call=True)]
 
 
 def _shared_with_covered(out: Registration, model: nn.Module) -> Registration:

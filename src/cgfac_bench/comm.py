@@ -68,6 +68,9 @@ class _ShapeRecorder:
     def capturing(self, module: torch.nn.Module) -> bool:
         return True
 
+    def routed_tokens(self) -> int | None:
+        return None
+
     def capture_limit(self) -> int | None:
         return None
 

@@ -344,3 +344,61 @@ def test_transformer_kfac_experts_resume_bit_for_bit() -> None:
     run(model2, opt2, 3)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+class ListMoE(nn.Module):
+    """:class:`MoE` with its experts as an ``experts`` ``nn.ModuleList`` of MLPs (older transformers)."""
+
+    class Expert(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = nn.Linear(H, 2 * INTER, bias=False)
+            self.down_proj = nn.Linear(INTER, H, bias=False)
+
+        def forward(self, x: Tensor) -> Tensor:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+
+    class Block(nn.Module):
+        def __init__(self, source: Experts) -> None:
+            super().__init__()
+            self.experts = nn.ModuleList(ListMoE.Expert() for _ in range(E))
+            with torch.no_grad():
+                for e, expert in enumerate(self.experts):
+                    expert.gate_up_proj.weight.copy_(source.gate_up_proj[e])
+                    expert.down_proj.weight.copy_(source.down_proj[e])
+
+        def forward(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+            out = torch.zeros_like(hidden)
+            for e, expert in enumerate(self.experts):
+                token, slot = torch.where(top_k_index == e)
+                if token.numel():
+                    out = out.index_add(0, token, expert(hidden[token]) * top_k_weights[token, slot, None])
+            return out
+
+    def __init__(self) -> None:
+        super().__init__()
+        source = MoE()
+        self.gate, self.head = source.gate, source.head
+        self.experts = ListMoE.Block(source.experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, weights, index = self.gate(x)
+        return self.head(self.experts(x, index, weights))
+
+
+@pytest.mark.parametrize("kind", ["kfac", "cgfac-kron-lowrank", EXACT_KINDS[0]])
+def test_module_list_experts_are_the_same_per_expert_blocks(kind: str) -> None:
+    """Experts as an ``nn.ModuleList`` of Linears: the same per-expert Fisher blocks (N tokens) as the
+    3-D parameters give, so the same directions."""
+    x, y = data()
+    model, listed = MoE().double(), ListMoE().double()
+    _, want = library_directions(kind, model, lambda: F.cross_entropy(model(x), y))
+    pre, got = library_directions(kind, listed, lambda: F.cross_entropy(listed(x), y))
+    assert all(pre.layers[f"experts.experts.{e}.down_proj"].in_experts for e in range(E))
+    for e in range(E):
+        torch.testing.assert_close(got[f"experts.experts.{e}.gate_up_proj.weight"],
+                                   want["experts.gate_up_proj"][e], rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(got[f"experts.experts.{e}.down_proj.weight"],
+                                   want["experts.down_proj"][e], rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(got["gate.weight"], want["gate.weight"], rtol=1e-7, atol=1e-10)

@@ -72,6 +72,10 @@ class Capture(Protocol):
 
     def record_output(self, units: list[LayerHelper], output: Tensor) -> None: ...
 
+    def routed_tokens(self) -> int | None:
+        """Tokens ``N`` of the mixture-of-experts call now running (``nn.ModuleList`` experts), or None."""
+        ...
+
 
 class LayerHelper:
     """One curvature block (a *unit*) of a module. Subclasses define how rows are extracted.
@@ -86,6 +90,7 @@ class LayerHelper:
     """
 
     structure = "kron"
+    in_experts = False  # a layer of an ``nn.ModuleList`` expert: its rows are the routed tokens of a call
     weight_transposed = False  # the layer matrix is ``weightᵀ`` (embeddings, HF Conv1D), not ``weight``
     rule = ""  # which registration rule made this helper (set by :func:`cgfac.layers.make_helper`)
 
@@ -327,9 +332,16 @@ def unit_forward_hook(units: list[LayerHelper], capture: Capture) -> Callable:
             return
         x = inputs[0].detach()
         limit = capture.capture_limit()
-        chunks, kept = [], []
+        chunks, kept, scales = [], [], []
         with record_function("cgfac.capture"):
             for unit in units:
+                tokens = capture.routed_tokens() if unit.in_experts else None
+                if tokens is not None:  # an expert's routed rows, all kept: the per-expert Fisher over N tokens
+                    a, n = unit.input_rows(x)
+                    chunks.append(capture.record_input(unit, a, n, n_full=tokens, batch=1))
+                    kept.append(False)
+                    scales.append(math.sqrt(n / tokens))  # G_e = Σ g gᵀ/N (cgfac.layers.experts)
+                    continue
                 # Rows only for the first `limit` batch entries: the input is sliced before the rows
                 # are built (a convolution's patches are costly); the whole call's sample count still
                 # turns a mean-reduced loss's gradients into per-sample ones.
@@ -339,11 +351,13 @@ def unit_forward_hook(units: list[LayerHelper], capture: Capture) -> Callable:
                 n_full = n if k is None or b is None or k == b else n // k * b  # k is None only if b is
                 chunks.append(capture.record_input(unit, a, n, n_full=n_full, batch=k or 1))
                 kept.append(k != b)
+                scales.append(1.0)
 
         def on_grad(grad: Tensor) -> None:
             grad = grad.detach()
-            for unit, chunk, cut in zip(units, chunks, kept):
-                capture.record_output_grad(unit, chunk, unit.output_rows(grad[: chunk.batch] if cut else grad))
+            for unit, chunk, cut, scale in zip(units, chunks, kept, scales):
+                g = unit.output_rows(grad[: chunk.batch] if cut else grad)
+                capture.record_output_grad(unit, chunk, g * scale if scale != 1.0 else g)
 
         output.register_hook(on_grad)
         capture.record_output(units, output)
