@@ -17,7 +17,10 @@ optimizer's step. Optimizers:
 * ``adamw``: ``torch.optim.AdamW`` alone;
 * ``muon``: ``torch.optim.Muon`` on the hidden matrices (``cgfac.optim.hidden_matrices``;
   ``adjust_lr_fn="match_rms_adamw"``), AdamW on the rest; a 3-D expert parameter, which
-  ``torch.optim.Muon`` refuses, goes to AdamW;
+  ``torch.optim.Muon`` refuses, goes to AdamW. Its bfloat16 Newton–Schulz is emulated on a CPU
+  without bfloat16 matrix units (GPT-2 small: over 20 min for two steps here);
+* ``muon-f32``: Muon's update with float32 Newton–Schulz (``TransformerKFAC(power=0)``, the LM
+  benchmark's ``muon-f32``; experts one by one): the same state as ``muon``;
 * ``tkfac``: ``cgfac.optim.TransformerKFAC`` with the language-model benchmark's tuned settings
   (:data:`TKFAC_SETTINGS`; experts one by one).
 
@@ -42,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-OPTIMIZERS = ("kfac", "cgfac", "adamw", "muon", "tkfac")
+OPTIMIZERS = ("kfac", "cgfac", "adamw", "muon", "muon-f32", "tkfac")
 MODELS = ("gpt2", "moe")
 TKFAC_SETTINGS: dict[str, Any] = {"direction": "ortho", "sides": "input", "power": -0.5, "rows": 128,
                                   "factor_every": 32, "eig_every": 32}
@@ -100,6 +103,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     pre: cgfac.KFAC | cgfac.CGFAC | None = None
     if args.one == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    elif args.one == "muon-f32":
+        opt = cgfac.optim.TransformerKFAC(model, lr=1e-4, weight_decay=0.01, power=0.0, ns_dtype=torch.float32)
     elif args.one == "tkfac":
         opt = cgfac.optim.TransformerKFAC(model, lr=1e-4, weight_decay=0.01, **TKFAC_SETTINGS)
     elif args.one == "muon":
@@ -160,8 +165,8 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: s
         "a fresh process. K-FAC and CG-FAC: "
         f"`{', '.join(f'{k}={v!r}' for k, v in PRE_SETTINGS.items())}` (K-FAC also "
         f"`{', '.join(f'{k}={v!r}' for k, v in KFAC_ONLY.items())}`) under SGD (momentum 0.9); AdamW alone; "
-        "Muon (`torch.optim.Muon`, bfloat16 Newton–Schulz, emulated on this CPU) on the hidden matrices, AdamW on "
-        "the rest; TransformerKFAC with "
+        "Muon (`torch.optim.Muon`, bfloat16 Newton–Schulz, emulated on this CPU; `muon-f32`: its update in float32) "
+        "on the hidden matrices, AdamW on the rest; TransformerKFAC with "
         f"`{', '.join(f'{k}={v!r}' for k, v in TKFAC_SETTINGS.items())}`. State: the optimizer's tensors (under "
         "K-FAC and CG-FAC: SGD's momentum, and the preconditioner's planned state beside it).", "",
         "| optimizer | ms per step (step 1, 2, ...) | peak RSS | × AdamW's | RSS after building the model | "
