@@ -18,7 +18,7 @@ optimizer's step. Optimizers:
 * ``muon``: ``torch.optim.Muon`` on the hidden matrices (``cgfac.optim.hidden_matrices``;
   ``adjust_lr_fn="match_rms_adamw"``), AdamW on the rest; a 3-D expert parameter, which
   ``torch.optim.Muon`` refuses, goes to AdamW. Its bfloat16 Newton–Schulz is emulated on a CPU
-  without bfloat16 matrix units (GPT-2 small: over 20 min for two steps here);
+  without bfloat16 matrix units (GPT-2 small: two steps not done after 13 min here, one thread, cores shared);
 * ``muon-f32``: Muon's update with float32 Newton–Schulz (``TransformerKFAC(power=0)``, the LM
   benchmark's ``muon-f32``; experts one by one): the same state as ``muon``;
 * ``tkfac``: ``cgfac.optim.TransformerKFAC`` with the language-model benchmark's tuned settings
