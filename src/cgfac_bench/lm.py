@@ -508,6 +508,10 @@ def run(args: argparse.Namespace, argv_text: str = "") -> int:
     from tqdm import tqdm
 
     runs: list[dict[str, Any]] = []
+    for path in args.from_runs or []:  # runs recorded by earlier invocations (their runs.jsonl), reported with these
+        runs += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if args.from_runs and not args.optimizers:
+        cfgs = []  # only the report of the recorded runs
     with tempfile.TemporaryDirectory(prefix="cgfac-lm-") as tmp:
         data_path = Path(tmp) / "data.pt"
         torch.save(load_prose_chars(), data_path)

@@ -1181,6 +1181,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CG-FAC: number of recent batches whose rows form the curvature")
     parser.add_argument("--curvature-samples", type=int, default=None,
                         help="CG-FAC: samples of each batch whose rows form the curvature (default: the task's)")
+    parser.add_argument("--from-runs", nargs="+", default=None, metavar="RUNS_JSONL",
+                        help="nanogpt-*: runs recorded by earlier invocations (their runs.jsonl) joined to this "
+                             "one's report; without --optimizers, only the report is written")
     parser.add_argument("--hyper", default=None,
                         help='settings of the second-order runs, overriding the tuned ones: "kfac_samples=250,'
                              'min_damping=1e-3" (fields of cgfac_bench.train.SecondOrder; "none" for None); '
