@@ -147,6 +147,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         out["fallbacks"] = pre.fallbacks
         if TIED in pre.layer_stats():
             out["tied_stats"] = {k: v for k, v in pre.layer_stats()[TIED].items() if isinstance(v, (str, int, float))}
+    if args.progress is not None:  # the parent reads this file: with the state and stats
+        args.progress.write_text(json.dumps(out))
     return out
 
 
