@@ -169,3 +169,20 @@ $B train --task nanogpt-s --tuned --jobs 2 --seeds 0,1,2 --iters 1600 --optimize
   --out benchmarks/train-nanogpt-s-1600
 $B train --task nanogpt-s --tuned --jobs 1 --threads 1 --iters 100 \
   --optimizers adamw,muon-f32,tkfac-ortho-input,tkfac-ekfac-ortho,soap --lr-grid "soap=2e-3" --out benchmarks/speed-nanogpt-s
+# Round 3 (issue 23, cheaper steps): factor refresh and eigendecomposition periods at lr 4e-3, one seed,
+# two runs at a time (losses only); their runs.jsonl joined into one report.
+$B train --task nanogpt-s --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "rows=128,factor_every=5,eig_every=20|factors=rows,rows=128" --out /tmp/s-cheap
+$B train --task nanogpt-s --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "rows=128,factor_every=10,eig_every=10|rows=128,factor_every=5,eig_every=5" --out /tmp/s-compact
+$B train --task nanogpt-s --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "factor_every=32,eig_every=32|rows=128,factor_every=32,eig_every=32" --out /tmp/s-32
+cat /tmp/s-cheap/runs.jsonl /tmp/s-compact/runs.jsonl /tmp/s-32/runs.jsonl > /tmp/s-steps.jsonl
+$B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs /tmp/s-steps.jsonl --out benchmarks/tuning-nanogpt-s-steps
+# Real sizes (issue 24): GPT-2 small and a 112 M-parameter Mixtral, two steps per optimizer, peak memory.
+$B memory --optimizers adamw muon-f32 tkfac cgfac kfac --steps 2 --batch 2 --seq 64 --threads 1 --timeout 1500 \
+  --out benchmarks/gpt2-small-memory/round2
+$B memory --optimizers kfac --memory-budget 3e9 --steps 2 --batch 2 --seq 64 --threads 1 --timeout 1500 \
+  --out benchmarks/gpt2-small-memory/round2-budget-3e9
+$B memory --model moe --optimizers adamw muon-f32 tkfac cgfac kfac --steps 2 --batch 2 --seq 64 --threads 1 \
+  --timeout 1500 --out benchmarks/moe-100m-memory
