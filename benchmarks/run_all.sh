@@ -179,6 +179,11 @@ $B train --task nanogpt-s --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkf
   --hyper "factor_every=32,eig_every=32|rows=128,factor_every=32,eig_every=32" --out /tmp/s-32
 cat /tmp/s-cheap/runs.jsonl /tmp/s-compact/runs.jsonl /tmp/s-32/runs.jsonl > /tmp/s-steps.jsonl
 $B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs /tmp/s-steps.jsonl --out benchmarks/tuning-nanogpt-s-steps
+# The small MoE variant (issue 24): nanoGPT-S with every MLP 4 experts (top 2), at size S's tuned rates, one seed,
+# one run at a time on one thread (two nanogpt-m tuning runs shared the cores).
+$B train --task nanogpt-moe-s --optimizers tkfac-ortho-input,muon-f32,adamw \
+  --lr-grid "adamw=4e-3;muon-f32=8e-3;tkfac-ortho-input=4e-3" --hyper "rows=128,factor_every=10,eig_every=10" \
+  --jobs 1 --threads 1 --out benchmarks/train-nanogpt-moe-s
 # Real sizes (issue 24): GPT-2 small and a 112 M-parameter Mixtral, two steps per optimizer, peak memory.
 $B memory --optimizers adamw muon-f32 tkfac cgfac kfac --steps 2 --batch 2 --seq 64 --threads 1 --timeout 1500 \
   --out benchmarks/gpt2-small-memory/round2
