@@ -179,6 +179,22 @@ $B train --task nanogpt-s --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkf
   --hyper "factor_every=32,eig_every=32|rows=128,factor_every=32,eig_every=32" --out /tmp/s-32
 cat /tmp/s-cheap/runs.jsonl /tmp/s-compact/runs.jsonl /tmp/s-32/runs.jsonl > /tmp/s-steps.jsonl
 $B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs /tmp/s-steps.jsonl --out benchmarks/tuning-nanogpt-s-steps
+# Size M (width 256), 2000 iterations, one seed, grids centred on S's best; two invocations joined.
+$B train --task nanogpt-m --iters 2000 --optimizers adamw-published,adamw --lr-grid "adamw=2e-3" --jobs 2 \
+  --out /tmp/m-grid  # started with more rates; stopped after these two, the grid re-planned (benchmarks/README.md)
+$B train --task nanogpt-m --iters 2000 --optimizers muon-f32,tkfac-ortho-input,adamw \
+  --lr-grid "muon-f32=2e-3,4e-3,8e-3;tkfac-ortho-input=1e-3,2e-3,4e-3;adamw=5e-4" \
+  --hyper "rows=128,factor_every=10,eig_every=10" --jobs 2 --out /tmp/m-grid2
+# recorded-runs.jsonl: the runs of both, and the adamw-published run again as adamw lr=1e-3 (the same computation)
+$B train --task nanogpt-m --iters 2000 --jobs 2 --from-runs benchmarks/tuning-nanogpt-m/recorded-runs.jsonl \
+  --out benchmarks/tuning-nanogpt-m
+# Step times, one run at a time on one thread, 100 iterations (the machine otherwise idle).
+for T in s m moe; do
+  TASK=nanogpt-$T; [ $T = moe ] && TASK=nanogpt-moe-s
+  LR="adamw=4e-3;muon-f32=8e-3;tkfac-ortho-input=4e-3"; [ $T = m ] && LR="adamw=1e-3;muon-f32=4e-3;tkfac-ortho-input=2e-3"
+  $B train --task $TASK --jobs 1 --threads 1 --iters 100 --optimizers adamw,muon-f32,tkfac-ortho-input \
+    --lr-grid "$LR" --hyper "rows=128,factor_every=10,eig_every=10" --out benchmarks/speed-nanogpt-round3/$T
+done
 # The small MoE variant (issue 24): nanoGPT-S with every MLP 4 experts (top 2), at size S's tuned rates, one seed,
 # one run at a time on one thread (two nanogpt-m tuning runs shared the cores).
 $B train --task nanogpt-moe-s --optimizers tkfac-ortho-input,muon-f32,adamw \

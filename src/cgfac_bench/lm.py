@@ -123,12 +123,23 @@ WD_GRID: dict[str, tuple[float, ...]] = {name: (0.1,) for name in LM_OPTIMIZERS}
 #     at 4e-3: p = -1 (Newton-Muon) 1.421, λ 0.1 1.421, 128 rows per layer 1.416 (kept: cheaper)
 #   TransformerKFAC ekfac-ortho {2e-3, 4e-3, 8e-3}: 1.445, 1.409, 1.424
 #   SOAP and plain EKFAC: benchmarks/tuning-nanogpt-s-2
+#   refresh periods at 4e-3 (benchmarks/tuning-nanogpt-s-steps): factor_every=eig_every=10, 128 rows 1.418
+#   (one d×d power per layer: 1.28x AdamW's state) against 1.416 above; kept in the round-3 runs
+# nanogpt-m, 2000 iterations, one seed (benchmarks/tuning-nanogpt-m): AdamW {5e-4, 1e-3, 2e-3}: 1.611, 1.562,
+#   1.599; Muon {2e-3, 4e-3, 8e-3}: 1.390, 1.383, 1.401; TransformerKFAC 10/10, 128 rows {1e-3, 2e-3, 4e-3}:
+#   1.387, 1.374, 1.373. nanogpt-moe-s: size S's rates (benchmarks/train-nanogpt-moe-s).
 TUNED_LM: dict[str, dict[str, dict[str, Any]]] = {
     "nanogpt-s": {"adamw-published": {"lr": 1e-3, "wd": 0.1}, "adamw": {"lr": 4e-3, "wd": 0.1},
                   "muon-f32": {"lr": 8e-3, "wd": 0.1},
                   "tkfac-ortho-input": {"lr": 4e-3, "wd": 0.1, "hyper": {"rows": 128}},
                   "tkfac-ekfac-ortho": {"lr": 4e-3, "wd": 0.1}},
-    "nanogpt-m": {"adamw-published": {"lr": 1e-3, "wd": 0.1}},
+    "nanogpt-m": {"adamw-published": {"lr": 1e-3, "wd": 0.1}, "adamw": {"lr": 1e-3, "wd": 0.1},
+                  "muon-f32": {"lr": 4e-3, "wd": 0.1},
+                  "tkfac-ortho-input": {"lr": 4e-3, "wd": 0.1,
+                                        "hyper": {"rows": 128, "factor_every": 10, "eig_every": 10}}},
+    "nanogpt-moe-s": {"adamw": {"lr": 4e-3, "wd": 0.1}, "muon-f32": {"lr": 8e-3, "wd": 0.1},
+                      "tkfac-ortho-input": {"lr": 4e-3, "wd": 0.1,
+                                            "hyper": {"rows": 128, "factor_every": 10, "eig_every": 10}}},
 }
 
 
