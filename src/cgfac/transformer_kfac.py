@@ -64,7 +64,7 @@ from torch.utils.hooks import RemovableHandle
 
 from cgfac import dtensor
 from cgfac.curvature.kron import eigh, factor_eig
-from cgfac.layers.experts import ExpertsGroup, expert_products, experts_helper
+from cgfac.layers.experts import ExpertsGroup, experts_helper, product_hooks
 
 Direction = Literal["ortho", "power", "ekfac", "ekfac-ortho"]
 Sides = Literal["input", "both"]
@@ -369,12 +369,10 @@ class TransformerKFAC(torch.optim.Optimizer):
 
     def _attach_experts(self, group: ExpertsGroup) -> list[RemovableHandle]:
         """Hooks recording each expert's sampled routed rows (:mod:`cgfac.layers.experts`' products)."""
-        modes: list[Any] = []
-
-        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def start(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             due = self._steps_taken % self.factor_every == 0
             if not (due and module.training and torch.is_grad_enabled()):
-                return
+                return None
 
             def found(pname: str, segments: list[tuple[int, int, int]], transposed: bool, x: Tensor,
                       out: Tensor) -> None:
@@ -397,14 +395,9 @@ class TransformerKFAC(torch.optim.Optimizer):
 
                 out.register_hook(grad_rows)
 
-            mode = expert_products(found, group.params)
-            mode.__enter__()
-            modes.append(mode)
+            return found
 
-        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if modes:
-                modes.pop().__exit__(None, None, None)
-
+        pre, post = product_hooks(group.params, start)
         return [group.module.register_forward_pre_hook(pre, with_kwargs=True),
                 group.module.register_forward_hook(post, with_kwargs=True, always_call=True)]
 

@@ -178,7 +178,10 @@ class NanoBlock(nn.Module):
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         h = h + self.attn_proj(y.transpose(1, 2).reshape(b, t, c))
-        return h + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(h))))
+        return h + self.mlp(self.ln_2(h))
+
+    def mlp(self, h: Tensor) -> Tensor:
+        return self.mlp_proj(F.gelu(self.c_fc(h)))
 
 
 class NanoExperts(nn.Module):
@@ -232,13 +235,8 @@ class NanoBlockMoE(NanoBlock):
         del self.c_fc, self.mlp_proj
         self.moe = NanoMoE(width, experts, top_k, 4 * width // top_k)
 
-    def forward(self, h: Tensor) -> Tensor:
-        b, t, c = h.shape
-        q, k, v = self.c_attn(self.ln_1(h)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = h + self.attn_proj(y.transpose(1, 2).reshape(b, t, c))
-        return h + self.moe(self.ln_2(h))
+    def mlp(self, h: Tensor) -> Tensor:
+        return self.moe(h)
 
 
 class NanoGPT(nn.Module):

@@ -49,7 +49,7 @@ from cgfac import dtensor
 from cgfac.layers.base import Capture, Chunk, LayerGroup, LayerHelper, eager
 from cgfac.layers.linear import LinearHelper
 
-__all__ = ["ExpertHelper", "ExpertsGroup", "RouterHelper", "expert_products", "experts_helper"]
+__all__ = ["ExpertHelper", "ExpertsGroup", "RouterHelper", "expert_products", "experts_helper", "product_hooks"]
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, Tensor.__matmul__, torch._C.TensorBase.matmul, torch.mm, torch._C.TensorBase.mm}
@@ -194,12 +194,35 @@ class _Products(TorchFunctionMode):
         return out
 
 
-def expert_products(found: Callable[[str, list[tuple[int, int, int]], bool, Tensor, Tensor], None],
-                    params: dict[str, Tensor]) -> TorchFunctionMode:
+Found = Callable[[str, list[tuple[int, int, int]], bool, Tensor, Tensor], None]
+
+
+def expert_products(found: Found, params: dict[str, Tensor]) -> TorchFunctionMode:
     """A mode that calls ``found(name, [(e, lo, hi)], transposed, x, out)`` for every product of an
     expert module's input with its 3-D parameters ``params`` (by name): expert ``e``'s rows are
     ``x[lo:hi]`` and ``out[lo:hi]``; enter it for the module's forward."""
     return _Products(found, params)
+
+
+def product_hooks(params: dict[str, Tensor], start: Callable[[nn.Module, tuple, dict], Found | None]
+                  ) -> tuple[Callable[..., None], Callable[..., None]]:
+    """``(pre, post)``, forward hooks (``with_kwargs=True``; ``post`` with ``always_call=True``) of an
+    experts module: ``pre`` asks ``start(module, args, kwargs)`` for this call's ``found`` (None: not
+    captured) and enters :func:`expert_products` with it for the forward; ``post`` leaves it."""
+    modes: list[TorchFunctionMode] = []
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        found = start(module, args, kwargs)
+        if found is not None:
+            mode = _Products(found, params)
+            mode.__enter__()
+            modes.append(mode)
+
+    def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if modes:
+            modes.pop().__exit__(None, None, None)
+
+    return pre, post
 
 
 def _bias_of(module: nn.Module, pname: str, param: Tensor) -> Tensor | None:
@@ -235,12 +258,10 @@ class ExpertsGroup(LayerGroup):
         return []
 
     def attach(self, capture: Capture) -> list[RemovableHandle]:
-        modes: list[_Products] = []
-
-        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def start(module: nn.Module, args: tuple, kwargs: dict) -> Found | None:
             hidden = args[0] if args else kwargs.get("hidden_states")
             if not (isinstance(hidden, Tensor) and capture.capturing(module)):
-                return
+                return None
             tokens = hidden.reshape(-1, hidden.shape[-1]).shape[0]
 
             def found(pname: str, segments: list[tuple[int, int, int]], transposed: bool, x: Tensor,
@@ -268,14 +289,9 @@ class ExpertsGroup(LayerGroup):
                 out.register_hook(on_grad)
                 capture.record_output([t[0] for t in taken], out)
 
-            mode = _Products(found, self.params)
-            mode.__enter__()
-            modes.append(mode)
+            return found
 
-        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if modes:
-                modes.pop().__exit__(None, None, None)
-
+        pre, post = product_hooks(self.params, start)
         return [self.module.register_forward_pre_hook(eager(pre), with_kwargs=True),
                 self.module.register_forward_hook(eager(post), with_kwargs=True, always_call=True)]
 
