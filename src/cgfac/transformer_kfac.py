@@ -19,7 +19,9 @@ position the forward saw (``rows`` of them sampled per step, or all)::
     A = E[a aᵀ]  (d_in × d_in),   G = E[g gᵀ]  (d_out × d_out)
 
 ``factors="ema"``: running averages ``F ← β_f F + (1 − β_f) F̂`` refreshed every ``factor_every``
-steps and eigendecomposed every ``eig_every`` steps, ``F = Q diag(s) Qᵀ``. ``factors="rows"``: this
+steps and eigendecomposed every ``eig_every`` steps, ``F = Q diag(s) Qᵀ`` (for ``p = −1`` the power
+``(F + λI)⁻¹`` comes from a Cholesky factorisation instead, about a tenth of the eigendecomposition's
+time at ``d = 1024``: :func:`power_matrix`). ``factors="rows"``: this
 step's ``r`` rows alone, through CG-FAC's low-rank eigensystem (QR of the rows, an ``r × r``
 eigendecomposition, :func:`cgfac.curvature.kron.factor_eig`), no ``d × d`` matrix kept. Either way a
 damped power is, for any ``p`` (``λ = damping · tr(F)/d``, relative: unit-free)::
@@ -31,6 +33,11 @@ The direction ``O`` of the Nesterov momentum ``M = (1 − μ) g + μ m``, ``m �
 
     "ortho"   O = msgn(P_G M P_A),  P = (F + λI)^p           Newton–Schulz, as torch.optim.Muon
               scaled by 0.2·√max(d_out, d_in) (AdamW's update RMS; Moonlight)
+    "spectral"  O = B_G^{-1/2} msgn(B_G^{-1/2} M B_A^{-1/2}) B_A^{-1/2},  B = F + λI,  rescaled to RMS 0.2:
+              steepest descent under the norm ‖B_G^{1/2} O B_A^{1/2}‖_op (Muon's argument with K-FAC's
+              metric). With B = L Lᵀ (Cholesky), O = L_G^{-T} msgn(L_G^{-1} M L_A^{-T}) L_A^{-1} exactly
+              (Newton–Schulz commutes with orthogonal factors), so no eigendecomposition and no matrix
+              root: a refresh is one Cholesky factorisation per side, a step two triangular solves.
     "power"   O = P_G M P_A, rescaled to RMS 0.2              fractional powers, p = −1/2 or −1/4
     "ekfac"   O = Q_G [ (Q_Gᵀ m̂ Q_A) / (√v̂ + ε) ] Q_Aᵀ,     Adam in K-FAC's eigenbasis (EKFAC / SOAP)
               v ← β₂ v + (1 − β₂) (Q_Gᵀ g Q_A)²,  m ← β₁ m + (1 − β₁) g, bias-corrected
@@ -66,17 +73,17 @@ from cgfac import dtensor
 from cgfac.curvature.kron import eigh, factor_eig
 from cgfac.layers.experts import ExpertsGroup, experts_helper, product_hooks
 
-Direction = Literal["ortho", "power", "ekfac", "ekfac-ortho"]
+Direction = Literal["ortho", "spectral", "power", "ekfac", "ekfac-ortho"]
 Sides = Literal["input", "both"]
 Factors = Literal["ema", "rows"]
-DIRECTIONS = ("ortho", "power", "ekfac", "ekfac-ortho")
+DIRECTIONS = ("ortho", "spectral", "power", "ekfac", "ekfac-ortho")
 SIDES = ("input", "both")
 FACTORS = ("ema", "rows")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic (Keller Jordan)
 UPDATE_RMS = 0.2  # AdamW's typical update RMS (Moonlight's matching constant)
 
-__all__ = ["DIRECTIONS", "TransformerKFAC", "damped_power", "expert_layers", "factor_from_power", "hidden_matrices",
-           "newton_schulz"]
+__all__ = ["DIRECTIONS", "TransformerKFAC", "damped_cholesky", "damped_power", "expert_layers", "factor_from_cholesky",
+           "factor_from_power", "hidden_matrices", "newton_schulz", "power_matrix"]
 
 
 def _is_matrix_layer(module: nn.Module) -> bool:
@@ -160,12 +167,14 @@ def damped_power(s: Tensor, q: Tensor, damping: float, dim: int, power: float) -
 
 
 class _Side:
-    """One factor's damped power: dense ``P`` (``d × d``, nothing else kept) or low-rank ``(q, coeff, base)``."""
+    """One factor's damped power: dense ``P`` (``d × d``, nothing else kept) or low-rank ``(q, coeff, base)``;
+    or (``"spectral"``) the Cholesky factor ``L`` of ``B = F + λI``, lower triangular."""
 
-    __slots__ = ("base", "coeff", "dense", "q")
+    __slots__ = ("base", "chol", "coeff", "dense", "q")
 
-    def __init__(self, q: Tensor | None, coeff: Tensor | None, base: float, dense: Tensor | None) -> None:
-        self.q, self.coeff, self.base, self.dense = q, coeff, base, dense
+    def __init__(self, q: Tensor | None, coeff: Tensor | None, base: float, dense: Tensor | None,
+                 chol: Tensor | None = None) -> None:
+        self.q, self.coeff, self.base, self.dense, self.chol = q, coeff, base, dense, chol
 
     @classmethod
     def power(cls, q: Tensor, coeff: Tensor, base: float) -> _Side:
@@ -190,15 +199,112 @@ class _Side:
         assert self.q is not None and self.coeff is not None
         return torch.addmm(m, self.q, self.coeff[:, None] * (self.q.T @ m), beta=self.base)
 
+    # "spectral": a whitening X (X Xᵀ = B⁻¹): X = L⁻ᵀ from Cholesky, or the symmetric B^{-1/2} = P
+    def whiten_right(self, m: Tensor) -> Tensor:
+        """``M X`` (``M L⁻ᵀ``)."""
+        if self.chol is None:
+            return self.right(m)
+        return torch.linalg.solve_triangular(self.chol.T, m, upper=True, left=False)
+
+    def unwhiten_right(self, o: Tensor) -> Tensor:
+        """``O Xᵀ`` (``O L⁻¹``)."""
+        if self.chol is None:
+            return self.right(o)
+        return torch.linalg.solve_triangular(self.chol, o, upper=False, left=False)
+
+    def whiten_left(self, m: Tensor) -> Tensor:
+        """``Xᵀ M`` (``L⁻¹ M``)."""
+        if self.chol is None:
+            return self.left(m)
+        return torch.linalg.solve_triangular(self.chol, m, upper=False)
+
+    def unwhiten_left(self, o: Tensor) -> Tensor:
+        """``X O`` (``L⁻ᵀ O``)."""
+        if self.chol is None:
+            return self.left(o)
+        return torch.linalg.solve_triangular(self.chol.T, o, upper=True)
+
+
+def _spd_inverse(matrix: Tensor) -> Tensor | None:
+    """``matrix⁻¹`` of a symmetric positive definite matrix by Cholesky (``L Lᵀ``, then ``L⁻ᵀ L⁻¹``:
+    about ``d³`` flops against the ``~9 d³`` of a symmetric eigendecomposition), or None where the
+    factorisation fails (not positive definite in this precision)."""
+    low, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        return None
+    inverse = torch.cholesky_inverse(low)
+    return inverse if bool(torch.isfinite(inverse).all()) else None
+
+
+def power_matrix(factor: Tensor, damping: float, power: float) -> Tensor:
+    """The dense damped power ``P = (F + λI)^p``, ``λ = damping · tr(F) / d`` (:func:`damped_power`).
+
+    ``p = −1`` (Newton-Muon's): by Cholesky, no eigendecomposition (:func:`_spd_inverse`); other
+    powers, or a failed Cholesky: from ``F = Q diag(s) Qᵀ`` (``s ≥ 0``), ``P = Q diag((s + λ)^p) Qᵀ``.
+    Raises ``torch.linalg.LinAlgError`` where the eigendecomposition fails too.
+    """
+    d = factor.shape[0]
+    if power == -1.0:
+        lam = damping * float(factor.diagonal().sum()) / d
+        if not lam > 0:
+            lam = damping
+        shifted = factor.clone()
+        shifted.diagonal().add_(lam)
+        inverse = _spd_inverse(shifted)
+        if inverse is not None:
+            return inverse
+    s, q = eigh(factor)
+    side = _Side.power(*damped_power(s, q, damping, d, power))
+    assert side.dense is not None
+    return side.dense
+
+
+def damped_cholesky(factor: Tensor, damping: float) -> Tensor:
+    """``L``, lower triangular, with ``L Lᵀ = F + λI``, ``λ = damping · tr(F) / d``; retried in float64
+    once; raises ``torch.linalg.LinAlgError`` where both fail."""
+    d = factor.shape[0]
+    lam = damping * float(factor.diagonal().sum()) / d
+    if not lam > 0:
+        lam = damping
+    shifted = factor.clone()
+    shifted.diagonal().add_(lam)
+    low, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) != 0 or not bool(torch.isfinite(low).all()):
+        low, info = torch.linalg.cholesky_ex(shifted.double())
+        if int(info) != 0 or not bool(torch.isfinite(low).all()):
+            raise torch.linalg.LinAlgError("Cholesky factorisation of the damped factor failed in float64")
+        low = low.to(factor.dtype)
+    return low
+
+
+def factor_from_cholesky(low: Tensor, damping: float) -> Tensor:
+    """The factor ``F`` of :func:`damped_cholesky`'s ``L``: ``F = L Lᵀ − λI``, ``λ = damping · ‖L‖²_F /
+    ((1 + damping) d)`` (``tr(L Lᵀ) = (1 + damping) tr F``)."""
+    shifted = low @ low.T
+    lam = damping * float(low.square().sum()) / ((1.0 + damping) * low.shape[0])
+    shifted.diagonal().sub_(lam)
+    return shifted
+
 
 def factor_from_power(power_matrix: Tensor, damping: float, power: float) -> Tensor:
-    """The factor ``F`` whose damped power (:func:`damped_power`) is ``P = (F + λI)^p``, ``p < 0``:
-    ``P = Q diag(μ) Qᵀ`` gives ``s + λ = μ^{1/p}``; ``tr(F + λI) = (1 + damping)·tr F`` gives
-    ``λ = damping · Σ(s + λ) / ((1 + damping) d)``; ``F = Q diag(s) Qᵀ``."""
+    """The factor ``F`` whose damped power (:func:`damped_power`) is ``P = (F + λI)^p``, ``p < 0``.
+
+    ``tr(F + λI) = (1 + damping)·tr F`` gives ``λ = damping · tr(F + λI) / ((1 + damping) d)`` and
+    ``F = (F + λI) − λI``, where ``F + λI = P^{1/p}``: for ``p = −1`` and ``p = −1/2``, ``P⁻¹`` and
+    ``(P⁻¹)²`` by Cholesky (:func:`_spd_inverse`); otherwise (or where Cholesky fails) from
+    ``P = Q diag(μ) Qᵀ``, ``F + λI = Q diag(μ^{1/p}) Qᵀ``, with the eigenvalues of ``F`` clamped at 0.
+    """
+    d = power_matrix.shape[0]
+    if power in (-1.0, -0.5) and (inverse := _spd_inverse(power_matrix)) is not None:
+        shifted = inverse if power == -1.0 else inverse @ inverse
+        shifted = (shifted + shifted.T) / 2
+        lam = damping * float(shifted.diagonal().sum()) / ((1.0 + damping) * d)
+        shifted.diagonal().sub_(lam)
+        return shifted
     mu, q = eigh(power_matrix)
-    shifted = mu.clamp_min(torch.finfo(mu.dtype).tiny).pow(1.0 / power)
-    lam = damping * float(shifted.sum()) / ((1.0 + damping) * shifted.shape[0])
-    return (q * (shifted - lam).clamp_min(0.0)) @ q.T
+    shifted_ev = mu.clamp_min(torch.finfo(mu.dtype).tiny).pow(1.0 / power)
+    lam = damping * float(shifted_ev.sum()) / ((1.0 + damping) * d)
+    return (q * (shifted_ev - lam).clamp_min(0.0)) @ q.T
 
 
 class _Capture:
@@ -239,10 +345,10 @@ class TransformerKFAC(torch.optim.Optimizer):
         model: the model (or its DDP wrapper); hooks on its hidden layers record factor rows.
         lr: learning rate of both parts (AdamW-like; the hidden update has AdamW's RMS).
         weight_decay: decoupled weight decay of the hidden matrices and the other ≥ 2-D parameters.
-        direction: "ortho", "power", "ekfac" or "ekfac-ortho" (module docstring).
+        direction: "ortho", "spectral", "power", "ekfac" or "ekfac-ortho" (module docstring).
         sides: "input" (``P_G = I``) or "both".
         power: the factors' power ``p`` (``"ortho"``: −1 is Newton-Muon, 0 is Muon; ``"power"``: −1/2,
-            −1/4); unused by "ekfac".
+            −1/4); unused by "ekfac" and "spectral" (whose whitening is fixed).
         damping: λ relative to each factor's mean eigenvalue (> 0).
         factors: "ema" (running factors, eigendecomposed every ``eig_every`` steps) or "rows" (this
             step's rows, low-rank; not with "ekfac").
@@ -312,7 +418,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         # the running factor is not kept where it is refreshed and decomposed on the same steps (_refresh)
         self.compact = factors == "ema" and not direction.startswith("ekfac") and factor_every == eig_every
         # power 0 with "ortho"/"power": P = I, no factors (with "ortho": Muon itself)
-        self.needs_factors = direction.startswith("ekfac") or power != 0.0
+        self.needs_factors = direction.startswith("ekfac") or direction == "spectral" or power != 0.0
         self.process_group = process_group
         self.skipped_steps = 0
         self.factor_failures = 0
@@ -476,7 +582,8 @@ class TransformerKFAC(torch.optim.Optimizer):
             for s in sides:
                 rows = self._gathered_rows(getattr(cap, s))
                 ev, q = factor_eig(rows)
-                state[f"side_{s}"] = _Side.lowrank(*damped_power(ev, q, self.damping, rows.shape[1], self.power))
+                p = -0.5 if self.direction == "spectral" else self.power
+                state[f"side_{s}"] = _Side.lowrank(*damped_power(ev, q, self.damping, rows.shape[1], p))
             return
         fresh: dict[str, Tensor] = {}
         batch = self._expert_outer(cap, sides, state) if cap.expert else (
@@ -487,25 +594,35 @@ class TransformerKFAC(torch.optim.Optimizer):
                 old = state.get(f"factor_{s}")
                 if old is None and self.compact and f"power_{s}" in state:
                     old = factor_from_power(state[f"power_{s}"], self.damping, self.power)
+                if old is None and self.compact and f"chol_{s}" in state:
+                    old = factor_from_cholesky(state[f"chol_{s}"], self.damping)
                 fresh[s] = f if old is None else old.lerp_(f, 1 - self.factor_decay)
                 if not self.compact:
                     state[f"factor_{s}"] = fresh[s]
         for s in sides:
             factor: Tensor | None = fresh.get(s) if self.compact else state.get(f"factor_{s}")
-            decomposed = f"eig_{s}" in state or f"power_{s}" in state
+            decomposed = any(f"{k}_{s}" in state for k in ("eig", "power", "chol"))
             if factor is None or (not self.compact and state["step"] % self.eig_every != 0 and decomposed):
                 continue
-            eig = self._eig(factor)
-            if eig is None:
+            if self.direction.startswith("ekfac"):
+                eig = self._eig(factor)
+                if eig is None:
+                    self.factor_failures += 1
+                else:
+                    state[f"eig_{s}"] = eig
+                continue
+            try:
+                if self.direction == "spectral":
+                    low = damped_cholesky(factor, self.damping)
+                    state[f"chol_{s}"] = low
+                    state[f"side_{s}"] = _Side(None, None, 0.0, None, low)
+                    continue
+                dense = power_matrix(factor, self.damping, self.power)
+            except (torch.linalg.LinAlgError, RuntimeError):
                 self.factor_failures += 1
                 continue
-            if self.direction.startswith("ekfac"):
-                state[f"eig_{s}"] = eig
-                continue
-            ev, q = eig
-            side = _Side.power(*damped_power(ev, q, self.damping, factor.shape[0], self.power))
-            state[f"power_{s}"] = side.dense
-            state[f"side_{s}"] = side
+            state[f"power_{s}"] = dense
+            state[f"side_{s}"] = _Side(None, None, 0.0, dense)
 
     # --- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -602,6 +719,8 @@ class TransformerKFAC(torch.optim.Optimizer):
         if buf is None:
             buf = state["momentum_buffer"] = torch.zeros_like(grad)
         buf.lerp_(grad, 1 - group["momentum"])  # torch.optim.Muon's convention (a scale NS ignores)
+        if self.direction == "spectral":
+            return self._spectral(grad.lerp(buf, group["momentum"]), state)
         m = self._precondition(grad.lerp(buf, group["momentum"]), state)
         if self.direction == "ortho":
             return self._orthogonalised(m)
@@ -611,6 +730,23 @@ class TransformerKFAC(torch.optim.Optimizer):
         """``msgn(m)`` by Newton–Schulz, scaled to AdamW's update RMS: ``0.2·√max(d_out, d_in)``."""
         dtype = self.ns_dtype or (torch.bfloat16 if m.is_cuda else torch.float32)
         return newton_schulz(m, self.ns_steps, dtype=dtype).mul_(UPDATE_RMS * math.sqrt(max(m.shape)))
+
+    def _spectral(self, m: Tensor, state: dict[str, Any]) -> Tensor:
+        """``O = X_G msgn(X_Gᵀ M X_A) X_Aᵀ`` (``X Xᵀ = B⁻¹``), rescaled to RMS 0.2; a side
+        without factors yet is the identity."""
+        side_a = state.get("side_a")
+        side_g = state.get("side_g") if self.sides == "both" else None
+        if side_a is not None:
+            m = side_a.whiten_right(m)
+        if side_g is not None:
+            m = side_g.whiten_left(m)
+        dtype = self.ns_dtype or (torch.bfloat16 if m.is_cuda else torch.float32)
+        o = newton_schulz(m, self.ns_steps, dtype=dtype)
+        if side_a is not None:
+            o = side_a.unwhiten_right(o)
+        if side_g is not None:
+            o = side_g.unwhiten_left(o)
+        return o.mul_(UPDATE_RMS * math.sqrt(o.numel()) / o.norm().clamp_min(1e-30))
 
     def _precondition(self, m: Tensor, state: dict[str, Any]) -> Tensor:
         side_a, side_g = state.get("side_a"), state.get("side_g")
@@ -676,4 +812,6 @@ class TransformerKFAC(torch.optim.Optimizer):
                 for s in ("a", "g"):
                     if f"power_{s}" in sub:
                         sub[f"side_{s}"] = _Side(None, None, 0.0, sub[f"power_{s}"])
+                    if f"chol_{s}" in sub:
+                        sub[f"side_{s}"] = _Side(None, None, 0.0, None, sub[f"chol_{s}"])
 

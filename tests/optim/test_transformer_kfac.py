@@ -15,9 +15,12 @@ from cgfac.transformer_kfac import (
     NS_COEFFICIENTS,
     UPDATE_RMS,
     _Side,
+    damped_cholesky,
     damped_power,
+    factor_from_cholesky,
     factor_from_power,
     newton_schulz,
+    power_matrix,
 )
 
 torch.set_default_dtype(torch.float32)
@@ -234,13 +237,14 @@ def test_power_direction_has_the_update_rms() -> None:
 
 
 @pytest.mark.parametrize("factor_every", [1, 2])  # the full state; the compact one (factor_every == eig_every)
-def test_state_dict_resumes_bit_for_bit(factor_every: int) -> None:
+@pytest.mark.parametrize("direction", ["ortho", "spectral"])
+def test_state_dict_resumes_bit_for_bit(factor_every: int, direction: str) -> None:
     x, y = batch(n=12)
 
     def make():
         model = mlp()
         return model, cgfac.optim.TransformerKFAC(model, lr=0.05, rows=6, sides="both", eig_every=2,
-                                                  factor_every=factor_every)
+                                                  factor_every=factor_every, direction=direction)
 
     def steps(model, opt, k):
         for _ in range(k):
@@ -271,15 +275,108 @@ def test_factor_from_power_recovers_the_factor(p: float) -> None:
     torch.testing.assert_close(factor_from_power(p_matrix, damping, p), f, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("rows", [3, 20])  # rank-deficient and full-rank factors
+@pytest.mark.parametrize("p", [-1.0, -0.5, -0.25])
+def test_power_matrix_and_its_inverse_against_the_dense_power(rows: int, p: float) -> None:
+    """``power_matrix`` (Cholesky for p = −1, eigh otherwise) is the dense ``(F + λI)^p``, λ = damping·tr(F)/d,
+    and ``factor_from_power`` (Cholesky for p = −1, −1/2) gives ``F`` back, rank-deficient ``F`` included."""
+    d, damping = 8, 0.05
+    x = torch.randn(rows, d, dtype=torch.float64, generator=torch.Generator().manual_seed(rows))
+    f = x.T @ x / rows
+    want = dense_power(f, damping * float(torch.trace(f)) / d, p)
+    got = power_matrix(f, damping, p)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(factor_from_power(got, damping, p), f, rtol=1e-8, atol=1e-10)
+
+
+def test_power_matrix_falls_back_to_eigh_where_cholesky_fails() -> None:
+    """A factor Cholesky cannot take (an indefinite input here, by construction) goes through the
+    eigendecomposition path, whose eigenvalues are clamped at 0: the result is the clamped factor's power,
+    not a silent failure."""
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    s = torch.tensor([-3.0, 0.0, 1.0, 2.0, 4.0], dtype=torch.float64)
+    f = (q * s) @ q.T  # F + λI is indefinite for λ = 0.01·tr(F)/5
+    clamped = (q * s.clamp_min(0)) @ q.T
+    want = dense_power(clamped, 0.01 * float(s.clamp_min(0).sum()) / 5, -1.0)
+    torch.testing.assert_close(power_matrix(f, 0.01, -1.0), want, rtol=1e-9, atol=1e-11)
+
+
+def test_newton_muon_power_step_matches_the_dense_reference() -> None:
+    """``power=-1`` (the Cholesky path) on both sides, running factors: one step equals the dense reference."""
+    x, y = batch(n=5)
+    model, ref_model = mlp(), mlp()
+    want = reference_ortho(ref_model, x, y, lr=0.1, wd=0.3, damping=0.07, p=-1.0, sides="both")
+    opt = cgfac.optim.TransformerKFAC(model, lr=0.1, weight_decay=0.3, sides="both", power=-1.0, damping=0.07,
+                                      ns_dtype=torch.float64)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    for i in (0, 2):
+        torch.testing.assert_close(model[i].weight.detach(), want[i], rtol=1e-9, atol=1e-11)
+
+
+def reference_spectral(model: nn.Sequential, x, y, *, lr, wd, damping, sides, mu=0.95) -> dict[int, torch.Tensor]:
+    """One "spectral" step by hand, dense float64 with symmetric roots (no Cholesky):
+    ``O = B_G^{-1/2} NS(B_G^{-1/2} M B_A^{-1/2}) B_A^{-1/2}`` rescaled to RMS 0.2."""
+    rows = captured(model, x, y)
+    nn.functional.cross_entropy(model(x), y).backward()
+    out = {}
+    for i in (0, 2):
+        w = model[i].weight
+        m = (1 - mu) * w.grad + mu * (1 - mu) * w.grad
+        a, gg = rows[i]
+        fa = a.T @ a / a.shape[0]
+        ra = dense_power(fa, damping * float(torch.trace(fa)) / fa.shape[0], -0.5)
+        rg = torch.eye(m.shape[0], dtype=m.dtype)
+        if sides == "both":
+            fg = gg.T @ gg / gg.shape[0]
+            rg = dense_power(fg, damping * float(torch.trace(fg)) / fg.shape[0], -0.5)
+        o = rg @ newton_schulz(rg @ m @ ra, 5, dtype=torch.float64) @ ra
+        o = o * UPDATE_RMS * math.sqrt(o.numel()) / o.norm()
+        out[i] = w.detach() * (1 - lr * wd) - lr * o
+    model.zero_grad()
+    return out
+
+
 @pytest.mark.parametrize("sides", ["input", "both"])
-def test_compact_state_takes_the_same_steps(sides: str) -> None:
-    """``factor_every == eig_every`` keeps only the power per side (no factor, no eigensystem); its
-    steps equal those of the full state with the same refreshes (decomposed every step)."""
+@pytest.mark.parametrize("factors", ["ema", "rows"])
+def test_spectral_step_matches_the_dense_reference(sides: str, factors: str) -> None:
+    """Cholesky whitening (running factors) and the rows' symmetric root (``factors="rows"``) both give
+    the symmetric-root direction: Newton–Schulz commutes with the orthogonal factor between them."""
+    x, y = batch(n=5)
+    model, ref_model = mlp(), mlp()
+    want = reference_spectral(ref_model, x, y, lr=0.1, wd=0.3, damping=0.07, sides=sides)
+    opt = cgfac.optim.TransformerKFAC(model, lr=0.1, weight_decay=0.3, direction="spectral", sides=sides,
+                                      damping=0.07, factors=factors, ns_dtype=torch.float64)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    for i in (0, 2):
+        torch.testing.assert_close(model[i].weight.detach(), want[i], rtol=1e-9, atol=1e-11)
+    assert "chol_a" in opt.state[model[0].weight] if factors == "ema" else True
+
+
+def test_cholesky_factor_round_trip() -> None:
+    g = torch.Generator().manual_seed(6)
+    rows = torch.randn(4, 7, generator=g, dtype=torch.float64)  # rank 4 < 7
+    f = rows.T @ rows / 4
+    low = damped_cholesky(f, 0.05)
+    lam = 0.05 * float(torch.trace(f)) / 7
+    torch.testing.assert_close(low @ low.T, f + lam * torch.eye(7, dtype=torch.float64), rtol=1e-12, atol=1e-13)
+    assert torch.equal(low, low.tril())
+    torch.testing.assert_close(factor_from_cholesky(low, 0.05), f, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sides", ["input", "both"])
+@pytest.mark.parametrize("p", [-1.0, -0.5, -0.25, "spectral"])  # recovery: Cholesky (−1, −1/2, spectral), eigh
+def test_compact_state_takes_the_same_steps(sides: str, p: float | str) -> None:
+    """``factor_every == eig_every`` keeps only the power (or Cholesky factor) per side (no factor, no
+    eigensystem); its steps equal those of the full state with the same refreshes (decomposed every step)."""
     x, y = batch(n=12)
     params, states = [], []
+    kind = "chol" if p == "spectral" else "power"
+    args = {"direction": "spectral"} if p == "spectral" else {"power": p}
     for eig_every in (2, 1):
         model = mlp()
-        opt = cgfac.optim.TransformerKFAC(model, lr=0.05, sides=sides, factor_every=2, eig_every=eig_every)
+        opt = cgfac.optim.TransformerKFAC(model, lr=0.05, sides=sides, factor_every=2, eig_every=eig_every, **args)
         assert opt.compact == (eig_every == 2)
         for _ in range(5):
             nn.functional.cross_entropy(model(x), y).backward()
@@ -290,7 +387,7 @@ def test_compact_state_takes_the_same_steps(sides: str) -> None:
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     kept = {k for k in states[0] if isinstance(states[0][k], torch.Tensor) and states[0][k].dim() == 2}
-    want = {"momentum_buffer", "power_a"} | ({"power_g"} if sides == "both" else set())
+    want = {"momentum_buffer", f"{kind}_a"} | ({f"{kind}_g"} if sides == "both" else set())
     assert kept == want
     assert "factor_a" in states[1] and "eig_a" not in states[1]  # the full state: factor and power
 
