@@ -98,8 +98,9 @@ class Preconditioner:
             a forward that is ``F.linear``, HF ``Conv1D``'s ``x @ weight + b``, ``F.embedding``, or a
             weight scaling an RMS/Layer-normalised input is covered); False: only registered types.
         memory_budget: the bytes the blocks' state may take (:mod:`cgfac.memory`): None (default)
-            a quarter of the device's memory (CPU: total RAM; CUDA: the device's total memory), a
-            number ``≤ 1`` that fraction of it, a number ``> 1`` bytes, ``math.inf`` none. Every
+            a quarter of the device's memory (CPU: total RAM; CUDA: the device's total memory) and
+            at most 6× the trainable parameters' bytes (3× AdamW's state; never below 1 GB), a
+            number ``≤ 1`` that fraction of the device's memory, a number ``> 1`` bytes, ``math.inf`` none. Every
             block's state is sized at registration, before anything is allocated
             (:attr:`memory_plan`); K-FAC gives blocks over the budget a cheaper form, and the
             registration report names each block's form, rule and bytes.
@@ -187,7 +188,9 @@ class Preconditioner:
             raise ValueError("model: no covered layer with trainable parameters to precondition "
                              "(see cgfac.register_layer_helper)")
         first = next(iter(self.layers.values()))
-        self.memory_budget: Budget = resolve_budget(memory_budget, first.device)
+        unique = {id(q): q for q in model.parameters() if q.requires_grad}.values()
+        self.memory_budget: Budget = resolve_budget(memory_budget, first.device,
+                                                    sum(q.numel() * q.element_size() for q in unique))
         # Sized before anything is allocated; may choose cheaper forms or raise ValueError (cgfac.memory).
         self.memory_plan: dict[str, BlockMemory] = self._plan_memory(
             {name: Block(h.structure, h.d_in, h.d_out, torch.finfo(self._compute_dtype(h)).bits // 8)

@@ -18,8 +18,12 @@ Not counted: the gradient, the rows of one step (both the size of the backward p
 tensors) and the eigendecomposition's transient workspace (about ``2d²`` for one side at a time).
 
 **The budget** (``memory_budget=``): None (default) is :data:`DEFAULT_BUDGET_FRACTION` of the
-device's memory (CPU: total RAM, ``os.sysconf``; CUDA: ``get_device_properties().total_memory``);
-a number ``≤ 1`` a fraction of it; a number ``> 1`` bytes; ``math.inf`` no budget.
+device's memory (CPU: total RAM, ``os.sysconf``; CUDA: ``get_device_properties().total_memory``),
+and at most :data:`DEFAULT_PARAMETER_MULTIPLE` times the model's trainable parameters' bytes (three
+times AdamW's state) but never below :data:`DEFAULT_BUDGET_FLOOR`: a preconditioner's state then
+stays in proportion to the model (GPT-2 small: 3.0 GB, peak 1.9× AdamW's against 2.25× with a
+quarter of 24 GB), while a small model keeps every dense factor; a number ``≤ 1`` is a fraction of the
+device's memory; a number ``> 1`` bytes; ``math.inf`` no budget.
 
 **The rule** (K-FAC, :func:`plan_kfac`): if the blocks' total exceeds the budget, the block whose
 next cheaper form saves the most bytes, among those left to the rule (``factor_form="auto"``),
@@ -44,11 +48,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DEFAULT_BUDGET_FRACTION", "FORMS", "Block", "BlockMemory", "Budget", "cgfac_block_bytes",
+__all__ = ["DEFAULT_BUDGET_FLOOR", "DEFAULT_BUDGET_FRACTION", "DEFAULT_PARAMETER_MULTIPLE", "FORMS", "Block",
+           "BlockMemory", "Budget", "cgfac_block_bytes",
            "device_memory", "format_bytes", "kfac_block_bytes", "plan_cgfac", "plan_kfac", "resolve_budget",
            "resolve_forms"]
 
 DEFAULT_BUDGET_FRACTION = 0.25  # of the device's memory: the model, activations and optimizer need the rest
+DEFAULT_PARAMETER_MULTIPLE = 6  # × the trainable parameters' bytes (3× AdamW's two moments) ...
+DEFAULT_BUDGET_FLOOR = 1e9  # ... but never below 1 GB (bytes)
 FORMS = ("dense", "diag-out", "diag-in", "diag")  # K-FAC's forms of a Kronecker block, densest first
 
 
@@ -91,8 +98,10 @@ class Budget:
         return f"{format_bytes(self.bytes)} ({self.source})"
 
 
-def resolve_budget(memory_budget: float | None, device: torch.device) -> Budget:
-    """The budget in bytes for ``memory_budget`` (see the module docstring) on ``device``."""
+def resolve_budget(memory_budget: float | None, device: torch.device, parameter_bytes: int | None = None) -> Budget:
+    """The budget in bytes for ``memory_budget`` (see the module docstring) on ``device``; with
+    ``memory_budget=None`` and the model's ``parameter_bytes`` given, the default is also held to
+    ``max(DEFAULT_BUDGET_FLOOR, DEFAULT_PARAMETER_MULTIPLE · parameter_bytes)``."""
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))):
         raise TypeError(f"memory_budget must be None, a fraction (<= 1) or bytes (> 1), got {memory_budget!r}")
     if memory_budget is not None and not memory_budget > 0:
@@ -101,9 +110,14 @@ def resolve_budget(memory_budget: float | None, device: torch.device) -> Budget:
         return Budget(float(memory_budget), "memory_budget" if memory_budget < math.inf else "no budget")
     fraction = DEFAULT_BUDGET_FRACTION if memory_budget is None else float(memory_budget)
     total, where = device_memory(device)
-    if total is None:
-        return Budget(math.inf, f"no budget: {where}")
-    return Budget(fraction * total, f"{fraction:.0%} of {format_bytes(total)}, {where}")
+    device_budget = Budget(math.inf, f"no budget: {where}") if total is None else \
+        Budget(fraction * total, f"{fraction:.0%} of {format_bytes(total)}, {where}")
+    if memory_budget is None and parameter_bytes is not None:
+        cap = max(DEFAULT_BUDGET_FLOOR, DEFAULT_PARAMETER_MULTIPLE * parameter_bytes)
+        if cap < device_budget.bytes:
+            return Budget(cap, f"{DEFAULT_PARAMETER_MULTIPLE}× the parameters' {format_bytes(parameter_bytes)}, "
+                               f"at least {format_bytes(DEFAULT_BUDGET_FLOOR)}; under {device_budget}")
+    return device_budget
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,12 @@ def test_budget_arguments():
     cpu = torch.device("cpu")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert resolve_budget(None, cpu).bytes == pytest.approx(DEFAULT_BUDGET_FRACTION * total)
+    # the default is held to 6× the parameters' bytes, never below 1 GB, never above the device's share
+    assert resolve_budget(None, cpu, parameter_bytes=500_000_000).bytes == min(3e9, DEFAULT_BUDGET_FRACTION * total)
+    assert resolve_budget(None, cpu, parameter_bytes=1000).bytes == min(1e9, DEFAULT_BUDGET_FRACTION * total)
+    assert resolve_budget(None, cpu, parameter_bytes=10**12).bytes == pytest.approx(DEFAULT_BUDGET_FRACTION * total)
+    assert resolve_budget(0.5, cpu, parameter_bytes=1000).bytes == pytest.approx(0.5 * total)  # explicit: unchanged
+    assert resolve_budget(2e9, cpu, parameter_bytes=1000).bytes == 2e9
     assert resolve_budget(0.5, cpu).bytes == pytest.approx(0.5 * total)
     assert resolve_budget(2e9, cpu).bytes == 2e9
     assert resolve_budget(math.inf, cpu).bytes == math.inf
@@ -155,6 +161,8 @@ def test_budget_arguments():
         resolve_forms(["a"], {"b": "dense"})
     with pytest.raises(ValueError, match="memory_budget"):
         cgfac.KFAC(linear(), memory_budget=0)
+    small = cgfac.KFAC(linear())  # a small model: the 1 GB floor (or the device's share, if smaller)
+    assert small.memory_budget.bytes == min(1e9, DEFAULT_BUDGET_FRACTION * total)
 
 
 def diag_reference(a_f: torch.Tensor, g_f: torch.Tensor, grad: torch.Tensor, damping: float, form: str,
