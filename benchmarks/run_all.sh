@@ -207,3 +207,8 @@ $B memory --optimizers kfac --memory-budget 3e9 --steps 2 --batch 2 --seq 64 --t
   --out benchmarks/gpt2-small-memory/round2-budget-3e9
 $B memory --model moe --optimizers adamw muon-f32 tkfac cgfac kfac --steps 2 --batch 2 --seq 64 --threads 1 \
   --timeout 1500 --out benchmarks/moe-100m-memory
+# Round 3 of the real sizes (issue 24): K-FAC at the default budget now held to 6x the parameters' bytes.
+$B memory --optimizers kfac --steps 2 --batch 2 --seq 64 --threads 1 --timeout 1500 \
+  --out benchmarks/gpt2-small-memory/round3-kfac-default
+$B memory --model moe --optimizers kfac --steps 2 --batch 2 --seq 64 --threads 1 --timeout 1500 \
+  --out benchmarks/moe-100m-memory/round3-kfac-default
