@@ -94,7 +94,8 @@ LM_TASKS = {"nanogpt-s": LMTask(width=128), "nanogpt-m": LMTask(width=256, iters
 LM_PEERS = ("adamw-published", "adamw", "muon", "muon-f32", "muon-original", "soap", "kron")
 # The TransformerKFAC candidates of the transformers issue (cgfac.optim.TransformerKFAC's arguments):
 # (a) precondition, then orthogonalise (input side; both sides; fresh low-rank rows), (b) EKFAC,
-# (c) fractional powers; (a)+(b) EKFAC's direction orthogonalised (SOAP-Muon with K-FAC's factors).
+# (c) fractional powers; (a)+(b) EKFAC's direction orthogonalised (SOAP-Muon with K-FAC's factors);
+# "spectral": steepest descent under K-FAC's metric and the spectral norm (Cholesky whitening around NS).
 TKFAC_VARIANTS: dict[str, dict[str, Any]] = {
     "tkfac-ortho-input": {"direction": "ortho", "sides": "input", "power": -0.5},
     "tkfac-ortho-both": {"direction": "ortho", "sides": "both", "power": -0.25},
@@ -102,6 +103,7 @@ TKFAC_VARIANTS: dict[str, dict[str, Any]] = {
     "tkfac-ekfac": {"direction": "ekfac", "sides": "both", "eig_every": 10},
     "tkfac-ekfac-ortho": {"direction": "ekfac-ortho", "sides": "both", "eig_every": 10},
     "tkfac-power": {"direction": "power", "sides": "both", "power": -0.5},
+    "tkfac-spectral": {"direction": "spectral", "sides": "input"},
 }
 LM_OPTIMIZERS = LM_PEERS + tuple(TKFAC_VARIANTS)
 HYPER_TAKERS = ("soap", "kron", "muon-original", "muon-f32", *TKFAC_VARIANTS)  # --hyper goes to these
