@@ -20,8 +20,8 @@ position the forward saw (``rows`` of them sampled per step, or all)::
 
 ``factors="ema"``: running averages ``F ← β_f F + (1 − β_f) F̂`` refreshed every ``factor_every``
 steps and eigendecomposed every ``eig_every`` steps, ``F = Q diag(s) Qᵀ`` (for ``p = −1`` the power
-``(F + λI)⁻¹`` comes from a Cholesky factorisation instead, about a tenth of the eigendecomposition's
-time at ``d = 1024``: :func:`power_matrix`). ``factors="rows"``: this
+``(F + λI)⁻¹`` comes from a Cholesky factorisation instead, about a quarter of the eigendecomposition's
+time at ``d = 1024`` on one CPU thread: :func:`power_matrix`). ``factors="rows"``: this
 step's ``r`` rows alone, through CG-FAC's low-rank eigensystem (QR of the rows, an ``r × r``
 eigendecomposition, :func:`cgfac.curvature.kron.factor_eig`), no ``d × d`` matrix kept. Either way a
 damped power is, for any ``p`` (``λ = damping · tr(F)/d``, relative: unit-free)::
@@ -236,6 +236,14 @@ def _spd_inverse(matrix: Tensor) -> Tensor | None:
     return inverse if bool(torch.isfinite(inverse).all()) else None
 
 
+def _damped(factor: Tensor, damping: float) -> Tensor:
+    """A copy of ``F + λI``, ``λ = damping · tr(F) / d`` (``damping`` itself where ``tr F = 0``)."""
+    lam = damping * float(factor.diagonal().sum()) / factor.shape[0]
+    shifted = factor.clone()
+    shifted.diagonal().add_(lam if lam > 0 else damping)
+    return shifted
+
+
 def power_matrix(factor: Tensor, damping: float, power: float) -> Tensor:
     """The dense damped power ``P = (F + λI)^p``, ``λ = damping · tr(F) / d`` (:func:`damped_power`).
 
@@ -243,18 +251,10 @@ def power_matrix(factor: Tensor, damping: float, power: float) -> Tensor:
     powers, or a failed Cholesky: from ``F = Q diag(s) Qᵀ`` (``s ≥ 0``), ``P = Q diag((s + λ)^p) Qᵀ``.
     Raises ``torch.linalg.LinAlgError`` where the eigendecomposition fails too.
     """
-    d = factor.shape[0]
-    if power == -1.0:
-        lam = damping * float(factor.diagonal().sum()) / d
-        if not lam > 0:
-            lam = damping
-        shifted = factor.clone()
-        shifted.diagonal().add_(lam)
-        inverse = _spd_inverse(shifted)
-        if inverse is not None:
-            return inverse
+    if power == -1.0 and (inverse := _spd_inverse(_damped(factor, damping))) is not None:
+        return inverse
     s, q = eigh(factor)
-    side = _Side.power(*damped_power(s, q, damping, d, power))
+    side = _Side.power(*damped_power(s, q, damping, factor.shape[0], power))
     assert side.dense is not None
     return side.dense
 
@@ -262,12 +262,7 @@ def power_matrix(factor: Tensor, damping: float, power: float) -> Tensor:
 def damped_cholesky(factor: Tensor, damping: float) -> Tensor:
     """``L``, lower triangular, with ``L Lᵀ = F + λI``, ``λ = damping · tr(F) / d``; retried in float64
     once; raises ``torch.linalg.LinAlgError`` where both fail."""
-    d = factor.shape[0]
-    lam = damping * float(factor.diagonal().sum()) / d
-    if not lam > 0:
-        lam = damping
-    shifted = factor.clone()
-    shifted.diagonal().add_(lam)
+    shifted = _damped(factor, damping)
     low, info = torch.linalg.cholesky_ex(shifted)
     if int(info) != 0 or not bool(torch.isfinite(low).all()):
         low, info = torch.linalg.cholesky_ex(shifted.double())

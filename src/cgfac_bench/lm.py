@@ -95,7 +95,8 @@ LM_PEERS = ("adamw-published", "adamw", "muon", "muon-f32", "muon-original", "so
 # The TransformerKFAC candidates of the transformers issue (cgfac.optim.TransformerKFAC's arguments):
 # (a) precondition, then orthogonalise (input side; both sides; fresh low-rank rows), (b) EKFAC,
 # (c) fractional powers; (a)+(b) EKFAC's direction orthogonalised (SOAP-Muon with K-FAC's factors);
-# "spectral": steepest descent under K-FAC's metric and the spectral norm (Cholesky whitening around NS).
+# "spectral": steepest descent under K-FAC's metric and the spectral norm (Cholesky whitening around NS);
+# "newton": Newton-Muon's p = -1 (Cholesky, no eigh). Their damping 0.3: benchmarks/tuning-nanogpt-s-cholesky.
 TKFAC_VARIANTS: dict[str, dict[str, Any]] = {
     "tkfac-ortho-input": {"direction": "ortho", "sides": "input", "power": -0.5},
     "tkfac-ortho-both": {"direction": "ortho", "sides": "both", "power": -0.25},
@@ -103,7 +104,8 @@ TKFAC_VARIANTS: dict[str, dict[str, Any]] = {
     "tkfac-ekfac": {"direction": "ekfac", "sides": "both", "eig_every": 10},
     "tkfac-ekfac-ortho": {"direction": "ekfac-ortho", "sides": "both", "eig_every": 10},
     "tkfac-power": {"direction": "power", "sides": "both", "power": -0.5},
-    "tkfac-spectral": {"direction": "spectral", "sides": "input"},
+    "tkfac-spectral": {"direction": "spectral", "sides": "input", "damping": 0.3},
+    "tkfac-newton": {"direction": "ortho", "sides": "input", "power": -1.0, "damping": 0.3},
 }
 LM_OPTIMIZERS = LM_PEERS + tuple(TKFAC_VARIANTS)
 HYPER_TAKERS = ("soap", "kron", "muon-original", "muon-f32", *TKFAC_VARIANTS)  # --hyper goes to these
