@@ -31,16 +31,15 @@ from torch.profiler import record_function
 from cgfac import persist
 from cgfac.capture import Recorder, rank_seed
 from cgfac.distributed import WorkAssignment
-from cgfac.dtensor import local
 from cgfac.hyperparams import Hyper, HyperParam
-from cgfac.layers import Chunk, LayerHelper, Rows
+from cgfac.layers import LayerHelper, Rows
 from cgfac.layers.registry import HelperFactory, check_overrides
 from cgfac.memory import Block, BlockMemory, Budget, resolve_budget
 from cgfac.options import DampingScale, FisherKind, GraftKind, LossReduction, LossType, ShardedGrads, check
 from cgfac.registration import ReportEntry, annotate, log_report, register, unwrap
 from cgfac.state import LayerState, StateView
-from cgfac.strategies import make_distribution
-from cgfac.transforms import DAMPING_SWAMPS, VANISHING_KL_SCALE, Graft, KLClip, StepData, VanishingCheck
+from cgfac.strategies import grads_finite, make_distribution
+from cgfac.transforms import DAMPING_SWAMPS, VANISHING_KL_SCALE, DirectionStage, Graft, KLClip, StepData, VanishingCheck
 
 __all__ = ["DAMPING_SWAMPS", "VANISHING_KL_SCALE", "Preconditioner", "ReportEntry", "layer_damping", "rank_seed",
            "unwrap"]
@@ -175,10 +174,11 @@ class Preconditioner:
         self.capture = Recorder(fisher=self.fisher, loss_reduction=self.loss_reduction, grad_scaler=grad_scaler,
                                 seed=seed, rank=self.dist.rank, world=self.dist.world, wants_rows=self._wants_rows,
                                 limit=lambda: getattr(self, "curvature_samples", None))
-        # The direction stages, in the order step() applies them (cgfac.transforms).
+        # The direction stages, applied by step() at their phase in this order (cgfac.transforms).
         self.grafting = Graft(self.graft, self.graft_beta2, self.graft_eps)
         self.clipping = KLClip(self.kl_clip, self.lr)
         self.vanishing = VanishingCheck(self.kl_clip)
+        self.stages: list[DirectionStage] = [self.grafting, self.clipping, self.vanishing]
         self.model = model
         found = register(model, self.capture, skip_layers=self.skip_layers, layer_helpers=self.layer_helpers,
                          probe=self.probe_layers)
@@ -193,7 +193,7 @@ class Preconditioner:
                                                     sum(q.numel() * q.element_size() for q in unique))
         # Sized before anything is allocated; may choose cheaper forms or raise ValueError (cgfac.memory).
         self.memory_plan: dict[str, BlockMemory] = self._plan_memory(
-            {name: Block(h.structure, h.d_in, h.d_out, torch.finfo(self._compute_dtype(h)).bits // 8)
+            {name: Block(h.structure, h.d_in, h.d_out, torch.finfo(self.compute_dtype(h)).bits // 8)
              for name, h in self.layers.items()})
         self.report = annotate(self.report, found.blocks, self.memory_plan)
         self._handles = [*found.handles, model.register_forward_pre_hook(self.capture.count_forward_pass)]
@@ -201,7 +201,7 @@ class Preconditioner:
         self.route = make_distribution(self)  # the distribution strategy (cgfac.strategies)
         log_report(type(self).__name__, self.report)
 
-    _reads_once = False  # whether step() in one process may read the device once (strategies.SingleProcess)
+    reads_once = False  # whether step() in one process may read the device once (strategies.SingleProcess)
 
     # --- the step -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -226,15 +226,27 @@ class Preconditioner:
             for name, (helper, grad) in step.active.items():
                 if self.route.solves_here(name):
                     step.directions[name] = self.route.check(step, name, self._solve_layer(step, name, helper, grad))
-            if not self.route.settle(step):  # the checks left open (one device read); False: skipped
-                return None
+            settled = self.route.settle(step)  # the checks left open (one device read); False: skip
+            if step.undo:
+                self._collect_undo(step.undo)  # rows found non-finite after the fact, or a skipped step's
+            if not settled:
+                return self._skip_step()
+            for name, x in step.directions.items():
+                if x is None and "fallback" in step.stats[name]:
+                    self._fell_back(name, step.stats[name]["fallback"])
             self.route.share(step)  # owners' directions to the ranks that write them
-            self.grafting.apply(step)
+            for stage in self.stages:
+                if stage.phase == "held":
+                    stage.apply(step)
             self.route.scatter(step)  # what each rank writes, with ⟨X, ∇W⟩
-            self.clipping.apply(step)
+            for stage in self.stages:
+                if stage.phase == "final":
+                    stage.apply(step)
             with record_function("cgfac.write"):
                 self.route.write(step)
-            self.vanishing.apply(step)
+            for stage in self.stages:
+                if stage.phase == "written":
+                    stage.apply(step)
             self.steps += 1
         return None
 
@@ -274,35 +286,30 @@ class Preconditioner:
         """The layer's natural-gradient direction ``X`` (``d_out × d_in``), or None to keep ∇W."""
         raise NotImplementedError
 
-    def _owner_only(self, name: str) -> bool:
+    def owner_only(self, name: str) -> bool:
         """Whether only the owner computes this layer's direction (so it must be broadcast)."""
         return True
 
     # --- helpers of the step ------------------------------------------------------------------
-    def _compute_dtype(self, helper: LayerHelper) -> torch.dtype:
+    def compute_dtype(self, helper: LayerHelper) -> torch.dtype:
+        """The dtype of a layer's curvature and solve: ``solve_dtype``, else the layer's dtype
+        promoted to at least float32."""
         if self.solve_dtype is not None:
             return self.solve_dtype
         return torch.promote_types(helper.dtype, torch.float32)
 
     def _rows(self, helper: LayerHelper, max_samples: int | None = None) -> Rows | None:
         """This step's rows for a layer, in the compute dtype, unscaled by any GradScaler."""
-        return self.capture.rows(helper, self._compute_dtype(helper), max_samples)
+        return self.capture.rows(helper, self.compute_dtype(helper), max_samples)
 
     def _layer_damping(self, name: str, damping: float, curvature: Any) -> float:
         """The damping of one layer's solve (:func:`layer_damping`), recorded in its stats."""
         return layer_damping(self.stats.setdefault(name, {}), damping, curvature, self.damping_scale,
                              self.damping_offset, deferred=self.route.pending is not None)
 
-    def _grads_finite_tensor(self) -> Tensor:
-        """Whether every gradient is finite, as a 0-dim tensor (float32 sums, no host read)."""
-        sums = [local(p.grad).sum(dtype=torch.float32) for p in self.model.parameters() if p.grad is not None]
-        if not sums:
-            return torch.ones((), dtype=torch.bool)
-        return torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]).sum())
-
     def _grads_finite(self) -> bool:
-        """One reduction over every gradient (float32 sums: a float16 sum must not overflow)."""
-        return bool(self._grads_finite_tensor())
+        """Whether every gradient is finite (:func:`cgfac.strategies.grads_finite`)."""
+        return bool(grads_finite(self.model.parameters()))
 
     def _skip_step(self) -> None:
         """A non-finite gradient: nothing of this batch is kept, and no parameter may move by it."""
@@ -342,6 +349,11 @@ class Preconditioner:
             state.stats = None
         for name, st in value.items():
             self._state(name).stats = st
+
+    def hyperparameters(self) -> dict[str, HyperParam]:
+        """Every :class:`~cgfac.hyperparams.HyperParam` attribute by name, in the order they were
+        set (``damping``, ``kl_clip``, ``lr``, ..., then a subclass's): what a checkpoint saves."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, HyperParam)}
 
     def layer_stats(self) -> dict[str, dict[str, Any]]:
         """Per-layer statistics of the last step (method, iterations, residual, damping, ...)."""
@@ -397,20 +409,6 @@ class Preconditioner:
     def capture_limit(self) -> int | None:
         """Batch entries of each forward call whose rows are kept (``curvature_samples``; None: all)."""
         return self.capture.capture_limit()
-
-    # The layer hooks report to self.capture; these keep the old entry points of that protocol.
-    def capturing(self, module: nn.Module) -> bool:
-        return self.capture.capturing(module)
-
-    def record_input(self, unit: LayerHelper, a: Tensor, n: int, *, n_full: int | None = None,
-                     batch: int | None = None) -> Chunk:
-        return self.capture.record_input(unit, a, n, n_full=n_full, batch=batch)
-
-    def record_output(self, units: list[LayerHelper], output: Tensor) -> None:
-        self.capture.record_output(units, output)
-
-    def record_output_grad(self, unit: LayerHelper, chunk: Chunk, g: Tensor) -> None:
-        self.capture.record_output_grad(unit, chunk, g)
 
     def discard_captured(self) -> None:
         """Forget the rows captured since the last step (e.g. of an evaluation-only backward)."""

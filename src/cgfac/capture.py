@@ -9,7 +9,7 @@ a layer's chunks become its :class:`cgfac.rows.Rows` (:meth:`Recorder.rows`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -144,6 +144,21 @@ class Recorder:
             gen.manual_seed(rank_seed(self.generator, self.rank, self.world))
             self.generators[key] = gen
         return self.generators[key]
+
+    def generator_state(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """The seed generator's state and each device stream's (a checkpoint's ``generator`` and
+        ``generators``)."""
+        return self.generator.get_state(), {d: g.get_state() for d, g in self.generators.items()}
+
+    def load_generator_state(self, generator: Tensor, streams: Mapping[str, Tensor]) -> None:
+        """Restore :meth:`generator_state`: the seed generator, and the device streams given (the
+        others start afresh from the seed generator on first use)."""
+        self.generator.set_state(generator)
+        self.generators = {}
+        for device, state in streams.items():
+            gen = torch.Generator(device=device)
+            gen.set_state(state)
+            self.generators[device] = gen
 
     def sample_fisher(self, outputs: Tensor, loss_type: LossType, helpers: Iterable[LayerHelper], *,
                       targets: Tensor | None = None) -> None:

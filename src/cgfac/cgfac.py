@@ -221,7 +221,7 @@ class CGFAC(Preconditioner):
             if self.dist.owns(name) and not self._window(name) and "fallback" not in self.stats[name]:
                 self.stats[name]["fallback"] = self.capture.no_rows_reason()
 
-    _reads_once = True
+    reads_once = True
     _appended: dict[str, Rows | None]
 
     def _collect_undo(self, names: list[str]) -> None:
@@ -245,7 +245,7 @@ class CGFAC(Preconditioner):
             return "gather-rows", None
         width = sum(helper.row_widths)
         sizes = comm_bytes(helper.d_in, helper.d_out, max_rows, self.dist.world, row_width=width,
-                           number_bytes=torch.finfo(self._compute_dtype(helper)).bits // 8)
+                           number_bytes=torch.finfo(self.compute_dtype(helper)).bits // 8)
         if self.comm != "auto":
             return self.comm, sizes
         return choose_comm(helper.d_in, helper.d_out, max_rows, self.dist.world, row_width=width), sizes

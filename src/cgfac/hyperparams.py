@@ -10,7 +10,9 @@ from typing import Literal, Union, overload
 Hyper = Union[float, Callable[[int], float]]
 
 
-def _check(name: str, value: object, *, low: float | None, low_open: bool, high: float | None) -> float:
+def check_range(name: str, value: object, *, low: float | None, low_open: bool, high: float | None) -> float:
+    """``value`` as a finite float in ``(low, high]`` (``[low, high]`` unless ``low_open``; None: no
+    bound), else ``TypeError``/``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number or a callable step -> number, got {type(value).__name__}")
     value = float(value)
@@ -31,12 +33,12 @@ class HyperParam:
         self.name, self.low, self.low_open, self.high = name, low, low_open, high
         self.value = value
         if not callable(value):
-            _check(name, value, low=low, low_open=low_open, high=high)
+            check_range(name, value, low=low, low_open=low_open, high=high)
 
     def __call__(self, step: int) -> float:
         value = self.value(step) if callable(self.value) else self.value
         label = f"{self.name} (returned by the callable at step {step})" if callable(self.value) else self.name
-        return _check(label, value, low=self.low, low_open=self.low_open, high=self.high)
+        return check_range(label, value, low=self.low, low_open=self.low_open, high=self.high)
 
 
 @overload

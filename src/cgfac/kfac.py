@@ -160,7 +160,7 @@ class KFAC(Preconditioner):
     def _wants_rows(self) -> bool:
         return self.steps % self.factor_update_steps == 0
 
-    def _owner_only(self, name: str) -> bool:
+    def owner_only(self, name: str) -> bool:
         return self.strategy == "mem-opt"
 
     def _holds_decomposition(self, name: str) -> bool:

@@ -69,7 +69,7 @@ from cgfac import sharded
 from cgfac.base import Preconditioner
 from cgfac.cgfac import CGFAC as _CGFACPreconditioner
 from cgfac.fisher import LOSS_TYPES
-from cgfac.hyperparams import _check, choice, positive_int
+from cgfac.hyperparams import check_range, choice, positive_int
 from cgfac.kfac import KFAC as _KFACPreconditioner
 from cgfac.options import LossType
 from cgfac.transformer_kfac import TransformerKFAC, hidden_matrices
@@ -192,9 +192,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(preconditioner, Preconditioner):
             raise TypeError(f"preconditioner must be a cgfac Preconditioner, got {type(preconditioner).__name__}")
-        _check("lr", lr, low=0.0, low_open=True, high=None)
-        _check("momentum", momentum, low=0.0, low_open=False, high=None)
-        _check("weight_decay", weight_decay, low=0.0, low_open=False, high=None)
+        check_range("lr", lr, low=0.0, low_open=True, high=None)
+        check_range("momentum", momentum, low=0.0, low_open=False, high=None)
+        check_range("weight_decay", weight_decay, low=0.0, low_open=False, high=None)
         self.adaptive = choice("adaptive", adaptive, ADAPTIVE)
         if loss_type is not None:
             choice("loss_type", loss_type, LOSS_TYPES)
@@ -223,9 +223,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.loss_type = loss_type
         self.adapt_damping = adapt_damping
         self.damping_interval = positive_int("damping_interval", damping_interval)
-        self.damping_decay = _check("damping_decay", damping_decay, low=0.0, low_open=True, high=1.0)
-        self.min_damping = _check("min_damping", min_damping, low=0.0, low_open=True, high=None)
-        self.max_damping = _check("max_damping", max_damping, low=self.min_damping, low_open=False, high=None)
+        self.damping_decay = check_range("damping_decay", damping_decay, low=0.0, low_open=True, high=1.0)
+        self.min_damping = check_range("min_damping", min_damping, low=0.0, low_open=True, high=None)
+        self.max_damping = check_range("max_damping", max_damping, low=self.min_damping, low_open=False, high=None)
         self.quad_samples = positive_int("quad_samples", quad_samples, allow_none=True)
         if preconditioner.model is not model:
             raise ValueError("preconditioner must be built on the same model")

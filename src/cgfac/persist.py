@@ -2,30 +2,68 @@
 
 The format (unchanged since the first checkpoints): ``type``, ``world_size``, ``rank``, ``full``,
 ``steps``, ``fallbacks``, ``skipped_steps``, ``hyperparameters`` (every non-callable
-:class:`cgfac.hyperparams.HyperParam` attribute by name), ``generator`` and ``generators`` (the
-true Fisher's random streams), and ``layers``: per block its :class:`cgfac.state.LayerState`
-entry with the direction stages' per-layer state merged in (the graft's ``graft_v``,
-``graft_steps``). Subclasses add their own keys (CG-FAC: ``cost_constants``).
-:func:`cgfac.checkpoint.full_state_dict` assembles the states of every rank.
+:class:`cgfac.hyperparams.HyperParam` of :meth:`Checkpointed.hyperparameters` by name), ``generator``
+and ``generators`` (the true Fisher's random streams), and ``layers``: per block its
+:class:`cgfac.state.LayerState` entry with every direction stage's per-layer state merged in (the
+graft's ``graft_v``, ``graft_steps``). Subclasses add their own keys (CG-FAC: ``cost_constants``).
+:func:`cgfac.checkpoint.full_state_dict` assembles the states of every rank. The functions read
+and write only what :class:`Checkpointed` declares.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-import torch
+from torch import Tensor
 
+from cgfac.distributed import WorkAssignment
 from cgfac.hyperparams import HyperParam
+from cgfac.layers import LayerHelper
+from cgfac.state import LayerState
+from cgfac.transforms import DirectionStage
 
-if TYPE_CHECKING:
-    from cgfac.base import Preconditioner
-
-__all__ = ["load_state_dict", "state_dict"]
+__all__ = ["Checkpointed", "check_loadable", "load_state_dict", "state_dict"]
 
 
-def state_dict(pre: Preconditioner) -> dict[str, Any]:
+class Generators(Protocol):
+    def generator_state(self) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def load_generator_state(self, generator: Tensor, streams: Mapping[str, Tensor]) -> None: ...
+
+
+class Checkpointed(Protocol):
+    """What a checkpoint reads and restores of a preconditioner (:class:`cgfac.base.Preconditioner`)."""
+
+    steps: int
+    fallbacks: int
+    skipped_steps: int
+
+    @property
+    def dist(self) -> WorkAssignment: ...
+
+    @property
+    def layers(self) -> dict[str, LayerHelper]: ...
+
+    @property
+    def states(self) -> dict[str, LayerState]: ...
+
+    @property
+    def stages(self) -> list[DirectionStage]: ...
+
+    @property
+    def capture(self) -> Generators: ...
+
+    def hyperparameters(self) -> dict[str, HyperParam]: ...
+
+
+def state_dict(pre: Checkpointed) -> dict[str, Any]:
     """See :meth:`cgfac.base.Preconditioner.state_dict`."""
-    graft = pre.grafting.state_dict()
+    staged: dict[str, dict[str, Any]] = {}
+    for stage in pre.stages:
+        for name, entry in stage.state_dict().items():
+            staged.setdefault(name, {}).update(entry)
+    generator, streams = pre.capture.generator_state()
     return {
         "type": type(pre).__name__,
         "world_size": pre.dist.world,
@@ -34,15 +72,14 @@ def state_dict(pre: Preconditioner) -> dict[str, Any]:
         "steps": pre.steps,
         "fallbacks": pre.fallbacks,
         "skipped_steps": pre.skipped_steps,
-        "hyperparameters": {k: v.value for k, v in vars(pre).items() if isinstance(v, HyperParam)
-                            and not callable(v.value)},
-        "generator": pre.capture.generator.get_state(),
-        "generators": {d: g.get_state() for d, g in pre.capture.generators.items()},
-        "layers": {name: {**pre.states[name].state_dict(), **graft.get(name, {})} for name in pre.layers},
+        "hyperparameters": {k: v.value for k, v in pre.hyperparameters().items() if not callable(v.value)},
+        "generator": generator,
+        "generators": streams,
+        "layers": {name: {**pre.states[name].state_dict(), **staged.get(name, {})} for name in pre.layers},
     }
 
 
-def check_loadable(pre: Preconditioner, state: Any) -> None:
+def check_loadable(pre: Checkpointed, state: Any) -> None:
     """Raise ``ValueError`` unless ``state`` is a state of this preconditioner's class and model
     that loads on this rank and number of processes."""
     if not isinstance(state, dict) or "layers" not in state:
@@ -63,31 +100,28 @@ def check_loadable(pre: Preconditioner, state: Any) -> None:
         raise ValueError("state_dict: saved for a different model: " + "; ".join(diff))
 
 
-def load_state_dict(pre: Preconditioner, state: dict[str, Any]) -> None:
+def load_state_dict(pre: Checkpointed, state: dict[str, Any]) -> None:
     """See :meth:`cgfac.base.Preconditioner.load_state_dict`."""
     check_loadable(pre, state)
+    hyper = pre.hyperparameters()
     for key, value in state["hyperparameters"].items():
-        param = getattr(pre, key)
+        param = hyper[key]
         if not callable(param.value):
             param.value = value
             param(pre.steps)  # re-checks bounds
     pre.steps = state["steps"]
     pre.fallbacks = state["fallbacks"]
     pre.skipped_steps = state["skipped_steps"]
-    capture = pre.capture
-    capture.generator.set_state(state["generator"])
-    capture.generators = {}
     generators = state["generators"]
     per_rank = state.get("rank_generators")
     if per_rank is not None:
         generators = per_rank[pre.dist.rank] if len(per_rank) == pre.dist.world else {}
     elif state.get("world_size", 1) != pre.dist.world:
         generators = {}
-    for device, gen_state in generators.items():
-        gen = torch.Generator(device=device)
-        gen.set_state(gen_state)
-        capture.generators[device] = gen
+    pre.capture.load_generator_state(state["generator"], generators)
     layers = {name: state["layers"][name] for name in pre.layers}
     for name, entry in layers.items():
         pre.states[name].load_state_dict(entry)
-    pre.grafting.load_state_dict(layers, {name: helper.device for name, helper in pre.layers.items()})
+    devices = {name: helper.device for name, helper in pre.layers.items()}
+    for stage in pre.stages:
+        stage.load_state_dict(layers, devices)

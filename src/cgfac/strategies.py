@@ -13,6 +13,12 @@ sharding through one interface:
 
 The strategies:
 
+The strategies never act on the preconditioner: they read what :class:`StepHost` declares and
+return their decisions in the :class:`~cgfac.transforms.StepData` (``False`` from :meth:`~Distribution.agree`
+or :meth:`~Distribution.settle`: skip the step; ``step.undo``: layers whose rows of this step are
+forgotten; a ``"fallback"`` in a layer's stats with no direction: it keeps its plain gradient), which
+:meth:`cgfac.base.Preconditioner.step` carries out.
+
 * :class:`SingleProcess`: one process, one device read per step (every check deferred to
   :meth:`~Distribution.settle`, :meth:`SingleProcess.read_back`).
 * :class:`WholeLayerOwners`: data parallel (DDP): every rank holds the whole averaged ``∇W``; each
@@ -29,22 +35,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
 from cgfac import sharded
 from cgfac.curvature import deferred_checks
+from cgfac.distributed import WorkAssignment
+from cgfac.dtensor import local
 from cgfac.layers import LayerHelper
+from cgfac.state import LayerState
 from cgfac.transforms import StepData
 
-if TYPE_CHECKING:
-    from cgfac.base import Preconditioner
-
-__all__ = ["Distribution", "ShardedAllGather", "ShardedOwners", "SingleProcess", "WholeLayerOwners",
-           "make_distribution"]
+__all__ = ["Distribution", "ShardedAllGather", "ShardedOwners", "SingleProcess", "StepHost", "WholeLayerOwners",
+           "grads_finite", "make_distribution"]
 
 logger = logging.getLogger("cgfac")
 # How a layer's gradient reaches its solve this step, agreed by the maximum over ranks: the owner
@@ -52,15 +58,65 @@ logger = logging.getLogger("cgfac")
 _OWNER, _WHOLE, _MISSING = 0, 1, 2
 
 
-def make_distribution(pre: Preconditioner) -> Distribution:
+class Enabled(Protocol):
+    @property
+    def enabled(self) -> bool: ...
+
+
+class StepHost(Protocol):
+    """What a strategy reads of the preconditioner it serves (:class:`cgfac.base.Preconditioner`):
+    the covered blocks in layer order and their states (the one-read step's statistics are filled in
+    place), the process group with each layer's owner, the module whose gradients are checked, how
+    FSDP2's sharded gradients reach a solve, whether one process may read the device once per step,
+    and whether the KL clip (products ``⟨X, ∇W⟩``) and the graft stages are enabled."""
+
+    @property
+    def layers(self) -> dict[str, LayerHelper]: ...
+
+    @property
+    def states(self) -> dict[str, LayerState]: ...
+
+    @property
+    def dist(self) -> WorkAssignment: ...
+
+    @property
+    def model(self) -> Any: ...
+
+    @property
+    def sharded_grads(self) -> str: ...
+
+    @property
+    def reads_once(self) -> bool: ...
+
+    @property
+    def clipping(self) -> Enabled: ...
+
+    @property
+    def grafting(self) -> Enabled: ...
+
+    def compute_dtype(self, helper: LayerHelper) -> torch.dtype: ...
+
+    def owner_only(self, name: str) -> bool: ...
+
+
+def grads_finite(parameters: Iterable[Tensor]) -> Tensor:
+    """Whether every gradient is finite, as a 0-dim tensor: one reduction (float32 sums, so that a
+    float16 sum cannot overflow), no host read."""
+    sums = [local(p.grad).sum(dtype=torch.float32) for p in parameters if p.grad is not None]
+    if not sums:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums]).sum())
+
+
+def make_distribution(host: StepHost) -> Distribution:
     """The strategy of a preconditioner: by its process group, whether its layers' parameters are
     sharded (FSDP2 ``DTensor``) when it is built, ``sharded_grads`` and whether it reads once."""
-    params_sharded = any(sharded.is_sharded(p) for h in pre.layers.values() for p, _ in h.grad_parts())
-    if not pre.dist.active:
-        return SingleProcess(pre) if pre._reads_once and not params_sharded else WholeLayerOwners(pre)
+    params_sharded = any(sharded.is_sharded(p) for h in host.layers.values() for p, _ in h.grad_parts())
+    if not host.dist.active:
+        return SingleProcess(host) if host.reads_once and not params_sharded else WholeLayerOwners(host)
     if not params_sharded:
-        return WholeLayerOwners(pre)
-    return ShardedAllGather(pre) if pre.sharded_grads == "all-gather" else ShardedOwners(pre)
+        return WholeLayerOwners(host)
+    return ShardedAllGather(host) if host.sharded_grads == "all-gather" else ShardedOwners(host)
 
 
 class Distribution:
@@ -68,9 +124,9 @@ class Distribution:
 
     name = "single process"
 
-    def __init__(self, pre: Preconditioner) -> None:
-        self.pre = pre
-        self.dist = pre.dist
+    def __init__(self, host: StepHost) -> None:
+        self.host = host
+        self.dist = host.dist
         self.owner_routed: set[str] = set()  # this step's layers under the owner scheme
         self.pending: dict[tuple[str, str], Tensor] | None = None  # the one-read step's values to read
 
@@ -113,7 +169,7 @@ class Distribution:
         """Write ``step.final`` times ``step.scale`` into the layers' ``.grad``."""
         for name, (x, _) in step.final.items():
             x = cast(Tensor, x)
-            self.pre.layers[name].set_grad(x.mul_(step.scale) if step.scale != 1.0 else x)
+            self.host.layers[name].set_grad(x.mul_(step.scale) if step.scale != 1.0 else x)
 
 
 class SingleProcess(Distribution):
@@ -127,20 +183,20 @@ class SingleProcess(Distribution):
     def agree(self, step: StepData) -> bool:
         self.owner_routed = set()
         self.pending = {}
-        pre = self.pre
-        for name, helper in pre.layers.items():
+        host = self.host
+        for name, helper in host.layers.items():
             if any(p.grad is None for p, _ in helper.grad_parts()):
                 helper.chunks = []
                 continue
-            step.active[name] = (helper, cast(Tensor, helper.grad_matrix()).to(pre._compute_dtype(helper)))
+            step.active[name] = (helper, cast(Tensor, helper.grad_matrix()).to(host.compute_dtype(helper)))
             step.stats[name] = {"damping": step.damping}
-        self.pending[("", "finite")] = pre._grads_finite_tensor()
+        self.pending[("", "finite")] = grads_finite(host.model.parameters())
         return True
 
     def check(self, step: StepData, name: str, x: Tensor | None) -> Tensor | None:
         if x is not None and self.pending is not None:
             self.pending[(name, "direction")] = x.sum().isfinite()
-            if self.pre.clipping.enabled and not self.pre.grafting.enabled:
+            if self.host.clipping.enabled and not self.host.grafting.enabled:
                 self.pending[(name, "product")] = torch.vdot(x.reshape(-1), step.active[name][1].reshape(-1))
         return x
 
@@ -149,26 +205,23 @@ class SingleProcess(Distribution):
             self.flags = self.read_back(self.pending or {})
         self.pending = None
         if not self.flags.pop(("", "finite")):
-            self.pre._collect_undo(list(step.active))
-            self.pre._skip_step()
+            step.undo = list(step.active)
             return False
         for name in step.active:
             st = step.stats[name]
             if self.flags.get((name, "rows"), 1.0) == 0.0:
-                self.pre._collect_undo([name])
+                step.undo.append(name)
                 st["fallback"] = "non-finite curvature rows (batch not kept)"
                 step.directions[name] = None
             elif self.flags.get((name, "direction"), 1.0) == 0.0:
                 st["fallback"] = "non-finite direction"
                 step.directions[name] = None
-            if step.directions[name] is None and "fallback" in st:
-                self.pre._fell_back(name, st["fallback"])
         return True
 
     def scatter(self, step: StepData) -> None:
         names = [name for name in step.active if step.directions[name] is not None]
         flags = self.flags
-        if self.pre.clipping.enabled and self.pre.grafting.enabled:  # products of the grafted directions
+        if self.host.clipping.enabled and self.host.grafting.enabled:  # products of the grafted directions
             flags = self.read_back({(name, "product"): torch.vdot(cast(Tensor, step.directions[name]).reshape(-1),
                                                                   step.active[name][1].reshape(-1))
                                     for name in names})
@@ -179,7 +232,7 @@ class SingleProcess(Distribution):
         0-dim tensor among this step's statistics (replaced by its float in place)."""
         keys: list[Any] = list(pending)
         tensors = [pending[k] for k in keys]
-        for name, state in self.pre.states.items():
+        for name, state in self.host.states.items():
             for key, value in (state.stats or {}).items():
                 if isinstance(value, Tensor):
                     keys.append((name, key, "stat"))
@@ -192,7 +245,7 @@ class SingleProcess(Distribution):
         out: dict[tuple[str, str], float] = {}
         for key, value in zip(keys, values):
             if len(key) == 3:
-                cast(dict, self.pre.states[key[0]].stats)[key[1]] = value
+                cast(dict, self.host.states[key[0]].stats)[key[1]] = value
             else:
                 out[key] = value
         return out
@@ -203,8 +256,8 @@ class WholeLayerOwners(Distribution):
 
     name = "whole-layer owners"
 
-    def __init__(self, pre: Preconditioner) -> None:
-        super().__init__(pre)
+    def __init__(self, host: StepHost) -> None:
+        super().__init__(host)
         self.layouts: dict[str, list] = {}  # this step's owner-scheme layers: the row layouts of their parts
         self.notes: dict[str, str] = {}  # the last logged route of each sharded layer
 
@@ -222,7 +275,7 @@ class WholeLayerOwners(Distribution):
     def sharded_route(self, parts: list[tuple[Tensor, slice | None]]) -> tuple[int, Any]:
         if not self.dist.active:
             return _WHOLE, "one process"
-        if self.pre.sharded_grads == "all-gather":
+        if self.host.sharded_grads == "all-gather":
             return _WHOLE, "sharded_grads='all-gather'"
         return _WHOLE, "the parameters were not sharded when the preconditioner was built"
 
@@ -230,12 +283,12 @@ class WholeLayerOwners(Distribution):
         """One all-reduce makes the decisions the same on every rank (finite gradients, each
         layer's route); then sharded layers not under the owner scheme are all-gathered (layers
         in the same order everywhere)."""
-        pre = self.pre
-        routes = {name: self.route(helper) for name, helper in pre.layers.items()}
-        finite = pre._grads_finite()
+        host = self.host
+        routes = {name: self.route(helper) for name, helper in host.layers.items()}
+        finite = bool(grads_finite(host.model.parameters()))
         flags = [route for route, _ in routes.values()]
         if self.dist.active:
-            device = next(iter(pre.layers.values())).device
+            device = next(iter(host.layers.values())).device
             agreed = self.dist.agree([int(not finite), *flags], device)
             finite, flags = not agreed[0], agreed[1:]
         if not finite:
@@ -243,20 +296,20 @@ class WholeLayerOwners(Distribution):
         self.layouts = {}
         reasons: dict[str, str] = {}
         grads: dict[str, Tensor] = {}
-        for (name, helper), flag, (mine, info) in zip(pre.layers.items(), flags, routes.values()):
+        for (name, helper), flag, (mine, info) in zip(host.layers.items(), flags, routes.values()):
             if flag == _OWNER:
                 self.layouts[name] = info
             elif flag == _WHOLE:
                 reason = info if mine == _WHOLE else "not row-sharded as the owner scheme needs on another rank"
-                if reason is not None and self.dist.active and pre.sharded_grads == "owner":
+                if reason is not None and self.dist.active and host.sharded_grads == "owner":
                     raise ValueError(f"sharded_grads='owner': layer {name!r} cannot use the owner scheme: {reason} "
                                      "(sharded_grads='auto' all-gathers such layers)")
                 grads[name] = cast(Tensor, helper.grad_matrix())
                 if reason is not None:
                     reasons[name] = reason
         self.owner_routed = set(self.layouts)
-        for name, helper in pre.layers.items():
-            dtype = pre._compute_dtype(helper)
+        for name, helper in host.layers.items():
+            dtype = host.compute_dtype(helper)
             if name in self.layouts:  # the owner scheme: ∇W arrives at gather (once owners are assigned)
                 grad = torch.empty(0, dtype=dtype, device=helper.device)  # dtype and device only
             elif name in grads:
@@ -277,20 +330,17 @@ class WholeLayerOwners(Distribution):
             self.notes[name] = route
             chosen = route.startswith("owner") or "sharded_grads='all-gather'" in route or not self.dist.active
             log = logger.info if chosen else logger.warning
-            log("%s: layer %r: sharded gradient by %s", type(self.pre).__name__, name, route)
+            log("%s: layer %r: sharded gradient by %s", type(self.host).__name__, name, route)
 
     def solves_here(self, name: str) -> bool:
         if name in self.owner_routed:
             return self.dist.owns(name)
-        return not self.pre._owner_only(name) or self.dist.owns(name)
+        return not self.host.owner_only(name) or self.dist.owns(name)
 
     def check(self, step: StepData, name: str, x: Tensor | None) -> Tensor | None:
-        st = step.stats[name]
         if x is not None and not torch.isfinite(x).all():
-            st["fallback"] = "non-finite direction"
+            step.stats[name]["fallback"] = "non-finite direction"
             x = None
-        if x is None and "fallback" in st:
-            self.pre._fell_back(name, st["fallback"])
         return x
 
     def share(self, step: StepData) -> None:
@@ -299,7 +349,7 @@ class WholeLayerOwners(Distribution):
             return
         items, buffers = [], {}
         for name, (_, grad) in step.active.items():
-            if not self.pre._owner_only(name) or name in self.owner_routed:
+            if not self.host.owner_only(name) or name in self.owner_routed:
                 continue
             buf = grad.new_zeros(grad.numel() + 1)
             x = step.directions.get(name)
@@ -318,10 +368,10 @@ class WholeLayerOwners(Distribution):
 
     def product(self, x: Tensor | None, grad: Tensor) -> float:
         """``⟨X, ∇W⟩`` for the KL clip (0 without one, or without a direction)."""
-        return 0.0 if not self.pre.clipping.enabled or x is None else float((x * grad).sum())
+        return 0.0 if not self.host.clipping.enabled or x is None else float((x * grad).sum())
 
     def scatter(self, step: StepData) -> None:
-        for name in self.pre.layers:
+        for name in self.host.layers:
             x = step.directions.get(name)
             if x is not None:
                 step.final[name] = (x, self.product(x, step.active[name][1]))
@@ -358,10 +408,10 @@ class ShardedOwners(WholeLayerOwners):
     def gather(self, step: StepData) -> None:
         if not self.layouts:
             return
-        pre, dtype = self.pre, self.pre._compute_dtype
+        host, dtype = self.host, self.host.compute_dtype
         self.exchange = sharded.OwnerExchange(
-            self.dist, [(name, pre.layers[name], self.dist.owner(name), self.layouts[name]) for name in self.layouts],
-            {name: dtype(pre.layers[name]) for name in self.layouts})
+            self.dist, [(name, host.layers[name], self.dist.owner(name), self.layouts[name]) for name in self.layouts],
+            {name: dtype(host.layers[name]) for name in self.layouts})
         for name, grad in self.exchange.gather().items():
             helper = step.active[name][0]
             step.active[name] = (helper, grad.to(dtype(helper)))
@@ -373,7 +423,7 @@ class ShardedOwners(WholeLayerOwners):
         if self.exchange is not None:
             self.scattered = self.exchange.scatter({name: (dirs[name], self.product(dirs[name], active[name][1]))
                                                     for name in self.layouts if name in dirs})
-        for name in self.pre.layers:  # every rank: the layers that take a direction, in layer order
+        for name in self.host.layers:  # every rank: the layers that take a direction, in layer order
             if name in self.scattered:
                 if self.scattered[name][0] is not None:
                     step.final[name] = self.scattered[name]
@@ -385,5 +435,5 @@ class ShardedOwners(WholeLayerOwners):
             if name in self.scattered:
                 cast(sharded.OwnerExchange, self.exchange).write(name, cast(list[Tensor], x), step.scale)
             else:
-                self.pre.layers[name].set_grad(cast(Tensor, x).mul_(step.scale))
+                self.host.layers[name].set_grad(cast(Tensor, x).mul_(step.scale))
 

@@ -1,14 +1,20 @@
 """The stages a step's directions pass through between the solves and the ``.grad`` writes.
 
-One step's working data is a :class:`StepData`; each stage is a small object with its own state
-(``state_dict``/``load_state_dict``) that reads and changes it, in this order
-(:meth:`cgfac.base.Preconditioner.step`):
+One step's working data is a :class:`StepData`; each stage (:class:`DirectionStage`) is a small
+object with its own per-layer state (``state_dict``/``load_state_dict``, saved inside each layer's
+checkpoint entry) that reads and changes it. :attr:`cgfac.base.Preconditioner.stages` lists them;
+:meth:`cgfac.base.Preconditioner.step` applies each at its ``phase``, in list order:
 
-* :class:`Graft` (``graft="rmsprop"``): each direction takes the length of RMSProp's step
-  (:mod:`cgfac.graft`); before the directions are scattered, on the ranks that hold ``∇W``.
-* :class:`KLClip` (``kl_clip=κ``): the scale ``ν = min(1, √(κ / |lr² Σ_layers ⟨X, ∇W⟩|))`` of
-  every direction (Ba et al. 2017; kfac-pytorch), from the products the distribution delivers.
-* :class:`VanishingCheck`: records (and warns once) when settings make the step vanish.
+* ``"held"``: after the solves and the sharing of directions, before they are scattered, on the
+  ranks that hold ``∇W``. :class:`Graft` (``graft="rmsprop"``): each direction takes the length of
+  RMSProp's step (:mod:`cgfac.graft`).
+* ``"final"``: once each rank has what it writes (``step.final``, with ``⟨X, ∇W⟩``).
+  :class:`KLClip` (``kl_clip=κ``): the scale ``ν = min(1, √(κ / |lr² Σ_layers ⟨X, ∇W⟩|))`` of every
+  direction (Ba et al. 2017; kfac-pytorch).
+* ``"written"``: after the ``.grad`` writes. :class:`VanishingCheck`: records (and warns once)
+  when settings make the step vanish.
+
+A new stage is one class here with those four members, appended to ``stages``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -25,7 +31,8 @@ from cgfac.graft import RMSPropGraft
 from cgfac.hyperparams import HyperParam
 from cgfac.layers import LayerHelper
 
-__all__ = ["DAMPING_SWAMPS", "VANISHING_KL_SCALE", "DirectionStage", "Graft", "KLClip", "StepData", "VanishingCheck"]
+__all__ = ["DAMPING_SWAMPS", "VANISHING_KL_SCALE", "DirectionStage", "Graft", "KLClip", "Phase", "StepData",
+           "VanishingCheck"]
 
 VANISHING_KL_SCALE = 1e-3  # a KL clip scaling the step by less than this makes it vanish
 DAMPING_SWAMPS = 1e3  # damping above this multiple of the largest curvature eigenvalue swamps it
@@ -43,16 +50,25 @@ class StepData:
     holds: Callable[[str], bool] = lambda name: True  # whether this rank holds the layer's ∇W and X
     final: dict[str, tuple[Any, float]] = field(default_factory=dict)  # X (or this rank's rows), ⟨X, ∇W⟩
     scale: float = 1.0  # the KL clip's ν
+    undo: list[str] = field(default_factory=list)  # layers whose rows of this step are forgotten
+
+
+Phase = Literal["held", "final", "written"]
 
 
 class DirectionStage(Protocol):
-    """A stage of :class:`StepData`'s directions."""
+    """A stage of :class:`StepData`'s directions, applied at its ``phase`` (module docstring).
+    ``state_dict()``: ``{layer: {key: value}}``, merged into each layer's checkpoint entry;
+    ``load_state_dict`` receives every layer's entry and the device of each layer."""
+
+    phase: Phase
 
     def apply(self, step: StepData) -> None: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, dict[str, Any]]: ...
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]],
+                        devices: Mapping[str, torch.device] | None = None) -> None: ...
 
 
 class Graft:
@@ -62,6 +78,8 @@ class Graft:
     under the owner scheme is grafted on its owner alone (the only holder of its ∇W), before the
     direction is scattered, and its second moment lives there. ``state_dict()``:
     ``{layer: {"graft_v", "graft_steps"}}``, saved inside each layer's checkpoint entry."""
+
+    phase: Phase = "held"
 
     def __init__(self, kind: str, beta2: float, eps: float) -> None:
         self.enabled = kind == "rmsprop"
@@ -82,21 +100,24 @@ class Graft:
             if x is not None:  # a 0-dim tensor: layer_stats() reads it
                 step.stats[name]["graft_scale"] = moment.apply(x, grad.to(x.dtype), self.beta2, self.eps)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, dict[str, Any]]:
         return {name: moment.state_dict() for name, moment in self.moments.items()}
 
-    def load_state_dict(self, state: Mapping[str, Any], devices: Mapping[str, torch.device] | None = None) -> None:
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]],
+                        devices: Mapping[str, torch.device] | None = None) -> None:
         """Each layer's entry (``graft_v``, ``graft_steps``; a layer without them has no moment yet)."""
         for name, entry in state.items():
             self.moments.pop(name, None)
             if "graft_v" in entry:
                 device = (devices or {}).get(name, torch.device("cpu"))
-                self.moments[name] = RMSPropGraft.from_state(entry, device)
+                self.moments[name] = RMSPropGraft.from_state(dict(entry), device)
 
 
 class KLClip:
     """``ν = min(1, √(κ / |lr² Σ_layers ⟨X, ∇W⟩|))`` from each final layer's ``⟨X, ∇W⟩`` (layer
     order); 1 without ``kl_clip``. The hyperparameters are the preconditioner's own objects."""
+
+    phase: Phase = "final"
 
     def __init__(self, kl_clip: HyperParam | None, lr: HyperParam) -> None:
         self.kl_clip, self.lr = kl_clip, lr
@@ -116,10 +137,11 @@ class KLClip:
     def apply(self, step: StepData) -> None:
         step.scale = self.scale([product for _, product in step.final.values()], step.steps)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, dict[str, Any]]:
         return {}  # κ and lr are saved with the preconditioner's hyperparameters
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]],
+                        devices: Mapping[str, torch.device] | None = None) -> None:
         pass
 
 
@@ -128,6 +150,8 @@ class VanishingCheck:
     ``VANISHING_KL_SCALE``, or ``λ`` above ``DAMPING_SWAMPS`` × a bound on the largest curvature
     eigenvalue (``curvature_bound`` in the layer's stats, e.g. ``tr(A)·tr(G)``). Recorded in
     ``layer_stats()`` (``"step_vanishes"``) every step; warned once per preconditioner."""
+
+    phase: Phase = "written"
 
     def __init__(self, kl_clip: HyperParam | None) -> None:
         self.kl_clip = kl_clip
@@ -167,8 +191,9 @@ class VanishingCheck:
                 "correspond to damping·n² and kl_clip·n² here (n: the batch size). Reported once; see "
                 "layer_stats()[name]['step_vanishes'].", RuntimeWarning, stacklevel=4)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, dict[str, Any]]:
         return {}  # the once-only warning is not part of a checkpoint
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]],
+                        devices: Mapping[str, torch.device] | None = None) -> None:
         pass

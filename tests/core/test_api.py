@@ -217,8 +217,8 @@ def test_solve_dtype_float64_on_a_float32_model() -> None:
 def test_cg_probe_is_bounded_and_falls_back_to_the_cheaper_method(monkeypatch) -> None:
     """Auto predicts lowrank; CG could win within 3 products, so it is probed with that budget.
     An ill-conditioned layer does not converge: lowrank solves the step, CG is marked as losing."""
-    from cgfac import cost
-    from cgfac.kron import KronRows
+    from cgfac.curvature.kron import KronRows
+    from cgfac.solvers import cost
 
     monkeypatch.setattr(cost, "kron_costs", lambda r_a, r_g, d_in, d_out, k, c: {"cg": float(k), "lowrank": 3.5,
                                                                                  "eigen": 100.0})
@@ -250,7 +250,7 @@ def test_cg_probe_is_bounded_and_falls_back_to_the_cheaper_method(monkeypatch) -
 
 def test_cost_tie_goes_to_eigen_when_rows_outnumber_both_widths() -> None:
     """With r ≥ d on both sides the low-rank route is eigen plus arithmetic: equal costs, eigen."""
-    from cgfac import cost
+    from cgfac.solvers import cost
 
     c = cost.CostConstants(9.0, 4.0, 6.0, 1.1, 4e6, 8e6)
     for r_a, r_g, d_in, d_out in [(100352, 100352, 26, 16), (1000, 1000, 501, 1000)]:

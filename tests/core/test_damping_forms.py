@@ -9,8 +9,8 @@ from reference import Case, capture, cases, covered, factors, mean_grad, unvec, 
 from torch import nn
 
 import cgfac
-from cgfac.cg import cg
-from cgfac.kron import KronEigen, KronRows, factored_damping
+from cgfac.curvature.kron import KronEigen, KronRows, factored_damping
+from cgfac.solvers.pcg import cg
 
 CASES = {c.name: c for c in cases()}
 DAMPING = 0.05

@@ -21,7 +21,7 @@ from reference import (
 )
 
 import cgfac
-from cgfac.exact import ExactRows
+from cgfac.curvature.exact import ExactRows
 from cgfac.layers.base import Rows
 from cgfac.layers.embedding import DiagKron, DiagKronEigen, ExactIndexRows
 from cgfac.layers.norm import FeatureBlocks

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cgfac
-from cgfac.kron import KronRows
+from cgfac.curvature.kron import KronRows
 
 
 def net() -> nn.Module:

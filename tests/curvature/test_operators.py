@@ -7,8 +7,8 @@ import torch
 from reference import Case, capture, cases, dense_kron, exact_fisher, factors, per_sample_grads, unvec, vec
 
 import cgfac
-from cgfac.exact import ExactRows
-from cgfac.kron import KronEigen, KronRows
+from cgfac.curvature.exact import ExactRows
+from cgfac.curvature.kron import KronEigen, KronRows
 
 CASES = cases()
 

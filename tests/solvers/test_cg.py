@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse.linalg as sla
 import torch
 
-from cgfac.cg import cg
-from cgfac.kron import KronRows
+from cgfac.curvature.kron import KronRows
+from cgfac.solvers.pcg import cg
 
 
 def kron_problem(seed: int, r: int = 12, d_in: int = 9, d_out: int = 7):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import cgfac
-from cgfac import cost
-from cgfac.kron import KronRows
+from cgfac.curvature.kron import KronRows
+from cgfac.solvers import cost
 
 
 def ill_conditioned() -> tuple[KronRows, torch.Tensor]:

@@ -11,9 +11,8 @@ from reference import covered
 from torch import Tensor, nn
 
 import cgfac
-from cgfac import cost
 from cgfac.curvature import KronRows
-from cgfac.solvers import DirectSolver, Solver, register_solver, solver_names, unregister_solver
+from cgfac.solvers import DirectSolver, Solver, cost, register_solver, solver_names, unregister_solver
 
 
 class CholeskySolver(DirectSolver):
