@@ -93,247 +93,78 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import cgfac
 from cgfac.solvers.cost import calibrate
 from cgfac_bench import lm
-from cgfac_bench.data import load_digits_data, load_mnist, load_stdlib_text
+from cgfac_bench.hyper import (
+    ADAPTIVE,
+    ALL_OPTIMIZERS,
+    LR_GRID,
+    OPTIMIZERS,
+    PEERS,
+    SGD_MOMENTUM,
+    SecondOrder,
+    parse_grid,
+    parse_hyper,
+    parse_lr_grid,
+)
 from cgfac_bench.lm import LM_TASKS
 from cgfac_bench.machine import default_device, machine_info
 from cgfac_bench.models import build_model
 from cgfac_bench.peers import ADAMW_WEIGHT_DECAY, MUON_ADAMW_LR, muon_with_adamw
+from cgfac_bench.tasks import (
+    DATA_KEYS,
+    TASKS,
+    evaluate,
+    load_task_data,
+    model_options,
+    reconstruction_loss,
+    save_arrays,
+    task_loss,
+)
+from cgfac_bench.tuned import TUNED
 
-ADAPTIVE = ("kfac-adaptive", "cgfac-kron-adaptive", "cgfac-exact-adaptive")  # cgfac.optim: own the update
-PRECONDITIONED = ("cgfac-kron", "cgfac-exact", "kfac")  # a preconditioner under SGD with momentum
-PEERS = ("adam", "adamw", "sgd", "soap", "shampoo", "muon", "muon-original")
-ALL_OPTIMIZERS = ADAPTIVE + PRECONDITIONED + PEERS
-OPTIMIZERS = ("cgfac-kron", "cgfac-exact", "kfac", "adam", "sgd")  # the default list without --tuned
-LR_GRID: dict[str, tuple[float, ...]] = {
-    "cgfac-kron": (0.1, 0.3),
-    "cgfac-exact": (0.1, 0.3),
-    "kfac": (0.1, 0.3),
-    "kfac-adaptive": (1.0,),  # a multiplier of the quadratic model's step
-    "cgfac-kron-adaptive": (1.0,),
-    "cgfac-exact-adaptive": (1.0,),
-    "adam": (1e-3, 3e-3),
-    "adamw": (1e-3, 3e-3),
-    "sgd": (0.03, 0.1),
-    "soap": (1e-3, 3e-3),
-    "shampoo": (0.03, 0.1),
-    "muon": (1e-3, 3e-3),  # adjust_lr_fn="match_rms_adamw": AdamW-like learning rates
-    "muon-original": (0.01, 0.02),  # adjust_lr_fn="original" (Keller Jordan's scaling; 0.02 his default)
-}
+__all__ = [
+    "ALL_OPTIMIZERS",
+    "LR_GRID",
+    "OPTIMIZERS",
+    "TASKS",
+    "TUNED",
+    "SecondOrder",
+    "_finite",
+    "adam_target",
+    "add_arguments",
+    "best_peer_heldout",
+    "best_runs",
+    "heldout_lines",
+    "heldout_times",
+    "load_task_data",
+    "make_optimizer",
+    "model_options",
+    "parse_hyper",
+    "parse_lr_grid",
+    "run",
+    "save_arrays",
+    "task_loss",
+    "time_to",
+    "time_to_interpolated",
+    "train_run",
+]
 
-DATA_KEYS = ("train_x", "train_y", "test_x", "test_y")
-EVAL_CHUNK = 1000
-LM_EVAL_CHUNK = 64  # sequences per evaluation chunk of the LM (64 × 128 × 256 logits)
-# The LM task's data (load_stdlib_text): context 128, the first 4 MiB of the training documents
-# (32,263 windows of 129 bytes) and the first 256 KiB of the held-out ones (2,032 windows), so that
-# the held-out evaluation after a run costs about as much as MNIST's. Tests lower the caps.
-TEXT_CONTEXT = 128
-TEXT_MAX_TRAIN_BYTES = 4 * 2**20
-TEXT_MAX_TEST_BYTES = 256 * 2**10
-
-
-@dataclass(frozen=True)
-class Task:
-    """How a task's data is fed and scored."""
-
-    data: str  # "mnist", "digits" or "stdlib-text" (byte-level LM: x, y of shape (N, context))
-    flatten: bool  # feed images as (N, 784) rows
-    loss_type: Literal["bernoulli", "cross_entropy"]  # reconstruction or classification
-    batch_size: int
-    damping: float  # λ of the second-order methods
-    kl_clip: float  # κ of the second-order methods
-    fisher: str  # "empirical" or "true"
-    curvature_samples: int | None = None  # CG-FAC's curvature rows per batch (None: the whole batch)
-    eval_samples: int = 10_000  # the fixed training subset of the training-loss curve (--eval-samples)
-
-    @property
-    def lm(self) -> bool:
-        """A language model: logits (batch, context, 256), the loss a mean over every position."""
-        return self.data == "stdlib-text"
-
-
-TASKS = {
-    # 64 curvature samples: 85 ms/step instead of 173 and a lower loss after 20 s (measured here).
-    "autoencoder": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 64),
-    "autoencoder-tanh": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 64),
-    "autoencoder-sparse": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 64),
-    "mlp": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
-    "cnn": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
-    "digits": Task("digits", False, "cross_entropy", 128, 3e-3, 1e-3, "empirical"),
-    "cnn-norm": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
-    # The wide tasks (issue 16): widths scaled by --width-mult / --width; CG-FAC's curvature from a
-    # fixed number of rows per step (TUNED), independent of the batch.
-    "autoencoder-wide": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 128),
-    "mlp-wide": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical", 64),
-    # 32 sequences of 128 bytes (4096 positions, the rows of every layer); 256 sequences evaluated.
-    "transformer": Task("stdlib-text", False, "cross_entropy", 32, 3e-3, 1e-3, "empirical", eval_samples=256),
-}
-
-
-@dataclass(frozen=True)
-class SecondOrder:
-    """Settings of the preconditioned runs (CG-FAC and K-FAC)."""
-
-    damping: float
-    kl_clip: float | None
-    momentum: float = 0.9
-    curvature_window: int = 1  # CG-FAC: batches whose rows form the curvature
-    curvature_samples: int | None = None  # CG-FAC: samples of each batch used for curvature (None: all)
-    factor_decay: float = 0.95  # K-FAC's running factors
-    inv_update_steps: int = 10  # K-FAC's eigendecomposition interval
-    factor_update_steps: int = 1  # K-FAC's factor refresh interval (rows are captured on those steps only)
-    fisher: str = "empirical"  # "true": targets sampled from the model (one extra backward)
-    adaptive: str = "lr+momentum"  # the *-adaptive optimizers: what the quadratic model chooses
-    quad_samples: int | None = None  # the *-adaptive optimizers: samples for the GGN products (None: all)
-    kfac_samples: int | None = None  # K-FAC: samples of each batch for the factors (None: all)
-    min_damping: float = 1e-3  # the *-adaptive optimizers: lower bound of the LM-adapted λ (the library default)
-    damping_form: str = "exact"  # "exact" or "factored" (K-FAC and CG-FAC kron)
-    damping_scale: str = "absolute"  # "absolute" or "relative" (λ times each layer's mean curvature)
-    graft: str = "none"  # "rmsprop": each layer's direction at RMSProp's step length (kfac, cgfac-*)
-
-
-SGD_MOMENTUM = 0.9
-
-# Each optimizer's learning rate, damping (initial λ for *-adaptive) and any SecondOrder settings
-# ("hyper") chosen by the tuning grids of benchmarks/tuning-<task>* (short runs, one seed, the
-# commands in benchmarks/run_all.sh); `cgfac-bench train --tuned` runs these side by side.
-TUNED: dict[str, dict[str, dict[str, Any]]] = {
-    "autoencoder-tanh": {
-        # λ0 ∈ {1e-3, 1e-2, 0.1}: 75.4, 69.5, 67.4 at 40 s (tuning-autoencoder-tanh-2); min_damping ∈
-        # {1e-6, 1e-4, 1e-3, 1e-2}: 63.0, 58.8, 58.5, 58.9 after 300 steps, 250 samples for factors and
-        # model, the factored form and eigh every 25 steps as good per step as all samples, exact form,
-        # every 10 (README "Cheaper steps"); 57.7 at 100 s against SOAP 65.5, Adam 65.0 (tuning-...-3).
-        "kfac-adaptive": {"lr": 1.0, "damping": 0.1,
-                          "hyper": {"min_damping": 1e-3, "damping_form": "factored", "kfac_samples": 250,
-                                    "quad_samples": 250, "inv_update_steps": 25}},
-        "cgfac-kron-adaptive": {"lr": 1.0, "damping": 0.1,  # 79.6 at 30 s (exact curvature: 86.0)
-                                "hyper": {"curvature_window": 8, "curvature_samples": 125, "min_damping": 1e-3,
-                                          "damping_form": "factored", "quad_samples": 250}},
-        "adam": {"lr": 1e-3},  # {1e-3, 3e-3}: 72.9, 79.7 at 40 s
-        "soap": {"lr": 3e-3},  # {1e-3, 3e-3}: 211.5, 97.8
-        "sgd": {"lr": 3e-3},  # {3e-3, 1e-2, 0.03, 0.1}: 104.7, 209.8 (30 s), 1834, 8841 (40 s)
-        "shampoo": {"lr": 3e-3},  # {3e-3, 1e-2, 0.03, 0.1}: 191.8, 354.4 (30 s), 2021, 7322 (40 s)
-    },
-    "transformer": {
-        # 45 s, one seed (README "Grafting"): KL-clipped K-FAC λ {1e-3, 1e-2, 3e-2, 0.1} × κ {1e-3,
-        # 3e-3, 1e-2}: best 1.59; grafted lr {2.5e-4, 5e-4, 1e-3, 2e-3} × λ {1e-4, 3e-4, 1e-3, 1e-2, 0.1}:
-        # best 1.358 (lr 5e-4, λ 1e-3); AdamW 3e-3 1.424, SOAP 3e-3 1.295.
-        "kfac": {"lr": 5e-4, "damping": 1e-3,
-                 "hyper": {"kl_clip": None, "graft": "rmsprop", "damping_form": "factored", "kfac_samples": 8,
-                           "inv_update_steps": 20, "factor_update_steps": 5}},
-        "adamw": {"lr": 3e-3},  # {1e-3, 3e-3}: 1.459, 1.162 at 90 s (train-transformer-90s)
-        "soap": {"lr": 3e-3},
-        "shampoo": {"lr": 1e-3},
-    },
-    "cnn": {
-        # 30 s, one seed: grafted K-FAC lr {5e-4, 1e-3}: 0.0176, 0.0310; SOAP 0.0211, Adam 0.0417.
-        "kfac": {"lr": 5e-4, "damping": 1e-3,
-                 "hyper": {"kl_clip": None, "graft": "rmsprop", "damping_form": "factored", "kfac_samples": 32,
-                           "inv_update_steps": 25, "factor_update_steps": 5}},
-        "soap": {"lr": 3e-3},
-        "adam": {"lr": 1e-3},
-        "sgd": {"lr": 0.1},
-    },
-}
-# The wide autoencoder (issue 16): 60 s runs at ×4, one seed (benchmarks/tuning-autoencoder-wide, the
-# commands in benchmarks/run_all.sh). cgfac.optim.CGFAC, 128 curvature rows per step (the true Fisher
-# sampled on those samples only), factored damping: 81.2 (exact damping 114.1, empirical Fisher 504.4,
-# damping_scale="rank" 89.7; initial λ 0.01 / 0.1 / 1: 82.3 / 81.2 / 82.4, the LM rule adapts it).
-# Peers at 60 s: Adam {3e-4, 1e-3, 3e-3, 1e-2}: 123.4, 168.5, 209, 682; Muon (original scaling)
-# {5e-3, 0.01, 0.02, 0.05}: 186, 184, 175, 151 and (match_rms_adamw) {3e-4 .. 1e-2}: best 173 (3e-3);
-# SOAP {3e-4 .. 1e-2}: best 583 (1e-3); Shampoo {1e-3 .. 3e-2}: best 214 (1e-3): 4–20 steps in 60 s.
-# Round 2, after the quadratic model's samples were made disjoint from the curvature rows (r2-*, one
-# quiet machine): 128 rows with the model on 250 / 128 / 64 samples: 72.9 / 71.9 / 72.0 (1315 / 1150 /
-# 1099 ms/step); 64 rows with 250 / 128: 76.4 / 75.5. Chosen: 128 rows, the model on 128 samples.
-WIDE_CGFAC = {"lr": 1.0, "damping": 0.1,
-              "hyper": {"curvature_window": 1, "curvature_samples": 128, "quad_samples": 128, "min_damping": 1e-3,
-                        "damping_form": "factored", "fisher": "true"}}
-TUNED["autoencoder-wide"] = {
-    "cgfac-kron-adaptive": WIDE_CGFAC,
-    "adam": {"lr": 3e-4},
-    "muon-original": {"lr": 0.05},
-    "soap": {"lr": 1e-3},
-    "kfac-adaptive": {"lr": 1.0, "damping": 0.1,  # K-FAC for width: 250 samples for factors, eigh every 50 steps
-                      "hyper": {"min_damping": 1e-3, "damping_form": "factored", "kfac_samples": 250,
-                                "quad_samples": 250, "inv_update_steps": 50, "fisher": "true"}},
-    "shampoo": {"lr": 1e-3},
-}
-# The wide MLP classifier: not tuned on its own (the autoencoder-wide settings; Adam's usual 1e-3).
-TUNED["mlp-wide"] = {"cgfac-kron-adaptive": WIDE_CGFAC, "adam": {"lr": 1e-3}, "muon-original": {"lr": 0.02},
-                     "soap": {"lr": 3e-3}, "kfac-adaptive": TUNED["autoencoder-wide"]["kfac-adaptive"]}
-TUNED["cnn-norm"] = TUNED["cnn"]  # lr {5e-4, 1e-3}: 0.0191, 0.0277 at 60 s (train-cnn-norm-60s-graft)
-
-# The Hugging Face GPT-2 task (cgfac_bench.hf): tied embeddings, Conv1D projections, the transformer
-# task's data, loss and evaluation; Muon (torch.optim.Muon on hidden matrices, AdamW on the rest) as a
-# peer. Tuned at 75 s, one seed (benchmarks/tuning-gpt2*, about 40-55 steps; training loss):
-# AdamW {1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 3e-3, 6e-3}: 2.71, 2.59, 2.95, 3.08, 3.15, 3.12, 3.28;
-# Muon {0.01, 0.02, 0.04, 0.08}: 2.22, 2.18, 2.20, 2.19; SOAP {2.5e-4, 5e-4, 1e-3, 3e-3, 6e-3, 1e-2}:
-# 3.20, 3.04, 3.06, 3.45, 3.41, 3.58; grafted K-FAC lr × λ: {2.5e-4 .. 2e-3} × {1e-3, 1e-2}: best 2.82
-# (2.5e-4, 1e-2), λ 0.1: {6.25e-5, 1.25e-4, 2.5e-4, 1e-3}: 2.51, 2.52, 2.83, 3.15, λ 1 at 1.25e-4: 2.80.
-# K-FAC's two best lrs tie within 0.01: the larger is kept for the longer runs.
-TASKS["gpt2"] = Task("stdlib-text", False, "cross_entropy", 32, 1e-3, 1e-3, "empirical", eval_samples=256)
-TUNED["gpt2"] = {"kfac": {"lr": 1.25e-4, "damping": 0.1, "hyper": TUNED["transformer"]["kfac"]["hyper"]},
-                 "adamw": {"lr": 2.5e-4}, "muon-original": {"lr": 0.02}, "soap": {"lr": 5e-4}}
 
 
 # --- data, loss, evaluation ----------------------------------------------------------------------
-def load_task_data(task_name: str) -> dict[str, Tensor]:
-    """The task's train/test tensors, images flattened where the model takes rows."""
-    task = TASKS[task_name]
-    if task.lm:
-        return load_stdlib_text(TEXT_CONTEXT, TEXT_MAX_TRAIN_BYTES, TEXT_MAX_TEST_BYTES)
-    data = load_mnist() if task.data == "mnist" else load_digits_data()
-    if task.flatten:
-        data = {k: v.reshape(v.shape[0], -1) if k.endswith("_x") else v for k, v in data.items()}
-    return data
-
-
-def task_loss(task: Task, out: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """Mean over the batch of the per-sample loss (for the autoencoder: summed over pixels; for the
-    LM: the mean over every position of the next-byte cross-entropy, in nats)."""
-    if task.lm:
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-    if task.loss_type == "bernoulli":
-        return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1).mean()
-    return F.cross_entropy(out, y)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, task: Task, x: Tensor, y: Tensor) -> tuple[float, float | None]:
-    """``(mean loss, accuracy or None)`` over ``x``, in chunks, with the model in eval mode (the
-    LM: mean over every position, and the next-byte accuracy over positions)."""
-    model.eval()
-    total, correct = 0.0, 0
-    chunk = LM_EVAL_CHUNK if task.lm else EVAL_CHUNK
-    for i in range(0, x.shape[0], chunk):
-        xb, yb = x[i : i + chunk], y[i : i + chunk]
-        out = model(xb)
-        total += task_loss(task, out, xb, yb).item() * xb.shape[0]
-        if task.loss_type == "cross_entropy":
-            correct += int((out.argmax(-1 if task.lm else 1) == yb).sum())
-    model.train()
-    accuracy = correct / y.numel() if task.loss_type == "cross_entropy" else None
-    return total / x.shape[0], accuracy
-
-
-def reconstruction_loss(out: Tensor, args: tuple, kwargs: dict) -> Tensor:
-    """The autoencoders' loss of one recorded forward (``cgfac.optim``'s ``loss_fn``): Bernoulli
-    cross-entropy of the logits against the input, summed over pixels, averaged over the batch."""
-    return F.binary_cross_entropy_with_logits(out, args[0], reduction="none").sum(1).mean()
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
@@ -689,31 +520,6 @@ def run_isolated(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> d
 
 
 # --- the comparison ------------------------------------------------------------------------------
-def parse_grid(text: str | None, optimizers: Sequence[str], defaults: Mapping[str, Sequence[float]],
-               flag: str = "--lr-grid") -> dict[str, list[float]]:
-    """``defaults`` for ``optimizers``, overridden by ``"0.1,0.3"`` (all) or ``"adam=1e-3;kfac=0.1,0.3"``."""
-    grid = {name: list(defaults[name]) for name in optimizers}
-    if not text:
-        return grid
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        names, _, values = part.rpartition("=")
-        targets = [names.strip()] if names else list(optimizers)
-        try:
-            lrs = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"{flag}: not a list of numbers: {values!r}") from None
-        if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
-            raise ValueError(f"{flag}: values must be positive numbers, got {values!r}")
-        for name in targets:
-            if name not in grid:
-                raise ValueError(f"{flag}: {name!r} is not among the optimizers {tuple(optimizers)}")
-            grid[name] = lrs
-    return grid
-
-
-def parse_lr_grid(text: str | None, optimizers: Sequence[str]) -> dict[str, list[float]]:
-    """:data:`LR_GRID`, overridden by ``"0.1,0.3"`` (all) or ``"adam=1e-3;kfac=0.1,0.3"``."""
-    return parse_grid(text, optimizers, LR_GRID)
 
 
 def _usable(run: dict[str, Any]) -> bool:
@@ -860,28 +666,6 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
     return "–" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def parse_hyper(text: str | None) -> dict[str, Any]:
-    """``"field=value,..."`` → overrides of :class:`SecondOrder`, each value parsed as its field's type."""
-    if not text:
-        return {}
-    defaults = SecondOrder(damping=1.0, kl_clip=None)
-    out: dict[str, Any] = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or key not in {f.name for f in fields(SecondOrder)}:
-            raise ValueError(f"--hyper: {item!r} is not field=value with a field of "
-                             f"{', '.join(f.name for f in fields(SecondOrder))}")
-        current = getattr(defaults, key)
-        if value.lower() == "none":
-            out[key] = None
-        elif isinstance(current, str):
-            out[key] = value
-        elif isinstance(current, int) and not isinstance(current, bool) and key not in ("damping",):
-            out[key] = int(value)
-        else:
-            out[key] = float(value) if key not in ("curvature_samples", "quad_samples", "kfac_samples") else int(value)
-    return out
 
 
 def settings_text(name: str, hp: SecondOrder, damping: float | None = None) -> str:
@@ -1115,10 +899,6 @@ def write_plots(out: Path, record: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def save_arrays(data: dict[str, Tensor], directory: Path) -> None:
-    """Write the task's tensors as ``.npy`` files for the spawned runs (no pickle involved)."""
-    for key in DATA_KEYS:
-        np.save(directory / f"{key}.npy", data[key].numpy())
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -1192,14 +972,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Fisher of the second-order methods (default: the task's)")
 
 
-def model_options(task: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The wide tasks' width options from the command line (:data:`cgfac_bench.models.MODEL_OPTIONS`)."""
-    if task == "autoencoder-wide":
-        mult = args.width_mult
-        return {"width_mult": int(mult) if float(mult).is_integer() else mult}
-    if task == "mlp-wide":
-        return {"width": args.width}
-    return {}
 
 
 def run(args: argparse.Namespace) -> int:

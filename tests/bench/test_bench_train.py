@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgfac_bench import cli, train
+from cgfac_bench import cli, tasks, train
 
 GRID = "cgfac-kron=0.1;cgfac-exact=0.1;kfac=0.1;adam=0.003;sgd=0.1"
 
@@ -99,8 +99,8 @@ def test_train_on_two_processes_through_torchrun(tmp_path: Path) -> None:
 
 
 def _run_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str, optimizers: str, grid: str) -> dict:
-    monkeypatch.setattr(train, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)  # the parent loads the data for the runs
-    monkeypatch.setattr(train, "TEXT_MAX_TEST_BYTES", 8 * 1024)
+    monkeypatch.setattr(tasks, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)  # the parent loads the data for the runs
+    monkeypatch.setattr(tasks, "TEXT_MAX_TEST_BYTES", 8 * 1024)
     rc = cli.main(["train", "--task", task, "--budget", "0.5", "--threads", "1", "--eval-samples", "16",
                    "--optimizers", optimizers, "--lr-grid", grid, "--out", str(tmp_path)])
     assert rc == 0
@@ -133,8 +133,8 @@ def test_train_cnn_norm_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_adaptive_on_transformer_reports_forward_ad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """cgfac.optim's forward-mode products fail through nn.MultiheadAttention's fused CPU attention
     (torch 2.13: no forward AD for _scaled_dot_product_flash_attention_for_cpu); the run says so."""
-    monkeypatch.setattr(train, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)
-    monkeypatch.setattr(train, "TEXT_MAX_TEST_BYTES", 8 * 1024)
+    monkeypatch.setattr(tasks, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)
+    monkeypatch.setattr(tasks, "TEXT_MAX_TEST_BYTES", 8 * 1024)
     train.save_arrays(train.load_task_data("transformer"), tmp_path)
     cfg = {"task": "transformer", "optimizer": "kfac-adaptive", "lr": 1.0, "budget": 5.0, "batch_size": 4,
            "seed": 0, "device": "cpu", "threads": 1, "eval_every": 100.0, "eval_samples": 4,
