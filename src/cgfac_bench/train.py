@@ -78,33 +78,18 @@ CPU cores) about 8 minutes in all on two idle CPU cores. Writes, into ``--out``
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import math
-import multiprocessing
-import os
-import queue
-import resource
-import subprocess
 import sys
 import tempfile
-import time
-import traceback
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
-import cgfac
-from cgfac.solvers.cost import calibrate
 from cgfac_bench import lm
 from cgfac_bench.analysis import (
     _finite,
@@ -119,6 +104,7 @@ from cgfac_bench.analysis import (
     time_to,
     time_to_interpolated,
 )
+from cgfac_bench.factory import make_optimizer
 from cgfac_bench.hyper import (
     ADAPTIVE,
     ALL_OPTIMIZERS,
@@ -131,17 +117,15 @@ from cgfac_bench.hyper import (
     parse_hyper,
     parse_lr_grid,
 )
+from cgfac_bench.isolation import run_isolated
 from cgfac_bench.lm import LM_TASKS
+from cgfac_bench.loop import train_run
 from cgfac_bench.machine import default_device, machine_info
-from cgfac_bench.models import build_model
-from cgfac_bench.peers import ADAMW_WEIGHT_DECAY, MUON_ADAMW_LR, muon_with_adamw
+from cgfac_bench.peers import ADAMW_WEIGHT_DECAY, MUON_ADAMW_LR
 from cgfac_bench.tasks import (
-    DATA_KEYS,
     TASKS,
-    evaluate,
     load_task_data,
     model_options,
-    reconstruction_loss,
     save_arrays,
     task_loss,
 )
@@ -179,356 +163,10 @@ __all__ = [
 # --- data, loss, evaluation ----------------------------------------------------------------------
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
-                   loss_type: str = "cross_entropy") -> tuple[torch.optim.Optimizer, cgfac.Preconditioner | None]:
-    """The torch optimizer of a run and, for the preconditioned runs, its preconditioner.
-
-    The ``*-adaptive`` optimizers are :mod:`cgfac.optim`'s (they own the update; ``lr`` multiplies
-    the quadratic model's step, ``hp.damping`` is the initial λ); ``kfac``, ``cgfac-*`` are
-    preconditioners under SGD with momentum and the KL clip; SOAP and Shampoo come from
-    ``pytorch-optimizer`` (the ``bench`` extra), SOAP with its defaults, Shampoo as its scalable
-    variant with the preconditioner recomputed every 20 steps (its default, 1000, never would in a
-    short run).
-    """
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr), None
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ADAMW_WEIGHT_DECAY), None
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM), None
-    if name in ("muon", "muon-original"):
-        return muon_with_adamw(model, lr, adjust_lr_fn="match_rms_adamw" if name == "muon" else "original"), None
-    if name in ("soap", "shampoo"):
-        try:
-            import pytorch_optimizer
-        except ImportError:
-            raise RuntimeError(f"{name} needs pytorch-optimizer: pip install 'cgfac[bench]'") from None
-        if name == "soap":
-            return pytorch_optimizer.SOAP(model.parameters(), lr=lr), None
-        return pytorch_optimizer.ScalableShampoo(model.parameters(), lr=lr, preconditioning_compute_steps=20), None
-    if name in ADAPTIVE:
-        common: dict[str, Any] = {"damping": hp.damping, "fisher": hp.fisher, "loss_type": loss_type, "lr": lr,
-                                  "adaptive": hp.adaptive, "adapt_damping": hp.adaptive != "none",
-                                  "quad_samples": hp.quad_samples, "min_damping": hp.min_damping,
-                                  "damping_scale": hp.damping_scale}
-        if hp.adaptive == "none":
-            common["momentum"] = hp.momentum
-        if loss_type == "bernoulli" and hp.adaptive != "none":  # the autoencoders: the target is the input, so
-            common["loss_fn"] = reconstruction_loss  # the damping check replays the forward (no backward)
-        if name == "kfac-adaptive":
-            return cgfac.optim.KFAC(model, factor_decay=hp.factor_decay, inv_update_steps=hp.inv_update_steps,
-                                    factor_update_steps=hp.factor_update_steps,
-                                    curvature_samples=hp.kfac_samples, damping_form=hp.damping_form, **common), None
-        if name == "cgfac-kron-adaptive":
-            common["damping_form"] = hp.damping_form
-        curvature = cast(Literal["kron", "exact"], name.split("-")[1])
-        return cgfac.optim.CGFAC(model, curvature=curvature, curvature_window=hp.curvature_window,
-                                 curvature_samples=hp.curvature_samples, factor_decay=hp.factor_decay,
-                                 **common), None
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=hp.momentum)
-
-    def current_lr(step: int) -> float:
-        return opt.param_groups[0]["lr"]
-
-    common = {"damping": hp.damping, "kl_clip": hp.kl_clip, "lr": current_lr, "fisher": hp.fisher,
-              "damping_scale": hp.damping_scale, "graft": hp.graft}
-    if name in ("kfac", "cgfac-kron"):
-        common["damping_form"] = hp.damping_form
-    if name == "kfac":
-        pre: cgfac.Preconditioner = cgfac.KFAC(model, factor_decay=hp.factor_decay,
-                                               inv_update_steps=hp.inv_update_steps,
-                                               factor_update_steps=hp.factor_update_steps,
-                                               curvature_samples=hp.kfac_samples, **common)
-    elif name in ("cgfac-kron", "cgfac-exact"):
-        curvature = cast(Literal["kron", "exact"], name.removeprefix("cgfac-"))
-        pre = cgfac.CGFAC(model, curvature=curvature, curvature_window=hp.curvature_window,
-                          curvature_samples=hp.curvature_samples, factor_decay=hp.factor_decay, **common)
-    else:
-        raise ValueError(f"optimizer must be one of {ALL_OPTIMIZERS}, got {name!r}")
-    return opt, pre
 
 
-# --- memory and machine --------------------------------------------------------------------------
-def _status_mb(field: str) -> float | None:
-    """A memory field (``VmRSS``, ``VmHWM``) of ``/proc/self/status`` in MiB, None if unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark to the current RSS (Linux ≥ 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_mb("VmHWM") is not None
-
-
-def _peak_rss_mb(reset_worked: bool) -> tuple[float, str]:
-    if reset_worked:
-        peak = _status_mb("VmHWM")
-        if peak is not None:
-            return peak, "training phase (VmHWM reset after setup)"
-    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KiB elsewhere
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process lifetime (ru_maxrss)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --- one run (in the child process) --------------------------------------------------------------
-def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-    """:func:`_train_run` with subnormal floats flushed, restored afterwards (the flag is global to
-    the process: left on, it broke hypothesis in the test process that called this)."""
-    torch.set_flush_denormal(True)
-    try:
-        return _train_run(cfg, progress)
-    finally:
-        torch.set_flush_denormal(False)
-
-
-def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-    """Train one (optimizer, lr) pair for ``cfg["budget"]`` seconds; the run's record.
-
-    ``cfg``: task, optimizer, lr, budget, batch_size, seed, device, threads, eval_every,
-    eval_samples, data_dir (``.npy`` files of :data:`DATA_KEYS`), hyper (:class:`SecondOrder`).
-    ``progress`` receives the elapsed training seconds at each evaluation.
-    """
-    torch.set_num_threads(cfg["threads"])
-    # Subnormal floats are flushed (train_run): saturated sigmoid units produce them, and they cost
-    # the CPU up to 10x per operation (K-FAC steps on the autoencoder went from 0.25 s to 3 s).
-    device = torch.device(cfg["device"])
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if distributed and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    task = TASKS[cfg["task"]]
-    data = {k: torch.from_numpy(np.load(Path(cfg["data_dir"]) / f"{k}.npy")).to(device) for k in DATA_KEYS}
-    train_x, train_y = data["train_x"], data["train_y"]
-    n, batch, seed = train_x.shape[0], cfg["batch_size"], cfg["seed"]
-    subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: cfg["eval_samples"]]
-    eval_x, eval_y = train_x[subset.to(device)], train_y[subset.to(device)]
-    held_x = held_y = None  # the LM's held-out curve: the same fixed held-out windows for every run and seed
-    if task.lm:
-        held = torch.randperm(data["test_x"].shape[0], generator=torch.Generator().manual_seed(0))
-        held = held[: cfg["eval_samples"]]
-        held_x, held_y = data["test_x"][held.to(device)], data["test_y"][held.to(device)]
-    torch.manual_seed(seed)
-    model = build_model(cfg["task"], **cfg.get("model_options", {})).to(device)
-    if distributed:  # every rank trains on its shard of the same global batch
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    hp = SecondOrder(**{**cfg["hyper"], **cfg.get("hyper_overrides", {}),
-                        **({"damping": cfg["damping"]} if cfg.get("damping") else {})})
-    opt, pre = make_optimizer(cfg["optimizer"], model, cfg["lr"], hp, task.loss_type)
-    owner = opt if isinstance(opt, cgfac.optim.SecondOrderOptimizer) else None  # owns the update
-    solver_pre = owner.preconditioner if owner is not None else pre
-    t0 = time.perf_counter()
-    if isinstance(solver_pre, cgfac.CGFAC) and solver_pre.solver == "auto":
-        calibrate(str(next(model.parameters()).device), torch.float32)  # once per process
-    calibration_seconds = time.perf_counter() - t0
-    order = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(n, generator=order).to(device), 0
-
-    rss_start = _status_mb("VmRSS")
-    reset_worked = _reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    curve: list[tuple[float, int, float]] = []
-    heldout_curve: list[tuple[float, int, float]] = []  # the LM: held-out loss at the same evaluations
-    elapsed, step, next_eval, diverged = 0.0, 0, 0.0, False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)
-        while True:
-            # Rank 0's clock decides when to evaluate and stop; the others follow its broadcast.
-            decision = torch.tensor([elapsed >= next_eval or elapsed >= cfg["budget"], 0], dtype=torch.int32,
-                                    device=device)
-            if decision[0] and rank == 0:
-                loss_now, _ = evaluate(model, task, eval_x, eval_y)
-                curve.append((elapsed, step, loss_now))
-                if held_x is not None and held_y is not None:
-                    heldout_curve.append((elapsed, step, evaluate(model, task, held_x, held_y)[0]))
-                if progress is not None:
-                    progress(elapsed)
-                diverged = not math.isfinite(loss_now)
-                decision[1] = int(diverged or elapsed >= cfg["budget"])
-                while next_eval <= elapsed:
-                    next_eval += cfg["eval_every"]
-            if distributed:
-                dist.broadcast(decision, src=0)
-            if decision[1]:
-                break
-            t0 = time.perf_counter()
-            if pos + batch > n:
-                perm, pos = torch.randperm(n, generator=order).to(device), 0
-            idx = perm[pos : pos + batch].chunk(world)[rank]
-            pos += batch
-            xb, yb = train_x[idx], train_y[idx]
-            if owner is not None:
-                def closure(xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
-                    opt.zero_grad(set_to_none=True)
-                    loss = task_loss(task, model(xb), xb, yb)
-                    loss.backward()
-                    return loss
-
-                try:
-                    loss = owner.step(closure)
-                except NotImplementedError as err:
-                    if "forward AD" not in str(err):
-                        raise
-                    raise RuntimeError(f"{cfg['optimizer']} needs forward-mode AD (torch.autograd.forward_ad) through "
-                                       f"the whole model for its GGN products, and this model has an operation "
-                                       f"without it: {str(err).splitlines()[0]}") from err
-            else:
-                opt.zero_grad(set_to_none=True)
-                out = model(xb)
-                loss = task_loss(task, out, xb, yb)
-                if pre is not None and hp.fisher == "true":
-                    pre.sample_fisher(out, task.loss_type)
-                loss.backward()
-                if pre is not None:
-                    pre.step()
-                opt.step()
-            batch_loss = loss.item()  # synchronises
-            _sync(device)
-            elapsed += time.perf_counter() - t0
-            step += 1
-            if not math.isfinite(batch_loss) and not distributed:  # across ranks: the evaluation sees it
-                diverged = True
-                curve.append((elapsed, step, batch_loss))
-                break
-
-    if rank != 0:
-        return {}  # rank 0 holds the curve and reports
-    peak_mb, peak_scope = _peak_rss_mb(reset_worked)
-    test_loss, test_accuracy = evaluate(model, task, data["test_x"], data["test_y"])
-    record: dict[str, Any] = {
-        "optimizer": cfg["optimizer"],
-        "lr": cfg["lr"],
-        "processes": world,
-        "steps": step,
-        "train_seconds": elapsed,
-        "ms_per_step": 1000 * elapsed / step if step else None,
-        "diverged": diverged,
-        "curve": curve,
-        "final_train_loss": curve[-1][2],
-        "best_train_loss": min((c[2] for c in curve if math.isfinite(c[2])), default=math.nan),
-        "test_loss": test_loss,
-        "test_accuracy": test_accuracy,  # the LM: next-byte accuracy over held-out positions
-        "rss_start_mb": rss_start,
-        "peak_rss_mb": peak_mb,
-        "peak_rss_scope": peak_scope,
-        "runtime_warnings": len(caught),
-        "calibration_seconds": calibration_seconds,
-    }
-    if device.type == "cuda":
-        record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if solver_pre is not None:
-        record["fallbacks"] = solver_pre.fallbacks
-        record["last_layer_stats"] = solver_pre.layer_stats()
-        record["coverage"] = coverage(solver_pre)
-    if owner is not None:
-        record["final_damping"] = owner.damping
-        record["last_step"] = owner.last
-    if task.lm:  # held-out loss in bits per byte (the loss is in nats per position, one byte each)
-        record["test_bits_per_byte"] = test_loss / math.log(2)
-        record["final_train_bits_per_byte"] = record["final_train_loss"] / math.log(2)
-        record["heldout_curve"] = heldout_curve
-    record["damping"] = hp.damping
-    record["hyper"] = asdict(hp)
-    record["seed"] = cfg["seed"]
-    return record
-
-
-def coverage(pre: cgfac.Preconditioner) -> dict[str, int]:
-    """Preconditioned parameters against all trainable ones (counts of scalars)."""
-    covered = {id(p) for h in pre.layers.values() for p in h.params()}
-    params = [p for p in pre.model.parameters() if p.requires_grad]
-    return {"covered": sum(p.numel() for p in params if id(p) in covered), "total": sum(p.numel() for p in params)}
-
-
-def _child_main(cfg: dict[str, Any], messages: Any) -> None:
-    """Entry point of a spawned run: posts ``("progress", seconds)`` and one ``("result", record)``."""
-    try:
-        record = train_run(cfg, lambda seconds: messages.put(("progress", seconds)))
-    except Exception as err:  # reported in the comparison instead of ending it
-        record = {"optimizer": cfg["optimizer"], "lr": cfg["lr"], "error": f"{type(err).__name__}: {err}",
-                  "traceback": traceback.format_exc()}
-    messages.put(("result", record))
-
-
-def run_torchrun(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> dict[str, Any]:
-    """Run :func:`train_run` on ``cfg["nproc"]`` processes launched by ``torchrun --standalone``
-    (gloo on CPU, NCCL on CUDA); rank 0 reports progress through a file and writes the record."""
-    work = Path(tempfile.mkdtemp(prefix="cgfac-torchrun-", dir=cfg["data_dir"]))
-    (work / "cfg.json").write_text(json.dumps(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg["nproc"]),
-           "-m", "cgfac_bench.train", str(work)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while proc.poll() is None:
-        time.sleep(1.0)
-        with contextlib.suppress(OSError, ValueError):
-            on_progress(float((work / "progress").read_text()))
-    output = proc.stdout.read() if proc.stdout else ""
-    if proc.returncode == 0 and (work / "result.json").exists():
-        return json.loads((work / "result.json").read_text())
-    return {"optimizer": cfg["optimizer"], "lr": cfg["lr"],
-            "error": f"torchrun exited with code {proc.returncode}", "traceback": output[-4000:]}
-
-
-def torchrun_worker(work: Path) -> None:
-    """One rank under torchrun: join the process group, train, rank 0 writes the record."""
-    cfg = json.loads((work / "cfg.json").read_text())
-    dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo",
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        rank = dist.get_rank()
-
-        def progress(seconds: float) -> None:
-            (work / "progress").write_text(str(seconds))
-
-        record = train_run(cfg, progress if rank == 0 else None)
-        if rank == 0:
-            (work / "result.json").write_text(json.dumps(_finite(record)))
-        dist.barrier()  # rank 0 evaluates and writes last: tearing gloo down under it aborted it
-    finally:
-        dist.destroy_process_group()
-
-
-def run_isolated(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> dict[str, Any]:
-    """Run :func:`train_run` in a fresh spawned process (or under torchrun) and return its record."""
-    if cfg.get("nproc", 1) > 1:
-        return run_torchrun(cfg, on_progress)
-    ctx = multiprocessing.get_context("spawn")
-    messages = ctx.Queue()
-    proc = ctx.Process(target=_child_main, args=(cfg, messages), daemon=True)
-    proc.start()
-    record = None
-    while record is None:
-        try:
-            kind, payload = messages.get(timeout=1.0 if proc.is_alive() else 5.0)
-        except queue.Empty:
-            if proc.is_alive():
-                continue
-            break
-        if kind == "progress":
-            on_progress(payload)
-        else:
-            record = payload
-    proc.join()
-    if record is None:
-        record = {"optimizer": cfg["optimizer"], "lr": cfg["lr"],
-                  "error": f"worker process exited with code {proc.exitcode} and no result"}
-    return record
 
 
 # --- the comparison ------------------------------------------------------------------------------
@@ -954,7 +592,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, loss_vs_time.png, loss_vs_steps.png")
     print((out / "results.md").read_text())
     return 1 if any("error" in r for r in runs) else 0
-
-
-if __name__ == "__main__":  # a rank launched by run_torchrun: python -m cgfac_bench.train WORK_DIR
-    torchrun_worker(Path(sys.argv[1]))

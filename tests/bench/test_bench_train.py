@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgfac_bench import cli, tasks, train
+from cgfac_bench import cli, loop, tasks, train
 
 GRID = "cgfac-kron=0.1;cgfac-exact=0.1;kfac=0.1;adam=0.003;sgd=0.1"
 
@@ -46,7 +46,8 @@ def test_divergence_is_recorded_not_raised(tmp_path: Path, monkeypatch: pytest.M
         loss = real_loss(*args)
         return loss * math.nan if len(calls) > 20 else loss
 
-    monkeypatch.setattr(train, "task_loss", poisoned)
+    monkeypatch.setattr(tasks, "task_loss", poisoned)  # the evaluations' loss
+    monkeypatch.setattr(loop, "task_loss", poisoned)  # the training steps
     cfg = {"task": "digits", "optimizer": "kfac", "lr": 0.1, "budget": 5.0, "batch_size": 64, "seed": 0,
            "device": "cpu", "threads": 1, "eval_every": 100.0, "eval_samples": 100, "data_dir": str(tmp_path),
            "hyper": {"damping": 3e-3, "kl_clip": 1e-3}}
