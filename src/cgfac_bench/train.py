@@ -79,25 +79,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cgfac_bench import lm
 from cgfac_bench.analysis import (
     _finite,
     adam_target,
-    best_configs,
     best_peer_heldout,
     best_runs,
-    config_key,
     configs,
     heldout_times,
     loss_at,
@@ -121,16 +117,14 @@ from cgfac_bench.isolation import run_isolated
 from cgfac_bench.lm import LM_TASKS
 from cgfac_bench.loop import train_run
 from cgfac_bench.machine import default_device, machine_info
-from cgfac_bench.peers import ADAMW_WEIGHT_DECAY, MUON_ADAMW_LR
-from cgfac_bench.tasks import (
-    TASKS,
-    load_task_data,
-    model_options,
-    save_arrays,
-    task_loss,
-)
+from cgfac_bench.report import heldout_lines, write_markdown, write_plots
+from cgfac_bench.tasks import TASKS, Task, load_task_data, model_options, save_arrays, task_loss
 from cgfac_bench.tuned import TUNED
 
+# The command line (add_arguments, run), and the names other modules, tests and scripts import from
+# here, which live in: tasks (data, loss, evaluation), hyper (optimizer names, grids, SecondOrder),
+# tuned (TUNED), factory (make_optimizer), loop (train_run), isolation (run_isolated), analysis,
+# report (results.md and the plots).
 __all__ = [
     "ALL_OPTIMIZERS",
     "LR_GRID",
@@ -159,263 +153,16 @@ __all__ = [
 ]
 
 
-
-# --- data, loss, evaluation ----------------------------------------------------------------------
-
-
-
-
-
-
-
-
-# --- the comparison ------------------------------------------------------------------------------
-
-
-
-
-def _fmt(value: float | None, spec: str = ".4g") -> str:
-    return "–" if value is None or not math.isfinite(value) else format(value, spec)
-
-
-
-
-def settings_text(name: str, hp: SecondOrder, damping: float | None = None) -> str:
-    """The settings column of a run's optimizer."""
-    if name == "adam":
-        return "Adam (β = 0.9, 0.999)"
-    if name == "adamw":
-        return f"AdamW (β = 0.9, 0.999, weight decay {ADAMW_WEIGHT_DECAY:g})"
-    if name == "sgd":
-        return f"SGD, momentum {SGD_MOMENTUM}"
-    if name == "soap":
-        return "SOAP (pytorch-optimizer defaults)"
-    if name == "shampoo":
-        return "ScalableShampoo (preconditioner every 20 steps)"
-    if name == "muon":
-        return "torch.optim.Muon (match_rms_adamw) on hidden matrices, AdamW (same lr) on the rest"
-    if name == "muon-original":
-        return f"torch.optim.Muon (original scaling) on hidden matrices, AdamW lr {MUON_ADAMW_LR:g} on the rest"
-    lam = hp.damping if damping is None else damping
-    if name in ADAPTIVE:
-        text = (f"cgfac.optim, initial damping {lam:g} (LM-adapted), step and momentum: {hp.adaptive}, "
-                f"{hp.fisher} Fisher")
-        if hp.min_damping != SecondOrder.min_damping:
-            text += f", min damping {hp.min_damping:g}"
-        if hp.damping_form != "exact":
-            text += f", {hp.damping_form} damping"
-        if hp.damping_scale != "absolute":
-            text += f", {hp.damping_scale} damping scale"
-        if hp.quad_samples is not None:
-            text += f", {hp.quad_samples} samples for the quadratic model"
-        return text + (_kfac_text(hp) if name == "kfac-adaptive" else _cgfac_text(hp))
-    text = f"SGD momentum {hp.momentum}, damping {lam:g}, KL clip {hp.kl_clip}, {hp.fisher} Fisher"
-    if hp.graft != "none":
-        text += f", grafted onto {hp.graft}'s step length"
-    if hp.damping_form != "exact":
-        text += f", {hp.damping_form} damping"
-    return text + (_kfac_text(hp) if name == "kfac" else ", solver auto" + _cgfac_text(hp))
-
-
-def _kfac_text(hp: SecondOrder) -> str:
-    """K-FAC's factor settings, for :func:`settings_text`."""
-    return f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps" + (
-        f", factors from {hp.kfac_samples} samples" if hp.kfac_samples is not None else "") + (
-        f", factors every {hp.factor_update_steps} steps" if hp.factor_update_steps != 1 else "")
-
-
-def _cgfac_text(hp: SecondOrder) -> str:
-    """CG-FAC's curvature settings, for :func:`settings_text`."""
-    samples = "all" if hp.curvature_samples is None else hp.curvature_samples
-    return f", curvature window {hp.curvature_window}, curvature samples {samples}"
-
-
-def write_markdown(path: Path, record: dict[str, Any]) -> None:
-    """``results.md``: the best configuration per optimizer (median over seeds), then every run."""
-    s, m = record["settings"], record["machine"]
-    hp = SecondOrder(**s["hyper"])
-    lm = TASKS[s["task"]].lm
-    classify = TASKS[s["task"]].loss_type == "cross_entropy" and not lm
-    target = record["target_train_loss"]
-    t_ref, ref_loss = s["reference_seconds"], record.get("adam_loss_at_reference")
-    seeds = s.get("seeds", [s["seed"]])
-    lines = [
-        f"# Training comparison: {s['task']}",
-        "",
-        f"Budget {s['budget']:g} s of training per run (evaluation excluded), batch {s['batch_size']}, "
-        f"seeds {', '.join(map(str, seeds))}, device {m['device']}, {m['threads']} threads, {m['cpu_model']}, "
-        f"torch {m['torch']}.",
-        f"Training loss evaluated on {s['eval_samples']} fixed training samples every "
-        f"{s['eval_every']:.3g} s of training. Each optimizer's row is its configuration with the lowest "
-        "median final training loss over the seeds, shown by its median-seed run.",
-        "Target: the lowest training loss Adam reached, "
-        + (f"{target:.4g}." if target is not None else "none (no Adam run).")
-        + f" Reference: Adam's loss at {t_ref:g} s, "
-        + (f"{ref_loss:.4g}" if ref_loss is not None else "n/a")
-        + "; 'time to reference' is the (interpolated) training time each run needs to reach it.",
-        "",
-        "| optimizer | lr | settings | ms/step | steps | peak RSS MB (+ over start) | final train loss "
-        "(median [min, max]) | " + ("held-out bits/byte | next-byte accuracy" if lm else
-                                    "test accuracy | test loss" if classify else "test loss")
-        + " | time to target (s) | time to reference (s) | covered params |",
-        "|---|---|---|---|---|---|---|" + ("---|---|" if classify or lm else "---|") + "---|---|---|",
-    ]
-    by_config = {(c["optimizer"], c["lr"], c["damping"]): c for c in configs(record["runs"])}
-    for name, index in record["best"].items():
-        run = record["runs"][index]
-        if "error" in run:
-            lines.append(f"| {name} | {run['lr']:g} | error: {run['error']} |")
-            continue
-        cfg = by_config[config_key(run)]
-        status = " (diverged)" if run["diverged"] else ""
-        peak, start = run["peak_rss_mb"], run["rss_start_mb"]
-        mem = _fmt(peak, ".0f") + (f" (+{peak - start:.0f})" if start is not None else "")
-        if run.get("peak_cuda_mb") is not None:
-            mem += f"; CUDA {run['peak_cuda_mb']:.0f}"
-        if lm:
-            test = f"{_fmt(run.get('test_bits_per_byte'), '.4f')} | {_fmt(run['test_accuracy'], '.2%')}"
-        elif classify:
-            test = f"{_fmt(run['test_accuracy'], '.2%')} | {_fmt(run['test_loss'])}"
-        else:
-            test = _fmt(run["test_loss"])
-        reached = time_to(run, target)
-        reach = "n/a" if target is None else ("not reached" if reached is None else f"{reached:.1f}")
-        to_ref = time_to_interpolated(run, ref_loss)
-        ref = "n/a" if ref_loss is None else ("not reached" if to_ref is None else f"{to_ref:.1f}")
-        final = _fmt(cfg["median"]) + (f" [{_fmt(cfg['min'])}, {_fmt(cfg['max'])}]" if len(cfg["seeds"]) > 1
-                                       else "")
-        cov = run.get("coverage")
-        covered = f"{cov['covered'] / cov['total']:.0%}" if cov else "–"
-        run_hp = SecondOrder(**run["hyper"]) if "hyper" in run else hp
-        lines.append(f"| {name} | {run['lr']:g} | {settings_text(name, run_hp, run.get('damping'))} | "
-                     f"{_fmt(run['ms_per_step'], '.1f')} | {run['steps']} | {mem} | "
-                     f"{final}{status} | {test} | {reach} | {ref} | {covered} |")
-    lines += heldout_lines(record)
-    lines += ["", "## Every run", "", "| optimizer | lr | damping | seed | steps | final train loss | final damping "
-              "| status |", "|---|---|---|---|---|---|---|---|"]
-    for run in record["runs"]:
-        damping = "–" if run["optimizer"] in PEERS else _fmt(run.get("damping"))
-        if "error" in run:
-            lines.append(f"| {run['optimizer']} | {run['lr']:g} | {damping} | {run.get('seed', '–')} | – | – | – "
-                         "| error |")
-        else:
-            lines.append(f"| {run['optimizer']} | {run['lr']:g} | {damping} | {run.get('seed', '–')} | "
-                         f"{run['steps']} | {_fmt(run['final_train_loss'])} | {_fmt(run.get('final_damping'))} | "
-                         f"{'diverged' if run['diverged'] else 'ok'} |")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def heldout_lines(record: dict[str, Any]) -> list[str]:
-    """The LM's held-out race (:func:`heldout_times`) as a markdown section; none without one."""
-    held = record.get("heldout")
-    if not held or not held["to_reference"]:
-        return []
-    s = record["settings"]
-    ref, peer = held["reference"], held["best_peer"]
-
-    def one(value: float, spec: str) -> str:
-        return format(value, spec) if math.isfinite(value) else "not reached"
-
-    def spread(values: Sequence[float | None], spec: str) -> str:
-        vals = [math.inf if v is None else v for v in values]
-        text = one(float(np.median(vals)), spec)
-        return text + (f" [{one(min(vals), spec)}, {one(max(vals), spec)}]" if len(vals) > 1 else "")
-
-    lines = ["", "## Held-out loss against time", "",
-             f"Held-out loss evaluated on {s['eval_samples']} fixed held-out sequences (the same for every run) "
-             f"at each evaluation. Target: each seed's final held-out loss of {ref}'s best configuration, and of "
-             f"the best peer's ({peer}: the peer with the lowest median final held-out loss). Time: interpolated "
-             "between evaluations; × : over the target run's own time to it. Median [min, max] over seeds.", "",
-             f"| optimizer | final held-out bits/byte ({s['eval_samples']} sequences) | time to {ref}'s final (s) "
-             f"| × {ref}'s time | time to {peer}'s final (s) | × {peer}'s time |", "|---|---|---|---|---|---|"]
-    best = best_configs(record["runs"])
-    for name, to_ref in held["to_reference"].items():
-        finals = [r["heldout_curve"][-1][2] / math.log(2) for r in best[name]["members"]
-                  if "error" not in r and r.get("heldout_curve")]
-        to_peer = held["to_best_peer"].get(name, {"seconds": [None], "ratio": [None]})
-        lines.append(f"| {name} | {spread(finals, '.4f')} | {spread(to_ref['seconds'], '.1f')} | "
-                     f"{spread(to_ref['ratio'], '.2f')} | {spread(to_peer['seconds'], '.1f')} | "
-                     f"{spread(to_peer['ratio'], '.2f')} |")
-    return lines
-
-
-def write_plots(out: Path, record: dict[str, Any]) -> None:
-    """``loss_vs_time.png`` and ``loss_vs_steps.png`` (the best run of each optimizer; the LM tasks
-    also ``heldout_vs_time.png``, their held-out curves), and, when
-    the grid has several dampings or learning rates for a second-order method,
-    ``loss_vs_damping_lr.png`` (median final loss of every configuration).
-
-    The y axis is logarithmic when the losses span more than a factor of 10."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    target = record["target_train_loss"]
-    panels = [("loss_vs_time.png", 0, "training time (s)", "curve"), ("loss_vs_steps.png", 1, "step", "curve")]
-    if record.get("heldout"):
-        panels.append(("heldout_vs_time.png", 0, "training time (s)", "heldout_curve"))
-    for fname, column, xlabel, key in panels:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        losses: list[float] = []
-        for name, index in record["best"].items():
-            run = record["runs"][index]
-            points = [c for c in run.get(key, []) if math.isfinite(c[2])]
-            if not points:
-                continue
-            losses += [c[2] for c in points]
-            label = f"{name} (lr {run['lr']:g})" + (", diverged" if run["diverged"] else "")
-            ax.plot([c[column] for c in points], [c[2] for c in points], marker=".", label=label)
-        if target is not None and key == "curve":
-            ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="Adam's best")
-        if losses and min(losses) > 0 and max(losses) > 10 * min(losses):  # log scale where it helps
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{'training' if key == 'curve' else 'held-out'} loss "
-                      f"({record['settings']['eval_samples']} samples)")
-        ax.set_title(f"{record['settings']['task']}: best run per optimizer")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-    grid = [c for c in configs(record["runs"]) if c["optimizer"] not in PEERS]
-    names = sorted({c["optimizer"] for c in grid})
-    if not any(len({(c["lr"], c["damping"]) for c in grid if c["optimizer"] == n}) > 1 for n in names):
-        return
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
-    finite = [c["median"] for c in grid if math.isfinite(c["median"])]
-    vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    for ax, name in zip(axes[0], names):
-        mine = [c for c in grid if c["optimizer"] == name]
-        ok = [c for c in mine if math.isfinite(c["median"])]
-        bad = [c for c in mine if not math.isfinite(c["median"])]
-        sc = ax.scatter([c["damping"] for c in ok], [c["lr"] for c in ok], c=[c["median"] for c in ok],
-                        cmap="viridis_r", vmin=vmin, vmax=vmax, s=120)
-        for c in ok:
-            ax.annotate(f"{c['median']:.0f}", (c["damping"], c["lr"]), fontsize=7, ha="center", va="bottom",
-                        xytext=(0, 6), textcoords="offset points")
-        if bad:
-            ax.scatter([c["damping"] for c in bad], [c["lr"] for c in bad], marker="x", color="red",
-                       label="diverged")
-            ax.legend(fontsize=7)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("damping λ (initial, for *-adaptive)")
-        ax.set_ylabel("lr")
-        ax.set_title(name, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.colorbar(sc, ax=axes[0].tolist(), label="median final training loss")
-    fig.savefig(out / "loss_vs_damping_lr.png", dpi=120)
-    plt.close(fig)
-
-
-
-
 # --- command line --------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    _add_comparison_arguments(parser)
+    _add_run_arguments(parser)
+    _add_second_order_arguments(parser)
+
+
+def _add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """The task, the optimizers and their grids (the first options of ``--help``)."""
     parser.add_argument("--task", choices=(*TASKS, *LM_TASKS), default="autoencoder",
                         help="nanogpt-s, nanogpt-m, nanogpt-moe-s: the step-based LM benchmark (cgfac_bench.lm; "
                              "--iters, --wd-grid, --jobs)")
@@ -437,6 +184,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='dampings of the second-order methods, like --lr-grid: "0.01,0.1" or "kfac=1;..." '
                              "(default: the task's damping)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, each run once per seed (default: --seed)")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How each run is made and measured (the middle options of ``--help``)."""
     parser.add_argument("--adaptive", choices=("lr+momentum", "lr", "none"), default=SecondOrder.adaptive,
                         help="the *-adaptive optimizers: what the quadratic model chooses ('none': fixed lr, "
                              "momentum --momentum, fixed damping)")
@@ -463,6 +214,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="size of the fixed training subset for the training loss (default: the task's, "
                              "10,000 samples; transformer: 256 sequences)")
+
+
+def _add_second_order_arguments(parser: argparse.ArgumentParser) -> None:
+    """The second-order methods' settings, and the LM benchmark's joined runs (the last options)."""
     parser.add_argument("--damping", type=float, default=None,
                         help="damping of the second-order methods (default: the task's)")
     parser.add_argument("--kl-clip", type=float, default=None,
@@ -484,8 +239,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Fisher of the second-order methods (default: the task's)")
 
 
-
-
 def run(args: argparse.Namespace) -> int:
     if args.task in LM_TASKS:  # the step-based LM benchmark
         return lm.run(args, "cgfac-bench train " + " ".join(sys.argv[2:]))
@@ -494,12 +247,55 @@ def run(args: argparse.Namespace) -> int:
     tuned = TUNED.get(args.task, {}) if args.tuned else {}
     if args.tuned and not tuned:
         raise SystemExit(f"--tuned: no tuned settings for task {args.task!r}; tuned tasks: {', '.join(TUNED)}")
+    optimizers = _optimizers(args, tuned)
+    task = TASKS[args.task]
+    grid, dampings, seeds, cli_hyper = _grids(args, task, tuned, optimizers)
+    if any(o in ADAPTIVE for o in optimizers) and args.nproc > 1:
+        raise SystemExit("--nproc > 1: the *-adaptive optimizers are not run across processes by this benchmark yet")
+    eval_samples = task.eval_samples if args.eval_samples is None else args.eval_samples
+    if args.budget <= 0 or min(args.threads, eval_samples, args.curvature_window, args.nproc) < 1:
+        raise SystemExit("--budget, --threads, --eval-samples, --curvature-window and --nproc must be positive")
+    hp = _second_order(args, task)
+    out = args.out or Path("runs") / f"train-{args.task}"
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_task_data(args.task)
+    settings = {
+        "task": args.task, "budget": args.budget, "batch_size": args.batch_size or task.batch_size, "seed": args.seed,
+        "seeds": seeds, "damping_grid": dampings, "tuned": bool(tuned),
+        "reference_seconds": args.reference_seconds or min(60.0, args.budget / 5),
+        "eval_every": args.eval_every or args.budget / 12, "eval_samples": min(eval_samples, data["train_x"].shape[0]),
+        "optimizers": optimizers, "lr_grid": grid, "hyper": asdict(hp), "sgd_momentum": SGD_MOMENTUM,
+        "n_train": data["train_x"].shape[0], "n_test": data["test_x"].shape[0], "nproc": args.nproc,
+        "model_options": model_options(args.task, args),
+    }
+    jobs = [(name, lr, damping if name not in PEERS else None, seed) for name in optimizers for lr in grid[name]
+            for damping in (dampings[name] if name not in PEERS else [None]) for seed in seeds]
+    with tempfile.TemporaryDirectory(prefix="cgfac-train-") as tmp:
+        save_arrays(data, Path(tmp))
+        del data
+        runs = _run_jobs(args, settings, jobs, tuned, cli_hyper, tmp)
+    record = _comparison(args, settings, runs, task)
+    (out / "results.json").write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
+    write_markdown(out / "results.md", record)
+    write_plots(out, record)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, loss_vs_time.png, loss_vs_steps.png")
+    print((out / "results.md").read_text())
+    return 1 if any("error" in r for r in runs) else 0
+
+
+def _optimizers(args: argparse.Namespace, tuned: dict[str, dict[str, Any]]) -> list[str]:
+    """``--optimizers``, by default the task's tuned ones (``--tuned``) or :data:`OPTIMIZERS`."""
     listed = args.optimizers or ",".join(tuned or OPTIMIZERS)
     optimizers = [o.strip() for o in listed.split(",") if o.strip()]
     unknown = [o for o in optimizers if o not in ALL_OPTIMIZERS]
     if unknown or not optimizers:
         raise SystemExit(f"--optimizers: unknown {unknown}; choose from {','.join(ALL_OPTIMIZERS)}")
-    task = TASKS[args.task]
+    return optimizers
+
+
+def _grids(args: argparse.Namespace, task: Task, tuned: dict[str, dict[str, Any]], optimizers: list[str]
+           ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[int], dict[str, Any]]:
+    """The learning rates and dampings per optimizer, the seeds and ``--hyper``'s overrides."""
     lr_defaults = {n: (tuned[n]["lr"],) if n in tuned else LR_GRID[n] for n in ALL_OPTIMIZERS}
     damping_defaults = {n: (tuned[n]["damping"],) if n in tuned and "damping" in tuned[n]
                         else (task.damping if args.damping is None else args.damping,) for n in ALL_OPTIMIZERS}
@@ -510,60 +306,58 @@ def run(args: argparse.Namespace) -> int:
         cli_hyper = parse_hyper(args.hyper)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    if any(o in ADAPTIVE for o in optimizers) and args.nproc > 1:
-        raise SystemExit("--nproc > 1: the *-adaptive optimizers are not run across processes by this benchmark yet")
-    eval_samples = task.eval_samples if args.eval_samples is None else args.eval_samples
-    if args.budget <= 0 or min(args.threads, eval_samples, args.curvature_window, args.nproc) < 1:
-        raise SystemExit("--budget, --threads, --eval-samples, --curvature-window and --nproc must be positive")
-    batch = args.batch_size or task.batch_size
-    eval_every = args.eval_every or args.budget / 12
+    return grid, dampings, seeds, cli_hyper
+
+
+def _second_order(args: argparse.Namespace, task: Task) -> SecondOrder:
+    """The second-order settings from the command line and the task's defaults."""
     kl_clip = task.kl_clip if args.kl_clip is None else args.kl_clip
-    hp = SecondOrder(damping=task.damping if args.damping is None else args.damping, kl_clip=kl_clip or None,
-                     momentum=args.momentum, curvature_window=args.curvature_window,
-                     curvature_samples=args.curvature_samples or task.curvature_samples,
-                     fisher=args.fisher or task.fisher, adaptive=args.adaptive, quad_samples=args.quad_samples)
-    out = args.out or Path("runs") / f"train-{args.task}"
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_task_data(args.task)
-    settings = {
-        "task": args.task, "budget": args.budget, "batch_size": batch, "seed": args.seed, "seeds": seeds,
-        "damping_grid": dampings, "tuned": bool(tuned),
-        "reference_seconds": args.reference_seconds or min(60.0, args.budget / 5),
-        "eval_every": eval_every, "eval_samples": min(eval_samples, data["train_x"].shape[0]),
-        "optimizers": optimizers, "lr_grid": grid, "hyper": asdict(hp), "sgd_momentum": SGD_MOMENTUM,
-        "n_train": data["train_x"].shape[0], "n_test": data["test_x"].shape[0], "nproc": args.nproc,
-        "model_options": model_options(args.task, args),
-    }
+    return SecondOrder(damping=task.damping if args.damping is None else args.damping, kl_clip=kl_clip or None,
+                       momentum=args.momentum, curvature_window=args.curvature_window,
+                       curvature_samples=args.curvature_samples or task.curvature_samples,
+                       fisher=args.fisher or task.fisher, adaptive=args.adaptive, quad_samples=args.quad_samples)
+
+
+def _run_jobs(args: argparse.Namespace, settings: dict[str, Any], jobs: list[tuple[str, float, float | None, int]],
+              tuned: dict[str, dict[str, Any]], cli_hyper: dict[str, Any], tmp: str) -> list[dict[str, Any]]:
+    """Every (optimizer, lr, damping, seed) job, each in processes of its own (the task's arrays in
+    ``tmp``), under one progress bar."""
     from tqdm import tqdm
 
-    jobs = [(name, lr, damping if name not in PEERS else None, seed) for name in optimizers for lr in grid[name]
-            for damping in (dampings[name] if name not in PEERS else [None]) for seed in seeds]
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="cgfac-train-") as tmp:
-        save_arrays(data, Path(tmp))
-        del data
-        with tqdm(total=len(jobs) * args.budget, unit="s", desc=args.task, dynamic_ncols=True,
-                  bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s train [{elapsed}<{remaining}]") as bar:
-            for i, (name, lr, damping, seed) in enumerate(jobs):
-                label = f"{name} lr={lr:g}" + (f" λ={damping:g}" if damping is not None else "") + f" seed={seed}"
-                bar.set_description(label)
-                start = i * args.budget
+    with tqdm(total=len(jobs) * args.budget, unit="s", desc=args.task, dynamic_ncols=True,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s train [{elapsed}<{remaining}]") as bar:
+        for i, (name, lr, damping, seed) in enumerate(jobs):
+            label = f"{name} lr={lr:g}" + (f" λ={damping:g}" if damping is not None else "") + f" seed={seed}"
+            bar.set_description(label)
+            advance = _advance(bar, i * args.budget, args.budget)
+            cfg = {**settings, "optimizer": name, "lr": lr, "damping": damping, "seed": seed, "device": args.device,
+                   "hyper_overrides": {**tuned.get(name, {}).get("hyper", {}), **cli_hyper},
+                   "threads": max(1, args.threads // args.nproc), "data_dir": tmp}
+            result = run_isolated(cfg, advance)
+            advance(args.budget)
+            runs.append(result)
+            if "error" in result:
+                result.update(damping=damping, seed=seed)
+                bar.write(f"{label}: error: {result['error']}")
+            else:
+                bar.set_postfix_str(f"last: {name} {result['final_train_loss']:.4g}"
+                                    + (" diverged" if result["diverged"] else ""))
+    return runs
 
-                def advance(seconds: float, start: float = start) -> None:
-                    bar.update(max(0.0, min(start + seconds, start + args.budget) - bar.n))
 
-                cfg = {**settings, "optimizer": name, "lr": lr, "damping": damping, "seed": seed, "device": args.device,
-                       "hyper_overrides": {**tuned.get(name, {}).get("hyper", {}), **cli_hyper},
-                       "threads": max(1, args.threads // args.nproc), "data_dir": tmp}
-                result = run_isolated(cfg, advance)
-                advance(args.budget)
-                runs.append(result)
-                if "error" in result:
-                    result.update(damping=damping, seed=seed)
-                    bar.write(f"{label}: error: {result['error']}")
-                else:
-                    bar.set_postfix_str(f"last: {name} {result['final_train_loss']:.4g}"
-                                        + (" diverged" if result["diverged"] else ""))
+def _advance(bar: Any, start: float, budget: float) -> Callable[[float], None]:
+    """Move ``bar`` to a job's elapsed training seconds (the job's share of the bar starts at ``start``)."""
+
+    def advance(seconds: float) -> None:
+        bar.update(max(0.0, min(start + seconds, start + budget) - bar.n))
+
+    return advance
+
+
+def _comparison(args: argparse.Namespace, settings: dict[str, Any], runs: list[dict[str, Any]],
+                task: Task) -> dict[str, Any]:
+    """The record of ``results.json``: settings, machine, runs, each optimizer's best and its times."""
     best = best_runs(runs)
     target = adam_target(runs)
     reference = loss_at(best["adam"], settings["reference_seconds"]) if "adam" in best else None
@@ -586,9 +380,4 @@ def run(args: argparse.Namespace) -> int:
         record["heldout"] = {"reference": ref_name, "best_peer": best_peer,
                              "to_reference": heldout_times(runs, ref_name),
                              "to_best_peer": heldout_times(runs, best_peer) if best_peer else {}}
-    (out / "results.json").write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
-    write_markdown(out / "results.md", record)
-    write_plots(out, record)
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, loss_vs_time.png, loss_vs_steps.png")
-    print((out / "results.md").read_text())
-    return 1 if any("error" in r for r in runs) else 0
+    return record
