@@ -121,10 +121,10 @@ from cgfac_bench.report import heldout_lines, write_markdown, write_plots
 from cgfac_bench.tasks import TASKS, Task, load_task_data, model_options, save_arrays, task_loss
 from cgfac_bench.tuned import TUNED
 
-# The command line (add_arguments, run), and the names other modules, tests and scripts import from
-# here, which live in: tasks (data, loss, evaluation), hyper (optimizer names, grids, SecondOrder),
-# tuned (TUNED), factory (make_optimizer), loop (train_run), isolation (run_isolated), analysis,
-# report (results.md and the plots).
+# The command line (add_arguments, run), and the names tests and scripts (benchmarks/graft-diagnosis;
+# profile, cg_iters and sweep before the split) import from here, which live in: tasks (data, loss,
+# evaluation), hyper (optimizer names, grids, SecondOrder), tuned (TUNED), factory (make_optimizer),
+# loop (train_run), isolation (run_isolated), analysis, report (results.md and the plots).
 __all__ = [
     "ALL_OPTIMIZERS",
     "LR_GRID",
