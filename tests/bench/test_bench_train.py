@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgfac_bench import cli, loop, tasks, train
+from cgfac_bench import cli, factory, loop, tasks, train
 
 GRID = "cgfac-kron=0.1;cgfac-exact=0.1;kfac=0.1;adam=0.003;sgd=0.1"
 
@@ -56,6 +56,19 @@ def test_divergence_is_recorded_not_raised(tmp_path: Path, monkeypatch: pytest.M
     ok = {**run, "diverged": False, "final_train_loss": 2.0, "lr": 0.3}
     assert train.best_runs([run, ok])["kfac"] is ok
     assert train.best_runs([run])["kfac"] is run
+
+
+def test_optimizer_registry_builds_every_name() -> None:
+    """Every optimizer name has a builder; the preconditioned ones come with their preconditioner."""
+    assert set(factory.BUILDERS) == set(train.ALL_OPTIMIZERS)
+    hp = train.SecondOrder(damping=1e-3, kl_clip=1e-3)
+    for name in train.ALL_OPTIMIZERS:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        opt, pre = train.make_optimizer(name, model, 0.1, hp)
+        assert isinstance(opt, torch.optim.Optimizer)
+        assert (pre is not None) == (name in ("kfac", "cgfac-kron", "cgfac-exact")), name
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        train.make_optimizer("adagrad", torch.nn.Linear(4, 3), 0.1, hp)
 
 
 def test_lr_grid_and_target_helpers() -> None:
