@@ -35,7 +35,7 @@ $B train --task autoencoder-tanh --budget 30 --optimizers cgfac-kron-adaptive,cg
 # Per-step studies of K-FAC's damping floor, sample counts, damping form and eigh interval
 # (600 steps, one seed, loss on the same fixed 10,000 training images) were run with a short
 # script over cgfac.optim.KFAC; their numbers are in the README ("Why min_damping is 1e-3",
-# "Cheaper steps") and in the comments of TUNED in cgfac_bench/train.py.
+# "Cheaper steps") and in the provenance of TUNED_SETTINGS in cgfac_bench/tuned.py.
 # Timed check of the chosen K-FAC settings against SOAP and Adam (100 s, one seed).
 $B train --task autoencoder-tanh --optimizers kfac-adaptive,soap,adam --lr-grid "kfac-adaptive=1;soap=3e-3;adam=1e-3" \
   --damping-grid "kfac-adaptive=0.1" --budget 100 \

@@ -38,9 +38,11 @@ import torch
 import cgfac
 from cgfac.curvature import RunningFactors
 from cgfac.solvers import CGSolver
+from cgfac_bench.analysis import _finite
+from cgfac_bench.hyper import LR_GRID
 from cgfac_bench.machine import default_device, machine_info
 from cgfac_bench.models import build_model
-from cgfac_bench.train import LR_GRID, TASKS, _finite, load_task_data, task_loss
+from cgfac_bench.tasks import TASKS, load_task_data, task_loss
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

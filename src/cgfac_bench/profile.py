@@ -36,19 +36,12 @@ import torch
 from torch import Tensor
 
 import cgfac
+from cgfac_bench.factory import make_optimizer
+from cgfac_bench.hyper import ALL_OPTIMIZERS, SecondOrder, parse_hyper
 from cgfac_bench.machine import default_device, machine_info
 from cgfac_bench.models import build_model
-from cgfac_bench.train import (
-    ALL_OPTIMIZERS,
-    TASKS,
-    TUNED,
-    SecondOrder,
-    load_task_data,
-    make_optimizer,
-    model_options,
-    parse_hyper,
-    task_loss,
-)
+from cgfac_bench.tasks import TASKS, load_task_data, model_options, task_loss
+from cgfac_bench.tuned import TUNED
 
 MARKS = ("model.forward", "cgfac.capture", "cgfac.sampled_backward", "model.backward", "cgfac.precondition",
          "cgfac.rows", "cgfac.solve", "cgfac.lowrank.qr", "cgfac.eigh", "cgfac.lowrank.products", "cgfac.read",

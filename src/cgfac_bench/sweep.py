@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cgfac_bench import train
+from cgfac_bench.analysis import time_to_interpolated
 
 OURS = ("cgfac-kron-adaptive", "cgfac-exact-adaptive", "cgfac-kron", "cgfac-exact")
 
@@ -53,7 +54,7 @@ def summarise(task: str, widths: list[str], records: dict[str, dict[str, Any]], 
             run = {**run, "curve": [c for c in run.get("curve", []) if c[2] is not None]}  # JSON: None = non-finite
             usable = "error" not in run and not run.get("diverged")
             table.setdefault(name, {})[width] = {
-                "lr": run.get("lr"), "time_to_target": train.time_to_interpolated(run, target) if usable else None,
+                "lr": run.get("lr"), "time_to_target": time_to_interpolated(run, target) if usable else None,
                 "final_train_loss": run.get("final_train_loss") if usable else None,
                 "test_loss": run.get("test_loss") if usable else None, "ms_per_step": run.get("ms_per_step"),
                 "steps": run.get("steps")}

@@ -78,1052 +78,91 @@ CPU cores) about 8 minutes in all on two idle CPU cores. Writes, into ``--out``
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import itertools
 import json
-import math
-import multiprocessing
-import os
-import queue
-import resource
-import subprocess
 import sys
 import tempfile
-import time
-import traceback
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
-import cgfac
-from cgfac.solvers.cost import calibrate
 from cgfac_bench import lm
-from cgfac_bench.data import load_digits_data, load_mnist, load_stdlib_text
+from cgfac_bench.analysis import (
+    _finite,
+    adam_target,
+    best_peer_heldout,
+    best_runs,
+    configs,
+    heldout_times,
+    loss_at,
+    time_to,
+    time_to_interpolated,
+)
+from cgfac_bench.factory import make_optimizer
+from cgfac_bench.hyper import (
+    ADAPTIVE,
+    ALL_OPTIMIZERS,
+    LR_GRID,
+    OPTIMIZERS,
+    PEERS,
+    SGD_MOMENTUM,
+    SecondOrder,
+    parse_grid,
+    parse_hyper,
+    parse_lr_grid,
+)
+from cgfac_bench.isolation import run_isolated
 from cgfac_bench.lm import LM_TASKS
+from cgfac_bench.loop import train_run
 from cgfac_bench.machine import default_device, machine_info
-from cgfac_bench.models import build_model
-from cgfac_bench.peers import ADAMW_WEIGHT_DECAY, MUON_ADAMW_LR, muon_with_adamw
-
-ADAPTIVE = ("kfac-adaptive", "cgfac-kron-adaptive", "cgfac-exact-adaptive")  # cgfac.optim: own the update
-PRECONDITIONED = ("cgfac-kron", "cgfac-exact", "kfac")  # a preconditioner under SGD with momentum
-PEERS = ("adam", "adamw", "sgd", "soap", "shampoo", "muon", "muon-original")
-ALL_OPTIMIZERS = ADAPTIVE + PRECONDITIONED + PEERS
-OPTIMIZERS = ("cgfac-kron", "cgfac-exact", "kfac", "adam", "sgd")  # the default list without --tuned
-LR_GRID: dict[str, tuple[float, ...]] = {
-    "cgfac-kron": (0.1, 0.3),
-    "cgfac-exact": (0.1, 0.3),
-    "kfac": (0.1, 0.3),
-    "kfac-adaptive": (1.0,),  # a multiplier of the quadratic model's step
-    "cgfac-kron-adaptive": (1.0,),
-    "cgfac-exact-adaptive": (1.0,),
-    "adam": (1e-3, 3e-3),
-    "adamw": (1e-3, 3e-3),
-    "sgd": (0.03, 0.1),
-    "soap": (1e-3, 3e-3),
-    "shampoo": (0.03, 0.1),
-    "muon": (1e-3, 3e-3),  # adjust_lr_fn="match_rms_adamw": AdamW-like learning rates
-    "muon-original": (0.01, 0.02),  # adjust_lr_fn="original" (Keller Jordan's scaling; 0.02 his default)
-}
-
-DATA_KEYS = ("train_x", "train_y", "test_x", "test_y")
-EVAL_CHUNK = 1000
-LM_EVAL_CHUNK = 64  # sequences per evaluation chunk of the LM (64 × 128 × 256 logits)
-# The LM task's data (load_stdlib_text): context 128, the first 4 MiB of the training documents
-# (32,263 windows of 129 bytes) and the first 256 KiB of the held-out ones (2,032 windows), so that
-# the held-out evaluation after a run costs about as much as MNIST's. Tests lower the caps.
-TEXT_CONTEXT = 128
-TEXT_MAX_TRAIN_BYTES = 4 * 2**20
-TEXT_MAX_TEST_BYTES = 256 * 2**10
-
-
-@dataclass(frozen=True)
-class Task:
-    """How a task's data is fed and scored."""
-
-    data: str  # "mnist", "digits" or "stdlib-text" (byte-level LM: x, y of shape (N, context))
-    flatten: bool  # feed images as (N, 784) rows
-    loss_type: Literal["bernoulli", "cross_entropy"]  # reconstruction or classification
-    batch_size: int
-    damping: float  # λ of the second-order methods
-    kl_clip: float  # κ of the second-order methods
-    fisher: str  # "empirical" or "true"
-    curvature_samples: int | None = None  # CG-FAC's curvature rows per batch (None: the whole batch)
-    eval_samples: int = 10_000  # the fixed training subset of the training-loss curve (--eval-samples)
-
-    @property
-    def lm(self) -> bool:
-        """A language model: logits (batch, context, 256), the loss a mean over every position."""
-        return self.data == "stdlib-text"
-
-
-TASKS = {
-    # 64 curvature samples: 85 ms/step instead of 173 and a lower loss after 20 s (measured here).
-    "autoencoder": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 64),
-    "autoencoder-tanh": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 64),
-    "autoencoder-sparse": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 64),
-    "mlp": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
-    "cnn": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
-    "digits": Task("digits", False, "cross_entropy", 128, 3e-3, 1e-3, "empirical"),
-    "cnn-norm": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical"),
-    # The wide tasks (issue 16): widths scaled by --width-mult / --width; CG-FAC's curvature from a
-    # fixed number of rows per step (TUNED), independent of the batch.
-    "autoencoder-wide": Task("mnist", True, "bernoulli", 1000, 1.0, 0.1, "true", 128),
-    "mlp-wide": Task("mnist", False, "cross_entropy", 256, 3e-3, 1e-3, "empirical", 64),
-    # 32 sequences of 128 bytes (4096 positions, the rows of every layer); 256 sequences evaluated.
-    "transformer": Task("stdlib-text", False, "cross_entropy", 32, 3e-3, 1e-3, "empirical", eval_samples=256),
-}
-
-
-@dataclass(frozen=True)
-class SecondOrder:
-    """Settings of the preconditioned runs (CG-FAC and K-FAC)."""
-
-    damping: float
-    kl_clip: float | None
-    momentum: float = 0.9
-    curvature_window: int = 1  # CG-FAC: batches whose rows form the curvature
-    curvature_samples: int | None = None  # CG-FAC: samples of each batch used for curvature (None: all)
-    factor_decay: float = 0.95  # K-FAC's running factors
-    inv_update_steps: int = 10  # K-FAC's eigendecomposition interval
-    factor_update_steps: int = 1  # K-FAC's factor refresh interval (rows are captured on those steps only)
-    fisher: str = "empirical"  # "true": targets sampled from the model (one extra backward)
-    adaptive: str = "lr+momentum"  # the *-adaptive optimizers: what the quadratic model chooses
-    quad_samples: int | None = None  # the *-adaptive optimizers: samples for the GGN products (None: all)
-    kfac_samples: int | None = None  # K-FAC: samples of each batch for the factors (None: all)
-    min_damping: float = 1e-3  # the *-adaptive optimizers: lower bound of the LM-adapted λ (the library default)
-    damping_form: str = "exact"  # "exact" or "factored" (K-FAC and CG-FAC kron)
-    damping_scale: str = "absolute"  # "absolute" or "relative" (λ times each layer's mean curvature)
-    graft: str = "none"  # "rmsprop": each layer's direction at RMSProp's step length (kfac, cgfac-*)
-
-
-SGD_MOMENTUM = 0.9
-
-# Each optimizer's learning rate, damping (initial λ for *-adaptive) and any SecondOrder settings
-# ("hyper") chosen by the tuning grids of benchmarks/tuning-<task>* (short runs, one seed, the
-# commands in benchmarks/run_all.sh); `cgfac-bench train --tuned` runs these side by side.
-TUNED: dict[str, dict[str, dict[str, Any]]] = {
-    "autoencoder-tanh": {
-        # λ0 ∈ {1e-3, 1e-2, 0.1}: 75.4, 69.5, 67.4 at 40 s (tuning-autoencoder-tanh-2); min_damping ∈
-        # {1e-6, 1e-4, 1e-3, 1e-2}: 63.0, 58.8, 58.5, 58.9 after 300 steps, 250 samples for factors and
-        # model, the factored form and eigh every 25 steps as good per step as all samples, exact form,
-        # every 10 (README "Cheaper steps"); 57.7 at 100 s against SOAP 65.5, Adam 65.0 (tuning-...-3).
-        "kfac-adaptive": {"lr": 1.0, "damping": 0.1,
-                          "hyper": {"min_damping": 1e-3, "damping_form": "factored", "kfac_samples": 250,
-                                    "quad_samples": 250, "inv_update_steps": 25}},
-        "cgfac-kron-adaptive": {"lr": 1.0, "damping": 0.1,  # 79.6 at 30 s (exact curvature: 86.0)
-                                "hyper": {"curvature_window": 8, "curvature_samples": 125, "min_damping": 1e-3,
-                                          "damping_form": "factored", "quad_samples": 250}},
-        "adam": {"lr": 1e-3},  # {1e-3, 3e-3}: 72.9, 79.7 at 40 s
-        "soap": {"lr": 3e-3},  # {1e-3, 3e-3}: 211.5, 97.8
-        "sgd": {"lr": 3e-3},  # {3e-3, 1e-2, 0.03, 0.1}: 104.7, 209.8 (30 s), 1834, 8841 (40 s)
-        "shampoo": {"lr": 3e-3},  # {3e-3, 1e-2, 0.03, 0.1}: 191.8, 354.4 (30 s), 2021, 7322 (40 s)
-    },
-    "transformer": {
-        # 45 s, one seed (README "Grafting"): KL-clipped K-FAC λ {1e-3, 1e-2, 3e-2, 0.1} × κ {1e-3,
-        # 3e-3, 1e-2}: best 1.59; grafted lr {2.5e-4, 5e-4, 1e-3, 2e-3} × λ {1e-4, 3e-4, 1e-3, 1e-2, 0.1}:
-        # best 1.358 (lr 5e-4, λ 1e-3); AdamW 3e-3 1.424, SOAP 3e-3 1.295.
-        "kfac": {"lr": 5e-4, "damping": 1e-3,
-                 "hyper": {"kl_clip": None, "graft": "rmsprop", "damping_form": "factored", "kfac_samples": 8,
-                           "inv_update_steps": 20, "factor_update_steps": 5}},
-        "adamw": {"lr": 3e-3},  # {1e-3, 3e-3}: 1.459, 1.162 at 90 s (train-transformer-90s)
-        "soap": {"lr": 3e-3},
-        "shampoo": {"lr": 1e-3},
-    },
-    "cnn": {
-        # 30 s, one seed: grafted K-FAC lr {5e-4, 1e-3}: 0.0176, 0.0310; SOAP 0.0211, Adam 0.0417.
-        "kfac": {"lr": 5e-4, "damping": 1e-3,
-                 "hyper": {"kl_clip": None, "graft": "rmsprop", "damping_form": "factored", "kfac_samples": 32,
-                           "inv_update_steps": 25, "factor_update_steps": 5}},
-        "soap": {"lr": 3e-3},
-        "adam": {"lr": 1e-3},
-        "sgd": {"lr": 0.1},
-    },
-}
-# The wide autoencoder (issue 16): 60 s runs at ×4, one seed (benchmarks/tuning-autoencoder-wide, the
-# commands in benchmarks/run_all.sh). cgfac.optim.CGFAC, 128 curvature rows per step (the true Fisher
-# sampled on those samples only), factored damping: 81.2 (exact damping 114.1, empirical Fisher 504.4,
-# damping_scale="rank" 89.7; initial λ 0.01 / 0.1 / 1: 82.3 / 81.2 / 82.4, the LM rule adapts it).
-# Peers at 60 s: Adam {3e-4, 1e-3, 3e-3, 1e-2}: 123.4, 168.5, 209, 682; Muon (original scaling)
-# {5e-3, 0.01, 0.02, 0.05}: 186, 184, 175, 151 and (match_rms_adamw) {3e-4 .. 1e-2}: best 173 (3e-3);
-# SOAP {3e-4 .. 1e-2}: best 583 (1e-3); Shampoo {1e-3 .. 3e-2}: best 214 (1e-3): 4–20 steps in 60 s.
-# Round 2, after the quadratic model's samples were made disjoint from the curvature rows (r2-*, one
-# quiet machine): 128 rows with the model on 250 / 128 / 64 samples: 72.9 / 71.9 / 72.0 (1315 / 1150 /
-# 1099 ms/step); 64 rows with 250 / 128: 76.4 / 75.5. Chosen: 128 rows, the model on 128 samples.
-WIDE_CGFAC = {"lr": 1.0, "damping": 0.1,
-              "hyper": {"curvature_window": 1, "curvature_samples": 128, "quad_samples": 128, "min_damping": 1e-3,
-                        "damping_form": "factored", "fisher": "true"}}
-TUNED["autoencoder-wide"] = {
-    "cgfac-kron-adaptive": WIDE_CGFAC,
-    "adam": {"lr": 3e-4},
-    "muon-original": {"lr": 0.05},
-    "soap": {"lr": 1e-3},
-    "kfac-adaptive": {"lr": 1.0, "damping": 0.1,  # K-FAC for width: 250 samples for factors, eigh every 50 steps
-                      "hyper": {"min_damping": 1e-3, "damping_form": "factored", "kfac_samples": 250,
-                                "quad_samples": 250, "inv_update_steps": 50, "fisher": "true"}},
-    "shampoo": {"lr": 1e-3},
-}
-# The wide MLP classifier: not tuned on its own (the autoencoder-wide settings; Adam's usual 1e-3).
-TUNED["mlp-wide"] = {"cgfac-kron-adaptive": WIDE_CGFAC, "adam": {"lr": 1e-3}, "muon-original": {"lr": 0.02},
-                     "soap": {"lr": 3e-3}, "kfac-adaptive": TUNED["autoencoder-wide"]["kfac-adaptive"]}
-TUNED["cnn-norm"] = TUNED["cnn"]  # lr {5e-4, 1e-3}: 0.0191, 0.0277 at 60 s (train-cnn-norm-60s-graft)
-
-# The Hugging Face GPT-2 task (cgfac_bench.hf): tied embeddings, Conv1D projections, the transformer
-# task's data, loss and evaluation; Muon (torch.optim.Muon on hidden matrices, AdamW on the rest) as a
-# peer. Tuned at 75 s, one seed (benchmarks/tuning-gpt2*, about 40-55 steps; training loss):
-# AdamW {1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 3e-3, 6e-3}: 2.71, 2.59, 2.95, 3.08, 3.15, 3.12, 3.28;
-# Muon {0.01, 0.02, 0.04, 0.08}: 2.22, 2.18, 2.20, 2.19; SOAP {2.5e-4, 5e-4, 1e-3, 3e-3, 6e-3, 1e-2}:
-# 3.20, 3.04, 3.06, 3.45, 3.41, 3.58; grafted K-FAC lr × λ: {2.5e-4 .. 2e-3} × {1e-3, 1e-2}: best 2.82
-# (2.5e-4, 1e-2), λ 0.1: {6.25e-5, 1.25e-4, 2.5e-4, 1e-3}: 2.51, 2.52, 2.83, 3.15, λ 1 at 1.25e-4: 2.80.
-# K-FAC's two best lrs tie within 0.01: the larger is kept for the longer runs.
-TASKS["gpt2"] = Task("stdlib-text", False, "cross_entropy", 32, 1e-3, 1e-3, "empirical", eval_samples=256)
-TUNED["gpt2"] = {"kfac": {"lr": 1.25e-4, "damping": 0.1, "hyper": TUNED["transformer"]["kfac"]["hyper"]},
-                 "adamw": {"lr": 2.5e-4}, "muon-original": {"lr": 0.02}, "soap": {"lr": 5e-4}}
-
-
-# --- data, loss, evaluation ----------------------------------------------------------------------
-def load_task_data(task_name: str) -> dict[str, Tensor]:
-    """The task's train/test tensors, images flattened where the model takes rows."""
-    task = TASKS[task_name]
-    if task.lm:
-        return load_stdlib_text(TEXT_CONTEXT, TEXT_MAX_TRAIN_BYTES, TEXT_MAX_TEST_BYTES)
-    data = load_mnist() if task.data == "mnist" else load_digits_data()
-    if task.flatten:
-        data = {k: v.reshape(v.shape[0], -1) if k.endswith("_x") else v for k, v in data.items()}
-    return data
-
-
-def task_loss(task: Task, out: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """Mean over the batch of the per-sample loss (for the autoencoder: summed over pixels; for the
-    LM: the mean over every position of the next-byte cross-entropy, in nats)."""
-    if task.lm:
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-    if task.loss_type == "bernoulli":
-        return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1).mean()
-    return F.cross_entropy(out, y)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, task: Task, x: Tensor, y: Tensor) -> tuple[float, float | None]:
-    """``(mean loss, accuracy or None)`` over ``x``, in chunks, with the model in eval mode (the
-    LM: mean over every position, and the next-byte accuracy over positions)."""
-    model.eval()
-    total, correct = 0.0, 0
-    chunk = LM_EVAL_CHUNK if task.lm else EVAL_CHUNK
-    for i in range(0, x.shape[0], chunk):
-        xb, yb = x[i : i + chunk], y[i : i + chunk]
-        out = model(xb)
-        total += task_loss(task, out, xb, yb).item() * xb.shape[0]
-        if task.loss_type == "cross_entropy":
-            correct += int((out.argmax(-1 if task.lm else 1) == yb).sum())
-    model.train()
-    accuracy = correct / y.numel() if task.loss_type == "cross_entropy" else None
-    return total / x.shape[0], accuracy
-
-
-def reconstruction_loss(out: Tensor, args: tuple, kwargs: dict) -> Tensor:
-    """The autoencoders' loss of one recorded forward (``cgfac.optim``'s ``loss_fn``): Bernoulli
-    cross-entropy of the logits against the input, summed over pixels, averaged over the batch."""
-    return F.binary_cross_entropy_with_logits(out, args[0], reduction="none").sum(1).mean()
-
-
-def make_optimizer(name: str, model: nn.Module, lr: float, hp: SecondOrder,
-                   loss_type: str = "cross_entropy") -> tuple[torch.optim.Optimizer, cgfac.Preconditioner | None]:
-    """The torch optimizer of a run and, for the preconditioned runs, its preconditioner.
-
-    The ``*-adaptive`` optimizers are :mod:`cgfac.optim`'s (they own the update; ``lr`` multiplies
-    the quadratic model's step, ``hp.damping`` is the initial λ); ``kfac``, ``cgfac-*`` are
-    preconditioners under SGD with momentum and the KL clip; SOAP and Shampoo come from
-    ``pytorch-optimizer`` (the ``bench`` extra), SOAP with its defaults, Shampoo as its scalable
-    variant with the preconditioner recomputed every 20 steps (its default, 1000, never would in a
-    short run).
-    """
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr), None
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ADAMW_WEIGHT_DECAY), None
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM), None
-    if name in ("muon", "muon-original"):
-        return muon_with_adamw(model, lr, adjust_lr_fn="match_rms_adamw" if name == "muon" else "original"), None
-    if name in ("soap", "shampoo"):
-        try:
-            import pytorch_optimizer
-        except ImportError:
-            raise RuntimeError(f"{name} needs pytorch-optimizer: pip install 'cgfac[bench]'") from None
-        if name == "soap":
-            return pytorch_optimizer.SOAP(model.parameters(), lr=lr), None
-        return pytorch_optimizer.ScalableShampoo(model.parameters(), lr=lr, preconditioning_compute_steps=20), None
-    if name in ADAPTIVE:
-        common: dict[str, Any] = {"damping": hp.damping, "fisher": hp.fisher, "loss_type": loss_type, "lr": lr,
-                                  "adaptive": hp.adaptive, "adapt_damping": hp.adaptive != "none",
-                                  "quad_samples": hp.quad_samples, "min_damping": hp.min_damping,
-                                  "damping_scale": hp.damping_scale}
-        if hp.adaptive == "none":
-            common["momentum"] = hp.momentum
-        if loss_type == "bernoulli" and hp.adaptive != "none":  # the autoencoders: the target is the input, so
-            common["loss_fn"] = reconstruction_loss  # the damping check replays the forward (no backward)
-        if name == "kfac-adaptive":
-            return cgfac.optim.KFAC(model, factor_decay=hp.factor_decay, inv_update_steps=hp.inv_update_steps,
-                                    factor_update_steps=hp.factor_update_steps,
-                                    curvature_samples=hp.kfac_samples, damping_form=hp.damping_form, **common), None
-        if name == "cgfac-kron-adaptive":
-            common["damping_form"] = hp.damping_form
-        curvature = cast(Literal["kron", "exact"], name.split("-")[1])
-        return cgfac.optim.CGFAC(model, curvature=curvature, curvature_window=hp.curvature_window,
-                                 curvature_samples=hp.curvature_samples, factor_decay=hp.factor_decay,
-                                 **common), None
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=hp.momentum)
-
-    def current_lr(step: int) -> float:
-        return opt.param_groups[0]["lr"]
-
-    common = {"damping": hp.damping, "kl_clip": hp.kl_clip, "lr": current_lr, "fisher": hp.fisher,
-              "damping_scale": hp.damping_scale, "graft": hp.graft}
-    if name in ("kfac", "cgfac-kron"):
-        common["damping_form"] = hp.damping_form
-    if name == "kfac":
-        pre: cgfac.Preconditioner = cgfac.KFAC(model, factor_decay=hp.factor_decay,
-                                               inv_update_steps=hp.inv_update_steps,
-                                               factor_update_steps=hp.factor_update_steps,
-                                               curvature_samples=hp.kfac_samples, **common)
-    elif name in ("cgfac-kron", "cgfac-exact"):
-        curvature = cast(Literal["kron", "exact"], name.removeprefix("cgfac-"))
-        pre = cgfac.CGFAC(model, curvature=curvature, curvature_window=hp.curvature_window,
-                          curvature_samples=hp.curvature_samples, factor_decay=hp.factor_decay, **common)
-    else:
-        raise ValueError(f"optimizer must be one of {ALL_OPTIMIZERS}, got {name!r}")
-    return opt, pre
-
-
-# --- memory and machine --------------------------------------------------------------------------
-def _status_mb(field: str) -> float | None:
-    """A memory field (``VmRSS``, ``VmHWM``) of ``/proc/self/status`` in MiB, None if unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark to the current RSS (Linux ≥ 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_mb("VmHWM") is not None
-
-
-def _peak_rss_mb(reset_worked: bool) -> tuple[float, str]:
-    if reset_worked:
-        peak = _status_mb("VmHWM")
-        if peak is not None:
-            return peak, "training phase (VmHWM reset after setup)"
-    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KiB elsewhere
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process lifetime (ru_maxrss)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --- one run (in the child process) --------------------------------------------------------------
-def train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-    """:func:`_train_run` with subnormal floats flushed, restored afterwards (the flag is global to
-    the process: left on, it broke hypothesis in the test process that called this)."""
-    torch.set_flush_denormal(True)
-    try:
-        return _train_run(cfg, progress)
-    finally:
-        torch.set_flush_denormal(False)
-
-
-def _train_run(cfg: dict[str, Any], progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-    """Train one (optimizer, lr) pair for ``cfg["budget"]`` seconds; the run's record.
-
-    ``cfg``: task, optimizer, lr, budget, batch_size, seed, device, threads, eval_every,
-    eval_samples, data_dir (``.npy`` files of :data:`DATA_KEYS`), hyper (:class:`SecondOrder`).
-    ``progress`` receives the elapsed training seconds at each evaluation.
-    """
-    torch.set_num_threads(cfg["threads"])
-    # Subnormal floats are flushed (train_run): saturated sigmoid units produce them, and they cost
-    # the CPU up to 10x per operation (K-FAC steps on the autoencoder went from 0.25 s to 3 s).
-    device = torch.device(cfg["device"])
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if distributed and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    task = TASKS[cfg["task"]]
-    data = {k: torch.from_numpy(np.load(Path(cfg["data_dir"]) / f"{k}.npy")).to(device) for k in DATA_KEYS}
-    train_x, train_y = data["train_x"], data["train_y"]
-    n, batch, seed = train_x.shape[0], cfg["batch_size"], cfg["seed"]
-    subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: cfg["eval_samples"]]
-    eval_x, eval_y = train_x[subset.to(device)], train_y[subset.to(device)]
-    held_x = held_y = None  # the LM's held-out curve: the same fixed held-out windows for every run and seed
-    if task.lm:
-        held = torch.randperm(data["test_x"].shape[0], generator=torch.Generator().manual_seed(0))
-        held = held[: cfg["eval_samples"]]
-        held_x, held_y = data["test_x"][held.to(device)], data["test_y"][held.to(device)]
-    torch.manual_seed(seed)
-    model = build_model(cfg["task"], **cfg.get("model_options", {})).to(device)
-    if distributed:  # every rank trains on its shard of the same global batch
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    hp = SecondOrder(**{**cfg["hyper"], **cfg.get("hyper_overrides", {}),
-                        **({"damping": cfg["damping"]} if cfg.get("damping") else {})})
-    opt, pre = make_optimizer(cfg["optimizer"], model, cfg["lr"], hp, task.loss_type)
-    owner = opt if isinstance(opt, cgfac.optim.SecondOrderOptimizer) else None  # owns the update
-    solver_pre = owner.preconditioner if owner is not None else pre
-    t0 = time.perf_counter()
-    if isinstance(solver_pre, cgfac.CGFAC) and solver_pre.solver == "auto":
-        calibrate(str(next(model.parameters()).device), torch.float32)  # once per process
-    calibration_seconds = time.perf_counter() - t0
-    order = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(n, generator=order).to(device), 0
-
-    rss_start = _status_mb("VmRSS")
-    reset_worked = _reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    curve: list[tuple[float, int, float]] = []
-    heldout_curve: list[tuple[float, int, float]] = []  # the LM: held-out loss at the same evaluations
-    elapsed, step, next_eval, diverged = 0.0, 0, 0.0, False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)
-        while True:
-            # Rank 0's clock decides when to evaluate and stop; the others follow its broadcast.
-            decision = torch.tensor([elapsed >= next_eval or elapsed >= cfg["budget"], 0], dtype=torch.int32,
-                                    device=device)
-            if decision[0] and rank == 0:
-                loss_now, _ = evaluate(model, task, eval_x, eval_y)
-                curve.append((elapsed, step, loss_now))
-                if held_x is not None and held_y is not None:
-                    heldout_curve.append((elapsed, step, evaluate(model, task, held_x, held_y)[0]))
-                if progress is not None:
-                    progress(elapsed)
-                diverged = not math.isfinite(loss_now)
-                decision[1] = int(diverged or elapsed >= cfg["budget"])
-                while next_eval <= elapsed:
-                    next_eval += cfg["eval_every"]
-            if distributed:
-                dist.broadcast(decision, src=0)
-            if decision[1]:
-                break
-            t0 = time.perf_counter()
-            if pos + batch > n:
-                perm, pos = torch.randperm(n, generator=order).to(device), 0
-            idx = perm[pos : pos + batch].chunk(world)[rank]
-            pos += batch
-            xb, yb = train_x[idx], train_y[idx]
-            if owner is not None:
-                def closure(xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
-                    opt.zero_grad(set_to_none=True)
-                    loss = task_loss(task, model(xb), xb, yb)
-                    loss.backward()
-                    return loss
-
-                try:
-                    loss = owner.step(closure)
-                except NotImplementedError as err:
-                    if "forward AD" not in str(err):
-                        raise
-                    raise RuntimeError(f"{cfg['optimizer']} needs forward-mode AD (torch.autograd.forward_ad) through "
-                                       f"the whole model for its GGN products, and this model has an operation "
-                                       f"without it: {str(err).splitlines()[0]}") from err
-            else:
-                opt.zero_grad(set_to_none=True)
-                out = model(xb)
-                loss = task_loss(task, out, xb, yb)
-                if pre is not None and hp.fisher == "true":
-                    pre.sample_fisher(out, task.loss_type)
-                loss.backward()
-                if pre is not None:
-                    pre.step()
-                opt.step()
-            batch_loss = loss.item()  # synchronises
-            _sync(device)
-            elapsed += time.perf_counter() - t0
-            step += 1
-            if not math.isfinite(batch_loss) and not distributed:  # across ranks: the evaluation sees it
-                diverged = True
-                curve.append((elapsed, step, batch_loss))
-                break
-
-    if rank != 0:
-        return {}  # rank 0 holds the curve and reports
-    peak_mb, peak_scope = _peak_rss_mb(reset_worked)
-    test_loss, test_accuracy = evaluate(model, task, data["test_x"], data["test_y"])
-    record: dict[str, Any] = {
-        "optimizer": cfg["optimizer"],
-        "lr": cfg["lr"],
-        "processes": world,
-        "steps": step,
-        "train_seconds": elapsed,
-        "ms_per_step": 1000 * elapsed / step if step else None,
-        "diverged": diverged,
-        "curve": curve,
-        "final_train_loss": curve[-1][2],
-        "best_train_loss": min((c[2] for c in curve if math.isfinite(c[2])), default=math.nan),
-        "test_loss": test_loss,
-        "test_accuracy": test_accuracy,  # the LM: next-byte accuracy over held-out positions
-        "rss_start_mb": rss_start,
-        "peak_rss_mb": peak_mb,
-        "peak_rss_scope": peak_scope,
-        "runtime_warnings": len(caught),
-        "calibration_seconds": calibration_seconds,
-    }
-    if device.type == "cuda":
-        record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    if solver_pre is not None:
-        record["fallbacks"] = solver_pre.fallbacks
-        record["last_layer_stats"] = solver_pre.layer_stats()
-        record["coverage"] = coverage(solver_pre)
-    if owner is not None:
-        record["final_damping"] = owner.damping
-        record["last_step"] = owner.last
-    if task.lm:  # held-out loss in bits per byte (the loss is in nats per position, one byte each)
-        record["test_bits_per_byte"] = test_loss / math.log(2)
-        record["final_train_bits_per_byte"] = record["final_train_loss"] / math.log(2)
-        record["heldout_curve"] = heldout_curve
-    record["damping"] = hp.damping
-    record["hyper"] = asdict(hp)
-    record["seed"] = cfg["seed"]
-    return record
-
-
-def coverage(pre: cgfac.Preconditioner) -> dict[str, int]:
-    """Preconditioned parameters against all trainable ones (counts of scalars)."""
-    covered = {id(p) for h in pre.layers.values() for p in h.params()}
-    params = [p for p in pre.model.parameters() if p.requires_grad]
-    return {"covered": sum(p.numel() for p in params if id(p) in covered), "total": sum(p.numel() for p in params)}
-
-
-def _child_main(cfg: dict[str, Any], messages: Any) -> None:
-    """Entry point of a spawned run: posts ``("progress", seconds)`` and one ``("result", record)``."""
-    try:
-        record = train_run(cfg, lambda seconds: messages.put(("progress", seconds)))
-    except Exception as err:  # reported in the comparison instead of ending it
-        record = {"optimizer": cfg["optimizer"], "lr": cfg["lr"], "error": f"{type(err).__name__}: {err}",
-                  "traceback": traceback.format_exc()}
-    messages.put(("result", record))
-
-
-def run_torchrun(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> dict[str, Any]:
-    """Run :func:`train_run` on ``cfg["nproc"]`` processes launched by ``torchrun --standalone``
-    (gloo on CPU, NCCL on CUDA); rank 0 reports progress through a file and writes the record."""
-    work = Path(tempfile.mkdtemp(prefix="cgfac-torchrun-", dir=cfg["data_dir"]))
-    (work / "cfg.json").write_text(json.dumps(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg["nproc"]),
-           "-m", "cgfac_bench.train", str(work)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while proc.poll() is None:
-        time.sleep(1.0)
-        with contextlib.suppress(OSError, ValueError):
-            on_progress(float((work / "progress").read_text()))
-    output = proc.stdout.read() if proc.stdout else ""
-    if proc.returncode == 0 and (work / "result.json").exists():
-        return json.loads((work / "result.json").read_text())
-    return {"optimizer": cfg["optimizer"], "lr": cfg["lr"],
-            "error": f"torchrun exited with code {proc.returncode}", "traceback": output[-4000:]}
-
-
-def torchrun_worker(work: Path) -> None:
-    """One rank under torchrun: join the process group, train, rank 0 writes the record."""
-    cfg = json.loads((work / "cfg.json").read_text())
-    dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo",
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        rank = dist.get_rank()
-
-        def progress(seconds: float) -> None:
-            (work / "progress").write_text(str(seconds))
-
-        record = train_run(cfg, progress if rank == 0 else None)
-        if rank == 0:
-            (work / "result.json").write_text(json.dumps(_finite(record)))
-        dist.barrier()  # rank 0 evaluates and writes last: tearing gloo down under it aborted it
-    finally:
-        dist.destroy_process_group()
-
-
-def run_isolated(cfg: dict[str, Any], on_progress: Callable[[float], None]) -> dict[str, Any]:
-    """Run :func:`train_run` in a fresh spawned process (or under torchrun) and return its record."""
-    if cfg.get("nproc", 1) > 1:
-        return run_torchrun(cfg, on_progress)
-    ctx = multiprocessing.get_context("spawn")
-    messages = ctx.Queue()
-    proc = ctx.Process(target=_child_main, args=(cfg, messages), daemon=True)
-    proc.start()
-    record = None
-    while record is None:
-        try:
-            kind, payload = messages.get(timeout=1.0 if proc.is_alive() else 5.0)
-        except queue.Empty:
-            if proc.is_alive():
-                continue
-            break
-        if kind == "progress":
-            on_progress(payload)
-        else:
-            record = payload
-    proc.join()
-    if record is None:
-        record = {"optimizer": cfg["optimizer"], "lr": cfg["lr"],
-                  "error": f"worker process exited with code {proc.exitcode} and no result"}
-    return record
-
-
-# --- the comparison ------------------------------------------------------------------------------
-def parse_grid(text: str | None, optimizers: Sequence[str], defaults: Mapping[str, Sequence[float]],
-               flag: str = "--lr-grid") -> dict[str, list[float]]:
-    """``defaults`` for ``optimizers``, overridden by ``"0.1,0.3"`` (all) or ``"adam=1e-3;kfac=0.1,0.3"``."""
-    grid = {name: list(defaults[name]) for name in optimizers}
-    if not text:
-        return grid
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        names, _, values = part.rpartition("=")
-        targets = [names.strip()] if names else list(optimizers)
-        try:
-            lrs = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"{flag}: not a list of numbers: {values!r}") from None
-        if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
-            raise ValueError(f"{flag}: values must be positive numbers, got {values!r}")
-        for name in targets:
-            if name not in grid:
-                raise ValueError(f"{flag}: {name!r} is not among the optimizers {tuple(optimizers)}")
-            grid[name] = lrs
-    return grid
-
-
-def parse_lr_grid(text: str | None, optimizers: Sequence[str]) -> dict[str, list[float]]:
-    """:data:`LR_GRID`, overridden by ``"0.1,0.3"`` (all) or ``"adam=1e-3;kfac=0.1,0.3"``."""
-    return parse_grid(text, optimizers, LR_GRID)
-
-
-def _usable(run: dict[str, Any]) -> bool:
-    return "error" not in run and not run["diverged"] and math.isfinite(run["final_train_loss"])
-
-
-def config_key(run: dict[str, Any]) -> tuple[str, float, float | None]:
-    """A run's configuration: optimizer, learning rate and (second-order methods) damping."""
-    return run["optimizer"], run["lr"], run.get("damping") if run["optimizer"] not in PEERS else None
-
-
-def _score(run: dict[str, Any]) -> float:
-    return run["final_train_loss"] if _usable(run) else math.inf
-
-
-def configs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs grouped by :func:`config_key` over seeds: final losses, median, spread, median run.
-
-    A configuration with a diverged or failed seed scores ``inf`` for that seed."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for run in runs:
-        groups.setdefault(config_key(run), []).append(run)
-    out = []
-    for (name, lr, damping), members in groups.items():
-        scores = sorted(_score(r) for r in members)
-        median = float(np.median(scores)) if all(map(math.isfinite, scores)) else (
-            scores[(len(scores) - 1) // 2])
-        ordered = sorted(members, key=_score)
-        out.append({"optimizer": name, "lr": lr, "damping": damping, "seeds": [r.get("seed") for r in members],
-                    "final_losses": [_score(r) for r in members], "median": median,
-                    "min": scores[0], "max": scores[-1], "median_run": ordered[(len(ordered) - 1) // 2],
-                    "members": members})
-    return out
-
-
-def best_configs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per optimizer: its configuration (:func:`configs`) with the lowest median final training loss."""
-    best: dict[str, dict[str, Any]] = {}
-    for cfg in configs(runs):
-        name, current = cfg["optimizer"], best.get(cfg["optimizer"])
-        if current is None or cfg["median"] < current["median"]:
-            best[name] = cfg
-    return best
-
-
-def best_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per optimizer: the median-seed run of its configuration with the lowest median final
-    training loss (a single seed: the run itself); an optimizer whose runs all failed gives its first run.
-
-    (In the record, ``best`` maps each optimizer to its best run's index in ``runs``.)"""
-    return {name: cfg["median_run"] for name, cfg in best_configs(runs).items()}
-
-
-def heldout_times(runs: Sequence[dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
-    """The LM's held-out race against ``reference``, per optimizer's best configuration and seed.
-
-    For each seed ``s`` that both ran: ``target[s]`` is the reference's final held-out loss (the last
-    point of its ``heldout_curve``), ``seconds[s]`` the training time at which the optimizer's
-    held-out curve first reaches it (interpolated; None: not reached), and ``ratio[s]`` that time
-    over the reference's own time to it (≈ its budget). ``median_ratio`` counts a miss as ``inf``.
-    Empty when the reference has no usable run."""
-    best = best_configs(runs)
-    if reference not in best:
-        return {}
-    ref_runs = {r.get("seed"): r for r in best[reference]["members"] if _usable(r) and r.get("heldout_curve")}
-    out: dict[str, dict[str, Any]] = {}
-    for name, cfg in best.items():
-        seeds, targets, seconds, ratios = [], [], [], []
-        for run in cfg["members"]:
-            ref = ref_runs.get(run.get("seed"))
-            if ref is None or "error" in run:
-                continue
-            target = ref["heldout_curve"][-1][2]
-            t, t_ref = time_to_interpolated(run, target, "heldout_curve"), time_to_interpolated(ref, target,
-                                                                                               "heldout_curve")
-            seeds.append(run.get("seed"))
-            targets.append(target)
-            seconds.append(t)
-            ratios.append(t / t_ref if t is not None and t_ref else None)
-        if seeds:
-            out[name] = {"seeds": seeds, "target": targets, "seconds": seconds, "ratio": ratios,
-                         "median_ratio": float(np.median([math.inf if r is None else r for r in ratios]))}
-    return out
-
-
-def best_peer_heldout(runs: Sequence[dict[str, Any]]) -> str | None:
-    """The peer whose best configuration ends with the lowest median held-out loss (None: no peer ran)."""
-    finals = {name: float(np.median([r["heldout_curve"][-1][2] for r in cfg["members"]
-                                     if _usable(r) and r.get("heldout_curve")] or [math.inf]))
-              for name, cfg in best_configs(runs).items() if name in PEERS}
-    finals = {k: v for k, v in finals.items() if math.isfinite(v)}
-    return min(finals, key=finals.__getitem__) if finals else None
-
-
-def adam_target(runs: Sequence[dict[str, Any]]) -> float | None:
-    """The lowest training loss any Adam run reached at an evaluation, None without one."""
-    losses = [c[2] for r in runs if r["optimizer"] == "adam" and "error" not in r for c in r["curve"]
-              if math.isfinite(c[2])]
-    return min(losses) if losses else None
-
-
-def time_to(run: dict[str, Any], target: float | None) -> float | None:
-    """Training seconds of the first evaluation at or below ``target`` (None: not reached)."""
-    if target is None or "error" in run:
-        return None
-    return next((t for t, _, loss in run["curve"] if loss <= target), None)
-
-
-def loss_at(run: dict[str, Any], seconds: float) -> float | None:
-    """The training loss at ``seconds`` of training, linear between evaluations (None: not reached)."""
-    curve = run.get("curve", [])
-    for (t0, _, l0), (t1, _, l1) in itertools.pairwise(curve):
-        if t0 <= seconds <= t1 and math.isfinite(l0) and math.isfinite(l1):
-            return l0 + (l1 - l0) * (seconds - t0) / (t1 - t0) if t1 > t0 else l1
-    return None
-
-
-def time_to_interpolated(run: dict[str, Any], target: float | None, key: str = "curve") -> float | None:
-    """Training seconds at which the loss of ``run[key]`` (the training-loss curve, or the LM's
-    ``"heldout_curve"``) first reaches ``target``, linear between evaluations."""
-    if target is None or "error" in run:
-        return None
-    curve = run.get(key, [])
-    if curve and curve[0][2] <= target:
-        return curve[0][0]
-    for (t0, _, l0), (t1, _, l1) in itertools.pairwise(curve):
-        if math.isfinite(l1) and l1 <= target:
-            return t1 if not (math.isfinite(l0) and l0 > l1) else t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
-    return None
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None, tuples lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _fmt(value: float | None, spec: str = ".4g") -> str:
-    return "–" if value is None or not math.isfinite(value) else format(value, spec)
-
-
-def parse_hyper(text: str | None) -> dict[str, Any]:
-    """``"field=value,..."`` → overrides of :class:`SecondOrder`, each value parsed as its field's type."""
-    if not text:
-        return {}
-    defaults = SecondOrder(damping=1.0, kl_clip=None)
-    out: dict[str, Any] = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or key not in {f.name for f in fields(SecondOrder)}:
-            raise ValueError(f"--hyper: {item!r} is not field=value with a field of "
-                             f"{', '.join(f.name for f in fields(SecondOrder))}")
-        current = getattr(defaults, key)
-        if value.lower() == "none":
-            out[key] = None
-        elif isinstance(current, str):
-            out[key] = value
-        elif isinstance(current, int) and not isinstance(current, bool) and key not in ("damping",):
-            out[key] = int(value)
-        else:
-            out[key] = float(value) if key not in ("curvature_samples", "quad_samples", "kfac_samples") else int(value)
-    return out
-
-
-def settings_text(name: str, hp: SecondOrder, damping: float | None = None) -> str:
-    """The settings column of a run's optimizer."""
-    if name == "adam":
-        return "Adam (β = 0.9, 0.999)"
-    if name == "adamw":
-        return f"AdamW (β = 0.9, 0.999, weight decay {ADAMW_WEIGHT_DECAY:g})"
-    if name == "sgd":
-        return f"SGD, momentum {SGD_MOMENTUM}"
-    if name == "soap":
-        return "SOAP (pytorch-optimizer defaults)"
-    if name == "shampoo":
-        return "ScalableShampoo (preconditioner every 20 steps)"
-    if name == "muon":
-        return "torch.optim.Muon (match_rms_adamw) on hidden matrices, AdamW (same lr) on the rest"
-    if name == "muon-original":
-        return f"torch.optim.Muon (original scaling) on hidden matrices, AdamW lr {MUON_ADAMW_LR:g} on the rest"
-    lam = hp.damping if damping is None else damping
-    if name in ADAPTIVE:
-        text = (f"cgfac.optim, initial damping {lam:g} (LM-adapted), step and momentum: {hp.adaptive}, "
-                f"{hp.fisher} Fisher")
-        if hp.min_damping != SecondOrder.min_damping:
-            text += f", min damping {hp.min_damping:g}"
-        if hp.damping_form != "exact":
-            text += f", {hp.damping_form} damping"
-        if hp.damping_scale != "absolute":
-            text += f", {hp.damping_scale} damping scale"
-        if hp.quad_samples is not None:
-            text += f", {hp.quad_samples} samples for the quadratic model"
-        return text + (_kfac_text(hp) if name == "kfac-adaptive" else _cgfac_text(hp))
-    text = f"SGD momentum {hp.momentum}, damping {lam:g}, KL clip {hp.kl_clip}, {hp.fisher} Fisher"
-    if hp.graft != "none":
-        text += f", grafted onto {hp.graft}'s step length"
-    if hp.damping_form != "exact":
-        text += f", {hp.damping_form} damping"
-    return text + (_kfac_text(hp) if name == "kfac" else ", solver auto" + _cgfac_text(hp))
-
-
-def _kfac_text(hp: SecondOrder) -> str:
-    """K-FAC's factor settings, for :func:`settings_text`."""
-    return f", factor decay {hp.factor_decay}, eigh every {hp.inv_update_steps} steps" + (
-        f", factors from {hp.kfac_samples} samples" if hp.kfac_samples is not None else "") + (
-        f", factors every {hp.factor_update_steps} steps" if hp.factor_update_steps != 1 else "")
-
-
-def _cgfac_text(hp: SecondOrder) -> str:
-    """CG-FAC's curvature settings, for :func:`settings_text`."""
-    samples = "all" if hp.curvature_samples is None else hp.curvature_samples
-    return f", curvature window {hp.curvature_window}, curvature samples {samples}"
-
-
-def write_markdown(path: Path, record: dict[str, Any]) -> None:
-    """``results.md``: the best configuration per optimizer (median over seeds), then every run."""
-    s, m = record["settings"], record["machine"]
-    hp = SecondOrder(**s["hyper"])
-    lm = TASKS[s["task"]].lm
-    classify = TASKS[s["task"]].loss_type == "cross_entropy" and not lm
-    target = record["target_train_loss"]
-    t_ref, ref_loss = s["reference_seconds"], record.get("adam_loss_at_reference")
-    seeds = s.get("seeds", [s["seed"]])
-    lines = [
-        f"# Training comparison: {s['task']}",
-        "",
-        f"Budget {s['budget']:g} s of training per run (evaluation excluded), batch {s['batch_size']}, "
-        f"seeds {', '.join(map(str, seeds))}, device {m['device']}, {m['threads']} threads, {m['cpu_model']}, "
-        f"torch {m['torch']}.",
-        f"Training loss evaluated on {s['eval_samples']} fixed training samples every "
-        f"{s['eval_every']:.3g} s of training. Each optimizer's row is its configuration with the lowest "
-        "median final training loss over the seeds, shown by its median-seed run.",
-        "Target: the lowest training loss Adam reached, "
-        + (f"{target:.4g}." if target is not None else "none (no Adam run).")
-        + f" Reference: Adam's loss at {t_ref:g} s, "
-        + (f"{ref_loss:.4g}" if ref_loss is not None else "n/a")
-        + "; 'time to reference' is the (interpolated) training time each run needs to reach it.",
-        "",
-        "| optimizer | lr | settings | ms/step | steps | peak RSS MB (+ over start) | final train loss "
-        "(median [min, max]) | " + ("held-out bits/byte | next-byte accuracy" if lm else
-                                    "test accuracy | test loss" if classify else "test loss")
-        + " | time to target (s) | time to reference (s) | covered params |",
-        "|---|---|---|---|---|---|---|" + ("---|---|" if classify or lm else "---|") + "---|---|---|",
-    ]
-    by_config = {(c["optimizer"], c["lr"], c["damping"]): c for c in configs(record["runs"])}
-    for name, index in record["best"].items():
-        run = record["runs"][index]
-        if "error" in run:
-            lines.append(f"| {name} | {run['lr']:g} | error: {run['error']} |")
-            continue
-        cfg = by_config[config_key(run)]
-        status = " (diverged)" if run["diverged"] else ""
-        peak, start = run["peak_rss_mb"], run["rss_start_mb"]
-        mem = _fmt(peak, ".0f") + (f" (+{peak - start:.0f})" if start is not None else "")
-        if run.get("peak_cuda_mb") is not None:
-            mem += f"; CUDA {run['peak_cuda_mb']:.0f}"
-        if lm:
-            test = f"{_fmt(run.get('test_bits_per_byte'), '.4f')} | {_fmt(run['test_accuracy'], '.2%')}"
-        elif classify:
-            test = f"{_fmt(run['test_accuracy'], '.2%')} | {_fmt(run['test_loss'])}"
-        else:
-            test = _fmt(run["test_loss"])
-        reached = time_to(run, target)
-        reach = "n/a" if target is None else ("not reached" if reached is None else f"{reached:.1f}")
-        to_ref = time_to_interpolated(run, ref_loss)
-        ref = "n/a" if ref_loss is None else ("not reached" if to_ref is None else f"{to_ref:.1f}")
-        final = _fmt(cfg["median"]) + (f" [{_fmt(cfg['min'])}, {_fmt(cfg['max'])}]" if len(cfg["seeds"]) > 1
-                                       else "")
-        cov = run.get("coverage")
-        covered = f"{cov['covered'] / cov['total']:.0%}" if cov else "–"
-        run_hp = SecondOrder(**run["hyper"]) if "hyper" in run else hp
-        lines.append(f"| {name} | {run['lr']:g} | {settings_text(name, run_hp, run.get('damping'))} | "
-                     f"{_fmt(run['ms_per_step'], '.1f')} | {run['steps']} | {mem} | "
-                     f"{final}{status} | {test} | {reach} | {ref} | {covered} |")
-    lines += heldout_lines(record)
-    lines += ["", "## Every run", "", "| optimizer | lr | damping | seed | steps | final train loss | final damping "
-              "| status |", "|---|---|---|---|---|---|---|---|"]
-    for run in record["runs"]:
-        damping = "–" if run["optimizer"] in PEERS else _fmt(run.get("damping"))
-        if "error" in run:
-            lines.append(f"| {run['optimizer']} | {run['lr']:g} | {damping} | {run.get('seed', '–')} | – | – | – "
-                         "| error |")
-        else:
-            lines.append(f"| {run['optimizer']} | {run['lr']:g} | {damping} | {run.get('seed', '–')} | "
-                         f"{run['steps']} | {_fmt(run['final_train_loss'])} | {_fmt(run.get('final_damping'))} | "
-                         f"{'diverged' if run['diverged'] else 'ok'} |")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def heldout_lines(record: dict[str, Any]) -> list[str]:
-    """The LM's held-out race (:func:`heldout_times`) as a markdown section; none without one."""
-    held = record.get("heldout")
-    if not held or not held["to_reference"]:
-        return []
-    s = record["settings"]
-    ref, peer = held["reference"], held["best_peer"]
-
-    def one(value: float, spec: str) -> str:
-        return format(value, spec) if math.isfinite(value) else "not reached"
-
-    def spread(values: Sequence[float | None], spec: str) -> str:
-        vals = [math.inf if v is None else v for v in values]
-        text = one(float(np.median(vals)), spec)
-        return text + (f" [{one(min(vals), spec)}, {one(max(vals), spec)}]" if len(vals) > 1 else "")
-
-    lines = ["", "## Held-out loss against time", "",
-             f"Held-out loss evaluated on {s['eval_samples']} fixed held-out sequences (the same for every run) "
-             f"at each evaluation. Target: each seed's final held-out loss of {ref}'s best configuration, and of "
-             f"the best peer's ({peer}: the peer with the lowest median final held-out loss). Time: interpolated "
-             "between evaluations; × : over the target run's own time to it. Median [min, max] over seeds.", "",
-             f"| optimizer | final held-out bits/byte ({s['eval_samples']} sequences) | time to {ref}'s final (s) "
-             f"| × {ref}'s time | time to {peer}'s final (s) | × {peer}'s time |", "|---|---|---|---|---|---|"]
-    best = best_configs(record["runs"])
-    for name, to_ref in held["to_reference"].items():
-        finals = [r["heldout_curve"][-1][2] / math.log(2) for r in best[name]["members"]
-                  if "error" not in r and r.get("heldout_curve")]
-        to_peer = held["to_best_peer"].get(name, {"seconds": [None], "ratio": [None]})
-        lines.append(f"| {name} | {spread(finals, '.4f')} | {spread(to_ref['seconds'], '.1f')} | "
-                     f"{spread(to_ref['ratio'], '.2f')} | {spread(to_peer['seconds'], '.1f')} | "
-                     f"{spread(to_peer['ratio'], '.2f')} |")
-    return lines
-
-
-def write_plots(out: Path, record: dict[str, Any]) -> None:
-    """``loss_vs_time.png`` and ``loss_vs_steps.png`` (the best run of each optimizer; the LM tasks
-    also ``heldout_vs_time.png``, their held-out curves), and, when
-    the grid has several dampings or learning rates for a second-order method,
-    ``loss_vs_damping_lr.png`` (median final loss of every configuration).
-
-    The y axis is logarithmic when the losses span more than a factor of 10."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    target = record["target_train_loss"]
-    panels = [("loss_vs_time.png", 0, "training time (s)", "curve"), ("loss_vs_steps.png", 1, "step", "curve")]
-    if record.get("heldout"):
-        panels.append(("heldout_vs_time.png", 0, "training time (s)", "heldout_curve"))
-    for fname, column, xlabel, key in panels:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        losses: list[float] = []
-        for name, index in record["best"].items():
-            run = record["runs"][index]
-            points = [c for c in run.get(key, []) if math.isfinite(c[2])]
-            if not points:
-                continue
-            losses += [c[2] for c in points]
-            label = f"{name} (lr {run['lr']:g})" + (", diverged" if run["diverged"] else "")
-            ax.plot([c[column] for c in points], [c[2] for c in points], marker=".", label=label)
-        if target is not None and key == "curve":
-            ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="Adam's best")
-        if losses and min(losses) > 0 and max(losses) > 10 * min(losses):  # log scale where it helps
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{'training' if key == 'curve' else 'held-out'} loss "
-                      f"({record['settings']['eval_samples']} samples)")
-        ax.set_title(f"{record['settings']['task']}: best run per optimizer")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-    grid = [c for c in configs(record["runs"]) if c["optimizer"] not in PEERS]
-    names = sorted({c["optimizer"] for c in grid})
-    if not any(len({(c["lr"], c["damping"]) for c in grid if c["optimizer"] == n}) > 1 for n in names):
-        return
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
-    finite = [c["median"] for c in grid if math.isfinite(c["median"])]
-    vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    for ax, name in zip(axes[0], names):
-        mine = [c for c in grid if c["optimizer"] == name]
-        ok = [c for c in mine if math.isfinite(c["median"])]
-        bad = [c for c in mine if not math.isfinite(c["median"])]
-        sc = ax.scatter([c["damping"] for c in ok], [c["lr"] for c in ok], c=[c["median"] for c in ok],
-                        cmap="viridis_r", vmin=vmin, vmax=vmax, s=120)
-        for c in ok:
-            ax.annotate(f"{c['median']:.0f}", (c["damping"], c["lr"]), fontsize=7, ha="center", va="bottom",
-                        xytext=(0, 6), textcoords="offset points")
-        if bad:
-            ax.scatter([c["damping"] for c in bad], [c["lr"] for c in bad], marker="x", color="red",
-                       label="diverged")
-            ax.legend(fontsize=7)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("damping λ (initial, for *-adaptive)")
-        ax.set_ylabel("lr")
-        ax.set_title(name, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.colorbar(sc, ax=axes[0].tolist(), label="median final training loss")
-    fig.savefig(out / "loss_vs_damping_lr.png", dpi=120)
-    plt.close(fig)
-
-
-def save_arrays(data: dict[str, Tensor], directory: Path) -> None:
-    """Write the task's tensors as ``.npy`` files for the spawned runs (no pickle involved)."""
-    for key in DATA_KEYS:
-        np.save(directory / f"{key}.npy", data[key].numpy())
+from cgfac_bench.report import heldout_lines, write_markdown, write_plots
+from cgfac_bench.tasks import TASKS, Task, load_task_data, model_options, save_arrays, task_loss
+from cgfac_bench.tuned import TUNED
+
+# The command line (add_arguments, run), and the names tests and scripts (benchmarks/graft-diagnosis;
+# profile, cg_iters and sweep before the split) import from here, which live in: tasks (data, loss,
+# evaluation), hyper (optimizer names, grids, SecondOrder), tuned (TUNED), factory (make_optimizer),
+# loop (train_run), isolation (run_isolated), analysis, report (results.md and the plots).
+__all__ = [
+    "ALL_OPTIMIZERS",
+    "LR_GRID",
+    "OPTIMIZERS",
+    "TASKS",
+    "TUNED",
+    "SecondOrder",
+    "_finite",
+    "adam_target",
+    "add_arguments",
+    "best_peer_heldout",
+    "best_runs",
+    "heldout_lines",
+    "heldout_times",
+    "load_task_data",
+    "make_optimizer",
+    "model_options",
+    "parse_hyper",
+    "parse_lr_grid",
+    "run",
+    "save_arrays",
+    "task_loss",
+    "time_to",
+    "time_to_interpolated",
+    "train_run",
+]
 
 
 # --- command line --------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    _add_comparison_arguments(parser)
+    _add_run_arguments(parser)
+    _add_second_order_arguments(parser)
+
+
+def _add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """The task, the optimizers and their grids (the first options of ``--help``)."""
     parser.add_argument("--task", choices=(*TASKS, *LM_TASKS), default="autoencoder",
                         help="nanogpt-s, nanogpt-m, nanogpt-moe-s: the step-based LM benchmark (cgfac_bench.lm; "
                              "--iters, --wd-grid, --jobs)")
@@ -1145,6 +184,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='dampings of the second-order methods, like --lr-grid: "0.01,0.1" or "kfac=1;..." '
                              "(default: the task's damping)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, each run once per seed (default: --seed)")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How each run is made and measured (the middle options of ``--help``)."""
     parser.add_argument("--adaptive", choices=("lr+momentum", "lr", "none"), default=SecondOrder.adaptive,
                         help="the *-adaptive optimizers: what the quadratic model chooses ('none': fixed lr, "
                              "momentum --momentum, fixed damping)")
@@ -1171,6 +214,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="size of the fixed training subset for the training loss (default: the task's, "
                              "10,000 samples; transformer: 256 sequences)")
+
+
+def _add_second_order_arguments(parser: argparse.ArgumentParser) -> None:
+    """The second-order methods' settings, and the LM benchmark's joined runs (the last options)."""
     parser.add_argument("--damping", type=float, default=None,
                         help="damping of the second-order methods (default: the task's)")
     parser.add_argument("--kl-clip", type=float, default=None,
@@ -1192,16 +239,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Fisher of the second-order methods (default: the task's)")
 
 
-def model_options(task: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The wide tasks' width options from the command line (:data:`cgfac_bench.models.MODEL_OPTIONS`)."""
-    if task == "autoencoder-wide":
-        mult = args.width_mult
-        return {"width_mult": int(mult) if float(mult).is_integer() else mult}
-    if task == "mlp-wide":
-        return {"width": args.width}
-    return {}
-
-
 def run(args: argparse.Namespace) -> int:
     if args.task in LM_TASKS:  # the step-based LM benchmark
         return lm.run(args, "cgfac-bench train " + " ".join(sys.argv[2:]))
@@ -1210,12 +247,55 @@ def run(args: argparse.Namespace) -> int:
     tuned = TUNED.get(args.task, {}) if args.tuned else {}
     if args.tuned and not tuned:
         raise SystemExit(f"--tuned: no tuned settings for task {args.task!r}; tuned tasks: {', '.join(TUNED)}")
+    optimizers = _optimizers(args, tuned)
+    task = TASKS[args.task]
+    grid, dampings, seeds, cli_hyper = _grids(args, task, tuned, optimizers)
+    if any(o in ADAPTIVE for o in optimizers) and args.nproc > 1:
+        raise SystemExit("--nproc > 1: the *-adaptive optimizers are not run across processes by this benchmark yet")
+    eval_samples = task.eval_samples if args.eval_samples is None else args.eval_samples
+    if args.budget <= 0 or min(args.threads, eval_samples, args.curvature_window, args.nproc) < 1:
+        raise SystemExit("--budget, --threads, --eval-samples, --curvature-window and --nproc must be positive")
+    hp = _second_order(args, task)
+    out = args.out or Path("runs") / f"train-{args.task}"
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_task_data(args.task)
+    settings = {
+        "task": args.task, "budget": args.budget, "batch_size": args.batch_size or task.batch_size, "seed": args.seed,
+        "seeds": seeds, "damping_grid": dampings, "tuned": bool(tuned),
+        "reference_seconds": args.reference_seconds or min(60.0, args.budget / 5),
+        "eval_every": args.eval_every or args.budget / 12, "eval_samples": min(eval_samples, data["train_x"].shape[0]),
+        "optimizers": optimizers, "lr_grid": grid, "hyper": asdict(hp), "sgd_momentum": SGD_MOMENTUM,
+        "n_train": data["train_x"].shape[0], "n_test": data["test_x"].shape[0], "nproc": args.nproc,
+        "model_options": model_options(args.task, args),
+    }
+    jobs = [(name, lr, damping if name not in PEERS else None, seed) for name in optimizers for lr in grid[name]
+            for damping in (dampings[name] if name not in PEERS else [None]) for seed in seeds]
+    with tempfile.TemporaryDirectory(prefix="cgfac-train-") as tmp:
+        save_arrays(data, Path(tmp))
+        del data
+        runs = _run_jobs(args, settings, jobs, tuned, cli_hyper, tmp)
+    record = _comparison(args, settings, runs, task)
+    (out / "results.json").write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
+    write_markdown(out / "results.md", record)
+    write_plots(out, record)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, loss_vs_time.png, loss_vs_steps.png")
+    print((out / "results.md").read_text())
+    return 1 if any("error" in r for r in runs) else 0
+
+
+def _optimizers(args: argparse.Namespace, tuned: dict[str, dict[str, Any]]) -> list[str]:
+    """``--optimizers``, by default the task's tuned ones (``--tuned``) or :data:`OPTIMIZERS`."""
     listed = args.optimizers or ",".join(tuned or OPTIMIZERS)
     optimizers = [o.strip() for o in listed.split(",") if o.strip()]
     unknown = [o for o in optimizers if o not in ALL_OPTIMIZERS]
     if unknown or not optimizers:
         raise SystemExit(f"--optimizers: unknown {unknown}; choose from {','.join(ALL_OPTIMIZERS)}")
-    task = TASKS[args.task]
+    return optimizers
+
+
+def _grids(args: argparse.Namespace, task: Task, tuned: dict[str, dict[str, Any]], optimizers: list[str]
+           ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[int], dict[str, Any]]:
+    """The learning rates and dampings per optimizer, the seeds and ``--hyper``'s overrides."""
     lr_defaults = {n: (tuned[n]["lr"],) if n in tuned else LR_GRID[n] for n in ALL_OPTIMIZERS}
     damping_defaults = {n: (tuned[n]["damping"],) if n in tuned and "damping" in tuned[n]
                         else (task.damping if args.damping is None else args.damping,) for n in ALL_OPTIMIZERS}
@@ -1226,60 +306,58 @@ def run(args: argparse.Namespace) -> int:
         cli_hyper = parse_hyper(args.hyper)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    if any(o in ADAPTIVE for o in optimizers) and args.nproc > 1:
-        raise SystemExit("--nproc > 1: the *-adaptive optimizers are not run across processes by this benchmark yet")
-    eval_samples = task.eval_samples if args.eval_samples is None else args.eval_samples
-    if args.budget <= 0 or min(args.threads, eval_samples, args.curvature_window, args.nproc) < 1:
-        raise SystemExit("--budget, --threads, --eval-samples, --curvature-window and --nproc must be positive")
-    batch = args.batch_size or task.batch_size
-    eval_every = args.eval_every or args.budget / 12
+    return grid, dampings, seeds, cli_hyper
+
+
+def _second_order(args: argparse.Namespace, task: Task) -> SecondOrder:
+    """The second-order settings from the command line and the task's defaults."""
     kl_clip = task.kl_clip if args.kl_clip is None else args.kl_clip
-    hp = SecondOrder(damping=task.damping if args.damping is None else args.damping, kl_clip=kl_clip or None,
-                     momentum=args.momentum, curvature_window=args.curvature_window,
-                     curvature_samples=args.curvature_samples or task.curvature_samples,
-                     fisher=args.fisher or task.fisher, adaptive=args.adaptive, quad_samples=args.quad_samples)
-    out = args.out or Path("runs") / f"train-{args.task}"
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_task_data(args.task)
-    settings = {
-        "task": args.task, "budget": args.budget, "batch_size": batch, "seed": args.seed, "seeds": seeds,
-        "damping_grid": dampings, "tuned": bool(tuned),
-        "reference_seconds": args.reference_seconds or min(60.0, args.budget / 5),
-        "eval_every": eval_every, "eval_samples": min(eval_samples, data["train_x"].shape[0]),
-        "optimizers": optimizers, "lr_grid": grid, "hyper": asdict(hp), "sgd_momentum": SGD_MOMENTUM,
-        "n_train": data["train_x"].shape[0], "n_test": data["test_x"].shape[0], "nproc": args.nproc,
-        "model_options": model_options(args.task, args),
-    }
+    return SecondOrder(damping=task.damping if args.damping is None else args.damping, kl_clip=kl_clip or None,
+                       momentum=args.momentum, curvature_window=args.curvature_window,
+                       curvature_samples=args.curvature_samples or task.curvature_samples,
+                       fisher=args.fisher or task.fisher, adaptive=args.adaptive, quad_samples=args.quad_samples)
+
+
+def _run_jobs(args: argparse.Namespace, settings: dict[str, Any], jobs: list[tuple[str, float, float | None, int]],
+              tuned: dict[str, dict[str, Any]], cli_hyper: dict[str, Any], tmp: str) -> list[dict[str, Any]]:
+    """Every (optimizer, lr, damping, seed) job, each in processes of its own (the task's arrays in
+    ``tmp``), under one progress bar."""
     from tqdm import tqdm
 
-    jobs = [(name, lr, damping if name not in PEERS else None, seed) for name in optimizers for lr in grid[name]
-            for damping in (dampings[name] if name not in PEERS else [None]) for seed in seeds]
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="cgfac-train-") as tmp:
-        save_arrays(data, Path(tmp))
-        del data
-        with tqdm(total=len(jobs) * args.budget, unit="s", desc=args.task, dynamic_ncols=True,
-                  bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s train [{elapsed}<{remaining}]") as bar:
-            for i, (name, lr, damping, seed) in enumerate(jobs):
-                label = f"{name} lr={lr:g}" + (f" λ={damping:g}" if damping is not None else "") + f" seed={seed}"
-                bar.set_description(label)
-                start = i * args.budget
+    with tqdm(total=len(jobs) * args.budget, unit="s", desc=args.task, dynamic_ncols=True,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s train [{elapsed}<{remaining}]") as bar:
+        for i, (name, lr, damping, seed) in enumerate(jobs):
+            label = f"{name} lr={lr:g}" + (f" λ={damping:g}" if damping is not None else "") + f" seed={seed}"
+            bar.set_description(label)
+            advance = _advance(bar, i * args.budget, args.budget)
+            cfg = {**settings, "optimizer": name, "lr": lr, "damping": damping, "seed": seed, "device": args.device,
+                   "hyper_overrides": {**tuned.get(name, {}).get("hyper", {}), **cli_hyper},
+                   "threads": max(1, args.threads // args.nproc), "data_dir": tmp}
+            result = run_isolated(cfg, advance)
+            advance(args.budget)
+            runs.append(result)
+            if "error" in result:
+                result.update(damping=damping, seed=seed)
+                bar.write(f"{label}: error: {result['error']}")
+            else:
+                bar.set_postfix_str(f"last: {name} {result['final_train_loss']:.4g}"
+                                    + (" diverged" if result["diverged"] else ""))
+    return runs
 
-                def advance(seconds: float, start: float = start) -> None:
-                    bar.update(max(0.0, min(start + seconds, start + args.budget) - bar.n))
 
-                cfg = {**settings, "optimizer": name, "lr": lr, "damping": damping, "seed": seed, "device": args.device,
-                       "hyper_overrides": {**tuned.get(name, {}).get("hyper", {}), **cli_hyper},
-                       "threads": max(1, args.threads // args.nproc), "data_dir": tmp}
-                result = run_isolated(cfg, advance)
-                advance(args.budget)
-                runs.append(result)
-                if "error" in result:
-                    result.update(damping=damping, seed=seed)
-                    bar.write(f"{label}: error: {result['error']}")
-                else:
-                    bar.set_postfix_str(f"last: {name} {result['final_train_loss']:.4g}"
-                                        + (" diverged" if result["diverged"] else ""))
+def _advance(bar: Any, start: float, budget: float) -> Callable[[float], None]:
+    """Move ``bar`` to a job's elapsed training seconds (the job's share of the bar starts at ``start``)."""
+
+    def advance(seconds: float) -> None:
+        bar.update(max(0.0, min(start + seconds, start + budget) - bar.n))
+
+    return advance
+
+
+def _comparison(args: argparse.Namespace, settings: dict[str, Any], runs: list[dict[str, Any]],
+                task: Task) -> dict[str, Any]:
+    """The record of ``results.json``: settings, machine, runs, each optimizer's best and its times."""
     best = best_runs(runs)
     target = adam_target(runs)
     reference = loss_at(best["adam"], settings["reference_seconds"]) if "adam" in best else None
@@ -1302,13 +380,4 @@ def run(args: argparse.Namespace) -> int:
         record["heldout"] = {"reference": ref_name, "best_peer": best_peer,
                              "to_reference": heldout_times(runs, ref_name),
                              "to_best_peer": heldout_times(runs, best_peer) if best_peer else {}}
-    (out / "results.json").write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
-    write_markdown(out / "results.md", record)
-    write_plots(out, record)
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, loss_vs_time.png, loss_vs_steps.png")
-    print((out / "results.md").read_text())
-    return 1 if any("error" in r for r in runs) else 0
-
-
-if __name__ == "__main__":  # a rank launched by run_torchrun: python -m cgfac_bench.train WORK_DIR
-    torchrun_worker(Path(sys.argv[1]))
+    return record

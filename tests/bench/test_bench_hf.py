@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgfac_bench import hf, models, peers, train
+from cgfac_bench import hf, models, peers, tasks, train
 
 pytest.importorskip("transformers")
 
@@ -31,8 +31,8 @@ def test_gpt2_task_runs(optimizer: str, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setitem(hf.GPT2_SIZE, "n_embd", 32)
     monkeypatch.setitem(hf.GPT2_SIZE, "n_layer", 2)
     monkeypatch.setitem(hf.GPT2_SIZE, "n_head", 2)
-    monkeypatch.setattr(train, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)
-    monkeypatch.setattr(train, "TEXT_MAX_TEST_BYTES", 8 * 1024)
+    monkeypatch.setattr(tasks, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)
+    monkeypatch.setattr(tasks, "TEXT_MAX_TEST_BYTES", 8 * 1024)
     train.save_arrays(train.load_task_data("gpt2"), tmp_path)
     tuned = train.TUNED["gpt2"][optimizer]
     cfg = {"task": "gpt2", "optimizer": optimizer, "lr": tuned["lr"], "budget": 1.0, "batch_size": 4, "seed": 0,

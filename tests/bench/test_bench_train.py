@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgfac_bench import cli, train
+from cgfac_bench import cli, factory, loop, tasks, train
 
 GRID = "cgfac-kron=0.1;cgfac-exact=0.1;kfac=0.1;adam=0.003;sgd=0.1"
 
@@ -46,7 +46,8 @@ def test_divergence_is_recorded_not_raised(tmp_path: Path, monkeypatch: pytest.M
         loss = real_loss(*args)
         return loss * math.nan if len(calls) > 20 else loss
 
-    monkeypatch.setattr(train, "task_loss", poisoned)
+    monkeypatch.setattr(tasks, "task_loss", poisoned)  # the evaluations' loss
+    monkeypatch.setattr(loop, "task_loss", poisoned)  # the training steps
     cfg = {"task": "digits", "optimizer": "kfac", "lr": 0.1, "budget": 5.0, "batch_size": 64, "seed": 0,
            "device": "cpu", "threads": 1, "eval_every": 100.0, "eval_samples": 100, "data_dir": str(tmp_path),
            "hyper": {"damping": 3e-3, "kl_clip": 1e-3}}
@@ -55,6 +56,19 @@ def test_divergence_is_recorded_not_raised(tmp_path: Path, monkeypatch: pytest.M
     ok = {**run, "diverged": False, "final_train_loss": 2.0, "lr": 0.3}
     assert train.best_runs([run, ok])["kfac"] is ok
     assert train.best_runs([run])["kfac"] is run
+
+
+def test_optimizer_registry_builds_every_name() -> None:
+    """Every optimizer name has a builder; the preconditioned ones come with their preconditioner."""
+    assert set(factory.BUILDERS) == set(train.ALL_OPTIMIZERS)
+    hp = train.SecondOrder(damping=1e-3, kl_clip=1e-3)
+    for name in train.ALL_OPTIMIZERS:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        opt, pre = train.make_optimizer(name, model, 0.1, hp)
+        assert isinstance(opt, torch.optim.Optimizer)
+        assert (pre is not None) == (name in ("kfac", "cgfac-kron", "cgfac-exact")), name
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        train.make_optimizer("adagrad", torch.nn.Linear(4, 3), 0.1, hp)
 
 
 def test_lr_grid_and_target_helpers() -> None:
@@ -99,8 +113,8 @@ def test_train_on_two_processes_through_torchrun(tmp_path: Path) -> None:
 
 
 def _run_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str, optimizers: str, grid: str) -> dict:
-    monkeypatch.setattr(train, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)  # the parent loads the data for the runs
-    monkeypatch.setattr(train, "TEXT_MAX_TEST_BYTES", 8 * 1024)
+    monkeypatch.setattr(tasks, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)  # the parent loads the data for the runs
+    monkeypatch.setattr(tasks, "TEXT_MAX_TEST_BYTES", 8 * 1024)
     rc = cli.main(["train", "--task", task, "--budget", "0.5", "--threads", "1", "--eval-samples", "16",
                    "--optimizers", optimizers, "--lr-grid", grid, "--out", str(tmp_path)])
     assert rc == 0
@@ -133,8 +147,8 @@ def test_train_cnn_norm_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_adaptive_on_transformer_reports_forward_ad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """cgfac.optim's forward-mode products fail through nn.MultiheadAttention's fused CPU attention
     (torch 2.13: no forward AD for _scaled_dot_product_flash_attention_for_cpu); the run says so."""
-    monkeypatch.setattr(train, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)
-    monkeypatch.setattr(train, "TEXT_MAX_TEST_BYTES", 8 * 1024)
+    monkeypatch.setattr(tasks, "TEXT_MAX_TRAIN_BYTES", 64 * 1024)
+    monkeypatch.setattr(tasks, "TEXT_MAX_TEST_BYTES", 8 * 1024)
     train.save_arrays(train.load_task_data("transformer"), tmp_path)
     cfg = {"task": "transformer", "optimizer": "kfac-adaptive", "lr": 1.0, "budget": 5.0, "batch_size": 4,
            "seed": 0, "device": "cpu", "threads": 1, "eval_every": 100.0, "eval_samples": 4,
