@@ -38,7 +38,7 @@ import torch
 import cgfac
 from cgfac.curvature import RunningFactors
 from cgfac.solvers import CGSolver
-from cgfac_bench.analysis import _finite
+from cgfac_bench.analysis import finite_json
 from cgfac_bench.hyper import LR_GRID
 from cgfac_bench.machine import default_device, machine_info
 from cgfac_bench.models import build_model
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     }
     out = args.out or Path("runs") / f"cg-iters-{args.task}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
+    (out / "results.json").write_text(json.dumps(finite_json(record), indent=1, allow_nan=False) + "\n")
     write_markdown(out / "results.md", record)
     write_plot(out / "cg_iters.png", record)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'cg_iters.png'}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from cgfac_bench.analysis import _finite
+from cgfac_bench.analysis import finite_json
 from cgfac_bench.loop import train_run
 
 
@@ -68,7 +68,7 @@ def torchrun_worker(work: Path) -> None:
 
         record = train_run(cfg, progress if rank == 0 else None)
         if rank == 0:
-            (work / "result.json").write_text(json.dumps(_finite(record)))
+            (work / "result.json").write_text(json.dumps(finite_json(record)))
         dist.barrier()  # rank 0 evaluates and writes last: tearing gloo down under it aborted it
     finally:
         dist.destroy_process_group()

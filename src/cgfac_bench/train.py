@@ -90,7 +90,7 @@ import torch
 
 from cgfac_bench import lm
 from cgfac_bench.analysis import (
-    _finite,
+    finite_json,
     adam_target,
     best_peer_heldout,
     best_runs,
@@ -132,7 +132,7 @@ __all__ = [
     "TASKS",
     "TUNED",
     "SecondOrder",
-    "_finite",
+    "finite_json",
     "adam_target",
     "add_arguments",
     "best_peer_heldout",
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         del data
         runs = _run_jobs(args, settings, jobs, tuned, cli_hyper, tmp)
     record = _comparison(args, settings, runs, task)
-    (out / "results.json").write_text(json.dumps(_finite(record), indent=1, allow_nan=False) + "\n")
+    (out / "results.json").write_text(json.dumps(finite_json(record), indent=1, allow_nan=False) + "\n")
     write_markdown(out / "results.md", record)
     write_plots(out, record)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, loss_vs_time.png, loss_vs_steps.png")
