@@ -68,8 +68,14 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
                                                solver="cg"),
     "optim-cgfac-true": lambda m: cgfac.optim.CGFAC(m, loss_type="cross_entropy", fisher="true", adaptive="lr",
                                                     solver="lowrank"),
+    "optim-cgfac-subset": lambda m: cgfac.optim.CGFAC(m, loss_type="cross_entropy", fisher="true", weight_decay=1e-3,
+                                                      curvature_samples=8, quad_samples=8, damping_interval=1,
+                                                      solver="lowrank"),
+    "optim-kfac-loss-fn": lambda m: cgfac.optim.KFAC(m, loss_type="cross_entropy", damping_interval=1,
+                                                     loss_fn=lambda out, a, k: F.cross_entropy(out, TARGETS[0])),
     "tkfac-ortho": lambda m: cgfac.optim.TransformerKFAC(m, lr=0.01),
 }
+TARGETS: list[torch.Tensor] = []  # the current batch's targets, for loss_fn
 
 
 def snapshot(obj: Any) -> Any:
@@ -109,8 +115,9 @@ def run_optimizer(make: Callable[[nn.Module], Any], steps: int = STEPS) -> list[
     out = []
     for step in range(steps):
         x, y = batch(step)
+        TARGETS[:] = [y]
 
-        def closure() -> torch.Tensor:
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()

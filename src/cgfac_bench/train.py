@@ -90,11 +90,11 @@ import torch
 
 from cgfac_bench import lm
 from cgfac_bench.analysis import (
-    finite_json,
     adam_target,
     best_peer_heldout,
     best_runs,
     configs,
+    finite_json,
     heldout_times,
     loss_at,
     time_to,
@@ -132,11 +132,11 @@ __all__ = [
     "TASKS",
     "TUNED",
     "SecondOrder",
-    "finite_json",
     "adam_target",
     "add_arguments",
     "best_peer_heldout",
     "best_runs",
+    "finite_json",
     "heldout_lines",
     "heldout_times",
     "load_task_data",

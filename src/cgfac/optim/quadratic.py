@@ -1,0 +1,138 @@
+"""The quadratic model of the loss on a step's batch (see :mod:`cgfac.optim`):
+``M(δ) = ∇hᵀδ + ½ δᵀ (C + λI) δ`` with ``C`` the exact GGN, its Gram ``[vᵢᵀ C vⱼ]`` by forward-mode
+passes through the recorded forwards, and the coefficients ``(α, μ)`` that minimise it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+
+from cgfac.fisher import LOSS_TYPES
+from cgfac.optim.replay import Forward, ForwardRecorder, replayed_rng
+
+try:  # torch >= 2.3: fused attention kernels have no forward-mode AD; the math kernel does
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def forward_ad_attention() -> Any:
+        return sdpa_kernel(SDPBackend.MATH)
+except ImportError:  # pragma: no cover - torch 2.2
+    def forward_ad_attention() -> Any:
+        return contextlib.nullcontext()
+
+__all__ = ["QuadraticModel", "last", "output_quad_form", "solve_coefficients"]
+
+
+def last(t: Tensor, k: int) -> Tensor:
+    """The last ``k`` batch entries of ``t`` (all of them where the batch is smaller)."""
+    return t[-k:] if k < t.shape[0] else t
+
+
+def output_quad_form(outputs: Tensor, u: Tensor, w: Tensor, loss_type: str) -> Tensor:
+    """``(1/r) Σ_rows uᵀ H w`` with ``H`` the Hessian of the likelihood ``loss_type`` at ``outputs``.
+
+    Rows are every leading position of ``outputs`` (last dimension: classes or features); the
+    sum is in float64.
+    """
+    z = outputs.reshape(-1, outputs.shape[-1]).double()
+    u = u.reshape(z.shape).double()
+    w = w.reshape(z.shape).double()
+    rows = z.shape[0]
+    if loss_type == "cross_entropy":
+        p = torch.softmax(z, dim=-1)
+        return ((p * u * w).sum() - ((p * u).sum(-1) * (p * w).sum(-1)).sum()) / rows
+    if loss_type == "bernoulli":
+        p = torch.sigmoid(z)
+        return (p * (1 - p) * u * w).sum() / rows
+    if loss_type in ("gaussian", "mse"):
+        return (u * w).sum() / rows
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+class QuadraticModel:
+    """The curvature side of the model: ``J v`` at a recorded forward and the Gram ``[vᵢᵀ C vⱼ]``
+    over a step's forwards (only the last ``quad_samples`` entries of each, where set)."""
+
+    def __init__(self, model: nn.Module, recorder: ForwardRecorder, loss_type: str | None,
+                 quad_samples: int | None, output_fn: Callable[[Any], Tensor] | None) -> None:
+        self.model, self.recorder, self.loss_type = model, recorder, loss_type
+        self.quad_samples, self.output_fn = quad_samples, output_fn
+
+    def tangent_outputs(self, fwd: Forward, tangents: dict[str, Tensor]) -> Tensor:
+        """``J v`` at a recorded forward: the model run once in forward mode, buffers untouched."""
+        named = dict(self.model.named_parameters())
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        args, kwargs = fwd.args, fwd.kwargs
+        if self.quad_samples is not None:
+            args = tuple(last(a, self.quad_samples) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
+        with self.recorder.paused(), replayed_rng(fwd.rng), torch.no_grad(), fwAD.dual_level(), \
+                forward_ad_attention():
+            params = {n: fwAD.make_dual(p, tangents[n]) if n in tangents else p for n, p in named.items()}
+            out = torch.func.functional_call(self.model, {**params, **buffers}, args, kwargs)
+            if self.output_fn is not None:
+                out = self.output_fn(out)
+            tangent = fwAD.unpack_dual(out).tangent
+        if tangent is None:
+            tangent = torch.zeros_like(out)
+        return tangent
+
+    def gram(self, forwards: list[Forward], vectors: list[dict[str, Tensor]]) -> Tensor:
+        """``[vᵢᵀ C vⱼ]`` (float64): the exact GGN over every forward recorded this step, each
+        weighted by its share of the rows."""
+        assert self.loss_type is not None
+        k = len(vectors)
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        parts = []
+        for fwd in forwards:
+            outputs = fwd.outputs if self.quad_samples is None else last(fwd.outputs, self.quad_samples)
+            parts.append((fwd, outputs, outputs.reshape(-1, outputs.shape[-1]).shape[0]))
+        total = sum(rows for _, _, rows in parts)
+        for fwd, outputs, rows in parts:
+            jv = [self.tangent_outputs(fwd, v) for v in vectors]
+            for i in range(k):
+                for j in range(i, k):
+                    q = output_quad_form(outputs, jv[i], jv[j], self.loss_type).cpu() * (rows / total)
+                    gram[i, j] += q
+                    if i != j:
+                        gram[j, i] += q
+        return gram
+
+    @staticmethod
+    def inner_products(vectors: list[dict[Tensor, Tensor]], grads: dict[Tensor, Tensor], params: list[Tensor],
+                       lam: dict[Tensor, float], damping: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``[vᵢ·vⱼ]``, ``[Σ_p λ_p vᵢ,ₚ·vⱼ,ₚ]`` and ``[∇h·vᵢ]`` in float64, one small product per parameter."""
+        k = len(vectors)
+        pairs, grad_dots = [], []
+        for p in params:  # dot products in the parameters' dtype (float32: BLAS sums blockwise), no copies
+            flat = [vec[p].reshape(-1) for vec in vectors]
+            upper = {(i, j): torch.dot(flat[i], flat[j]) for i in range(k) for j in range(i, k)}
+            pairs.append(torch.stack([upper[min(i, j), max(i, j)] for i in range(k) for j in range(k)]))
+            grad_dots.append(torch.stack([torch.dot(f, grads[p].reshape(-1)) for f in flat]))
+        pair = torch.stack([t.double() for t in pairs]).cpu().reshape(len(params), k, k)  # one read
+        lin = torch.stack([t.double() for t in grad_dots]).cpu().sum(0)
+        weights = torch.tensor([lam.get(p, damping) for p in params], dtype=torch.float64)
+        return pair.sum(0), (weights[:, None, None] * pair).sum(0), lin
+
+
+def solve_coefficients(damped: Tensor, lin: Tensor, adaptive: str, has_prev: bool,
+                       momentum: float) -> tuple[float, float] | None:
+    """Minimise ``½ cᵀ damped c + linᵀ c`` over the adapted coefficients: ``(α, μ)`` jointly
+    (``adaptive="lr+momentum"`` with a previous update and a well-conditioned 2 × 2 system), else
+    ``α`` with ``μ`` fixed at ``momentum`` (0 without a previous update); None: no finite minimum."""
+    if not (torch.isfinite(damped).all() and torch.isfinite(lin).all()):
+        return None
+    if adaptive == "lr+momentum" and has_prev:
+        det = damped[0, 0] * damped[1, 1] - damped[0, 1] ** 2
+        if det > 1e-12 * damped[0, 0] * damped[1, 1]:
+            sol = -torch.linalg.solve(damped, lin)
+            return float(sol[0]), float(sol[1])
+    if damped[0, 0] <= 0:
+        return None
+    mu = momentum if has_prev else 0.0
+    # With μ fixed: α = −(lin₀ + μ M₀₁) / M₀₀.
+    cross = float(damped[0, 1]) * mu if has_prev else 0.0
+    return float(-(lin[0] + cross) / damped[0, 0]), mu
