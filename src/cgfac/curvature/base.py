@@ -17,9 +17,17 @@ layers' per-feature blocks) are :class:`DirectCurvature`: ``solve(grad, λ)`` an
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
+
+FORMS = ("exact", "factored")
+
+
+def check_exact_form(form: str) -> None:
+    """Only Kronecker curvatures have a factored damping: ``ValueError`` unless ``form="exact"``."""
+    if form != "exact":
+        raise ValueError(f"form={form!r}: a factored damping needs a Kronecker curvature; this block takes 'exact'")
 
 
 @runtime_checkable
@@ -28,10 +36,15 @@ class Curvature(Protocol):
 
     ``kind`` names the cost table of :mod:`cgfac.solvers.cost` (``"kron"``, ``"exact"``; others have none
     and are solved only by a forced solver). ``num_rows``/``num_samples``: the rows ``r`` and
-    samples ``n`` it was built from (for cost models).
+    samples ``n`` it was built from (for cost models); ``row_counts``: the rows of each side
+    ``(r_a, r_g)``. ``supports_lowrank``: whether :meth:`solve_lowrank` (an exact solve through the
+    rows' low rank) is available. ``form``: ``"exact"`` (``C + λI``) or, for Kronecker curvatures,
+    ``"factored"`` (``(G + γ_G I) ⊗ (A + γ_A I)``); a block without a factored form raises
+    ``ValueError`` for it.
     """
 
-    kind: str
+    kind: ClassVar[str]
+    supports_lowrank: ClassVar[bool]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -44,12 +57,23 @@ class Curvature(Protocol):
     @property
     def num_samples(self) -> int: ...
 
-    def matvec(self, v: Tensor, damping: float) -> Tensor:
+    @property
+    def row_counts(self) -> tuple[int, int]:
+        """``(r_a, r_g)``: the rows of the input and output sides (both ``num_rows`` for a block
+        that is not a Kronecker product)."""
+        ...
+
+    def matvec(self, v: Tensor, damping: float, form: str = "exact") -> Tensor:
         """``C V + λ V`` for a ``d_out × d_in`` matrix ``V``."""
         ...
 
-    def jacobi(self, damping: float) -> Tensor | None:
+    def jacobi(self, damping: float, form: str = "exact") -> Tensor | None:
         """The diagonal of ``C + λI`` as a ``d_out × d_in`` matrix, or None when too costly."""
+        ...
+
+    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+        """``X`` of the damped system, exactly, through the rows' low rank (``NotImplementedError``
+        where ``supports_lowrank`` is False)."""
         ...
 
     def factors(self) -> tuple[Tensor, Tensor] | None:
@@ -85,4 +109,9 @@ class RowBlock:
     @property
     def num_rows(self) -> int:
         return self.a.shape[0]
+
+    @property
+    def row_counts(self) -> tuple[int, int]:
+        """``(r_a, r_g)``: the rows of ``a`` and of ``g``."""
+        return self.a.shape[0], self.g.shape[0]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from cgfac.curvature.base import RowBlock
+from cgfac.curvature.base import RowBlock, check_exact_form
 
 if TYPE_CHECKING:
     from cgfac.rows import Rows
@@ -39,6 +39,7 @@ class ExactRows(RowBlock):
     n_samples: int
     segments: list[tuple[int, int]]
     kind: ClassVar[str] = "exact"
+    supports_lowrank: ClassVar[bool] = True
 
     @property
     def num_samples(self) -> int:
@@ -77,12 +78,14 @@ class ExactRows(RowBlock):
         """``Σ_s z_s J_s = gᵀ diag(z) a`` (``d_out × d_in``)."""
         return self.g.T @ (self._per_row(z)[:, None] * self.a)
 
-    def matvec(self, v: Tensor, damping: float) -> Tensor:
+    def matvec(self, v: Tensor, damping: float, form: str = "exact") -> Tensor:
         """``F V + λV``."""
+        check_exact_form(form)
         return self.vjp(self.jvp(v)).add_(v, alpha=damping)
 
-    def jacobi(self, damping: float) -> Tensor | None:
+    def jacobi(self, damping: float, form: str = "exact") -> Tensor | None:
         """``diag(F) + λ`` as a matrix; only when rows are samples (else None: too costly)."""
+        check_exact_form(form)
         if self.sample is not None:
             return None
         return ((self.g * self.g).T @ (self.a * self.a)).add_(damping)
@@ -138,11 +141,12 @@ class ExactRows(RowBlock):
         k = k.new_zeros(n, k.shape[1]).index_add_(0, self.sample, k)
         return k.new_zeros(n, n).index_add_(1, self.sample, k)
 
-    def solve_lowrank(self, grad: Tensor, damping: float) -> Tensor:
+    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
         """Exact solve by Woodbury through the ``n × n`` Gram matrix ``K``::
 
         (λI + K) z = c,  c_s = ⟨J_s, ∇W⟩,   X = (∇W − Σ_s z_s J_s) / λ
         """
+        check_exact_form(form)
         if self.gram_through_samples():
             j = self.per_sample()
             k, c = j @ j.T, j @ grad.reshape(-1)

@@ -81,6 +81,7 @@ class KronRows(RowBlock):
     a: Tensor
     g: Tensor
     kind: ClassVar[str] = "kron"
+    supports_lowrank: ClassVar[bool] = True
 
     @property
     def num_samples(self) -> int:
@@ -336,6 +337,7 @@ class KronFactors:
     a_factor: Tensor
     g_factor: Tensor
     kind: ClassVar[str] = "kron-factors"
+    supports_lowrank: ClassVar[bool] = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -349,8 +351,16 @@ class KronFactors:
     def num_samples(self) -> int:
         return self.a_factor.shape[0]
 
+    @property
+    def row_counts(self) -> tuple[int, int]:
+        """``(d_in, d_out)``: explicit factors keep no rows (a factor of width ``d`` has at most ``d``)."""
+        return self.a_factor.shape[0], self.g_factor.shape[0]
+
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.a_factor, self.g_factor
+
+    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+        raise NotImplementedError("KronFactors keeps no rows: its low-rank solve is not available (eigen or CG)")
 
     def mean_diagonal(self) -> float:
         """``tr(A)·tr(G)/(d_in·d_out)``."""

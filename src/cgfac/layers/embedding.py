@@ -29,6 +29,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from cgfac.curvature.base import check_exact_form
 from cgfac.curvature.exact import ExactRows
 from cgfac.curvature.kron import eigh, factor_eig
 from cgfac.layers.base import LayerHelper, Rows
@@ -128,7 +129,8 @@ class ExactIndexRows(ExactRows):
         out = self.g.new_zeros(self.g.shape[1], self.width)
         return out.index_add_(1, self._index, (self.g * self._per_row(z)[:, None]).T)
 
-    def jacobi(self, damping: float) -> Tensor | None:
+    def jacobi(self, damping: float, form: str = "exact") -> Tensor | None:
+        check_exact_form(form)
         if self.sample is not None:
             return None
         out = self.g.new_zeros(self.g.shape[1], self.width)

@@ -18,7 +18,7 @@ is kept, cold otherwise). A warm start is kept only where CG may run next step.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
@@ -26,6 +26,9 @@ from cgfac.solvers import cost
 from cgfac.solvers.base import Solution, Solver, SolverSettings, SolverState
 from cgfac.solvers.cg import CGSolver, keep_warm_start
 from cgfac.solvers.registry import solver_class
+
+if TYPE_CHECKING:
+    from cgfac.curvature.base import Curvature
 
 DEFAULT_CG_PRODUCTS = 10  # CG's assumed products per solve before any was measured
 """CG's assumed curvature products per solve before any solve was measured."""
@@ -69,10 +72,10 @@ class AutoSolver(Solver):
             self.others[name] = solver_class(name).from_settings(settings)
         return self.others[name]
 
-    def supports(self, op: Any) -> bool:
-        return getattr(op, "kind", None) in self.kinds
+    def supports(self, op: Curvature) -> bool:
+        return op.kind in self.kinds
 
-    def predicted(self, op: Any, k: int, grad: Tensor) -> dict[str, float]:
+    def predicted(self, op: Curvature, k: int, grad: Tensor) -> dict[str, float]:
         """Every candidate's predicted cost with ``k`` CG products (calibrating on first use)."""
         if self.constants is None:
             self.constants = cost.calibrate(str(grad.device), grad.dtype)
@@ -83,7 +86,7 @@ class AutoSolver(Solver):
         last = -CG_PROBE_STEPS if state.probed_at is None else state.probed_at
         return step - last >= CG_PROBE_STEPS
 
-    def choose(self, op: Any, grad: Tensor, damping: float | None, state: SolverState, *,
+    def choose(self, op: Curvature, grad: Tensor, damping: float | None, state: SolverState, *,
                step: int = 0) -> tuple[str, str | None]:
         """The method for this step and, when it is a CG probe, why (``state`` records the probe)."""
         k = state.last_iters
@@ -103,7 +106,7 @@ class AutoSolver(Solver):
             return "cg", reason
         return best, None
 
-    def solve(self, op: Any, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
+    def solve(self, op: Curvature, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
               form: str = "exact") -> Solution:
         method, probe = self.choose(op, grad, damping, state, step=step)
         stats: dict[str, Any] = {} if probe is None else {"probe": probe}

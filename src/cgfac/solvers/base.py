@@ -103,9 +103,10 @@ class Solution:
     converged: bool = True
 
 
-def form_kwargs(op: Any, form: str) -> dict[str, str]:
-    """The ``form=`` keyword for a curvature's products: only Kronecker curvatures have factored damping."""
-    return {"form": form} if form != "exact" and getattr(op, "kind", "").startswith("kron") else {}
+def form_keyword(form: str) -> dict[str, str]:
+    """``form=`` for a curvature's products only where it is not the default ``"exact"`` (a curvature
+    written before the keyword existed keeps working with exact damping)."""
+    return {} if form == "exact" else {"form": form}
 
 
 class Solver(ABC):
@@ -122,17 +123,15 @@ class Solver(ABC):
         """The solver a preconditioner with these settings uses (default: no settings needed)."""
         return cls()
 
-    def supports(self, op: Any) -> bool:
-        """Whether this solver can solve the curvature ``op``."""
-        return getattr(op, "kind", None) in self.kinds
+    def supports(self, op: Curvature) -> bool:
+        """Whether this solver can solve the curvature ``op`` (default: its ``kind`` is one of ``kinds``)."""
+        return op.kind in self.kinds
 
     def cost(self, op: Curvature, k: int, constants: CostConstants) -> float | None:
         """Predicted multiply-adds of one solve of ``op`` (``k``: CG products), None without a model."""
         d_out, d_in = op.shape
         if op.kind == "kron":
-            a, g = getattr(op, "a", None), getattr(op, "g", None)
-            r_a = op.num_rows if a is None else a.shape[0]
-            r_g = op.num_rows if g is None else g.shape[0]
+            r_a, r_g = op.row_counts
             return self.kron_cost(r_a, r_g, d_in, d_out, k, constants)
         if op.kind == "exact":
             return self.exact_cost(op.num_rows, op.num_samples, d_in, d_out, k, constants)
@@ -149,7 +148,7 @@ class Solver(ABC):
         return None
 
     @abstractmethod
-    def solve(self, op: Any, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
+    def solve(self, op: Curvature, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
               form: str = "exact") -> Solution:
         """Solve ``(C + λI) X = ∇W`` (``form="factored"``: ``(G + γ_G I) X (A + γ_A I) = ∇W``)."""
 
@@ -158,10 +157,10 @@ class DirectSolver(Solver):
     """A solver without iterations: :meth:`direct` computes ``X``; no warm start is kept."""
 
     @abstractmethod
-    def direct(self, op: Any, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+    def direct(self, op: Curvature, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
         """``X`` of the damped system."""
 
-    def solve(self, op: Any, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
+    def solve(self, op: Curvature, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
               form: str = "exact") -> Solution:
         state.solution = None
         return Solution(self.direct(op, grad, damping, form), self.name)

@@ -10,15 +10,16 @@ solution (:class:`~cgfac.solvers.base.SolverState`), stopped at relative residua
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
 from cgfac.hyperparams import HyperParam
-from cgfac.solvers.base import Solution, Solver, SolverSettings, SolverState, form_kwargs
+from cgfac.solvers.base import Solution, Solver, SolverSettings, SolverState, form_keyword
 from cgfac.solvers.pcg import CGResult, cg
 
 if TYPE_CHECKING:
+    from cgfac.curvature.base import Curvature
     from cgfac.solvers.base import CostConstants
 
 
@@ -40,8 +41,8 @@ class CGSolver(Solver):
     def from_settings(cls, settings: SolverSettings) -> CGSolver:
         return cls(settings.cg_max_iters, settings.cg_tol, jacobi=settings.jacobi, warm_start=settings.warm_start)
 
-    def supports(self, op: Any) -> bool:
-        return hasattr(op, "matvec") and hasattr(op, "jacobi")
+    def supports(self, op: Curvature) -> bool:
+        return True  # every curvature has the products and the diagonal CG needs
 
     @staticmethod
     def kron_cost(r_a: int, r_g: int, d_in: int, d_out: int, k: int, c: CostConstants) -> float:
@@ -54,15 +55,15 @@ class CGSolver(Solver):
         p = d_in * d_out
         return k * (c.thin * 2 * rows * p + 4 * p + c.o_iter)
 
-    def run(self, op: Any, grad: Tensor, damping: float, x0: Tensor | None = None, *, step: int = 0,
+    def run(self, op: Curvature, grad: Tensor, damping: float, x0: Tensor | None = None, *, step: int = 0,
             max_iters: int | None = None, form: str = "exact") -> CGResult:
         """One CG solve of ``op`` from ``x0`` (zeros if None) with this solver's settings."""
-        kw = form_kwargs(op, form)
+        kw = form_keyword(form)
         return cg(lambda v: op.matvec(v, damping, **kw), grad, x0,
                   max_iters=self.max_iters if max_iters is None else max_iters, tol=self.tol(step),
                   diag=op.jacobi(damping, **kw) if self.jacobi else None)
 
-    def solve(self, op: Any, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
+    def solve(self, op: Curvature, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
               form: str = "exact", max_products: int | None = None, keep: bool = True) -> Solution:
         """CG from the warm start; records its products (at this damping) in ``state``.
 

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from cgfac.solvers.base import CostConstants
+
+if TYPE_CHECKING:
+    from cgfac.curvature.base import Curvature
 
 __all__ = ["CostConstants", "calibrate", "candidates", "choose", "exact_costs", "kron_costs", "predicted_costs"]
 
@@ -86,11 +89,12 @@ def exact_costs(rows: int, n: int, d_in: int, d_out: int, k: int, c: CostConstan
     return {name: value for name, value in costs.items() if value is not None}
 
 
-def predicted_costs(op: Any, k: int, c: CostConstants) -> dict[str, float]:
+def predicted_costs(op: Curvature, k: int, c: CostConstants) -> dict[str, float]:
     """:func:`kron_costs` or :func:`exact_costs` of a curvature, by its ``kind``."""
     d_out, d_in = op.shape
     if op.kind == "kron":
-        return kron_costs(op.a.shape[0], op.g.shape[0], d_in, d_out, k, c)
+        r_a, r_g = op.row_counts
+        return kron_costs(r_a, r_g, d_in, d_out, k, c)
     if op.kind == "exact":
         return exact_costs(op.num_rows, op.num_samples, d_in, d_out, k, c)
     raise ValueError(f"no cost model for curvature kind {op.kind!r}")

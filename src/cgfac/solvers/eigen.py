@@ -11,7 +11,7 @@ factors. Cost (``p = d_in·d_out``)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
@@ -19,6 +19,7 @@ from cgfac.curvature.kron import KronEigen
 from cgfac.solvers.base import DirectSolver
 
 if TYPE_CHECKING:
+    from cgfac.curvature.base import Curvature
     from cgfac.solvers.base import CostConstants
 
 
@@ -29,17 +30,17 @@ class EigenSolver(DirectSolver):
     kinds: ClassVar[tuple[str, ...]] = ("kron", "kron-factors")
     auto_candidate: ClassVar[bool] = True
 
-    def supports(self, op: Any) -> bool:
-        return getattr(op, "kind", None) in self.kinds and callable(getattr(op, "factors", None))
-
     @staticmethod
     def kron_cost(r_a: int, r_g: int, d_in: int, d_out: int, k: int, c: CostConstants) -> float:
         p = d_in * d_out
         return r_a * d_in**2 + r_g * d_out**2 + c.c_eig * (d_in**3 + d_out**3) + 2 * p * (d_in + d_out) + c.o_call
 
-    def decompose(self, op: Any) -> KronEigen:
+    def decompose(self, op: Curvature) -> KronEigen:
         """The eigendecomposition of ``op``'s factors (K-FAC keeps it for ``inv_update_steps``)."""
-        return KronEigen.from_factors(*op.factors())
+        factors = op.factors()
+        if factors is None:
+            raise ValueError(f"the eigen solver needs explicit Kronecker factors; curvature kind {op.kind!r} has none")
+        return KronEigen.from_factors(*factors)
 
-    def direct(self, op: Any, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+    def direct(self, op: Curvature, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
         return self.decompose(op).solve(grad, damping, form=form)

@@ -13,13 +13,14 @@ Woodbury through the ``n × n`` Gram matrix of per-sample gradients. Costs
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
-from cgfac.solvers.base import DirectSolver, form_kwargs
+from cgfac.solvers.base import DirectSolver, form_keyword
 
 if TYPE_CHECKING:
+    from cgfac.curvature.base import Curvature
     from cgfac.solvers.base import CostConstants
 
 
@@ -37,8 +38,8 @@ class LowRankSolver(DirectSolver):
     kinds: ClassVar[tuple[str, ...]] = ("kron", "exact")
     auto_candidate: ClassVar[bool] = True
 
-    def supports(self, op: Any) -> bool:
-        return hasattr(op, "solve_lowrank")
+    def supports(self, op: Curvature) -> bool:
+        return op.supports_lowrank
 
     @staticmethod
     def kron_cost(r_a: int, r_g: int, d_in: int, d_out: int, k: int, c: CostConstants) -> float:
@@ -52,5 +53,5 @@ class LowRankSolver(DirectSolver):
         p = d_in * d_out
         return min(rows**2 * (d_in + d_out), rows * p + n * n * p) + 2 * rows * p + c.c_solve * n**3 + c.o_call
 
-    def direct(self, op: Any, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
-        return op.solve_lowrank(grad, damping, **form_kwargs(op, form))
+    def direct(self, op: Curvature, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+        return op.solve_lowrank(grad, damping, **form_keyword(form))
