@@ -9,17 +9,18 @@ leading position of ``outputs``; last dimension: classes or features), averaged 
 * ``"gaussian"`` (alias ``"mse"``): means, ``ŷ ~ N(outputs, I)``, loss ``½‖ŷ − outputs‖²``.
 * ``"bernoulli"``: logits, ``ŷ ~ Bernoulli(sigmoid(outputs))``, binary cross-entropy summed
   over the last dimension.
+
+The likelihoods themselves are the classes of :mod:`cgfac.losses`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from cgfac.options import LossType, values
+from cgfac.losses import LOSS_TYPES, likelihood
 
-LOSS_TYPES = values(LossType)
+__all__ = ["LOSS_TYPES", "sample_targets", "sampled_loss"]
 
 
 def _rows(outputs: Tensor) -> Tensor:
@@ -31,28 +32,16 @@ def _rows(outputs: Tensor) -> Tensor:
 def sample_targets(outputs: Tensor, loss_type: str, generator: torch.Generator | None = None) -> Tensor:
     """Targets ``ŷ ~ p(y | outputs)``, one per row (class indices for ``"cross_entropy"``, else
     shaped like the rows of ``outputs``)."""
-    out = _rows(outputs).detach()
-    if loss_type == "cross_entropy":
-        return torch.multinomial(torch.softmax(out, dim=-1), 1, generator=generator)[:, 0]
-    if loss_type in ("gaussian", "mse"):
-        return out + torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
-    if loss_type == "bernoulli":
-        return torch.bernoulli(torch.sigmoid(out), generator=generator)
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return likelihood(loss_type).sample(_rows(outputs).detach(), generator)
 
 
 def sampled_loss(outputs: Tensor, loss_type: str, generator: torch.Generator | None = None,
                  targets: Tensor | None = None) -> Tensor:
     """Mean over rows of the negative log-likelihood of targets sampled from ``outputs`` (or of
     the given ``targets``, as :func:`sample_targets` returns them)."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    model = likelihood(loss_type)
     out = _rows(outputs)
     target = sample_targets(outputs, loss_type, generator) if targets is None else targets.to(out.device)
     if target.shape[0] != out.shape[0]:
         raise ValueError(f"targets: {target.shape[0]} rows for {out.shape[0]} output rows")
-    if loss_type == "cross_entropy":
-        return F.cross_entropy(out, target)
-    if loss_type == "bernoulli":
-        return F.binary_cross_entropy_with_logits(out, target.to(out.dtype), reduction="none").sum(-1).mean()
-    return 0.5 * (out - target.to(out.dtype)).pow(2).sum(-1).mean()
+    return model.nll(out, target)

@@ -16,8 +16,8 @@ from torch.profiler import record_function
 
 from cgfac import sharded
 from cgfac.base import Preconditioner
-from cgfac.fisher import LOSS_TYPES
 from cgfac.hyperparams import check_range, choice, positive_int
+from cgfac.losses import LOSS_TYPES
 from cgfac.optim.damping import LevenbergMarquardt
 from cgfac.optim.quadratic import QuadraticModel, solve_coefficients
 from cgfac.optim.replay import Forward, ForwardRecorder

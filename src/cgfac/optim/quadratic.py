@@ -12,7 +12,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from cgfac.fisher import LOSS_TYPES
+from cgfac.losses import likelihood
 from cgfac.optim.replay import Forward, ForwardRecorder, replayed_rng
 
 try:  # torch >= 2.3: fused attention kernels have no forward-mode AD; the math kernel does
@@ -38,19 +38,11 @@ def output_quad_form(outputs: Tensor, u: Tensor, w: Tensor, loss_type: str) -> T
     Rows are every leading position of ``outputs`` (last dimension: classes or features); the
     sum is in float64.
     """
+    model = likelihood(loss_type)
     z = outputs.reshape(-1, outputs.shape[-1]).double()
     u = u.reshape(z.shape).double()
     w = w.reshape(z.shape).double()
-    rows = z.shape[0]
-    if loss_type == "cross_entropy":
-        p = torch.softmax(z, dim=-1)
-        return ((p * u * w).sum() - ((p * u).sum(-1) * (p * w).sum(-1)).sum()) / rows
-    if loss_type == "bernoulli":
-        p = torch.sigmoid(z)
-        return (p * (1 - p) * u * w).sum() / rows
-    if loss_type in ("gaussian", "mse"):
-        return (u * w).sum() / rows
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return model.hessian_form(z, u, w) / z.shape[0]
 
 
 class QuadraticModel:
