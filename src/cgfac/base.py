@@ -305,7 +305,7 @@ class Preconditioner:
     def _layer_damping(self, name: str, damping: float, curvature: Any) -> float:
         """The damping of one layer's solve (:func:`layer_damping`), recorded in its stats."""
         return layer_damping(self.stats.setdefault(name, {}), damping, curvature, self.damping_scale,
-                             self.damping_offset, deferred=self.route.pending is not None)
+                             self.damping_offset, deferred=self.route.defers)
 
     def _grads_finite(self) -> bool:
         """Whether every gradient is finite (:func:`cgfac.strategies.grads_finite`)."""

@@ -207,8 +207,8 @@ class CGFAC(Preconditioner):
         for name, r in rows.items():
             if not self.dist.owns(name) or r is None:
                 continue
-            if self.route.pending is not None:  # the one-read step: checked after the fact (_collect_undo)
-                self.route.pending[(name, "rows")] = (r.a.sum() + r.g.sum()).isfinite()
+            if self.route.defers:  # the one-read step: checked after the fact (_collect_undo)
+                self.route.defer(name, "rows", (r.a.sum() + r.g.sum()).isfinite())
                 window = self._window(name)
                 self._appended[name] = window.batches[0] if len(window) == window.size else None
                 window.append(r)
@@ -314,7 +314,7 @@ class CGFAC(Preconditioner):
             self._check_graft_rows(name, operator)
         if isinstance(operator, KronRows):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
             bound = operator.trace_tensor()
-            st["curvature_bound"] = bound if self.route.pending is not None else float(bound)
+            st["curvature_bound"] = bound if self.route.defers else float(bound)
         if form == "factored":
             st["damping_form"] = "factored"
         sol = self.solver_object.solve(operator, grad, damping, self._state(name).solver, step=self.steps, form=form)

@@ -134,6 +134,19 @@ class Distribution:
         """What the step runs in."""
         return contextlib.nullcontext()
 
+    @property
+    def defers(self) -> bool:
+        """Whether this step's checks wait for the one device read (values stay 0-dim tensors, and
+        a finiteness found wrong there is undone after the fact): only :class:`SingleProcess`."""
+        return self.pending is not None
+
+    def defer(self, name: str, what: str, value: Tensor) -> None:
+        """Leave a check of layer ``name`` (``what``: ``"rows"``, ``"direction"``, ``"product"``;
+        a 0-dim tensor, 0 meaning failed) to the one device read; only while :attr:`defers`."""
+        if self.pending is None:
+            raise RuntimeError("defer: this step does not defer its checks (see Distribution.defers)")
+        self.pending[(name, what)] = value
+
     def agree(self, step: StepData) -> bool:
         """Fill ``step.active`` (every layer with all its gradients: its helper and ``∇W``, a
         placeholder of the right dtype where ``∇W`` arrives at :meth:`gather`) and start its stats;
