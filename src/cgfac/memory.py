@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cgfac.options import FactorForm, values
+
 __all__ = ["DEFAULT_BUDGET_FLOOR", "DEFAULT_BUDGET_FRACTION", "DEFAULT_PARAMETER_MULTIPLE", "FORMS", "Block",
            "BlockMemory", "Budget", "cgfac_block_bytes",
            "device_memory", "format_bytes", "kfac_block_bytes", "plan_cgfac", "plan_kfac", "resolve_budget",
@@ -56,7 +58,7 @@ __all__ = ["DEFAULT_BUDGET_FLOOR", "DEFAULT_BUDGET_FRACTION", "DEFAULT_PARAMETER
 DEFAULT_BUDGET_FRACTION = 0.25  # of the device's memory: the model, activations and optimizer need the rest
 DEFAULT_PARAMETER_MULTIPLE = 6  # × the trainable parameters' bytes (3× AdamW's two moments) ...
 DEFAULT_BUDGET_FLOOR = 1e9  # ... but never below 1 GB (bytes)
-FORMS = ("dense", "diag-out", "diag-in", "diag")  # K-FAC's forms of a Kronecker block, densest first
+FORMS = values(FactorForm)  # K-FAC's forms of a Kronecker block, densest first
 
 
 def format_bytes(n: float) -> str:

@@ -28,6 +28,16 @@ GraftKind = Literal["none", "rmsprop"]
 DampingScale = Literal["absolute", "relative", "rank"]
 """``"absolute"``: every layer damped by λ; ``"relative"``: by ``λ·tr(C_l)/dim`` (its mean diagonal);
 ``"rank"``: by ``λ·tr(C_l)/rank`` (the mean of its non-zero spectrum, for few rows on wide layers)."""
+Adaptive = Literal["lr+momentum", "lr", "none"]
+"""What :class:`cgfac.optim.SecondOrderOptimizer`'s quadratic model chooses: ``(α, μ)``, ``α`` alone, nothing."""
+FactorForm = Literal["dense", "diag-out", "diag-in", "diag"]
+"""K-FAC's forms of a Kronecker block, densest first (:mod:`cgfac.memory`)."""
+Direction = Literal["ortho", "spectral", "power", "ekfac", "ekfac-ortho"]
+""":class:`cgfac.optim.TransformerKFAC`'s directions."""
+Sides = Literal["input", "both"]
+"""Which Kronecker sides :class:`cgfac.optim.TransformerKFAC` preconditions."""
+FactorSource = Literal["ema", "rows"]
+"""Where :class:`cgfac.optim.TransformerKFAC`'s factors come from: running averages or this step's rows."""
 ShardedGrads = Literal["auto", "owner", "all-gather"]
 """How FSDP2's sharded gradients reach a layer's solve (:mod:`cgfac.sharded`): ``"auto"`` the owner
 scheme where it applies, else an all-gather; ``"owner"`` the owner scheme or ``ValueError``;

@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,13 +72,11 @@ from torch.utils.hooks import RemovableHandle
 from cgfac import dtensor
 from cgfac.curvature.kron import eigh, factor_eig
 from cgfac.layers.experts import ExpertsGroup, experts_helper, product_hooks
+from cgfac.options import Direction, FactorSource, Sides, values
 
-Direction = Literal["ortho", "spectral", "power", "ekfac", "ekfac-ortho"]
-Sides = Literal["input", "both"]
-Factors = Literal["ema", "rows"]
-DIRECTIONS = ("ortho", "spectral", "power", "ekfac", "ekfac-ortho")
-SIDES = ("input", "both")
-FACTORS = ("ema", "rows")
+DIRECTIONS = values(Direction)
+SIDES = values(Sides)
+FACTORS = values(FactorSource)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic (Keller Jordan)
 UPDATE_RMS = 0.2  # AdamW's typical update RMS (Moonlight's matching constant)
 
@@ -366,7 +364,7 @@ class TransformerKFAC(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, *, lr: float = 3e-3, weight_decay: float = 0.1,
                  direction: Direction = "ortho", sides: Sides = "input", power: float = -0.5,
-                 damping: float = 0.03, factors: Factors = "ema", rows: int | None = None,
+                 damping: float = 0.03, factors: FactorSource = "ema", rows: int | None = None,
                  momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
                  factor_decay: float = 0.95, factor_every: int = 1, eig_every: int = 10, ns_steps: int = 5,
                  ns_dtype: torch.dtype | None = None, adamw_lr: float | None = None, seed: int = 0,

@@ -21,8 +21,6 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
 
-FORMS = ("exact", "factored")
-
 
 def check_exact_form(form: str) -> None:
     """Only Kronecker curvatures have a factored damping: ``ValueError`` unless ``form="exact"``."""

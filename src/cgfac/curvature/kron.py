@@ -29,11 +29,12 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from cgfac.curvature.base import RowBlock
+from cgfac.options import DampingForm, values
 
 if TYPE_CHECKING:
     from cgfac.rows import Rows
 
-DAMPING_FORMS = ("exact", "factored")
+DAMPING_FORMS = values(DampingForm)
 """The values of ``damping_form``: ``"exact"`` solves ``G X A + λX = ∇W``, ``"factored"``
 ``(G + γ_G I) X (A + γ_A I) = ∇W`` with ``γ_A = π√λ``, ``γ_G = √λ/π``."""
 _CHECKED = contextvars.ContextVar("cgfac_checked_eigh", default=True)

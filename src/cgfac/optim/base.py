@@ -21,10 +21,11 @@ from cgfac.losses import LOSS_TYPES
 from cgfac.optim.damping import LevenbergMarquardt
 from cgfac.optim.quadratic import QuadraticModel, solve_coefficients
 from cgfac.optim.replay import Forward, ForwardRecorder
+from cgfac.options import Adaptive, values
 
 __all__ = ["ADAPTIVE", "SecondOrderOptimizer"]
 
-ADAPTIVE = ("lr+momentum", "lr", "none")
+ADAPTIVE = values(Adaptive)
 
 
 def _grad(p: Tensor) -> Tensor:
