@@ -314,7 +314,7 @@ class Preconditioner:
     def _skip_step(self) -> None:
         """A non-finite gradient: nothing of this batch is kept, and no parameter may move by it."""
         for helper in self.layers.values():
-            helper.chunks = []
+            helper.discard_rows()
         self.skipped_steps += 1
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             return  # the scaler sees the non-finite gradients and skips optimizer.step itself

@@ -123,7 +123,7 @@ class Recorder:
     def discard(self, helpers: Iterable[LayerHelper]) -> None:
         """Forget everything captured since the last step."""
         for helper in helpers:
-            helper.chunks = []
+            helper.discard_rows()
         self.sample_targets = []
 
     def no_rows_reason(self) -> str:

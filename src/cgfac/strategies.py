@@ -199,7 +199,7 @@ class SingleProcess(Distribution):
         host = self.host
         for name, helper in host.layers.items():
             if any(p.grad is None for p, _ in helper.grad_parts()):
-                helper.chunks = []
+                helper.discard_rows()
                 continue
             step.active[name] = (helper, cast(Tensor, helper.grad_matrix()).to(host.compute_dtype(helper)))
             step.stats[name] = {"damping": step.damping}
@@ -328,7 +328,7 @@ class WholeLayerOwners(Distribution):
             elif name in grads:
                 grad = grads[name]
             else:
-                helper.chunks = []
+                helper.discard_rows()
                 continue
             step.active[name] = (helper, grad.to(dtype))
             step.stats[name] = {"damping": step.damping}

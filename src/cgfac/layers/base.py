@@ -265,6 +265,10 @@ class LayerHelper:
         return float((self.d_in if diag_in else self.d_in**3) + (self.d_out if diag_out else self.d_out**3))
 
     # --- capture ------------------------------------------------------------------------------
+    def discard_rows(self) -> None:
+        """Forget what the hooks captured since the last step (a skipped step, a layer without ``∇W``)."""
+        self.chunks = []
+
     def take_rows(self, *, mean_reduced: bool, max_samples: int | None) -> Rows | None:
         """Pair and stack the captured chunks into per-sample :class:`Rows`, then forget them.
 

@@ -158,7 +158,7 @@ class TiedHelper(LayerHelper):
         if value:
             raise ValueError("a tied block's chunks live in its uses' helpers")
         for u in getattr(self, "uses", []):
-            u.helper.chunks = []
+            u.helper.discard_rows()
 
     def attach(self, capture: Capture) -> list[RemovableHandle]:
         return [h for u in self.uses for h in u.helper.attach(capture)]
