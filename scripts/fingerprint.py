@@ -89,15 +89,22 @@ def snapshot(obj: Any) -> Any:
     return obj
 
 
-def run_preconditioner(make: Callable[[nn.Module], Any], steps: int = STEPS) -> list[dict[str, Any]]:
+def run_preconditioner(make: Callable[[nn.Module], Any], steps: int = STEPS, *, rank: int = 0,
+                       world: int = 1) -> list[dict[str, Any]]:
+    """``steps`` steps of a preconditioner (under DDP, on this rank's share of each batch, when
+    ``world > 1``); the last rank's gradient turns NaN at :data:`BAD_GRAD_STEP`."""
+    from torch.nn.parallel import DistributedDataParallel
+
     model = net()
-    pre = make(model)
+    module = DistributedDataParallel(model) if world > 1 else model
+    pre = make(module)
     out = []
     for step in range(steps):
         x, y = batch(step)
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        if step == BAD_GRAD_STEP:
+        F.cross_entropy(module(x), y).backward()
+        if step == BAD_GRAD_STEP and rank == world - 1:
             next(model.parameters()).grad[0, 0] = math.nan
         pre.step()
         out.append({"grads": [snapshot(p.grad) for p in model.parameters()], "stats": snapshot(pre.layer_stats()),
@@ -143,36 +150,13 @@ def record_single() -> dict[str, Any]:
 def worker(out: Path) -> None:
     """One gloo rank: every preconditioner on this rank's half of each batch under DDP."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    result: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, make in PRECONDITIONERS.items():
-            model = net()
-            ddp = DistributedDataParallel(model)
-            pre = make(ddp)
-            steps = []
-            for step in range(STEPS):
-                x, y = batch(step)
-                x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-                model.zero_grad()
-                F.cross_entropy(ddp(x), y).backward()
-                if step == BAD_GRAD_STEP and rank == 1:
-                    next(model.parameters()).grad[0, 0] = math.nan
-                pre.step()
-                steps.append({"grads": [snapshot(p.grad) for p in model.parameters()],
-                              "stats": snapshot(pre.layer_stats()),
-                              "counters": (pre.steps, pre.fallbacks, pre.skipped_steps),
-                              "state": snapshot(pre.state_dict())})
-                with torch.no_grad():
-                    for p in model.parameters():
-                        if p.grad is not None:
-                            p.sub_(0.1 * p.grad)
-            result[name] = steps
+        result = {name: run_preconditioner(make, rank=rank, world=world) for name, make in PRECONDITIONERS.items()}
     torch.save(result, out.with_suffix(f".rank{rank}.pt"))
     dist.destroy_process_group()
 
