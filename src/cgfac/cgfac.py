@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from cgfac.base import Preconditioner
-from cgfac.curvature import DirectCurvature, KronRows, RowWindow, eigh
+from cgfac.curvature import Curvature, DirectCurvature, KronRows, RowWindow, eigh
 from cgfac.distributed import COMM_METHODS, choose_comm, comm_bytes
 from cgfac.hyperparams import Hyper, HyperParam, positive_int
 from cgfac.layers import LayerHelper, Rows
@@ -187,7 +187,7 @@ class CGFAC(Preconditioner):
             self.solver_object.constants = value
         self._cost_constants = value
 
-    def method_for(self, name: str, operator: Any, grad: Tensor, damping: float | None = None) -> str:
+    def method_for(self, name: str, operator: Curvature, grad: Tensor, damping: float | None = None) -> str:
         """The solve method of a layer this step: the forced one, or the automatic choice
         (:meth:`cgfac.solvers.AutoSolver.choose`, which may schedule a CG probe)."""
         if not isinstance(self.solver_object, AutoSolver):
@@ -302,18 +302,19 @@ class CGFAC(Preconditioner):
             return operator.solve(grad, damping)
         return self.solve_operator(name, operator, grad, damping)
 
-    def solve_operator(self, name: str, operator: Any, grad: Tensor, damping: float) -> Tensor | None:
+    def solve_operator(self, name: str, operator: Curvature, grad: Tensor, damping: float) -> Tensor | None:
         """One block's solve as :meth:`step` does it: the solver object solves with the block's
         state (choice, warm start, probes) and statistics are recorded. None (with
         ``stats[name]["fallback"]``) keeps the plain gradient."""
         st = self.stats.setdefault(name, {"damping": damping})
         st.setdefault("damping", damping)
         st["rows"] = int(operator.num_rows)
-        form = self.damping_form if isinstance(operator, KronRows) else "exact"
-        if isinstance(operator, KronRows) and self.graft == "rmsprop":
-            self._check_graft_rows(name, operator)
-        if isinstance(operator, KronRows):  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
-            bound = operator.trace_tensor()
+        form = "exact"
+        if isinstance(operator, KronRows):  # CG-FAC's own curvature: its damping form, graft check and bound
+            form = self.damping_form
+            if self.graft == "rmsprop":
+                self._check_graft_rows(name, operator)
+            bound = operator.trace_tensor()  # tr(A)·tr(G) ≥ the largest eigenvalue of A ⊗ G
             st["curvature_bound"] = bound if self.route.defers else float(bound)
         if form == "factored":
             st["damping_form"] = "factored"
