@@ -212,3 +212,27 @@ $B memory --optimizers kfac --steps 2 --batch 2 --seq 64 --threads 1 --timeout 1
   --out benchmarks/gpt2-small-memory/round3-kfac-default
 $B memory --model moe --optimizers kfac --steps 2 --batch 2 --seq 64 --threads 1 --timeout 1500 \
   --out benchmarks/moe-100m-memory/round3-kfac-default
+# Round 4 (issue 23): step times one run at a time on one thread, 100 iterations, every direction.
+for T in s m moe; do
+  TASK=nanogpt-$T; [ $T = moe ] && TASK=nanogpt-moe-s
+  LR="adamw=4e-3;muon-f32=8e-3;tkfac-ortho-input=4e-3;tkfac-newton=4e-3;tkfac-spectral=8e-3"
+  [ $T = m ] && LR="adamw=1e-3;muon-f32=4e-3;tkfac-ortho-input=4e-3;tkfac-newton=4e-3;tkfac-spectral=8e-3"
+  $B train --task $TASK --jobs 1 --threads 1 --iters 100 --optimizers adamw,muon-f32,tkfac-ortho-input,tkfac-newton,tkfac-spectral \
+    --lr-grid "$LR" --hyper "rows=128,factor_every=10,eig_every=10" --out benchmarks/speed-nanogpt-round4/$T
+done
+# Round 4, size S, 2000 iterations, seed 0: power -1 (Newton-Muon's, by Cholesky) and the spectral direction,
+# over learning rate and damping (recorded as tkfac-newton and tkfac-spectral), joined with --from-runs.
+$B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs benchmarks/tuning-nanogpt-s-cholesky/recorded-runs.jsonl \
+  --out benchmarks/tuning-nanogpt-s-cholesky
+# Seeds 1 and 2 at the kept settings (S: TransformerKFAC only; its Muon and AdamW seeds are train-nanogpt-s's),
+# joined with seed 0 (tuning-nanogpt-m, tuning-nanogpt-s-steps) into the 3-seed reports.
+$B train --task nanogpt-m --iters 2000 --optimizers tkfac-ortho-input,muon-f32,adamw \
+  --lr-grid "tkfac-ortho-input=4e-3;muon-f32=4e-3;adamw=1e-3" --hyper "rows=128,factor_every=10,eig_every=10" \
+  --seeds 1,2 --jobs 2 --out /tmp/seeds/m
+$B train --task nanogpt-s --iters 2000 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "rows=128,factor_every=10,eig_every=10" --seeds 1,2 --jobs 2 --out /tmp/seeds/s
+# recorded-runs.jsonl: those runs with the seed-0 runs of the same configurations
+$B train --task nanogpt-m --iters 2000 --jobs 2 --from-runs benchmarks/train-nanogpt-m-3seeds/recorded-runs.jsonl \
+  --out benchmarks/train-nanogpt-m-3seeds
+$B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs benchmarks/train-nanogpt-s-3seeds/recorded-runs.jsonl \
+  --out benchmarks/train-nanogpt-s-3seeds
