@@ -50,10 +50,6 @@ SIZE_EXCEPTIONS = {
     "cgfac/base.py:Preconditioner.__init__": "argument validation of its 20 keywords, then the collaborators",
     "cgfac/registration.py:register": "one walk over the modules with every reason a module is not covered",
     "cgfac/layers/probe.py:probe_helper": "one trace of a module's forward with each covered pattern's test",
-    "cgfac_bench/cg_iters.py:run": "a benchmark's command: runs, then the report's text",
-    "cgfac_bench/soak.py:run": "a benchmark's command: runs, then the report's text",
-    "cgfac_bench/memory.py:run_one": "one measured process: model, optimizer, steps and the peak's reading",
-    "cgfac_bench/lm.py:run": "a benchmark's command: runs, then the report's text",
 }
 
 

@@ -150,6 +150,39 @@ def write_plot(path: Path, record: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def empty_layer(d_out: int, d_in: int) -> dict[str, Any]:
+    """A layer's record before the first step: its shape and empty per-step lists."""
+    return {"shape": [d_out, d_in], "warm": [], "cold": [], "warm_products": [], "warm_residual": [],
+            "cold_residual": [], "warm_converged": [], "cold_converged": []}
+
+
+def summarize_layers(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each layer's warm and cold summaries (the first step, cold either way, left out), and both pooled."""
+    for layer in layers.values():
+        for key in ("warm", "cold"):
+            layer[f"{key}_summary"] = summarize(layer[key][1:], layer[f"{key}_converged"][1:])
+    return {key: summarize([i for la in layers.values() for i in la[key][1:]],
+                           [c for la in layers.values() for c in la[f"{key}_converged"][1:]])
+            for key in ("warm", "cold")}
+
+
+def record_step(pre: cgfac.CGFAC, layers: dict[str, dict[str, Any]], grads: dict[str, torch.Tensor], step: int) -> None:
+    """Each layer's warm-started CG (this step's statistics) beside a cold solve of the same system."""
+    stats = pre.layer_stats()
+    for name, layer in layers.items():
+        st = stats[name]
+        if "iters" not in st:
+            raise SystemExit(f"layer {name}: no CG solve at step {step}: {st.get('fallback')}")
+        iters, residual, converged = cold_solve(pre, name, grads[name])
+        layer["warm"].append(st["iters"])
+        layer["warm_products"].append(st.get("products", st["iters"]))
+        layer["warm_residual"].append(st["rel_residual"])
+        layer["warm_converged"].append(st["converged"])
+        layer["cold"].append(iters)
+        layer["cold_residual"].append(residual)
+        layer["cold_converged"].append(converged)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.steps < 2 or args.cg_max_iters < 1 or args.threads < 1 or not args.cg_tol > 0:
         raise SystemExit("--steps must be >= 2; --cg-max-iters, --threads and --cg-tol must be positive")
@@ -172,11 +205,7 @@ def run(args: argparse.Namespace) -> int:
     pre = cgfac.CGFAC(model, curvature="kron", solver="cg", warm_start=True, jacobi=True, cg_tol=args.cg_tol,
                       cg_max_iters=args.cg_max_iters, damping=damping, kl_clip=kl_clip, fisher=fisher,
                       lr=lambda step: opt.param_groups[0]["lr"])
-    layers: dict[str, dict[str, Any]] = {
-        name: {"shape": [h.d_out, h.d_in], "warm": [], "cold": [], "warm_products": [], "warm_residual": [],
-               "cold_residual": [], "warm_converged": [], "cold_converged": []}
-        for name, h in pre.layers.items()
-    }
+    layers = {name: empty_layer(h.d_out, h.d_in) for name, h in pre.layers.items()}
     order = torch.Generator().manual_seed(args.seed)
     n = train_x.shape[0]
     perm, pos = torch.randperm(n, generator=order).to(device), 0
@@ -199,25 +228,7 @@ def run(args: argparse.Namespace) -> int:
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise SystemExit(f"non-finite training loss at step {len(losses) - 1}; lower --lr")
-        stats = pre.layer_stats()
-        for name, layer in layers.items():
-            st = stats[name]
-            if "iters" not in st:
-                raise SystemExit(f"layer {name}: no CG solve at step {len(losses) - 1}: {st.get('fallback')}")
-            iters, residual, converged = cold_solve(pre, name, grads[name])
-            layer["warm"].append(st["iters"])
-            layer["warm_products"].append(st.get("products", st["iters"]))
-            layer["warm_residual"].append(st["rel_residual"])
-            layer["warm_converged"].append(st["converged"])
-            layer["cold"].append(iters)
-            layer["cold_residual"].append(residual)
-            layer["cold_converged"].append(converged)
-    for layer in layers.values():
-        for key in ("warm", "cold"):
-            layer[f"{key}_summary"] = summarize(layer[key][1:], layer[f"{key}_converged"][1:])
-    pooled = {key: summarize([i for la in layers.values() for i in la[key][1:]],
-                             [c for la in layers.values() for c in la[f"{key}_converged"][1:]])
-              for key in ("warm", "cold")}
+        record_step(pre, layers, grads, len(losses) - 1)
     record = {
         "settings": {"task": args.task, "steps": args.steps, "batch_size": batch, "lr": lr, "momentum": momentum,
                      "damping": damping, "kl_clip": kl_clip, "cg_tol": args.cg_tol,
@@ -225,13 +236,17 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(args.device, args.threads),
         "train_loss": losses,
         "layers": layers,
-        "all_layers": pooled,
+        "all_layers": summarize_layers(layers),
     }
-    out = args.out or Path("runs") / f"cg-iters-{args.task}"
+    write_outputs(args.out or Path("runs") / f"cg-iters-{args.task}", record)
+    return 0
+
+
+def write_outputs(out: Path, record: dict[str, Any]) -> None:
+    """``results.json``, ``results.md`` and ``cg_iters.png`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(finite_json(record), indent=1, allow_nan=False) + "\n")
     write_markdown(out / "results.md", record)
     write_plot(out / "cg_iters.png", record)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'cg_iters.png'}")
     print((out / "results.md").read_text())
-    return 0

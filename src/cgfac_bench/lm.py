@@ -494,8 +494,8 @@ def parse_lm_hyper(text: str | None) -> dict[str, Any]:
     return out
 
 
-def run(args: argparse.Namespace, argv_text: str = "") -> int:
-    task = LM_TASKS[args.task]
+def _configs(args: argparse.Namespace, task: LMTask) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every run of the command's grid, and the grid's settings for the record."""
     tuned = TUNED_LM.get(args.task, {}) if args.tuned else {}
     listed = args.optimizers or ",".join(tuned or ("adamw-published", "adamw", "muon"))
     optimizers = [o.strip() for o in listed.split(",") if o.strip()]
@@ -513,20 +513,24 @@ def run(args: argparse.Namespace, argv_text: str = "") -> int:
     hypers = [parse_lm_hyper(alt) for alt in (args.hyper or "").split("|")]  # "a=1|a=2": one config each
     jobs = max(1, args.jobs)
     threads = args.threads or (1 if jobs > 1 else torch.get_num_threads())
-    out = args.out or Path("runs") / f"train-{args.task}"
-    out.mkdir(parents=True, exist_ok=True)
     iters = args.iters or task.iters
     cfgs = [{"task": args.task, "optimizer": n, "lr": lr, "wd": wd, "seed": s, "iters": iters, "threads": threads,
              "device": args.device, "hyper": {**tuned.get(n, {}).get("hyper", {}), **hyper}}
             for n in optimizers for hyper in (hypers if n in HYPER_TAKERS else [{}])
             for lr in lrs[n] for wd in wds[n] for s in seeds]
+    if args.from_runs and not args.optimizers:
+        cfgs = []  # only the report of the recorded runs
+    settings = {"task": args.task, **task.__dict__, "iters": iters, "jobs": jobs, "threads": threads,
+                "seeds": seeds, "lr_grid": lrs, "wd_grid": wds}
+    return cfgs, settings
+
+
+def _run_all(cfgs: list[dict[str, Any]], jobs: int, out: Path, desc: str) -> list[dict[str, Any]]:
+    """Each config in a fresh spawned process, ``jobs`` at a time; each record appended to
+    ``out/runs.jsonl`` as it finishes."""
     from tqdm import tqdm
 
     runs: list[dict[str, Any]] = []
-    for path in args.from_runs or []:  # runs recorded by earlier invocations (their runs.jsonl), reported with these
-        runs += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    if args.from_runs and not args.optimizers:
-        cfgs = []  # only the report of the recorded runs
     with tempfile.TemporaryDirectory(prefix="cgfac-lm-") as tmp:
         data_path = Path(tmp) / "data.pt"
         torch.save(load_prose_chars(), data_path)
@@ -537,7 +541,7 @@ def run(args: argparse.Namespace, argv_text: str = "") -> int:
         if sys.version_info >= (3, 11):  # a fresh process per run (its own memory and threads); 3.10 reuses them
             pool_args["max_tasks_per_child"] = 1
         with concurrent.futures.ProcessPoolExecutor(**pool_args) as pool, \
-                tqdm(total=len(cfgs), desc=args.task, unit="run", dynamic_ncols=True) as bar:
+                tqdm(total=len(cfgs), desc=desc, unit="run", dynamic_ncols=True) as bar:
             futures = [pool.submit(_child, c) for c in cfgs]
             for fut in concurrent.futures.as_completed(futures):
                 r = fut.result()
@@ -548,9 +552,20 @@ def run(args: argparse.Namespace, argv_text: str = "") -> int:
                 bar.write(f"{config_key(r)} seed={r['seed']}: "
                           + (f"error {r['error']}" if "error" in r else
                              f"{r['final_heldout']:.4f} ({r['ms_per_step']:.1f} ms/step)"))
-    record = {"command": argv_text, "settings": {"task": args.task, **task.__dict__, "iters": iters, "jobs": jobs,
-                                                 "threads": threads, "seeds": seeds, "lr_grid": lrs, "wd_grid": wds},
-              "machine": machine_info(args.device, threads), "runs": runs}
+    return runs
+
+
+def run(args: argparse.Namespace, argv_text: str = "") -> int:
+    task = LM_TASKS[args.task]
+    cfgs, settings = _configs(args, task)
+    out = args.out or Path("runs") / f"train-{args.task}"
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    for path in args.from_runs or []:  # runs recorded by earlier invocations (their runs.jsonl), reported with these
+        runs += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    runs += _run_all(cfgs, settings["jobs"], out, args.task)
+    record = {"command": argv_text, "settings": settings,
+              "machine": machine_info(args.device, settings["threads"]), "runs": runs}
     record["summary"] = summarise(runs)
     (out / "results.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     write_markdown(out / "results.md", record)

@@ -86,20 +86,13 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_one(args: argparse.Namespace) -> dict[str, Any]:
-    """One optimizer's steps in this process (see the module docstring)."""
+def build_optimizer(args: argparse.Namespace, model: Any, out: dict[str, Any]) -> tuple[Any, Any]:
+    """``args.one``'s optimizer over ``model`` (SGD with momentum under a preconditioner, whose plan
+    goes into ``out``), and the preconditioner (None for the others)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     import cgfac
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = moe_model() if args.model == "moe" else GPT2LMHeadModel(GPT2Config())
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    out: dict[str, Any] = {"optimizer": args.one, "params": sum(p.numel() for p in model.parameters()),
-                           "rss_model_bytes": rss_bytes(), "threads": torch.get_num_threads(), "model": args.model}
     pre: cgfac.KFAC | cgfac.CGFAC | None = None
     if args.one == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
@@ -125,6 +118,23 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         out["budget"] = str(pre.memory_budget)
         out["tied_block"] = str(pre.memory_plan[TIED]) if TIED in pre.memory_plan else "-"
         out["forms"] = sorted({m.form for m in pre.memory_plan.values()})
+    return opt, pre
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """One optimizer's steps in this process (see the module docstring)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = moe_model() if args.model == "moe" else GPT2LMHeadModel(GPT2Config())
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    out: dict[str, Any] = {"optimizer": args.one, "params": sum(p.numel() for p in model.parameters()),
+                           "rss_model_bytes": rss_bytes(), "threads": torch.get_num_threads(), "model": args.model}
+    opt, pre = build_optimizer(args, model, out)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()

@@ -15,6 +15,7 @@ import gc
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,13 +104,20 @@ def run(args: argparse.Namespace) -> int:
     result = {"machine": machine_info("cpu"), "args": vars(args), "steps": steps, "rss_mb": rss, "loss": losses,
               "seconds": elapsed, "growth_after_warmup_mb": change, "slope_mb_per_1000_steps": slope,
               "skipped_steps": pre.skipped_steps, "fallbacks": pre.fallbacks}
+    return write_report(args, result)
+
+
+def write_report(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    """``soak.json``, ``soak.md`` and ``soak.png`` under ``args.out``."""
+    steps, rss, losses = result["steps"], result["rss_mb"], result["loss"]
+    change, slope, elapsed = result["growth_after_warmup_mb"], result["slope_mb_per_1000_steps"], result["seconds"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Soak: {args.steps} steps of {args.task}, {args.optimizer}, batch {args.batch}", "",
              f"{elapsed:.0f} s; RSS {rss[0]:.1f} MB at step 0, {rss[-1]:.1f} MB at the end, peak {max(rss):.1f} MB; "
              f"after step {args.warmup}: change {change:+.2f} MB, slope {slope:+.3f} MB per 1000 steps; "
-             f"{pre.skipped_steps} skipped steps, {pre.fallbacks} fallbacks.", "",
+             f"{result['skipped_steps']} skipped steps, {result['fallbacks']} fallbacks.", "",
              "| step | RSS MB | loss |", "|---:|---:|---:|"]
     lines += [f"| {s} | {r:.1f} | {v:.2f} |" for s, r, v in zip(steps, rss, losses)]
     (out / "soak.md").write_text("\n".join(lines) + "\n")
