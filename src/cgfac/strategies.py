@@ -11,13 +11,13 @@ sharding through one interface:
 * :meth:`~Distribution.share`, :meth:`~Distribution.scatter`: bring each rank the directions it
   writes, with ``⟨X, ∇W⟩`` for the KL clip; :meth:`~Distribution.write`: into ``.grad``.
 
-The strategies:
-
 The strategies never act on the preconditioner: they read what :class:`StepHost` declares and
 return their decisions in the :class:`~cgfac.transforms.StepData` (``False`` from :meth:`~Distribution.agree`
 or :meth:`~Distribution.settle`: skip the step; ``step.undo``: layers whose rows of this step are
 forgotten; a ``"fallback"`` in a layer's stats with no direction: it keeps its plain gradient), which
 :meth:`cgfac.base.Preconditioner.step` carries out.
+
+The strategies:
 
 * :class:`SingleProcess`: one process, one device read per step (every check deferred to
   :meth:`~Distribution.settle`, :meth:`SingleProcess.read_back`).

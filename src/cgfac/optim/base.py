@@ -287,14 +287,14 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         return max((g["weight_decay"] for g in self.param_groups), default=0.0)
 
     def _coefficients(self, grads: dict[Tensor, Tensor], delta: dict[Tensor, Tensor], prev: dict[Tensor, Any],
-                      has_prev: bool, info: dict[str, float]) -> tuple[tuple[float, float], float | None] | None:
+                      has_prev: bool, lr: dict[Tensor, float], mom: dict[Tensor, float],
+                      info: dict[str, float]) -> tuple[tuple[float, float], float | None] | None:
         """``(α, μ)`` and the model's change of the update applied (None without the model), or
-        None: no finite step (the step is skipped and ``λ`` raised)."""
+        None: no finite step (the step is skipped and ``λ`` raised). ``lr``, ``mom``: each
+        parameter's group's learning rate and momentum."""
         if self.adaptive == "none":
             return (1.0, 1.0), None
         params = list(grads)
-        lr = {p: g["lr"] for g in self.param_groups for p in g["params"]}
-        mom = {p: g["momentum"] for g in self.param_groups for p in g["params"]}
         damping = self.damping + self._max_weight_decay()
         vectors = [delta] + ([prev] if has_prev else [])
         names = [{self._names[p]: v[p] for p in params} for v in vectors]  # type: ignore[index]
@@ -321,7 +321,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         prev = {p: self.state[p].get("prev_update") for p in params}
         has_prev = all(v is not None for v in prev.values()) and self.steps > 0
         info: dict[str, float] = {"damping": self.damping}
-        found = self._coefficients(grads, delta, prev, has_prev, info)
+        lr = {p: g["lr"] for g in self.param_groups for p in g["params"]}
+        mom = {p: g["momentum"] for g in self.param_groups for p in g["params"]}
+        found = self._coefficients(grads, delta, prev, has_prev, lr, mom, info)
         if found is None:
             self.skipped_steps += 1
             self.damping = self.rule.raised(self.damping)
@@ -331,7 +333,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 _grad(p).copy_(grads[p])
             return
         coeffs, quad_change = found
-        updates = self._updates(params, delta, prev, coeffs)
+        updates = self._updates(params, delta, prev, coeffs, lr, mom)
         if updates is None:
             return
         for p in params:
@@ -349,10 +351,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.last = info
 
     def _updates(self, params: list[Tensor], delta: dict[Tensor, Tensor], prev: dict[Tensor, Any],
-                 coeffs: tuple[float, float]) -> dict[Tensor, Tensor] | None:
+                 coeffs: tuple[float, float], lr: dict[Tensor, float],
+                 mom: dict[Tensor, float]) -> dict[Tensor, Tensor] | None:
         """The update ``δ = lr α Δ + μ δ₀`` of each parameter; None (step skipped) if not finite."""
-        lr = {p: g["lr"] for g in self.param_groups for p in g["params"]}
-        mom = {p: g["momentum"] for g in self.param_groups for p in g["params"]}
         updates = {}
         for p in params:
             u = delta[p].mul(lr[p] * coeffs[0])
