@@ -116,7 +116,7 @@ def estimated_bytes(curvature: str, method: str, op: KronRows | ExactRows, n: in
     r_a, r_g = op.a.shape[0], op.g.shape[0]
     p = d_in * d_out
     narrow = r_g * r_a * (d_in + d_out) < (r_g + r_a) * p  # KronRows.matvec's choice of order
-    q_a, q_g = min(r_a, d_in), min(r_g, d_out)  # factor_eig: QR of the rows, or the d × d factor
+    q_a, q_g = min(r_a, d_in), min(r_g, d_out)  # factor_basis: the rows' Gram, or the d × d factor
     exact_gram = n * p + n * n if isinstance(op, ExactRows) and op.gram_through_samples() else 4 * r_a**2
     floats = {
         ("kron", "cg"): r_a * d_in + r_g * d_out + (r_a * r_g if narrow else 0) + 10 * p,

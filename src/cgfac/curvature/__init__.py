@@ -18,6 +18,7 @@ from cgfac.curvature.kron import (
     KronRows,
     deferred_checks,
     eigh,
+    factor_basis,
     factor_eig,
     factored_damping,
     factored_damping_tensor,
@@ -27,6 +28,6 @@ from cgfac.curvature.window import RowWindow, window_weights
 
 __all__ = [
     "DAMPING_FORMS", "Curvature", "DirectCurvature", "ExactRows", "KronEigen", "KronFactors", "KronRows",
-    "RowWindow", "RunningFactors", "deferred_checks", "eigh", "factor_eig", "factored_damping",
+    "RowWindow", "RunningFactors", "deferred_checks", "eigh", "factor_basis", "factor_eig", "factored_damping",
     "factored_damping_tensor", "window_weights",
 ]

@@ -160,41 +160,61 @@ class KronRows(RowBlock):
         return torch.outer(dg, da).add_(damping)
 
     def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
-        """Exact solve through the eigenpairs of each factor, from whichever is smaller.
+        """Exact solve through each factor's non-zero eigenspace, from whichever is smaller.
 
-        With ``r < d`` rows, the ``r`` eigenpairs of ``A`` that can be non-zero come from a QR of
-        ``aᵀ`` and an ``r × r`` eigendecomposition (:func:`factor_eig`); otherwise ``A`` itself is
-        decomposed. Likewise for ``G``. With ``C = Q_Gᵀ ∇W Q_A``::
+        Each side is ``A = U diag(w) Uᵀ`` (:func:`factor_basis`): with ``r < d`` rows, ``U = aᵀV``
+        from the ``r × r`` Gram ``a aᵀ = V diag(s) Vᵀ`` (``w = 1``, ``UᵀU = diag(s)``; no QR);
+        otherwise ``U = Q`` from ``A = Q diag(s) Qᵀ`` (``w = s``). With ``t = s/‖u‖²`` (1 or ``s``)
+        and ``C = U_Gᵀ ∇W U_A`` (``r_g × r_a``)::
 
-            X = ∇W/λ + Q_G [C ⊘ (s_G s_Aᵀ + λ) − C/λ] Q_Aᵀ
+            X = ∇W/λ − U_G [C ⊙ t_G t_Aᵀ ⊘ (λ (s_G s_Aᵀ + λ))] U_Aᵀ
 
-        (exact: the directions outside ``Q`` are the null space, where the system is ``λX = ∇W``).
-        Factored damping is separable, each side through
-        ``(A + γI)⁻¹ = Q diag(1/(s + γ) − 1/γ) Qᵀ + I/γ``.
+        (exact: the directions outside the eigenspaces are the null space, where ``λX = ∇W``); no
+        coefficient divides by ``s``, so eigenvalues near zero are harmless in float32. Factored
+        damping is separable, each side through ``(A + γI)⁻¹ = I/γ − U diag(t/(γ(s + γ))) Uᵀ``.
         """
-        s_a, q_a = factor_eig(self.a)
-        s_g, q_g = factor_eig(self.g)
+        s_a, u_a, t_a = factor_basis(self.a)
+        s_g, u_g, t_g = factor_basis(self.g)
         with record_function("cgfac.lowrank.products"):
             if form == "factored":  # γ as tensors: no host read
                 gamma_a, gamma_g = factored_damping_tensor(torch.linalg.vector_norm(self.a).square(), self.a.shape[1],
                                                            torch.linalg.vector_norm(self.g).square(), self.g.shape[1],
                                                            damping)
-                # X = ∇W/(γ_G γ_A) + Q_G D_G L/γ_A + (R D_A/γ_G + Q_G D_G C D_A) Q_Aᵀ with
-                # D = 1/(s + γ) − 1/γ, L = Q_Gᵀ∇W, R = ∇W Q_A, C = L Q_A: four r·d_in·d_out products
+                # X = ∇W/(γ_G γ_A) + U_G D_G L/γ_A + (R D_A/γ_G + U_G D_G C D_A) U_Aᵀ with
+                # D = −t/(γ(s + γ)), L = U_Gᵀ∇W, R = ∇W U_A, C = L U_A: four r·d_in·d_out products
                 # and one pass over a d_out × d_in matrix besides them.
-                d_g, d_a = 1 / (s_g + gamma_g) - 1 / gamma_g, 1 / (s_a + gamma_a) - 1 / gamma_a
-                left = q_g.T @ grad
-                right = grad @ q_a
-                core = (d_g[:, None] * (left @ q_a)) * d_a
-                out = q_g @ (d_g[:, None] * left / gamma_a)
-                out.addmm_(right * (d_a / gamma_g) + q_g @ core, q_a.T)
+                d_g, d_a = -t_g / (gamma_g * (s_g + gamma_g)), -t_a / (gamma_a * (s_a + gamma_a))
+                left = u_g.T @ grad
+                right = grad @ u_a
+                core = (d_g[:, None] * (left @ u_a)) * d_a
+                out = u_g @ (d_g[:, None] * left / gamma_a)
+                out.addmm_(right * (d_a / gamma_g) + u_g @ core, u_a.T)
                 return out.addcdiv_(grad, gamma_g * gamma_a)
-            c = (q_g.T @ grad) @ q_a
-            inner = c / (torch.outer(s_g, s_a) + damping) - c / damping
-            out = (q_g @ inner) @ q_a.T
+            c = (u_g.T @ grad) @ u_a
+            inner = c * torch.outer(t_g, t_a) / ((torch.outer(s_g, s_a) + damping) * damping)
+            out = (u_g @ inner) @ u_a.T
             if isinstance(damping, Tensor):
-                return out.addcdiv_(grad, damping)
-            return out.add_(grad, alpha=1 / damping)
+                return out.neg_().addcdiv_(grad, damping)
+            return out.neg_().add_(grad, alpha=1 / damping)
+
+
+def factor_basis(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, U, t)`` with ``rowsᵀ rows = U diag(t) Uᵀ`` and ``UᵀU = diag(s/t)`` (``s``: the non-zero
+    eigenvalues and zeros), for a low-rank solve.
+
+    ``rows``: ``r × d``. With ``r < d``: the ``r × r`` Gram ``rows rowsᵀ = V diag(s) Vᵀ`` and
+    ``U = rowsᵀ V`` (``d × r``; ``‖uᵢ‖² = sᵢ``), ``t = 1``: ``2 r² d`` multiply-adds at matrix-product
+    speed and an ``r × r`` eigendecomposition, no QR. ``U`` is never normalised (``Uσ^{-1/2}``
+    loses orthogonality for small ``σ`` in float32): the solves use ``U`` with coefficients that
+    carry the factor ``t/s`` themselves. Otherwise ``rowsᵀ rows = Q diag(s) Qᵀ``: ``U = Q``, ``t = s``.
+    """
+    if rows.shape[0] >= rows.shape[1]:
+        s, q = eigh(rows.T @ rows)
+        return s, q, s
+    with record_function("cgfac.lowrank.gram"):
+        s, v = eigh(rows @ rows.T)
+        u = rows.T @ v
+    return s, u, torch.ones_like(s)
 
 
 def factor_eig(rows: Tensor) -> tuple[Tensor, Tensor]:

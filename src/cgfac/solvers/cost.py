@@ -3,8 +3,8 @@
 Costs are counted in multiply-adds of a large square matrix product. Constants measured once per
 device and dtype (:func:`calibrate`) turn the other work into that unit: ``c_eig · n³`` for a
 symmetric eigendecomposition of an ``n × n`` matrix, ``c_solve · n³`` for a linear solve,
-``c_qr · d r²`` for a Householder QR of a ``d × r`` matrix, ``thin`` for the efficiency of CG's
-matrix-free products (thin, rectangular), and fixed
+``c_qr · d r²`` for a Householder QR of a ``d × r`` matrix (:func:`cgfac.curvature.factor_eig`),
+``thin`` for the efficiency of CG's matrix-free products (thin, rectangular), and fixed
 overheads per CG iteration and per direct solve (kernel launches, Python, synchronisation).
 
 Each solver's cost formula lives with it (:mod:`cgfac.solvers`); :func:`kron_costs` and

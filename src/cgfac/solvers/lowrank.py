@@ -1,12 +1,13 @@
-"""Exact solves through the rows' low rank: a QR per Kronecker factor, or Woodbury on the exact block.
+"""Exact solves through the rows' low rank: an ``r × r`` Gram per Kronecker factor, or Woodbury on the exact block.
 
 Kronecker rows (:meth:`cgfac.curvature.KronRows.solve_lowrank`): the at most ``r`` non-zero
-eigenpairs of each factor from a QR of its rows and an ``r × r`` eigendecomposition (or the
-``d × d`` factor when ``r ≥ d``). Exact block (:meth:`cgfac.curvature.ExactRows.solve_lowrank`):
+eigenpairs of each factor from its rows' ``r × r`` Gram matrix, its eigendecomposition and the
+basis ``U = aᵀV`` (:func:`cgfac.curvature.factor_basis`; or the ``d × d`` factor when ``r ≥ d``).
+Exact block (:meth:`cgfac.curvature.ExactRows.solve_lowrank`):
 Woodbury through the ``n × n`` Gram matrix of per-sample gradients. Costs
 (``p = d_in·d_out``, ``q_a = min(r_a, d_in)``, ``q_g = min(r_g, d_out)``)::
 
-    kron    Σ_sides [(c_qr + 1) r² d + (c_eig + 1) r³  if r < d  else  r d² + c_eig d³]
+    kron    Σ_sides [2 r² d + c_eig r³  if r < d  else  r d² + c_eig d³]
             + (q_g + q_a) p + q_g q_a (d_in + d_out) + o_call
     exact   min(r² (d_in + d_out), r p + n² p) + 2 r p + c_solve n³ + o_call
 """
@@ -25,9 +26,9 @@ if TYPE_CHECKING:
 
 
 def factor_cost(rows: int, width: int, c: CostConstants) -> float:
-    """Eigenpairs of one factor: QR of the rows and an ``r × r`` eigh, or the ``d × d`` factor."""
+    """Eigenpairs of one factor: the rows' ``r × r`` Gram, its eigh and the basis ``aᵀV``, or the ``d × d`` factor."""
     if rows < width:
-        return (c.c_qr + 1) * rows**2 * width + (c.c_eig + 1) * rows**3
+        return 2 * rows**2 * width + c.c_eig * rows**3
     return rows * width**2 + c.c_eig * width**3
 
 
