@@ -75,7 +75,8 @@ def _shampoo(name: str, model: nn.Module, lr: float, hp: SecondOrder, loss_type:
 def _adaptive(name: str, model: nn.Module, lr: float, hp: SecondOrder, loss_type: str) -> Built:
     common: dict[str, Any] = {"damping": hp.damping, "fisher": hp.fisher, "loss_type": loss_type, "lr": lr,
                               "adaptive": hp.adaptive, "adapt_damping": hp.adaptive != "none",
-                              "quad_samples": hp.quad_samples, "min_damping": hp.min_damping,
+                              "quad_samples": hp.quad_samples, "quad_every": hp.quad_every,
+                              "min_damping": hp.min_damping,
                               "damping_scale": hp.damping_scale}
     if hp.adaptive == "none":
         common["momentum"] = hp.momentum

@@ -64,6 +64,6 @@ def test_subset_forward_gives_the_same_updates(cls: type) -> None:
 def test_batchnorm_models_sample_the_whole_batch() -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
     opt = cgfac.optim.KFAC(model, fisher="true", loss_type="cross_entropy", curvature_samples=2)
-    assert not opt._subset_sampling((torch.randn(8, 4),))
+    assert not opt.recorder.subset_sampling((torch.randn(8, 4),))
     with pytest.raises(TypeError, match="sample_subset"):
         cgfac.optim.CGFAC(nn.Linear(3, 2), loss_type="gaussian", sample_subset=1)  # type: ignore[arg-type]

@@ -19,8 +19,8 @@ from cgfac.base import Preconditioner
 from cgfac.hyperparams import check_range, choice, positive_int
 from cgfac.losses import LOSS_TYPES
 from cgfac.optim.damping import LevenbergMarquardt
-from cgfac.optim.quadratic import QuadraticModel, solve_coefficients
-from cgfac.optim.replay import Forward, ForwardRecorder
+from cgfac.optim.quadratic import ModelSchedule, QuadraticModel, fit_coefficients
+from cgfac.optim.replay import Forward, ForwardRecorder, evaluation_loss
 from cgfac.options import Adaptive, values
 
 __all__ = ["ADAPTIVE", "SecondOrderOptimizer"]
@@ -67,15 +67,6 @@ def _check_model(model: nn.Module, preconditioner: Preconditioner, adaptive: str
             "sharded (DTensor) parameters do not support (fwAD.make_dual: aten._has_same_storage_numel has no "
             "DTensor sharding strategy), and its curvature products are this rank's batch only (not reduced "
             "across ranks); use adaptive='none', adapt_damping=False under FSDP2")
-
-
-def closure_value(closure: Callable[[], Any]) -> float:
-    """The loss a closure returns, as a float (grad enabled: the closure runs its backward)."""
-    with torch.enable_grad():
-        loss = closure()
-    if loss is None:
-        raise ValueError("closure must return the loss")
-    return float(loss.detach() if isinstance(loss, Tensor) else loss)
 
 
 def l2_term(param_groups: list[dict[str, Any]], undo: dict[Tensor, Tensor] | None = None) -> float:
@@ -140,10 +131,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         quad_samples: use only the *last* this-many samples of each recorded forward for the
             curvature products of the quadratic model (None: all). The curvature's own rows
             (``curvature_samples``) are the *first* entries, so where the batch holds both the two
-            sets are disjoint: a direction built from ``m`` samples' rank-``m`` curvature has its
-            largest components where those samples see no curvature, and a model measured on the
-            same samples would not see the curvature there either (it overrates the step; on a
-            300-wide layer with 16 rows, loss 27 → 2·10⁷ in five steps).
+            sets are disjoint (a model measured on the curvature's own samples overrates the step
+            where their rank-``m`` curvature sees nothing: loss 27 → 2·10⁷ in five steps, 16 rows).
+        quad_every: the longest period, in steps, between evaluations of the quadratic model; its
+            ``(α, μ)`` are reused in between (1: every step). The period grows while the
+            coefficients stay within ``quad_tol`` and the model is always evaluated where the
+            damping check is due (:class:`cgfac.optim.quadratic.ModelSchedule` states the rule).
+        quad_tol: the relative change of ``α`` and ``μ`` under which the period doubles.
         sample_subset: with ``fisher="true"`` and ``curvature_samples`` below the batch, sample the
             targets on a second forward of the kept entries alone instead of back-propagating
             them through the whole batch (:meth:`_sample_subset`: ``m/n`` of the cost, the same
@@ -179,6 +173,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         min_damping: float = 1e-3,
         max_damping: float = 1e6,
         quad_samples: int | None = None,
+        quad_every: int = 1,
+        quad_tol: float = 0.1,
         reject_worse: bool = True,
         sample_subset: bool = True,
         output_fn: Callable[[Any], Tensor] | None = None,
@@ -205,6 +201,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.min_damping = check_range("min_damping", min_damping, low=0.0, low_open=True, high=None)
         self.max_damping = check_range("max_damping", max_damping, low=self.min_damping, low_open=False, high=None)
         self.quad_samples = positive_int("quad_samples", quad_samples, allow_none=True)
+        self.schedule = ModelSchedule(positive_int("quad_every", quad_every),
+                                      check_range("quad_tol", quad_tol, low=0.0, low_open=False, high=None))
         params = [p for p in model.parameters() if p.requires_grad]
         _check_model(model, preconditioner, self.adaptive, params)
         self.model, self.preconditioner = model, preconditioner
@@ -223,10 +221,6 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def rule(self) -> LevenbergMarquardt:
         """The damping rule of the current settings (:mod:`cgfac.optim.damping`)."""
         return LevenbergMarquardt(self.damping_interval, self.damping_decay, self.min_damping, self.max_damping)
-
-    def _subset_sampling(self, args: tuple) -> bool:
-        """:meth:`cgfac.optim.replay.ForwardRecorder.subset_sampling`."""
-        return self.recorder.subset_sampling(args)
 
     def _curvature_gram(self, vectors: list[dict[str, Tensor]]) -> Tensor:
         """``[vᵢᵀ C vⱼ]`` over this step's forwards (:meth:`cgfac.optim.quadratic.QuadraticModel.gram`)."""
@@ -274,6 +268,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         pre.step()
         if pre.skipped_steps != skipped or not grads:
             self.skipped_steps += 1
+            self.schedule.reset()
             return loss
         self._forwards = forwards
         try:
@@ -286,35 +281,6 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _max_weight_decay(self) -> float:
         return max((g["weight_decay"] for g in self.param_groups), default=0.0)
 
-    def _coefficients(self, grads: dict[Tensor, Tensor], delta: dict[Tensor, Tensor], prev: dict[Tensor, Any],
-                      has_prev: bool, lr: dict[Tensor, float], mom: dict[Tensor, float],
-                      info: dict[str, float]) -> tuple[tuple[float, float], float | None] | None:
-        """``(α, μ)`` and the model's change of the update applied (None without the model), or
-        None: no finite step (the step is skipped and ``λ`` raised). ``lr``, ``mom``: each
-        parameter's group's learning rate and momentum."""
-        if self.adaptive == "none":
-            return (1.0, 1.0), None
-        params = list(grads)
-        damping = self.damping + self._max_weight_decay()
-        vectors = [delta] + ([prev] if has_prev else [])
-        names = [{self._names[p]: v[p] for p in params} for v in vectors]  # type: ignore[index]
-        with record_function("cgfac.optim.quad_model"):
-            gram = self._curvature_gram(names)  # vᵢᵀ C vⱼ
-        lam = param_damping(self.preconditioner)  # λ_p: the damping each parameter's solve used
-        dots, damped_dots, lin = self.quadratic.inner_products(vectors, grads, params, lam, damping)
-        damped = gram + damped_dots
-        info.update(dir_curvature=float(gram[0, 0]), dir_grad=float(lin[0]))
-        c = solve_coefficients(damped, lin, self.adaptive, has_prev, next(iter(mom.values())))
-        if c is None:
-            return None
-        alpha, mu = c
-        # Model change of the update actually applied (group lr scales α), without damping.
-        scale = [alpha * lr[params[0]], mu] if has_prev else [alpha * lr[params[0]]]
-        v = torch.tensor(scale, dtype=torch.float64)
-        quad_change = float(lin @ v + 0.5 * v @ (gram + self._max_weight_decay() * dots) @ v)
-        info.update(alpha=alpha, mu=mu if has_prev else 0.0, quad_change=quad_change)
-        return c, quad_change
-
     def _update(self, grads: dict[Tensor, Tensor], loss: Any, closure: Callable[[], Any] | None) -> None:
         params = list(grads)
         delta = {p: -_grad(p) for p in params}  # Δ = −(C̃ + λI)⁻¹ ∇h
@@ -323,8 +289,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         info: dict[str, float] = {"damping": self.damping}
         lr = {p: g["lr"] for g in self.param_groups for p in g["params"]}
         mom = {p: g["momentum"] for g in self.param_groups for p in g["params"]}
-        found = self._coefficients(grads, delta, prev, has_prev, lr, mom, info)
+        found = self._model_coefficients(grads, delta, prev, has_prev, lr, mom, info)
         if found is None:
+            self.schedule.reset()
             self.skipped_steps += 1
             self.damping = self.rule.raised(self.damping)
             warnings.warn("cgfac: the quadratic model gave no finite step; step skipped, damping raised",
@@ -335,6 +302,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         coeffs, quad_change = found
         updates = self._updates(params, delta, prev, coeffs, lr, mom)
         if updates is None:
+            self.schedule.reset()
             return
         for p in params:
             p.add_(updates[p])
@@ -349,6 +317,29 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.copy_(grads[p])
         self.last = info
+
+    def _model_coefficients(self, grads: dict[Tensor, Tensor], delta: dict[Tensor, Tensor],
+                            prev: dict[Tensor, Any], has_prev: bool, lr: dict[Tensor, float],
+                            mom: dict[Tensor, float], info: dict[str, float]
+                            ) -> tuple[tuple[float, float], float | None] | None:
+        """``(α, μ)`` and the model's change of the update applied (None: not evaluated), or None: no
+        finite step. The model is evaluated where the schedule says so (:class:`ModelSchedule`);
+        otherwise the last ``(α, μ)`` (no damping check is due then). ``lr``, ``mom``: per parameter."""
+        if self.adaptive == "none":
+            return (1.0, 1.0), None
+        if not self.schedule.due(self.steps, self.adapt_damping and self.rule.due(self.steps)):
+            coeffs = self.schedule.coeffs
+            assert coeffs is not None  # due() otherwise
+            info.update(alpha=coeffs[0], mu=coeffs[1] if has_prev else 0.0, model_reused=1.0)
+            return coeffs, None
+        first = next(iter(grads))
+        found = fit_coefficients(
+            self._curvature_gram, [delta] + ([prev] if has_prev else []), self._names, grads,
+            param_damping(self.preconditioner), self.damping + self._max_weight_decay(), self._max_weight_decay(),
+            self.adaptive, mom[first], lr[first], info)
+        if found is not None:
+            self.schedule.record(self.steps, found[0])
+        return found
 
     def _updates(self, params: list[Tensor], delta: dict[Tensor, Tensor], prev: dict[Tensor, Any],
                  coeffs: tuple[float, float], lr: dict[Tensor, float],
@@ -368,16 +359,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _adapt_damping(self, loss: float, quad_change: float | None, closure: Callable[[], Any],
                        updates: dict[Tensor, Tensor]) -> dict[str, float]:
-        pre = self.preconditioner
-        # The evaluation is not a training forward: buffers (BatchNorm running statistics) are kept.
-        buffers = [(b, b.clone()) for b in self.model.buffers()]
-        with self.recorder.paused():
-            try:
-                new_loss = closure_value(closure) + l2_term(self.param_groups)
-            finally:
-                pre.discard_captured()
-                for b, saved in buffers:
-                    b.copy_(saved)
+        new_loss = evaluation_loss(self.model, self.recorder, self.preconditioner, closure) + l2_term(self.param_groups)
         old_loss = loss + l2_term(self.param_groups, undo=updates)
         finite = math.isfinite(new_loss)
         rejected = not finite or (self.reject_worse and new_loss > old_loss)
@@ -390,7 +372,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             warnings.warn("cgfac: non-finite loss after the update; update undone, damping raised",
                           RuntimeWarning, stacklevel=4)
         rho = self.rule.ratio(new_loss, old_loss, quad_change)
-        self.damping = self.rule.adapted(self.damping, rho)
+        adapted = self.rule.adapted(self.damping, rho)
+        if rejected or adapted != self.damping:  # the reused coefficients belonged to the old λ or point
+            self.schedule.reset()
+        self.damping = adapted
         return {"rho": rho, "new_loss": new_loss, "damping_next": self.damping, "rejected": float(rejected)}
 
     # --- checkpoints ----------------------------------------------------------------------------
@@ -399,7 +384,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         damping and counters, and the preconditioner's own state."""
         state = super().state_dict()
         state["cgfac"] = {"damping": self.damping, "steps": self.steps, "skipped_steps": self.skipped_steps,
-                          "rejected_steps": self.rejected_steps, "preconditioner": self.preconditioner.state_dict()}
+                          "rejected_steps": self.rejected_steps, "model_schedule": self.schedule.state(),
+                          "preconditioner": self.preconditioner.state_dict()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -413,6 +399,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.steps = int(ours["steps"])
         self.skipped_steps = int(ours["skipped_steps"])
         self.rejected_steps = int(ours.get("rejected_steps", 0))
+        if "model_schedule" in ours:
+            self.schedule.load(ours["model_schedule"])
 
     def remove(self) -> None:
         """Remove every hook (the optimizer's and the preconditioner's)."""

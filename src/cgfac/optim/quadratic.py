@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from cgfac.losses import likelihood
 from cgfac.optim.replay import Forward, ForwardRecorder, replayed_rng
@@ -24,7 +26,7 @@ except ImportError:  # pragma: no cover - torch 2.2
     def forward_ad_attention() -> Any:
         return contextlib.nullcontext()
 
-__all__ = ["QuadraticModel", "last", "output_quad_form", "solve_coefficients"]
+__all__ = ["ModelSchedule", "QuadraticModel", "fit_coefficients", "last", "output_quad_form", "solve_coefficients"]
 
 
 def last(t: Tensor, k: int) -> Tensor:
@@ -128,3 +130,80 @@ def solve_coefficients(damped: Tensor, lin: Tensor, adaptive: str, has_prev: boo
     # With μ fixed: α = −(lin₀ + μ M₀₁) / M₀₀.
     cross = float(damped[0, 1]) * mu if has_prev else 0.0
     return float(-(lin[0] + cross) / damped[0, 0]), mu
+
+
+
+def fit_coefficients(gram_fn: Callable[[list[dict[str, Tensor]]], Tensor], vectors: list[dict[Tensor, Any]],
+                     names: dict[Tensor, str], grads: dict[Tensor, Tensor], lam: dict[Tensor, float], damping: float,
+                     weight_decay: float, adaptive: str, momentum: float, lr: float,
+                     info: dict[str, float]) -> tuple[tuple[float, float], float] | None:
+    """``(α, μ)`` minimising the model over ``vectors`` (``[Δ]`` or ``[Δ, δ₀]``) and the model's change
+    ``M(δ) − M(0)`` (without ``λ``) of the update ``lr·α·Δ + μ·δ₀``; None where no finite minimum.
+
+    ``gram_fn``: ``[vᵢᵀ C vⱼ]`` of vectors keyed by parameter name (:meth:`QuadraticModel.gram`);
+    ``lam``: each parameter's damping in this step's solve (``damping`` for the others); ``info``
+    receives ``dir_curvature``, ``dir_grad``, ``alpha``, ``mu``, ``quad_change``."""
+    params = list(grads)
+    has_prev = len(vectors) > 1
+    with record_function("cgfac.optim.quad_model"):
+        gram = gram_fn([{names[p]: v[p] for p in params} for v in vectors])  # vᵢᵀ C vⱼ
+    dots, damped_dots, lin = QuadraticModel.inner_products(vectors, grads, params, lam, damping)
+    info.update(dir_curvature=float(gram[0, 0]), dir_grad=float(lin[0]))
+    c = solve_coefficients(gram + damped_dots, lin, adaptive, has_prev, momentum)
+    if c is None:
+        return None
+    alpha, mu = c
+    # Model change of the update actually applied (group lr scales α), without damping.
+    v = torch.tensor([alpha * lr, mu] if has_prev else [alpha * lr], dtype=torch.float64)
+    quad_change = float(lin @ v + 0.5 * v @ (gram + weight_decay * dots) @ v)
+    info.update(alpha=alpha, mu=mu if has_prev else 0.0, quad_change=quad_change)
+    return c, quad_change
+
+
+@dataclass
+class ModelSchedule:
+    """When the quadratic model is evaluated, and the coefficients reused in between (``quad_every``).
+
+    With ``every = 1`` (the default) the model is evaluated on every step. Otherwise it is evaluated:
+
+    * on the first step, and on the step after ``λ`` changed, an update was undone or a step was
+      skipped (:meth:`reset`);
+    * on every step whose Levenberg–Marquardt check is due (``ρ`` needs the model's predicted change);
+    * once ``period`` steps have passed since the last evaluation.
+
+    After an evaluation, ``period`` doubles (at most ``every``) when ``α`` and ``μ`` each moved by at
+    most ``tolerance`` relative to the previous evaluation's (``|x − x₀| ≤ tol · max(|x|, |x₀|)``),
+    and returns to 1 otherwise. Between evaluations the last ``(α, μ)`` are reused: the step is
+    ``δ = lr · α · Δ + μ · δ₀`` with this step's direction ``Δ``.
+    """
+
+    every: int = 1
+    tolerance: float = 0.1
+    period: int = 1
+    last_step: int = -1
+    coeffs: tuple[float, float] | None = None
+
+    def due(self, step: int, check_due: bool) -> bool:
+        """Whether the model must be evaluated on the step numbered ``step`` (from 0)."""
+        return self.every == 1 or self.coeffs is None or check_due or step - self.last_step >= self.period
+
+    def record(self, step: int, coeffs: tuple[float, float]) -> None:
+        """An evaluation's coefficients: the period doubles where they moved little, else is reset."""
+        if self.coeffs is not None and all(abs(x - x0) <= self.tolerance * max(abs(x), abs(x0))
+                                           for x, x0 in zip(coeffs, self.coeffs)):
+            self.period = min(2 * self.period, self.every)
+        else:
+            self.period = 1
+        self.coeffs, self.last_step = coeffs, step
+
+    def reset(self) -> None:
+        """Evaluate on the next step, the period back at 1."""
+        self.coeffs, self.period = None, 1
+
+    def state(self) -> dict[str, Any]:
+        return {"period": self.period, "last_step": self.last_step, "coeffs": self.coeffs}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.period, self.last_step = int(state["period"]), int(state["last_step"])
+        coeffs = state["coeffs"]
+        self.coeffs = None if coeffs is None else (float(coeffs[0]), float(coeffs[1]))

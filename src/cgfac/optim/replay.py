@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from cgfac.base import Preconditioner
 from cgfac.options import LossType
 
-__all__ = ["Forward", "ForwardRecorder", "replayed_rng"]
+__all__ = ["Forward", "ForwardRecorder", "closure_value", "evaluation_loss", "replayed_rng"]
 
 
 class Forward:
@@ -161,3 +161,26 @@ class ForwardRecorder:
             if h is not None:
                 h.remove()
         self.handle = self.pre_handle = None
+
+
+def closure_value(closure: Callable[[], Any]) -> float:
+    """The loss a closure returns, as a float (grad enabled: the closure runs its backward)."""
+    with torch.enable_grad():
+        loss = closure()
+    if loss is None:
+        raise ValueError("closure must return the loss")
+    return float(loss.detach() if isinstance(loss, Tensor) else loss)
+
+
+def evaluation_loss(model: nn.Module, recorder: ForwardRecorder, pre: Preconditioner,
+                    closure: Callable[[], Any]) -> float:
+    """The closure's loss as an evaluation, not a training forward: capture paused, the rows it
+    captured discarded, the model's buffers (BatchNorm running statistics) restored."""
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    with recorder.paused():
+        try:
+            return closure_value(closure)
+        finally:
+            pre.discard_captured()
+            for b, saved in buffers:
+                b.copy_(saved)
