@@ -203,18 +203,21 @@ def factor_basis(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     eigenvalues and zeros), for a low-rank solve.
 
     ``rows``: ``r × d``. With ``r < d``: the ``r × r`` Gram ``rows rowsᵀ = V diag(s) Vᵀ`` and
-    ``U = rowsᵀ V`` (``d × r``; ``‖uᵢ‖² = sᵢ``), ``t = 1``: ``2 r² d`` multiply-adds at matrix-product
-    speed and an ``r × r`` eigendecomposition, no QR. ``U`` is never normalised (``Uσ^{-1/2}``
-    loses orthogonality for small ``σ`` in float32): the solves use ``U`` with coefficients that
-    carry the factor ``t/s`` themselves. Otherwise ``rowsᵀ rows = Q diag(s) Qᵀ``: ``U = Q``, ``t = s``.
+    ``U = rowsᵀ V`` (``d × r``; ``‖uᵢ‖² = sᵢ``), ``t = 1``: ``2 r² d`` multiply-adds and an ``r × r``
+    eigendecomposition, no QR. These three run in float64 (then ``U`` is cast back): in the rows'
+    float32, ``uᵢ`` of a small ``sᵢ`` would carry an error of ``ε√s_max`` along the top directions,
+    which the solve's ``1/λ²``-sized coefficients amplify. ``U`` is never normalised
+    (``Uσ^{-1/2}`` loses orthogonality for small ``σ``): the solves use coefficients that carry
+    ``t/s`` themselves. Otherwise (``r ≥ d``) ``rowsᵀ rows = Q diag(s) Qᵀ``: ``U = Q``, ``t = s``.
     """
     if rows.shape[0] >= rows.shape[1]:
         s, q = eigh(rows.T @ rows)
         return s, q, s
     with record_function("cgfac.lowrank.gram"):
-        s, v = eigh(rows @ rows.T)
-        u = rows.T @ v
-    return s, u, torch.ones_like(s)
+        wide = rows.double() if rows.dtype in (torch.float32, torch.float16, torch.bfloat16) else rows
+        s, v = eigh(wide @ wide.T)
+        u = (wide.T @ v).to(rows.dtype)
+    return s.to(rows.dtype), u, torch.ones(s.shape, dtype=rows.dtype, device=rows.device)
 
 
 def factor_eig(rows: Tensor) -> tuple[Tensor, Tensor]:
