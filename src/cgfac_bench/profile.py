@@ -10,22 +10,35 @@ profile sums each mark's inclusive time per step:
   ``model.forward`` includes ``cgfac.capture``, the layers' forward hooks building input rows, and,
   for ``fisher="true"`` under :mod:`cgfac.optim`, ``cgfac.sampled_backward``);
 * ``cgfac.precondition``: ``Preconditioner.step``, of which ``cgfac.rows`` (pairing the captured
-  rows, the curvature window), ``cgfac.solve`` (per layer: ``cgfac.lowrank.qr`` of the rows,
-  ``cgfac.eigh`` of the ``r × r`` (or ``d × d``) matrices, ``cgfac.lowrank.products``),
+  rows, the curvature window), ``cgfac.solve`` (per layer: ``cgfac.lowrank.gram``, the rows' Gram
+  and the basis ``aᵀV`` in float64; ``cgfac.eigh`` of the ``r × r`` (or ``d × d``) matrices, inside
+  the former for the low-rank solve; ``cgfac.lowrank.products``),
   ``cgfac.read`` (the one device read) and ``cgfac.write`` (the directions into ``.grad``);
 * ``cgfac.optim.quad_model``: the forward-mode passes of the quadratic model;
   ``cgfac.optim.damping_check``: the Levenberg–Marquardt re-evaluation (every ``T`` steps; it
   contains a forward and backward of its own, counted in ``model.*`` too).
 
 The number of device reads in ``Preconditioner.step`` is counted as well (tensor-to-Python
-conversions), and the optimizer state (the tensors of ``state_dict()``) against Adam's. Writes
-``profile.json``, ``profile.md`` and ``profile.png`` into ``--out``.
+conversions), and the optimizer state (the tensors of ``state_dict()``) against Adam's.
+
+Roofline (:func:`roofline`): this machine's matrix-product peak is measured first (a square
+float32 product, :func:`matmul_peak`); then, per part, the work inside it under the profiler:
+matrix products (``aten::mm``, ``addmm``, ``bmm``, ``baddbmm``: ``2mnk`` flops, the profiler's own
+count; bytes: their operands and result), the decompositions (``eigh`` of ``n × n``: ``9n³``;
+QR of ``m × n``: ``4mn² − 4n³/3``; Cholesky: ``n³/3``) and everything else (elementwise and
+reductions: their operands' bytes, no flops counted). Reported: flops and bytes per step, the
+arithmetic intensity, the achieved rate over the part's time, and the matrix products' own rate
+(their flops over their own time) as a fraction of the peak (a float64 product, as in the
+low-rank basis, counts against the float32 peak). Writes ``profile.json``,
+``profile.md`` and ``profile.png`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -44,13 +57,77 @@ from cgfac_bench.tasks import TASKS, load_task_data, model_options, task_loss
 from cgfac_bench.tuned import TUNED
 
 MARKS = ("model.forward", "cgfac.capture", "cgfac.sampled_backward", "model.backward", "cgfac.precondition",
-         "cgfac.rows", "cgfac.solve", "cgfac.lowrank.qr", "cgfac.eigh", "cgfac.lowrank.products", "cgfac.read",
+         "cgfac.rows", "cgfac.solve", "cgfac.lowrank.gram", "cgfac.eigh", "cgfac.lowrank.products", "cgfac.read",
          "cgfac.write", "cgfac.optim.quad_model", "cgfac.optim.damping_check")
 PARENT = {"cgfac.capture": "model.forward", "cgfac.sampled_backward": "model.forward",
           "cgfac.rows": "cgfac.precondition", "cgfac.solve": "cgfac.precondition", "cgfac.read": "cgfac.precondition",
-          "cgfac.write": "cgfac.precondition", "cgfac.lowrank.qr": "cgfac.solve", "cgfac.eigh": "cgfac.solve",
+          "cgfac.write": "cgfac.precondition", "cgfac.lowrank.gram": "cgfac.solve", "cgfac.eigh": "cgfac.solve",
           "cgfac.lowrank.products": "cgfac.solve"}
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+DECOMPOSITION = re.compile(r"^aten::_?linalg_(eigh|qr|cholesky)(_ex)?$")
+
+
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """The best rate (flop/s) of an ``n × n`` float32 matrix product on ``device`` (current threads)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _numel(shape: Any) -> int:
+    return math.prod(shape) if isinstance(shape, (list, tuple)) and all(isinstance(d, int) for d in shape) else 0
+
+
+def op_work(event: Any) -> tuple[float, float, bool]:
+    """``(flops, bytes, is_matmul)`` of one profiled leaf operator (float32 operands assumed for bytes)."""
+    shapes = [sh for sh in (event.input_shapes or []) if isinstance(sh, (list, tuple))]
+    operand_bytes = 4.0 * sum(_numel(sh) for sh in shapes)
+    name = event.name
+    if name in MATMULS:
+        flops = float(event.flops or 0)
+        dims = [sh for sh in shapes if len(sh) >= 2]
+        out = _numel(dims[-2][:-1]) * dims[-1][-1] if len(dims) >= 2 else 0
+        return flops, operand_bytes + 4.0 * out, True
+    square = next((sh for sh in shapes if len(sh) >= 2), None)
+    if square is not None and DECOMPOSITION.search(name):
+        m, n = square[-2], square[-1]
+        flops = 9.0 * n**3 if "eigh" in name else 4.0 * m * n * n - 4.0 * n**3 / 3 if "qr" in name else n**3 / 3
+        return flops * _numel(square[:-2] or [1]), 2 * operand_bytes, False
+    return 0.0, operand_bytes, False
+
+
+def roofline(events: Any, steps: int, peak: float) -> dict[str, dict[str, float]]:
+    """Per mark of :data:`MARKS`: the leaf operators under it (:func:`op_work`), per step."""
+    out: dict[str, dict[str, float]] = {}
+    for event in events:
+        if event.name not in MARKS:
+            continue
+        row = out.setdefault(event.name, {"ms": 0.0, "flops": 0.0, "bytes": 0.0, "mm_flops": 0.0, "mm_ms": 0.0})
+        row["ms"] += event.cpu_time_total / 1000 / steps
+        stack = list(event.cpu_children)
+        while stack:
+            child = stack.pop()
+            if child.cpu_children and child.name not in MATMULS and not DECOMPOSITION.search(child.name):
+                stack.extend(child.cpu_children)
+                continue
+            flops, nbytes, mm = op_work(child)
+            row["flops"] += flops / steps
+            row["bytes"] += nbytes / steps
+            if mm:
+                row["mm_flops"] += flops / steps
+                row["mm_ms"] += child.cpu_time_total / 1000 / steps
+    for row in out.values():
+        row["gflops"] = row["flops"] / max(row["ms"], 1e-9) / 1e6
+        row["intensity"] = row["flops"] / max(row["bytes"], 1.0)
+        row["mm_fraction_of_peak"] = (row["mm_flops"] / (row["mm_ms"] / 1000) / peak) if row["mm_ms"] > 0 else 0.0
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -176,6 +253,8 @@ def _run(args: argparse.Namespace) -> int:
     options = model_options(args.task, args)
     results: dict[str, Any] = {}
     profiled: dict[str, float] = {}
+    roof: dict[str, dict[str, float]] = {}
+    peak = matmul_peak(device)
     reads = None
     for name in (args.optimizer, "adam"):
         torch.manual_seed(0)
@@ -189,13 +268,14 @@ def _run(args: argparse.Namespace) -> int:
         if name == args.optimizer:
             if pre is not None:
                 reads = count_reads(pre, step)
-            with torch.profiler.profile() as prof:
+            with torch.profiler.profile(record_shapes=True, with_flops=True) as prof:
                 for _ in range(args.steps):
                     step()
                     _sync(device)
             for event in prof.key_averages():
                 if event.key in MARKS:
                     profiled[event.key] = profiled.get(event.key, 0.0) + event.cpu_time_total / 1000 / args.steps
+            roof = roofline(prof.events(), args.steps, peak)
         del model, step, pre, opt
     ours, adam = results[args.optimizer]["ms_per_step"], results["adam"]["ms_per_step"]
     record = {
@@ -204,6 +284,7 @@ def _run(args: argparse.Namespace) -> int:
         "hyper": {k: v for k, v in vars(hp).items()}, "steps": results, "ratio_to_adam": ours / adam,
         "state_ratio_to_adam": results[args.optimizer]["state_mb"] / max(results["adam"]["state_mb"], 1e-12),
         "parts_ms_per_step": {k: profiled[k] for k in MARKS if k in profiled}, "host_reads_in_pre_step": reads,
+        "matmul_peak_gflops": peak / 1e9, "roofline": {k: roof[k] for k in MARKS if k in roof},
     }
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +316,22 @@ def write_markdown(path: Path, record: dict[str, Any], args: argparse.Namespace)
             depth += 1
             parent = PARENT.get(parent)
         lines.append(f"| {'&nbsp;&nbsp;' * 2 * depth}{key} | {ms:.1f} | {ms / ours:.0%} |")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines + roofline_lines(record)) + "\n")
+
+
+def roofline_lines(record: dict[str, Any]) -> list[str]:
+    """The roofline table of :func:`roofline` (per step; rates against the measured peak)."""
+    peak = record["matmul_peak_gflops"]
+    lines = ["", f"Roofline (matrix-product peak measured here: **{peak:.0f} GFLOP/s**, a 2048² float32 product; "
+             "per step, under the profiler; products' rate: their flops over their own time):", "",
+             "| part | ms | GFLOP | MB moved | flop/byte | GFLOP/s over the part | of peak | products' GFLOP/s | "
+             "products of peak |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, row in record["roofline"].items():
+        mm_rate = row["mm_flops"] / max(row["mm_ms"] / 1000, 1e-12) / 1e9 if row["mm_ms"] > 0 else 0.0
+        lines.append(f"| {key} | {row['ms']:.1f} | {row['flops'] / 1e9:.2f} | {row['bytes'] / 1e6:.0f} | "
+                     f"{row['intensity']:.1f} | {row['gflops']:.1f} | {row['gflops'] / peak:.0%} | "
+                     f"{mm_rate:.1f} | {row['mm_fraction_of_peak']:.0%} |")
+    return lines
 
 
 def write_plot(path: Path, record: dict[str, Any], args: argparse.Namespace) -> None:
