@@ -76,6 +76,7 @@ def _adaptive(name: str, model: nn.Module, lr: float, hp: SecondOrder, loss_type
     common: dict[str, Any] = {"damping": hp.damping, "fisher": hp.fisher, "loss_type": loss_type, "lr": lr,
                               "adaptive": hp.adaptive, "adapt_damping": hp.adaptive != "none",
                               "quad_samples": hp.quad_samples, "quad_every": hp.quad_every,
+                              "quad_tol": hp.quad_tol,
                               "min_damping": hp.min_damping,
                               "damping_scale": hp.damping_scale}
     if hp.adaptive == "none":

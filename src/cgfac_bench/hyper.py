@@ -48,6 +48,7 @@ class SecondOrder:
     adaptive: str = "lr+momentum"  # the *-adaptive optimizers: what the quadratic model chooses
     quad_samples: int | None = None  # the *-adaptive optimizers: samples for the GGN products (None: all)
     quad_every: int = 1  # the *-adaptive optimizers: longest period of the quadratic model (coefficients reused)
+    quad_tol: float = 0.1  # the *-adaptive optimizers: relative change of (α, μ) and λ the reuse tolerates
     kfac_samples: int | None = None  # K-FAC: samples of each batch for the factors (None: all)
     min_damping: float = 1e-3  # the *-adaptive optimizers: lower bound of the LM-adapted λ (the library default)
     damping_form: str = "exact"  # "exact" or "factored" (K-FAC and CG-FAC kron)

@@ -4,6 +4,7 @@ between evaluations, which reuse the last (α, μ) with this step's direction (f
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_a_changed_damping_or_a_due_check_forces_an_evaluation() -> None:
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen)
     opt = cgfac.optim.KFAC(model, loss_type="cross_entropy", damping=0.1, factor_decay=0.0, inv_update_steps=1,
-                           damping_interval=3, quad_every=8, quad_tol=10.0)
+                           damping_interval=3, damping_decay=0.8, quad_every=8, quad_tol=0.2)
 
     def closure():
         opt.zero_grad()
@@ -109,8 +110,8 @@ def test_a_changed_damping_or_a_due_check_forces_an_evaluation() -> None:
         opt.step(closure)
         if (step + 1) % 3 == 0:  # the LM check is due: the model was evaluated, ρ computed
             assert "model_reused" not in opt.last and "rho" in opt.last
-            if opt.damping != damping:
-                assert opt.schedule.coeffs is None  # the next step evaluates again
+            moved = abs(math.log(opt.damping / damping)) > math.log1p(0.2)  # a change is 0.8³ or 0.8⁻³
+            assert moved == (opt.schedule.coeffs is None)  # λ moved past 1 + quad_tol: evaluate again
         else:
             assert "rho" not in opt.last
 

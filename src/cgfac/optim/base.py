@@ -373,8 +373,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                           RuntimeWarning, stacklevel=4)
         rho = self.rule.ratio(new_loss, old_loss, quad_change)
         adapted = self.rule.adapted(self.damping, rho)
-        if rejected or adapted != self.damping:  # the reused coefficients belonged to the old λ or point
-            self.schedule.reset()
+        if rejected or abs(math.log(adapted / self.damping)) > math.log1p(self.schedule.tolerance):
+            self.schedule.reset()  # the reused coefficients belonged to the old point, or to a λ far from it
         self.damping = adapted
         return {"rho": rho, "new_loss": new_loss, "damping_next": self.damping, "rejected": float(rejected)}
 

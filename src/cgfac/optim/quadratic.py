@@ -166,8 +166,8 @@ class ModelSchedule:
 
     With ``every = 1`` (the default) the model is evaluated on every step. Otherwise it is evaluated:
 
-    * on the first step, and on the step after ``λ`` changed, an update was undone or a step was
-      skipped (:meth:`reset`);
+    * on the first step, and on the step after an update was undone, a step was skipped or ``λ``
+      moved by more than a factor ``1 + tolerance`` (:meth:`reset`);
     * on every step whose Levenberg–Marquardt check is due (``ρ`` needs the model's predicted change);
     * once ``period`` steps have passed since the last evaluation.
 
