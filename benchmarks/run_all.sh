@@ -236,3 +236,12 @@ $B train --task nanogpt-m --iters 2000 --jobs 2 --from-runs benchmarks/train-nan
   --out benchmarks/train-nanogpt-m-3seeds
 $B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs benchmarks/train-nanogpt-s-3seeds/recorded-runs.jsonl \
   --out benchmarks/train-nanogpt-s-3seeds
+# Round 5 (issue 26): the ×4 step with its roofline, and the quadratic model on a schedule (one seed, 120 s each,
+# one run at a time; the first run holds Adam).
+$B profile --task autoencoder-wide --width-mult 4 --optimizer cgfac-kron-adaptive \
+  --out benchmarks/profile-autoencoder-wide-x4-round5
+W="--task autoencoder-wide --width-mult 4 --tuned --budget 120 --eval-every 25 --eval-samples 2000"
+$B train $W --optimizers cgfac-kron-adaptive,adam --out benchmarks/train-autoencoder-wide-x4-120s-round5/base
+$B train $W --optimizers cgfac-kron-adaptive --hyper quad_every=5,quad_tol=0.5 \
+  --out benchmarks/train-autoencoder-wide-x4-120s-round5/quad-every-5
+
