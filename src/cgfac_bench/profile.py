@@ -28,8 +28,9 @@ count; bytes: their operands and result), the decompositions (``eigh`` of ``n ×
 QR of ``m × n``: ``4mn² − 4n³/3``; Cholesky: ``n³/3``) and everything else (elementwise and
 reductions: their operands' bytes, no flops counted). Reported: flops and bytes per step, the
 arithmetic intensity, the achieved rate over the part's time, and the matrix products' own rate
-(their flops over their own time) as a fraction of the peak (a float64 product, as in the
-low-rank basis, counts against the float32 peak). Writes ``profile.json``,
+(their flops over their own time, nested products apart: forward-mode AD runs the tangents'
+products inside the primal's) as a fraction of the peak (a float64 product, as in the low-rank
+basis, counts against the float32 peak). Writes ``profile.json``,
 ``profile.md`` and ``profile.png`` into ``--out``.
 """
 
@@ -68,7 +69,7 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 DECOMPOSITION = re.compile(r"^aten::_?linalg_(eigh|qr|cholesky)(_ex)?$")
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
     """The best rate (flop/s) of an ``n × n`` float32 matrix product on ``device`` (current threads)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = math.inf
@@ -114,15 +115,17 @@ def roofline(events: Any, steps: int, peak: float) -> dict[str, dict[str, float]
         stack = list(event.cpu_children)
         while stack:
             child = stack.pop()
-            if child.cpu_children and child.name not in MATMULS and not DECOMPOSITION.search(child.name):
-                stack.extend(child.cpu_children)
-                continue
-            flops, nbytes, mm = op_work(child)
+            mm = child.name in MATMULS
+            if child.cpu_children and not DECOMPOSITION.search(child.name):
+                stack.extend(child.cpu_children)  # a product's children: forward-mode AD's tangent products
+                if not mm:
+                    continue
+            flops, nbytes, _ = op_work(child)
             row["flops"] += flops / steps
             row["bytes"] += nbytes / steps
             if mm:
                 row["mm_flops"] += flops / steps
-                row["mm_ms"] += child.cpu_time_total / 1000 / steps
+                row["mm_ms"] += child.self_cpu_time_total / 1000 / steps
     for row in out.values():
         row["gflops"] = row["flops"] / max(row["ms"], 1e-9) / 1e6
         row["intensity"] = row["flops"] / max(row["bytes"], 1.0)
