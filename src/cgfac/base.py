@@ -30,6 +30,7 @@ from torch.profiler import record_function
 
 from cgfac import persist
 from cgfac.capture import Recorder, rank_seed
+from cgfac.curvature.base import DeviceTraced, RankBounded, Scaled
 from cgfac.distributed import WorkAssignment
 from cgfac.hyperparams import Hyper, HyperParam
 from cgfac.layers import LayerHelper, Rows
@@ -302,7 +303,7 @@ class Preconditioner:
         """This step's rows for a layer, in the compute dtype, unscaled by any GradScaler."""
         return self.capture.rows(helper, self.compute_dtype(helper), max_samples)
 
-    def _layer_damping(self, name: str, damping: float, curvature: Any) -> float:
+    def _layer_damping(self, name: str, damping: float, curvature: Scaled) -> float:
         """The damping of one layer's solve (:func:`layer_damping`), recorded in its stats."""
         return layer_damping(self.stats.setdefault(name, {}), damping, curvature, self.damping_scale,
                              self.damping_offset, deferred=self.route.defers)
@@ -428,14 +429,15 @@ class Preconditioner:
         self.remove()
 
 
-def layer_damping(st: dict[str, Any], damping: float, curvature: Any, damping_scale: DampingScale, offset: float, *,
-                  deferred: bool) -> Any:
+def layer_damping(st: dict[str, Any], damping: float, curvature: Scaled, damping_scale: DampingScale, offset: float,
+                  *, deferred: bool) -> Any:
     """The damping of one layer's solve: ``λ`` (absolute) or ``λ·s_l`` (relative, ``s_l`` from
     ``curvature.mean_diagonal()``; "rank": by the curvature's rank bound), plus ``offset``
     (:attr:`Preconditioner.damping_offset`); recorded in the layer's stats ``st``. ``deferred``
-    (the one-read step): computed on the device, without a host read."""
+    (the one-read step): computed on the device, without a host read, where the block has its trace
+    there (:class:`~cgfac.curvature.base.DeviceTraced`)."""
     lam: Any = damping
-    if damping_scale != "absolute" and deferred and hasattr(curvature, "trace_tensor"):
+    if damping_scale != "absolute" and deferred and isinstance(curvature, DeviceTraced):
         dims = curvature.shape[0] * curvature.shape[1]
         scale_t = curvature.trace_tensor() / (dims if damping_scale == "relative" else curvature.rank_bound())
         ok = torch.isfinite(scale_t) & (scale_t > 0)
@@ -443,7 +445,7 @@ def layer_damping(st: dict[str, Any], damping: float, curvature: Any, damping_sc
         st["curvature_scale"] = scale_t
     elif damping_scale != "absolute":
         scale = curvature.mean_diagonal()
-        if damping_scale == "rank" and hasattr(curvature, "rank_bound"):
+        if damping_scale == "rank" and isinstance(curvature, RankBounded):
             scale *= curvature.shape[0] * curvature.shape[1] / curvature.rank_bound()
         if math.isfinite(scale) and scale > 0:
             lam = damping * scale

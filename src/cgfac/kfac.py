@@ -256,6 +256,8 @@ class KFAC(Preconditioner):
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         solver = self.states[name].solver
         eigen = solver.decomposition
+        if eigen is None:  # _refresh_decompositions keeps one for every layer this rank solves
+            raise RuntimeError(f"K-FAC: layer {name!r} has no decomposition to solve with")
         method = getattr(eigen, "method", "eigen")  # normalisation layers: "feature-blocks"
         self.stats[name].update(method=method, decomposition_age=solver.decomposition_age)
         damping = self._layer_damping(name, damping, eigen)

@@ -67,12 +67,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from cgfac import dtensor
-from cgfac.curvature.kron import eigh, factor_eig
-from cgfac.layers.experts import ExpertsGroup, experts_helper, product_hooks
+from cgfac.layers.experts import ExpertsGroup, experts_helper
 from cgfac.options import Direction, FactorSource, Sides, values
+from cgfac.transformer_factors import (
+    FactorRefresh,
+    LayerRows,
+    RowRecorder,
+    Side,
+    damped_cholesky,
+    damped_power,
+    factor_from_cholesky,
+    factor_from_power,
+    power_matrix,
+)
 
 DIRECTIONS = values(Direction)
 SIDES = values(Sides)
@@ -150,169 +159,6 @@ def newton_schulz(m: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dty
     return (x.T if tall else x).to(m.dtype)
 
 
-def damped_power(s: Tensor, q: Tensor, damping: float, dim: int, power: float) -> tuple[Tensor, Tensor, float]:
-    """``(q, coeff, base)`` with ``(F + λI)^p v = base·v + q diag(coeff) qᵀ v`` for ``F = q diag(s) qᵀ``.
-
-    ``λ = damping · Σs / dim`` (relative to the mean eigenvalue; ``Σs = tr F``), ``base = λ^p``,
-    ``coeff = (s + λ)^p − λ^p``. ``q`` (``dim × k``) may hold fewer than ``dim`` columns (the rows'
-    span): the formula is exact for the rank-``k`` ``F``.
-    """
-    lam = damping * float(s.sum()) / dim
-    if not lam > 0:
-        lam = damping
-    base = lam**power
-    return q, (s + lam).pow(power) - base, base
-
-
-class _Side:
-    """One factor's damped power: dense ``P`` (``d × d``, nothing else kept) or low-rank ``(q, coeff, base)``;
-    or (``"spectral"``) the Cholesky factor ``L`` of ``B = F + λI``, lower triangular."""
-
-    __slots__ = ("base", "chol", "coeff", "dense", "q")
-
-    def __init__(self, q: Tensor | None, coeff: Tensor | None, base: float, dense: Tensor | None,
-                 chol: Tensor | None = None) -> None:
-        self.q, self.coeff, self.base, self.dense, self.chol = q, coeff, base, dense, chol
-
-    @classmethod
-    def power(cls, q: Tensor, coeff: Tensor, base: float) -> _Side:
-        """The dense ``P = q diag(coeff + base) qᵀ`` (``q`` square)."""
-        return cls(None, None, base, (q * (coeff + base)) @ q.T)
-
-    @classmethod
-    def lowrank(cls, q: Tensor, coeff: Tensor, base: float) -> _Side:
-        return cls(q, coeff, base, None)
-
-    def right(self, m: Tensor) -> Tensor:
-        """``M P``."""
-        if self.dense is not None:
-            return m @ self.dense
-        assert self.q is not None and self.coeff is not None
-        return torch.addmm(m, (m @ self.q) * self.coeff, self.q.T, beta=self.base)
-
-    def left(self, m: Tensor) -> Tensor:
-        """``P M``."""
-        if self.dense is not None:
-            return self.dense @ m
-        assert self.q is not None and self.coeff is not None
-        return torch.addmm(m, self.q, self.coeff[:, None] * (self.q.T @ m), beta=self.base)
-
-    # "spectral": a whitening X (X Xᵀ = B⁻¹): X = L⁻ᵀ from Cholesky, or the symmetric B^{-1/2} = P
-    def whiten_right(self, m: Tensor) -> Tensor:
-        """``M X`` (``M L⁻ᵀ``)."""
-        if self.chol is None:
-            return self.right(m)
-        return torch.linalg.solve_triangular(self.chol.T, m, upper=True, left=False)
-
-    def unwhiten_right(self, o: Tensor) -> Tensor:
-        """``O Xᵀ`` (``O L⁻¹``)."""
-        if self.chol is None:
-            return self.right(o)
-        return torch.linalg.solve_triangular(self.chol, o, upper=False, left=False)
-
-    def whiten_left(self, m: Tensor) -> Tensor:
-        """``Xᵀ M`` (``L⁻¹ M``)."""
-        if self.chol is None:
-            return self.left(m)
-        return torch.linalg.solve_triangular(self.chol, m, upper=False)
-
-    def unwhiten_left(self, o: Tensor) -> Tensor:
-        """``X O`` (``L⁻ᵀ O``)."""
-        if self.chol is None:
-            return self.left(o)
-        return torch.linalg.solve_triangular(self.chol.T, o, upper=True)
-
-
-def _spd_inverse(matrix: Tensor) -> Tensor | None:
-    """``matrix⁻¹`` of a symmetric positive definite matrix by Cholesky (``L Lᵀ``, then ``L⁻ᵀ L⁻¹``:
-    about ``d³`` flops against the ``~9 d³`` of a symmetric eigendecomposition), or None where the
-    factorisation fails (not positive definite in this precision)."""
-    low, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
-        return None
-    inverse = torch.cholesky_inverse(low)
-    return inverse if bool(torch.isfinite(inverse).all()) else None
-
-
-def _damped(factor: Tensor, damping: float) -> Tensor:
-    """A copy of ``F + λI``, ``λ = damping · tr(F) / d`` (``damping`` itself where ``tr F = 0``)."""
-    lam = damping * float(factor.diagonal().sum()) / factor.shape[0]
-    shifted = factor.clone()
-    shifted.diagonal().add_(lam if lam > 0 else damping)
-    return shifted
-
-
-def power_matrix(factor: Tensor, damping: float, power: float) -> Tensor:
-    """The dense damped power ``P = (F + λI)^p``, ``λ = damping · tr(F) / d`` (:func:`damped_power`).
-
-    ``p = −1`` (Newton-Muon's): by Cholesky, no eigendecomposition (:func:`_spd_inverse`); other
-    powers, or a failed Cholesky: from ``F = Q diag(s) Qᵀ`` (``s ≥ 0``), ``P = Q diag((s + λ)^p) Qᵀ``.
-    Raises ``torch.linalg.LinAlgError`` where the eigendecomposition fails too.
-    """
-    if power == -1.0 and (inverse := _spd_inverse(_damped(factor, damping))) is not None:
-        return inverse
-    s, q = eigh(factor)
-    side = _Side.power(*damped_power(s, q, damping, factor.shape[0], power))
-    assert side.dense is not None
-    return side.dense
-
-
-def damped_cholesky(factor: Tensor, damping: float) -> Tensor:
-    """``L``, lower triangular, with ``L Lᵀ = F + λI``, ``λ = damping · tr(F) / d``; retried in float64
-    once; raises ``torch.linalg.LinAlgError`` where both fail."""
-    shifted = _damped(factor, damping)
-    low, info = torch.linalg.cholesky_ex(shifted)
-    if int(info) != 0 or not bool(torch.isfinite(low).all()):
-        low, info = torch.linalg.cholesky_ex(shifted.double())
-        if int(info) != 0 or not bool(torch.isfinite(low).all()):
-            raise torch.linalg.LinAlgError("Cholesky factorisation of the damped factor failed in float64")
-        low = low.to(factor.dtype)
-    return low
-
-
-def factor_from_cholesky(low: Tensor, damping: float) -> Tensor:
-    """The factor ``F`` of :func:`damped_cholesky`'s ``L``: ``F = L Lᵀ − λI``, ``λ = damping · ‖L‖²_F /
-    ((1 + damping) d)`` (``tr(L Lᵀ) = (1 + damping) tr F``)."""
-    shifted = low @ low.T
-    lam = damping * float(low.square().sum()) / ((1.0 + damping) * low.shape[0])
-    shifted.diagonal().sub_(lam)
-    return shifted
-
-
-def factor_from_power(power_matrix: Tensor, damping: float, power: float) -> Tensor:
-    """The factor ``F`` whose damped power (:func:`damped_power`) is ``P = (F + λI)^p``, ``p < 0``.
-
-    ``tr(F + λI) = (1 + damping)·tr F`` gives ``λ = damping · tr(F + λI) / ((1 + damping) d)`` and
-    ``F = (F + λI) − λI``, where ``F + λI = P^{1/p}``: for ``p = −1`` and ``p = −1/2``, ``P⁻¹`` and
-    ``(P⁻¹)²`` by Cholesky (:func:`_spd_inverse`); otherwise (or where Cholesky fails) from
-    ``P = Q diag(μ) Qᵀ``, ``F + λI = Q diag(μ^{1/p}) Qᵀ``, with the eigenvalues of ``F`` clamped at 0.
-    """
-    d = power_matrix.shape[0]
-    if power in (-1.0, -0.5) and (inverse := _spd_inverse(power_matrix)) is not None:
-        shifted = inverse if power == -1.0 else inverse @ inverse
-        shifted = (shifted + shifted.T) / 2
-        lam = damping * float(shifted.diagonal().sum()) / ((1.0 + damping) * d)
-        shifted.diagonal().sub_(lam)
-        return shifted
-    mu, q = eigh(power_matrix)
-    shifted_ev = mu.clamp_min(torch.finfo(mu.dtype).tiny).pow(1.0 / power)
-    lam = damping * float(shifted_ev.sum()) / ((1.0 + damping) * d)
-    return (q * (shifted_ev - lam).clamp_min(0.0)) @ q.T
-
-
-class _Capture:
-    """Rows ``a`` (inputs) and ``g`` (output gradients) of one hidden layer, sampled per forward."""
-
-    def __init__(self, module: nn.Module, transposed: bool, expert: bool = False) -> None:
-        self.module, self.transposed, self.expert = module, transposed, expert
-        self.a: list[Tensor] = []
-        self.g: list[Tensor] = []
-
-    def clear(self) -> None:
-        self.a.clear()
-        self.g.clear()
-
-
 def _grad(p: Tensor) -> Tensor:
     if p.grad is None:  # the step takes only parameters with a gradient
         raise RuntimeError("a parameter of the update lost its .grad")
@@ -325,6 +171,22 @@ def _check_unit(name: str, value: float, low: float = 0.0, high: float = 1.0) ->
     if not low <= value < high:
         raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
     return float(value)
+
+
+def adamw_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """One AdamW step of ``p`` (bias-corrected moments in ``state``; ``group``'s lr, betas, eps, weight decay)."""
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_avg_sq"] = torch.zeros_like(p)
+    state["step"] += 1
+    beta1, beta2 = group["betas"]
+    lr, t = group["lr"], state["step"]
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+    p.mul_(1 - lr * group["weight_decay"])
+    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
 
 class TransformerKFAC(torch.optim.Optimizer):
@@ -408,13 +270,10 @@ class TransformerKFAC(torch.optim.Optimizer):
         self.power, self.damping, self.rows = float(power), float(damping), rows
         self.factor_decay, self.factor_every, self.eig_every = float(factor_decay), factor_every, eig_every
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
-        # the running factor is not kept where it is refreshed and decomposed on the same steps (_refresh)
-        self.compact = factors == "ema" and not direction.startswith("ekfac") and factor_every == eig_every
         # power 0 with "ortho"/"power": P = I, no factors (with "ortho": Muon itself)
         self.needs_factors = direction.startswith("ekfac") or direction == "spectral" or power != 0.0
         self.process_group = process_group
         self.skipped_steps = 0
-        self.factor_failures = 0
         kron_ids = {id(m.weight) for _, m in hidden}
         #: every trainable parameter's route, by name: "kron" (the Kronecker direction), "kron-experts"
         #: (a 3-D expert parameter: the direction per expert) or "adamw"
@@ -430,192 +289,32 @@ class TransformerKFAC(torch.optim.Optimizer):
                                         {"params": no_decay, "kind": "adamw", "lr": rest_lr, "weight_decay": 0.0}]
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "betas": betas, "eps": eps}
         super().__init__([g for g in groups if g["params"]], defaults)
-        self._captures = {m.weight: _Capture(m, type(m).__name__ == "Conv1D") for _, m in hidden}
-        self._generator = torch.Generator().manual_seed(seed)
-        self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook) for _, m in hidden
-                                                if self.needs_factors]
-        self._by_module = {m: self._captures[m.weight] for _, m in hidden}
-        # per 3-D expert parameter, one capture per expert (rows: the expert's routed tokens)
-        self._expert_captures: dict[Tensor, list[_Capture]] = {
-            p: [_Capture(group.module, group.transposed[pname], expert=True) for _ in range(p.shape[0])]
-            for _, group in experts for pname, p in group.params.items()}
-        if self.needs_factors:
-            for _, group in experts:
-                self._handles += self._attach_experts(group)
-        self._steps_taken = 0
+        #: the rows' hooks (:class:`cgfac.transformer_factors.RowRecorder`) and the factors' refresh
+        self.recorder = RowRecorder(hidden, experts, rows=rows, factors=factors, factor_every=factor_every,
+                                    seed=seed, active=self.needs_factors)
+        self.refresher = FactorRefresh(direction=direction, sides=sides, factors=factors, power=self.power,
+                                       damping=self.damping, factor_decay=self.factor_decay,
+                                       factor_every=factor_every, eig_every=eig_every, process_group=process_group)
 
     # --- capture ----------------------------------------------------------------------------------
-    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Record this forward's sampled input rows and, through a hook on the output, its gradient rows."""
-        due = self.factors == "rows" or self._steps_taken % self.factor_every == 0  # rows only where used
-        if not (due and module.training and torch.is_grad_enabled()):
-            return
-        if not (isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor)):
-            return
-        cap = self._by_module[module]
-        a = args[0].detach().reshape(-1, args[0].shape[-1])
-        idx = None
-        if self.rows is not None and self.rows < a.shape[0]:
-            idx = torch.randperm(a.shape[0], generator=self._generator)[: self.rows].to(a.device)
-            a = a[idx]
-        cap.a.append(a)
+    # --- factors ----------------------------------------------------------------------------------
+    @property
+    def compact(self) -> bool:
+        """Whether each side keeps its power alone (the running factor recovered from it)."""
+        return self.refresher.compact
 
-        def grad_rows(grad: Tensor) -> None:
-            g = grad.detach().reshape(-1, grad.shape[-1])
-            cap.g.append(g[idx] if idx is not None else g)
+    @property
+    def factor_failures(self) -> int:
+        """Factor decompositions that failed (those layers kept their previous powers)."""
+        return self.refresher.factor_failures
 
-        output.register_hook(grad_rows)
-
-    def _attach_experts(self, group: ExpertsGroup) -> list[RemovableHandle]:
-        """Hooks recording each expert's sampled routed rows (:mod:`cgfac.layers.experts`' products)."""
-        def start(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            due = self._steps_taken % self.factor_every == 0
-            if not (due and module.training and torch.is_grad_enabled()):
-                return None
-
-            def found(pname: str, segments: list[tuple[int, int, int]], transposed: bool, x: Tensor,
-                      out: Tensor) -> None:
-                caps = self._expert_captures[group.params[pname]]
-                if not out.requires_grad or transposed != caps[0].transposed:
-                    return
-                rows_x = x.detach().reshape(-1, x.shape[-1])
-                picks: list[tuple[_Capture, Tensor]] = []
-                for e, lo, hi in segments:
-                    idx = torch.arange(lo, hi, device=x.device)
-                    if self.rows is not None and self.rows < hi - lo:
-                        idx = idx[torch.randperm(hi - lo, generator=self._generator)[: self.rows].to(x.device)]
-                    caps[e].a.append(rows_x[idx])
-                    picks.append((caps[e], idx))
-
-                def grad_rows(grad: Tensor) -> None:
-                    g = grad.detach().reshape(-1, grad.shape[-1])
-                    for cap, idx in picks:
-                        cap.g.append(g[idx])
-
-                out.register_hook(grad_rows)
-
-            return found
-
-        pre, post = product_hooks(group.params, start)
-        return [group.module.register_forward_pre_hook(pre, with_kwargs=True),
-                group.module.register_forward_hook(post, with_kwargs=True, always_call=True)]
+    @factor_failures.setter
+    def factor_failures(self, value: int) -> None:
+        self.refresher.factor_failures = value
 
     def remove(self) -> None:
         """Remove the capture hooks (the optimizer is then unusable for factor updates)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    # --- factors ----------------------------------------------------------------------------------
-    @staticmethod
-    def _rows(parts: list[Tensor]) -> Tensor:
-        """The captured rows as one matrix, in at least float32."""
-        x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return x.float() if x.element_size() < 4 else x
-
-    def _world(self) -> int:
-        """Processes sharing the factors (1 without an initialised process group)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
-
-    def _mean_outer(self, parts: list[Tensor]) -> Tensor:
-        """``F̂ = XᵀX / n`` of this step's rows ``X``, averaged over the processes."""
-        x = self._rows(parts)
-        f = x.T @ x / x.shape[0]
-        if self._world() > 1:
-            dist.all_reduce(f, op=dist.ReduceOp.AVG, group=self.process_group)
-        return f
-
-    def _expert_outer(self, cap: _Capture, sides: tuple[str, ...], state: dict[str, Any]) -> dict[str, Tensor] | None:
-        """An expert's ``F̂ = Σ XᵀX / Σ n`` over the processes' routed rows on a refresh step (every
-        rank joins the reduction, with or without rows), or None where no process had rows."""
-        if self._steps_taken % self.factor_every != 0:
-            return None
-        dims, like = {"a": state["dims"][1], "g": state["dims"][0]}, state["like"]
-        have = all(getattr(cap, s) for s in sides)
-        sums = {s: (lambda x: (x.T @ x).to(like.dtype))(self._rows(getattr(cap, s))) if have else
-                like.new_zeros(dims[s], dims[s]) for s in sides}
-        count = like.new_tensor([float(sum(t.shape[0] for t in cap.a)) if have else 0.0])
-        if self._world() > 1:
-            for t in [*sums.values(), count]:
-                dist.all_reduce(t, group=self.process_group)
-        total = float(count)
-        return {s: f / total for s, f in sums.items()} if total > 0 else None
-
-    def _gathered_rows(self, parts: list[Tensor]) -> Tensor:
-        """Every process's rows ``X`` (equal counts per rank), scaled by ``1/√n`` so ``F̂ = XᵀX``."""
-        x = self._rows(parts)
-        if (world := self._world()) > 1:
-            chunks = [torch.empty_like(x) for _ in range(world)]
-            dist.all_gather(chunks, x.contiguous(), group=self.process_group)
-            x = torch.cat(chunks)
-        return x / math.sqrt(x.shape[0])
-
-    def _eig(self, f: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``F = Q diag(s) Qᵀ`` (``s ≥ 0``; retried in float64 once), or None where it fails."""
-        try:
-            return eigh(f)
-        except (torch.linalg.LinAlgError, RuntimeError):
-            return None
-
-    def _refresh(self, cap: _Capture, state: dict[str, Any]) -> None:
-        """This step's factor statistics into the layer's state, and its damped powers where due.
-
-        Kept per side: ``"ekfac"``: the running factor and its eigensystem ``eig_*``; ``"ortho"`` and
-        ``"power"``: the running factor and the dense power ``power_*``, or the power alone where the
-        factor is refreshed and decomposed on the same steps (``factor_every == eig_every``: the
-        running factor is recovered from the power when the next rows arrive,
-        :func:`factor_from_power`), one ``d × d`` matrix per side."""
-        sides = ("a", "g") if self.sides == "both" else ("a",)
-        have = all(getattr(cap, s) for s in sides)
-        if self.factors == "rows":
-            if not have:
-                return
-            for s in sides:
-                rows = self._gathered_rows(getattr(cap, s))
-                ev, q = factor_eig(rows)
-                p = -0.5 if self.direction == "spectral" else self.power
-                state[f"side_{s}"] = _Side.lowrank(*damped_power(ev, q, self.damping, rows.shape[1], p))
-            return
-        fresh: dict[str, Tensor] = {}
-        batch = self._expert_outer(cap, sides, state) if cap.expert else (
-            {s: self._mean_outer(getattr(cap, s)) for s in sides} if have else None)
-        if batch is not None:  # captured on refresh steps only (the hook)
-            for s in sides:
-                f = batch[s]
-                old = state.get(f"factor_{s}")
-                if old is None and self.compact and f"power_{s}" in state:
-                    old = factor_from_power(state[f"power_{s}"], self.damping, self.power)
-                if old is None and self.compact and f"chol_{s}" in state:
-                    old = factor_from_cholesky(state[f"chol_{s}"], self.damping)
-                fresh[s] = f if old is None else old.lerp_(f, 1 - self.factor_decay)
-                if not self.compact:
-                    state[f"factor_{s}"] = fresh[s]
-        for s in sides:
-            factor: Tensor | None = fresh.get(s) if self.compact else state.get(f"factor_{s}")
-            decomposed = any(f"{k}_{s}" in state for k in ("eig", "power", "chol"))
-            if factor is None or (not self.compact and state["step"] % self.eig_every != 0 and decomposed):
-                continue
-            if self.direction.startswith("ekfac"):
-                eig = self._eig(factor)
-                if eig is None:
-                    self.factor_failures += 1
-                else:
-                    state[f"eig_{s}"] = eig
-                continue
-            try:
-                if self.direction == "spectral":
-                    low = damped_cholesky(factor, self.damping)
-                    state[f"chol_{s}"] = low
-                    state[f"side_{s}"] = _Side(None, None, 0.0, None, low)
-                    continue
-                dense = power_matrix(factor, self.damping, self.power)
-            except (torch.linalg.LinAlgError, RuntimeError):
-                self.factor_failures += 1
-                continue
-            state[f"power_{s}"] = dense
-            state[f"side_{s}"] = _Side(None, None, 0.0, dense)
+        self.recorder.remove()
 
     # --- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -628,15 +327,14 @@ class TransformerKFAC(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         finite = torch.stack([torch.isfinite(dtensor.local(p.grad)).all() for p in params]).all() if params \
             else torch.ones((), dtype=torch.bool)
-        if any(dtensor.is_sharded(p) for p in params) and self._world() > 1:  # FSDP2: each rank sees its shards
+        if any(dtensor.is_sharded(p) for p in params) and self.refresher.world() > 1:  # FSDP2: each rank its shards
             flag = finite.to(torch.float32).reshape(1)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
             finite = flag[0] > 0
         if not bool(finite):
             self.skipped_steps += 1
             warnings.warn("TransformerKFAC: a non-finite gradient; the step is skipped", RuntimeWarning, stacklevel=2)
-            for cap in self._all_captures():
-                cap.clear()
+            self.recorder.clear()
             return loss
         for group in self.param_groups:
             for p in group["params"]:
@@ -647,33 +345,13 @@ class TransformerKFAC(torch.optim.Optimizer):
                 elif group["kind"] == "experts":
                     self._experts_update(p, group)
                 else:
-                    self._adamw_update(p, group)
-        for cap in self._all_captures():
-            cap.clear()
-        self._steps_taken += 1
+                    adamw_update(p, _grad(p), self.state[p], group)
+        self.recorder.clear()
+        self.recorder.steps_taken += 1
         return loss
 
-    def _adamw_update(self, p: Tensor, group: dict[str, Any]) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        lr, t = group["lr"], state["step"]
-        grad = _grad(p)
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
-        p.mul_(1 - lr * group["weight_decay"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
-
-    def _all_captures(self) -> list[_Capture]:
-        return [*self._captures.values(), *(c for caps in self._expert_captures.values() for c in caps)]
-
     def _kron_update(self, p: Tensor, group: dict[str, Any]) -> None:
-        cap = self._captures[p]
+        cap = self.recorder.captures[p]
         grad = dtensor.full(_grad(p))  # FSDP2: the whole gradient (an all-gather); every rank takes the step
         grad = grad.T if cap.transposed else grad  # d_out × d_in
         update = self._direction(grad, cap, self.state[p], group)
@@ -682,7 +360,7 @@ class TransformerKFAC(torch.optim.Optimizer):
 
     def _experts_update(self, p: Tensor, group: dict[str, Any]) -> None:
         """Each expert's slice ``p[e]`` as its own hidden matrix (its own factors and momentum)."""
-        caps = self._expert_captures[p]
+        caps = self.recorder.expert_captures[p]
         state = self.state[p]
         if "experts" not in state:
             state["experts"] = [{} for _ in caps]
@@ -696,12 +374,12 @@ class TransformerKFAC(torch.optim.Optimizer):
             update = self._direction(g, cap, sub, group)
             p[e].add_(update.T if cap.transposed else update, alpha=-group["lr"])
 
-    def _direction(self, grad: Tensor, cap: _Capture, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+    def _direction(self, grad: Tensor, cap: LayerRows, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         """One hidden matrix's update ``O`` (``d_out × d_in``) from its gradient, rows and state."""
         if "step" not in state:
             state["step"] = 0
         if self.needs_factors:
-            self._refresh(cap, state)
+            self.refresher.refresh(cap, state, self.recorder.steps_taken)
         state["step"] += 1
         if self.direction.startswith("ekfac"):
             update = self._ekfac(grad, state, group)
@@ -787,7 +465,8 @@ class TransformerKFAC(torch.optim.Optimizer):
 
         sd["state"] = {k: plain(s) for k, s in sd["state"].items()}
         sd["transformer_kfac"] = {"skipped_steps": self.skipped_steps, "factor_failures": self.factor_failures,
-                                  "step_count": self._steps_taken, "generator": self._generator.get_state()}
+                                  "step_count": self.recorder.steps_taken,
+                                  "generator": self.recorder.generator.get_state()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -795,16 +474,16 @@ class TransformerKFAC(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "transformer_kfac"})
         self.skipped_steps = extra.get("skipped_steps", 0)
         self.factor_failures = extra.get("factor_failures", 0)
-        self._steps_taken = extra.get("step_count", 0)
+        self.recorder.steps_taken = extra.get("step_count", 0)
         if "generator" in extra:
-            self._generator.set_state(extra["generator"])
+            self.recorder.generator.set_state(extra["generator"])
         for state in self.state.values():  # the sides wrap the saved powers
             for sub in state.get("experts", [state]):
                 if "dims" in sub:
                     sub["dims"] = tuple(sub["dims"])
                 for s in ("a", "g"):
                     if f"power_{s}" in sub:
-                        sub[f"side_{s}"] = _Side(None, None, 0.0, sub[f"power_{s}"])
+                        sub[f"side_{s}"] = Side(None, None, 0.0, sub[f"power_{s}"])
                     if f"chol_{s}" in sub:
-                        sub[f"side_{s}"] = _Side(None, None, 0.0, None, sub[f"chol_{s}"])
+                        sub[f"side_{s}"] = Side(None, None, 0.0, None, sub[f"chol_{s}"])
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import cgfac
+from cgfac.transformer_factors import Side
 from cgfac.transformer_kfac import (
     NS_COEFFICIENTS,
     UPDATE_RMS,
-    _Side,
     damped_cholesky,
     damped_power,
     factor_from_cholesky,
@@ -93,11 +93,11 @@ def test_damped_power_matches_the_dense_matrix_power(rows: int, p: float) -> Non
     want = dense_power(f, lam, p)
     m = torch.randn(5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     s, q = factor_eig(x / math.sqrt(rows))
-    low = _Side.lowrank(*damped_power(s, q, damping, d, p))
+    low = Side.lowrank(*damped_power(s, q, damping, d, p))
     torch.testing.assert_close(low.right(m), m @ want, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(low.left(m.T), want @ m.T, rtol=1e-9, atol=1e-11)
     s2, q2 = torch.linalg.eigh(f)
-    full = _Side.power(*damped_power(s2.clamp_min(0), q2, damping, d, p))
+    full = Side.power(*damped_power(s2.clamp_min(0), q2, damping, d, p))
     torch.testing.assert_close(full.right(m), m @ want, rtol=1e-9, atol=1e-11)
 
 

@@ -9,7 +9,7 @@
 * :mod:`~cgfac.curvature.running`: K-FAC's running-average factors (:class:`RunningFactors`).
 """
 
-from cgfac.curvature.base import Curvature, DirectCurvature
+from cgfac.curvature.base import Curvature, DeviceTraced, DirectCurvature, RankBounded, Scaled
 from cgfac.curvature.exact import ExactRows
 from cgfac.curvature.kron import (
     DAMPING_FORMS,
@@ -27,7 +27,7 @@ from cgfac.curvature.running import RunningFactors
 from cgfac.curvature.window import RowWindow, window_weights
 
 __all__ = [
-    "DAMPING_FORMS", "Curvature", "DirectCurvature", "ExactRows", "KronEigen", "KronFactors", "KronRows",
-    "RowWindow", "RunningFactors", "deferred_checks", "eigh", "factor_basis", "factor_eig", "factored_damping",
-    "factored_damping_tensor", "window_weights",
+    "DAMPING_FORMS", "Curvature", "DeviceTraced", "DirectCurvature", "ExactRows", "KronEigen", "KronFactors",
+    "KronRows", "RankBounded", "RowWindow", "RunningFactors", "Scaled", "deferred_checks", "eigh", "factor_basis",
+    "factor_eig", "factored_damping", "factored_damping_tensor", "window_weights",
 ]

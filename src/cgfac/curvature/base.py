@@ -84,6 +84,32 @@ class Curvature(Protocol):
 
 
 @runtime_checkable
+class Scaled(Protocol):
+    """What ``damping_scale`` reads from any block (curvature or decomposition): ``tr(C)/(d_out·d_in)``."""
+
+    def mean_diagonal(self) -> float: ...
+
+
+@runtime_checkable
+class RankBounded(Scaled, Protocol):
+    """A block that bounds its rank (built from few rows): ``damping_scale="rank"`` divides its
+    trace by the bound instead of ``d_out·d_in``."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def rank_bound(self) -> int: ...
+
+
+@runtime_checkable
+class DeviceTraced(RankBounded, Protocol):
+    """A block whose trace is a 0-dim device tensor (no host read): the one-read step scales its
+    damping on the device."""
+
+    def trace_tensor(self) -> Tensor: ...
+
+
+@runtime_checkable
 class DirectCurvature(Protocol):
     """A block solved in closed form: ``X = (C + λI)⁻¹ ∇W`` by ``solve``; ``method`` names it."""
 

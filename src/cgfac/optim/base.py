@@ -211,7 +211,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.steps = self.skipped_steps = 0
         self.last: dict[str, float] = {}
         self._forwards: list[Forward] = []  # the forwards of the step under way
-        self._names = {p: n for n, p in model.named_parameters()}
+        self._names: dict[Tensor, str] = {p: n for n, p in model.named_parameters()}
         self.recorder = ForwardRecorder(model, preconditioner, loss_type=loss_type, sample_subset=sample_subset,
                                         needs_tensor=self.adaptive != "none" or preconditioner.fisher == "true",
                                         output_fn=output_fn, loss_fn=loss_fn)

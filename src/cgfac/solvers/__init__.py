@@ -10,7 +10,7 @@
 """
 
 from cgfac.solvers.auto import CG_PROBE_STEPS, DEFAULT_CG_PRODUCTS, STALE_DAMPING_RATIO, AutoSolver
-from cgfac.solvers.base import DirectSolver, Solution, Solver, SolverSettings, SolverState
+from cgfac.solvers.base import Decomposition, DirectSolver, Solution, Solver, SolverSettings, SolverState
 from cgfac.solvers.cg import CGSolver
 from cgfac.solvers.eigen import EigenSolver
 from cgfac.solvers.lowrank import LowRankSolver
@@ -29,7 +29,7 @@ for _solver in (CGSolver, EigenSolver, LowRankSolver, AutoSolver):
     register_solver(_solver)
 
 __all__ = [
-    "CG_PROBE_STEPS", "DEFAULT_CG_PRODUCTS", "STALE_DAMPING_RATIO", "AutoSolver", "CGSolver", "DirectSolver",
-    "EigenSolver", "LowRankSolver", "Solution", "Solver", "SolverSettings", "SolverState", "candidates",
-    "make_solver", "register_solver", "solver_class", "solver_names", "unregister_solver",
+    "CG_PROBE_STEPS", "DEFAULT_CG_PRODUCTS", "STALE_DAMPING_RATIO", "AutoSolver", "CGSolver", "Decomposition",
+    "DirectSolver", "EigenSolver", "LowRankSolver", "Solution", "Solver", "SolverSettings", "SolverState",
+    "candidates", "make_solver", "register_solver", "solver_class", "solver_names", "unregister_solver",
 ]

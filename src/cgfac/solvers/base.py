@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -47,6 +47,19 @@ class SolverSettings:
     jacobi: bool = True
 
 
+@runtime_checkable
+class Decomposition(Protocol):
+    """A kept factorisation of a layer's curvature (K-FAC's eigenpairs :class:`cgfac.curvature.KronEigen`,
+    a layer type's own): a solve at any ``λ``, its scale for ``damping_scale``, and the tensors a
+    checkpoint keeps (the layer's helper rebuilds it from them)."""
+
+    def solve(self, grad: Tensor, damping: float) -> Tensor: ...
+
+    def mean_diagonal(self) -> float: ...
+
+    def tensors(self) -> tuple[Tensor, ...]: ...
+
+
 @dataclass
 class SolverState:
     """One layer's memory between steps (kept in checkpoints by :meth:`state_dict`).
@@ -63,7 +76,7 @@ class SolverState:
     iters_damping: float | None = None
     probed_at: int | None = None
     probe_budget: tuple[int, str] | None = None
-    decomposition: Any = None
+    decomposition: Decomposition | None = None
     decomposition_age: int = 0
 
     SAVED: ClassVar[tuple[str, ...]] = ("solution", "last_iters", "iters_damping", "probed_at")
@@ -78,7 +91,7 @@ class SolverState:
         return state
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device,
-                        rebuild: Callable[[list[Tensor]], Any] | None = None) -> None:
+                        rebuild: Callable[[list[Tensor]], Decomposition] | None = None) -> None:
         """Restore a :meth:`state_dict` onto ``device``; ``rebuild`` turns saved ``eigen`` tensors
         back into a decomposition."""
         for key in self.SAVED:
