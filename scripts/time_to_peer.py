@@ -10,6 +10,7 @@ import json
 import statistics
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def reached(curve: Sequence[Sequence[float]], target: float, k: int) -> float | None:
@@ -25,7 +26,7 @@ def reached(curve: Sequence[Sequence[float]], target: float, k: int) -> float | 
 
 
 def main(argv: list[str]) -> int:
-    runs = json.load(open(argv[1]))["runs"]
+    runs = json.loads(Path(argv[1]).read_text())["runs"]
     ours = argv[2] if len(argv) > 2 else "cgfac-kron-adaptive"
     peer = argv[3] if len(argv) > 3 else "adam"
     times, steps = [], []

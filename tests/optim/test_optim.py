@@ -423,7 +423,9 @@ def test_errors():
     lambda m: kfac_opt(m, loss_type="cross_entropy", damping_interval=2, inv_update_steps=2, factor_decay=0.5,
                        momentum=0.3),
     lambda m: cgfac.optim.CGFAC(m, loss_type="cross_entropy", damping=0.1, solver="cg", damping_interval=2),
-], ids=["kfac", "cgfac-cg"])
+    # the model on a schedule (evaluated on steps 0, 1, 3, 7): steps 2, 4 and 5 reuse saved coefficients
+    lambda m: kfac_opt(m, loss_type="cross_entropy", adapt_damping=False, quad_every=4, quad_tol=10.0),
+], ids=["kfac", "cgfac-cg", "kfac-quad-every"])
 def test_state_dict_round_trip(make):
     x, y = make_data("cross_entropy")
     model = mlp()
@@ -440,6 +442,7 @@ def test_state_dict_round_trip(make):
     opt2 = make(other)
     opt2.load_state_dict(saved["opt"])
     assert opt2.damping == opt.damping and opt2.steps == opt.steps
+    assert opt2.schedule == opt.schedule
     closure2 = closure_for(other, opt2, x, y, "cross_entropy")
     for _ in range(3):
         opt.step(closure)

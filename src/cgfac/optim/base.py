@@ -137,7 +137,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             ``(α, μ)`` are reused in between (1: every step). The period grows while the
             coefficients stay within ``quad_tol`` and the model is always evaluated where the
             damping check is due (:class:`cgfac.optim.quadratic.ModelSchedule` states the rule).
-        quad_tol: the relative change of ``α`` and ``μ`` under which the period doubles.
+        quad_tol: the relative change of ``α`` and ``μ`` under which the period doubles; a change of
+            ``λ`` by more than a factor ``1 + quad_tol`` restarts it.
         sample_subset: with ``fisher="true"`` and ``curvature_samples`` below the batch, sample the
             targets on a second forward of the kept entries alone instead of back-propagating
             them through the whole batch (:meth:`_sample_subset`: ``m/n`` of the cost, the same

@@ -132,7 +132,6 @@ def solve_coefficients(damped: Tensor, lin: Tensor, adaptive: str, has_prev: boo
     return float(-(lin[0] + cross) / damped[0, 0]), mu
 
 
-
 def fit_coefficients(gram_fn: Callable[[list[dict[str, Tensor]]], Tensor], vectors: list[dict[Tensor, Any]],
                      names: dict[Tensor, str], grads: dict[Tensor, Tensor], lam: dict[Tensor, float], damping: float,
                      weight_decay: float, adaptive: str, momentum: float, lr: float,
