@@ -34,8 +34,9 @@ FactorForm = Literal["dense", "diag-out", "diag-in", "diag"]
 """K-FAC's forms of a Kronecker block, densest first (:mod:`cgfac.memory`)."""
 Direction = Literal["ortho", "spectral", "power", "ekfac", "ekfac-ortho"]
 """:class:`cgfac.optim.TransformerKFAC`'s directions."""
-Sides = Literal["input", "both"]
-"""Which Kronecker sides :class:`cgfac.optim.TransformerKFAC` preconditions."""
+Sides = Literal["input", "both", "smaller"]
+"""Which Kronecker sides :class:`cgfac.optim.TransformerKFAC` preconditions (``"smaller"``: per layer,
+the factor of the smaller dimension, the input side on a tie)."""
 FactorSource = Literal["ema", "rows"]
 """Where :class:`cgfac.optim.TransformerKFAC`'s factors come from: running averages or this step's rows."""
 ShardedGrads = Literal["auto", "owner", "all-gather"]

@@ -298,6 +298,15 @@ class FactorRefresh:
         self.compact = factors == "ema" and not direction.startswith("ekfac") and factor_every == eig_every
         self.factor_failures = 0
 
+    def layer_sides(self, d_out: int, d_in: int) -> tuple[str, ...]:
+        """The sides a ``d_out × d_in`` layer preconditions: ``"a"`` (input) and/or ``"g"`` (output);
+        ``sides="smaller"``: the smaller dimension's factor (``d × d``), the input's on a tie."""
+        if self.sides == "both":
+            return ("a", "g")
+        if self.sides == "smaller" and d_out < d_in:
+            return ("g",)
+        return ("a",)
+
     @staticmethod
     def rows(parts: list[Tensor]) -> Tensor:
         """The captured rows as one matrix, in at least float32."""
@@ -351,15 +360,16 @@ class FactorRefresh:
         except (torch.linalg.LinAlgError, RuntimeError):
             return None
 
-    def refresh(self, cap: LayerRows, state: dict[str, Any], steps_taken: int) -> None:
+    def refresh(self, cap: LayerRows, state: dict[str, Any], steps_taken: int,
+                dims: tuple[int, ...]) -> None:
         """This step's factor statistics into the layer's state, and its damped powers where due.
 
         Kept per side: ``"ekfac"``: the running factor and its eigensystem ``eig_*``; ``"ortho"`` and
         ``"power"``: the running factor and the dense power ``power_*``, or the power alone where the
         factor is refreshed and decomposed on the same steps (``factor_every == eig_every``: the
         running factor is recovered from the power when the next rows arrive,
-        :func:`factor_from_power`), one ``d × d`` matrix per side."""
-        sides = ("a", "g") if self.sides == "both" else ("a",)
+        :func:`factor_from_power`), one ``d × d`` matrix per side. ``dims``: the layer's ``(d_out, d_in)``."""
+        sides = self.layer_sides(dims[0], dims[1])
         have = all(getattr(cap, s) for s in sides)
         if self.factors == "rows":
             if not have:

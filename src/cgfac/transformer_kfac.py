@@ -201,7 +201,9 @@ class TransformerKFAC(torch.optim.Optimizer):
         lr: learning rate of both parts (AdamW-like; the hidden update has AdamW's RMS).
         weight_decay: decoupled weight decay of the hidden matrices and the other ≥ 2-D parameters.
         direction: "ortho", "spectral", "power", "ekfac" or "ekfac-ortho" (module docstring).
-        sides: "input" (``P_G = I``) or "both".
+        sides: "input" (``P_G = I``), "both", or "smaller" (per layer the factor of the smaller
+            dimension: ``P_A`` where ``d_in ≤ d_out``, else ``P_G``; an MLP's down-projection, ``d_in = 4d``,
+            takes its ``d × d`` output factor instead of the ``4d × 4d`` input one).
         power: the factors' power ``p`` (``"ortho"``: −1 is Newton-Muon, 0 is Muon; ``"power"``: −1/2,
             −1/4); unused by "ekfac" and "spectral" (whose whitening is fixed).
         damping: λ relative to each factor's mean eigenvalue (> 0).
@@ -379,7 +381,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = 0
         if self.needs_factors:
-            self.refresher.refresh(cap, state, self.recorder.steps_taken)
+            self.refresher.refresh(cap, state, self.recorder.steps_taken, tuple(grad.shape))
         state["step"] += 1
         if self.direction.startswith("ekfac"):
             update = self._ekfac(grad, state, group)
@@ -405,8 +407,7 @@ class TransformerKFAC(torch.optim.Optimizer):
     def _spectral(self, m: Tensor, state: dict[str, Any]) -> Tensor:
         """``O = X_G msgn(X_Gᵀ M X_A) X_Aᵀ`` (``X Xᵀ = B⁻¹``), rescaled to RMS 0.2; a side
         without factors yet is the identity."""
-        side_a = state.get("side_a")
-        side_g = state.get("side_g") if self.sides == "both" else None
+        side_a, side_g = state.get("side_a"), state.get("side_g")
         if side_a is not None:
             m = side_a.whiten_right(m)
         if side_g is not None:
@@ -423,7 +424,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         side_a, side_g = state.get("side_a"), state.get("side_g")
         if side_a is not None:
             m = side_a.right(m)
-        if side_g is not None and self.sides == "both":
+        if side_g is not None:
             m = side_g.left(m)
         return m
 
@@ -435,7 +436,7 @@ class TransformerKFAC(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(grad)
             state["adam_step"] = 0
         q_a = state["eig_a"][1] if "eig_a" in state else None
-        q_g = state["eig_g"][1] if "eig_g" in state and self.sides == "both" else None
+        q_g = state["eig_g"][1] if "eig_g" in state else None
 
         def rotate(x: Tensor) -> Tensor:
             x = x @ q_a if q_a is not None else x

@@ -100,6 +100,7 @@ LM_PEERS = ("adamw-published", "adamw", "muon", "muon-f32", "muon-original", "so
 TKFAC_VARIANTS: dict[str, dict[str, Any]] = {
     "tkfac-ortho-input": {"direction": "ortho", "sides": "input", "power": -0.5},
     "tkfac-ortho-both": {"direction": "ortho", "sides": "both", "power": -0.25},
+    "tkfac-ortho-smaller": {"direction": "ortho", "sides": "smaller", "power": -0.5},
     "tkfac-ortho-rows": {"direction": "ortho", "sides": "input", "power": -0.5, "factors": "rows", "rows": 64},
     "tkfac-ekfac": {"direction": "ekfac", "sides": "both", "eig_every": 10},
     "tkfac-ekfac-ortho": {"direction": "ekfac-ortho", "sides": "both", "eig_every": 10},

@@ -118,6 +118,14 @@ def captured(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> dict[int
     return {i: (v[0], v[1]) for i, v in seen.items()}
 
 
+def reference_sides(sides: str, d_out: int, d_in: int) -> tuple[bool, bool]:
+    """Whether a ``d_out × d_in`` layer's input and output factors are used: ``"smaller"`` takes the
+    factor of the smaller dimension (the input's on a tie)."""
+    if sides == "smaller":
+        return d_in <= d_out, d_out < d_in
+    return True, sides == "both"
+
+
 def reference_ortho(model: nn.Sequential, x, y, *, lr, wd, damping, p, sides, mu=0.95) -> dict[int, torch.Tensor]:
     """One step of "ortho" by hand, dense float64: W ← W(1 − lr·wd) − lr·0.2·√max(m,n)·NS(P_G M P_A)."""
     rows = captured(model, x, y)
@@ -129,8 +137,10 @@ def reference_ortho(model: nn.Sequential, x, y, *, lr, wd, damping, p, sides, mu
         m = (1 - mu) * g + mu * (1 - mu) * g  # Nesterov, torch.optim.Muon's convention, first buffer (1-μ)g
         a, gg = rows[i]
         fa = a.T @ a / a.shape[0]
-        m = m @ dense_power(fa, damping * float(torch.trace(fa)) / fa.shape[0], p)
-        if sides == "both":
+        use_a, use_g = reference_sides(sides, *m.shape)
+        if use_a:
+            m = m @ dense_power(fa, damping * float(torch.trace(fa)) / fa.shape[0], p)
+        if use_g:
             fg = gg.T @ gg / gg.shape[0]
             m = dense_power(fg, damping * float(torch.trace(fg)) / fg.shape[0], p) @ m
         u = newton_schulz(m, 5, dtype=torch.float64) * UPDATE_RMS * math.sqrt(max(m.shape))
@@ -139,7 +149,7 @@ def reference_ortho(model: nn.Sequential, x, y, *, lr, wd, damping, p, sides, mu
     return out
 
 
-@pytest.mark.parametrize("sides", ["input", "both"])
+@pytest.mark.parametrize("sides", ["input", "both", "smaller"])
 @pytest.mark.parametrize("factors", ["ema", "rows"])
 def test_ortho_step_matches_the_dense_reference(sides: str, factors: str) -> None:
     x, y = batch(n=5)  # 5 rows < d: low-rank factors, exact through the rows' span
@@ -325,9 +335,11 @@ def reference_spectral(model: nn.Sequential, x, y, *, lr, wd, damping, sides, mu
         m = (1 - mu) * w.grad + mu * (1 - mu) * w.grad
         a, gg = rows[i]
         fa = a.T @ a / a.shape[0]
-        ra = dense_power(fa, damping * float(torch.trace(fa)) / fa.shape[0], -0.5)
+        use_a, use_g = reference_sides(sides, *m.shape)
+        ra = dense_power(fa, damping * float(torch.trace(fa)) / fa.shape[0], -0.5) if use_a else \
+            torch.eye(m.shape[1], dtype=m.dtype)
         rg = torch.eye(m.shape[0], dtype=m.dtype)
-        if sides == "both":
+        if use_g:
             fg = gg.T @ gg / gg.shape[0]
             rg = dense_power(fg, damping * float(torch.trace(fg)) / fg.shape[0], -0.5)
         o = rg @ newton_schulz(rg @ m @ ra, 5, dtype=torch.float64) @ ra
@@ -337,7 +349,7 @@ def reference_spectral(model: nn.Sequential, x, y, *, lr, wd, damping, sides, mu
     return out
 
 
-@pytest.mark.parametrize("sides", ["input", "both"])
+@pytest.mark.parametrize("sides", ["input", "both", "smaller"])
 @pytest.mark.parametrize("factors", ["ema", "rows"])
 def test_spectral_step_matches_the_dense_reference(sides: str, factors: str) -> None:
     """Cholesky whitening (running factors) and the rows' symmetric root (``factors="rows"``) both give
