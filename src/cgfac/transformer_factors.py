@@ -11,6 +11,7 @@ factors ``F ← β_f F + (1 − β_f) F̂`` and, every ``eig_every`` steps, the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from cgfac.curvature.kron import eigh, factor_eig
 from cgfac.layers.experts import ExpertsGroup, product_hooks
 
-__all__ = ["FactorRefresh", "LayerRows", "RowRecorder", "Side", "damped_cholesky", "damped_power",
+__all__ = ["FactorRefresh", "FactorSettings", "LayerRows", "RowRecorder", "Side", "damped_cholesky", "damped_power",
            "factor_from_cholesky", "factor_from_power", "power_matrix"]
 
 
@@ -175,6 +176,30 @@ def factor_from_power(power_matrix: Tensor, damping: float, power: float) -> Ten
     return (q * (shifted_ev - lam).clamp_min(0.0)) @ q.T
 
 
+@dataclass
+class FactorSettings:
+    """The factor settings that :class:`~cgfac.transformer_kfac.TransformerKFAC`, its
+    :class:`RowRecorder` and its :class:`FactorRefresh` share (one object: a change made through the
+    optimizer, ``opt.damping = 0.1``, reaches the next refresh)."""
+
+    direction: str
+    sides: str
+    factors: str
+    power: float
+    damping: float
+    rows: int | None
+    factor_decay: float
+    factor_every: int
+    eig_every: int
+
+    @property
+    def compact(self) -> bool:
+        """Whether each side keeps its power alone: the running factor is refreshed and decomposed on
+        the same steps (``factor_every == eig_every``) and recovered from the power when rows arrive."""
+        return self.factors == "ema" and not self.direction.startswith("ekfac") and \
+            self.factor_every == self.eig_every
+
+
 class LayerRows:
     """Rows ``a`` (inputs) and ``g`` (output gradients) of one hidden layer, sampled per forward."""
 
@@ -199,8 +224,8 @@ class RowRecorder:
     those of steps ``≡ 0 (mod factor_every)``. ``generator`` draws the sampled positions."""
 
     def __init__(self, hidden: list[tuple[str, nn.Module]], experts: list[tuple[str, ExpertsGroup]], *,
-                 rows: int | None, factors: str, factor_every: int, seed: int, active: bool) -> None:
-        self.rows, self.factors, self.factor_every = rows, factors, factor_every
+                 settings: FactorSettings, seed: int, active: bool) -> None:
+        self.settings = settings
         self.steps_taken = 0
         self.captures = {m.weight: LayerRows(m, type(m).__name__ == "Conv1D") for _, m in hidden}
         self.generator = torch.Generator().manual_seed(seed)
@@ -215,7 +240,8 @@ class RowRecorder:
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Record this forward's sampled input rows and, through a hook on the output, its gradient rows."""
-        due = self.factors == "rows" or self.steps_taken % self.factor_every == 0  # rows only where used
+        # rows only where they are used
+        due = self.settings.factors == "rows" or self.steps_taken % self.settings.factor_every == 0
         if not (due and module.training and torch.is_grad_enabled()):
             return
         if not (isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor)):
@@ -223,8 +249,9 @@ class RowRecorder:
         cap = self.by_module[module]
         a = args[0].detach().reshape(-1, args[0].shape[-1])
         idx = None
-        if self.rows is not None and self.rows < a.shape[0]:
-            idx = torch.randperm(a.shape[0], generator=self.generator)[: self.rows].to(a.device)
+        rows = self.settings.rows
+        if rows is not None and rows < a.shape[0]:
+            idx = torch.randperm(a.shape[0], generator=self.generator)[:rows].to(a.device)
             a = a[idx]
         cap.a.append(a)
 
@@ -237,7 +264,7 @@ class RowRecorder:
     def attach_experts(self, group: ExpertsGroup) -> list[RemovableHandle]:
         """Hooks recording each expert's sampled routed rows (:mod:`cgfac.layers.experts`' products)."""
         def start(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            due = self.steps_taken % self.factor_every == 0
+            due = self.steps_taken % self.settings.factor_every == 0
             if not (due and module.training and torch.is_grad_enabled()):
                 return None
 
@@ -250,8 +277,9 @@ class RowRecorder:
                 picks: list[tuple[LayerRows, Tensor]] = []
                 for e, lo, hi in segments:
                     idx = torch.arange(lo, hi, device=x.device)
-                    if self.rows is not None and self.rows < hi - lo:
-                        idx = idx[torch.randperm(hi - lo, generator=self.generator)[: self.rows].to(x.device)]
+                    rows = self.settings.rows
+                    if rows is not None and rows < hi - lo:
+                        idx = idx[torch.randperm(hi - lo, generator=self.generator)[:rows].to(x.device)]
                     caps[e].a.append(rows_x[idx])
                     picks.append((caps[e], idx))
 
@@ -284,26 +312,26 @@ class RowRecorder:
 
 
 class FactorRefresh:
-    """Each hidden layer's factor statistics and damped powers (the settings of
-    :class:`~cgfac.transformer_kfac.TransformerKFAC` they need); ``factor_failures`` counts the
-    decompositions that failed (the layer keeps its previous powers)."""
+    """Each hidden layer's factor statistics and damped powers (the optimizer's shared
+    :class:`FactorSettings`); ``factor_failures`` counts the decompositions that failed (the layer
+    keeps its previous powers)."""
 
-    def __init__(self, *, direction: str, sides: str, factors: str, power: float, damping: float,
-                 factor_decay: float, factor_every: int, eig_every: int, process_group: Any) -> None:
-        self.direction, self.sides, self.factors = direction, sides, factors
-        self.power, self.damping = power, damping
-        self.factor_decay, self.factor_every, self.eig_every = factor_decay, factor_every, eig_every
+    def __init__(self, settings: FactorSettings, process_group: Any) -> None:
+        self.settings = settings
         self.process_group = process_group
-        # the running factor is not kept where it is refreshed and decomposed on the same steps (refresh)
-        self.compact = factors == "ema" and not direction.startswith("ekfac") and factor_every == eig_every
         self.factor_failures = 0
+
+    @property
+    def compact(self) -> bool:
+        """:attr:`FactorSettings.compact`."""
+        return self.settings.compact
 
     def layer_sides(self, d_out: int, d_in: int) -> tuple[str, ...]:
         """The sides a ``d_out × d_in`` layer preconditions: ``"a"`` (input) and/or ``"g"`` (output);
         ``sides="smaller"``: the smaller dimension's factor (``d × d``), the input's on a tie."""
-        if self.sides == "both":
+        if self.settings.sides == "both":
             return ("a", "g")
-        if self.sides == "smaller" and d_out < d_in:
+        if self.settings.sides == "smaller" and d_out < d_in:
             return ("g",)
         return ("a",)
 
@@ -331,7 +359,7 @@ class FactorRefresh:
                      steps_taken: int) -> dict[str, Tensor] | None:
         """An expert's ``F̂ = Σ XᵀX / Σ n`` over the processes' routed rows on a refresh step (every
         rank joins the reduction, with or without rows), or None where no process had rows."""
-        if steps_taken % self.factor_every != 0:
+        if steps_taken % self.settings.factor_every != 0:
             return None
         dims, like = {"a": state["dims"][1], "g": state["dims"][0]}, state["like"]
         have = all(getattr(cap, s) for s in sides)
@@ -371,14 +399,14 @@ class FactorRefresh:
         :func:`factor_from_power`), one ``d × d`` matrix per side. ``dims``: the layer's ``(d_out, d_in)``."""
         sides = self.layer_sides(dims[0], dims[1])
         have = all(getattr(cap, s) for s in sides)
-        if self.factors == "rows":
+        if self.settings.factors == "rows":
             if not have:
                 return
             for s in sides:
                 rows = self.gathered_rows(getattr(cap, s))
                 ev, q = factor_eig(rows)
-                p = -0.5 if self.direction == "spectral" else self.power
-                state[f"side_{s}"] = Side.lowrank(*damped_power(ev, q, self.damping, rows.shape[1], p))
+                p = -0.5 if self.settings.direction == "spectral" else self.settings.power
+                state[f"side_{s}"] = Side.lowrank(*damped_power(ev, q, self.settings.damping, rows.shape[1], p))
             return
         fresh: dict[str, Tensor] = {}
         batch = self.expert_outer(cap, sides, state, steps_taken) if cap.expert else (
@@ -388,18 +416,18 @@ class FactorRefresh:
                 f = batch[s]
                 old = state.get(f"factor_{s}")
                 if old is None and self.compact and f"power_{s}" in state:
-                    old = factor_from_power(state[f"power_{s}"], self.damping, self.power)
+                    old = factor_from_power(state[f"power_{s}"], self.settings.damping, self.settings.power)
                 if old is None and self.compact and f"chol_{s}" in state:
-                    old = factor_from_cholesky(state[f"chol_{s}"], self.damping)
-                fresh[s] = f if old is None else old.lerp_(f, 1 - self.factor_decay)
+                    old = factor_from_cholesky(state[f"chol_{s}"], self.settings.damping)
+                fresh[s] = f if old is None else old.lerp_(f, 1 - self.settings.factor_decay)
                 if not self.compact:
                     state[f"factor_{s}"] = fresh[s]
         for s in sides:
             factor: Tensor | None = fresh.get(s) if self.compact else state.get(f"factor_{s}")
             decomposed = any(f"{k}_{s}" in state for k in ("eig", "power", "chol"))
-            if factor is None or (not self.compact and state["step"] % self.eig_every != 0 and decomposed):
+            if factor is None or (not self.compact and state["step"] % self.settings.eig_every != 0 and decomposed):
                 continue
-            if self.direction.startswith("ekfac"):
+            if self.settings.direction.startswith("ekfac"):
                 eig = self.eig(factor)
                 if eig is None:
                     self.factor_failures += 1
@@ -407,12 +435,12 @@ class FactorRefresh:
                     state[f"eig_{s}"] = eig
                 continue
             try:
-                if self.direction == "spectral":
-                    low = damped_cholesky(factor, self.damping)
+                if self.settings.direction == "spectral":
+                    low = damped_cholesky(factor, self.settings.damping)
                     state[f"chol_{s}"] = low
                     state[f"side_{s}"] = Side(None, None, 0.0, None, low)
                     continue
-                dense = power_matrix(factor, self.damping, self.power)
+                dense = power_matrix(factor, self.settings.damping, self.settings.power)
             except (torch.linalg.LinAlgError, RuntimeError):
                 self.factor_failures += 1
                 continue

@@ -73,6 +73,7 @@ from cgfac.layers.experts import ExpertsGroup, experts_helper
 from cgfac.options import Direction, FactorSource, Sides, values
 from cgfac.transformer_factors import (
     FactorRefresh,
+    FactorSettings,
     LayerRows,
     RowRecorder,
     Side,
@@ -189,6 +190,55 @@ def adamw_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str
     p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
 
+def _check_arguments(*, direction: str, sides: str, factors: str, lr: float, adamw_lr: float | None,
+                     weight_decay: float, damping: float, power: float, momentum: float, factor_decay: float,
+                     betas: tuple[float, float], eps: float, factor_every: int, eig_every: int, ns_steps: int,
+                     rows: int | None) -> None:
+    """:class:`TransformerKFAC`'s arguments: ``ValueError``/``TypeError`` naming the first bad one."""
+    for name, value, allowed in (("direction", direction, DIRECTIONS), ("sides", sides, SIDES),
+                                 ("factors", factors, FACTORS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if direction.startswith("ekfac") and factors == "rows":
+        raise ValueError(f"direction={direction!r} needs factors='ema' (a full eigenbasis); got factors='rows'")
+    if not isinstance(lr, (int, float)) or lr < 0:
+        raise ValueError(f"lr must be a non-negative number, got {lr!r}")
+    if adamw_lr is not None and (not isinstance(adamw_lr, (int, float)) or adamw_lr < 0):
+        raise ValueError(f"adamw_lr must be a non-negative number or None, got {adamw_lr!r}")
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+    if not isinstance(damping, (int, float)) or not damping > 0:
+        raise ValueError(f"damping must be a positive number, got {damping!r}")
+    if not isinstance(power, (int, float)) or not -1.0 <= power <= 0.0:
+        raise ValueError(f"power must be in [-1, 0], got {power!r}")
+    _check_unit("momentum", momentum)
+    _check_unit("factor_decay", factor_decay)
+    if not (isinstance(betas, tuple) and len(betas) == 2):
+        raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+    _check_unit("betas[0]", betas[0])
+    _check_unit("betas[1]", betas[1])
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    for count_name, count in (("factor_every", factor_every), ("eig_every", eig_every), ("ns_steps", ns_steps)):
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"{count_name} must be a positive int, got {count!r}")
+    if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+        raise ValueError(f"rows must be a positive int or None, got {rows!r}")
+
+
+class _Setting:
+    """A :class:`TransformerKFAC` attribute that reads and writes its shared :class:`FactorSettings`."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.settings, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj.settings, self.name, value)
+
+
 class TransformerKFAC(torch.optim.Optimizer):
     """K-FAC's Kronecker factors on a transformer's hidden matrices, AdamW on the rest (module docstring).
 
@@ -226,6 +276,16 @@ class TransformerKFAC(torch.optim.Optimizer):
             when initialised): their statistics are averaged (``"ema"``) or their rows gathered (``"rows"``).
     """
 
+    direction = _Setting()
+    sides = _Setting()
+    factors = _Setting()
+    power = _Setting()
+    damping = _Setting()
+    rows = _Setting()
+    factor_decay = _Setting()
+    factor_every = _Setting()
+    eig_every = _Setting()
+
     def __init__(self, model: nn.Module, *, lr: float = 3e-3, weight_decay: float = 0.1,
                  direction: Direction = "ortho", sides: Sides = "input", power: float = -0.5,
                  damping: float = 0.03, factors: FactorSource = "ema", rows: int | None = None,
@@ -235,42 +295,18 @@ class TransformerKFAC(torch.optim.Optimizer):
                  process_group: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        for name, value, allowed in (("direction", direction, DIRECTIONS), ("sides", sides, SIDES),
-                                     ("factors", factors, FACTORS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if direction.startswith("ekfac") and factors == "rows":
-            raise ValueError(f"direction={direction!r} needs factors='ema' (a full eigenbasis); got factors='rows'")
-        if not isinstance(lr, (int, float)) or lr < 0:
-            raise ValueError(f"lr must be a non-negative number, got {lr!r}")
-        if adamw_lr is not None and (not isinstance(adamw_lr, (int, float)) or adamw_lr < 0):
-            raise ValueError(f"adamw_lr must be a non-negative number or None, got {adamw_lr!r}")
-        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-            raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
-        if not isinstance(damping, (int, float)) or not damping > 0:
-            raise ValueError(f"damping must be a positive number, got {damping!r}")
-        if not isinstance(power, (int, float)) or not -1.0 <= power <= 0.0:
-            raise ValueError(f"power must be in [-1, 0], got {power!r}")
-        _check_unit("momentum", momentum)
-        _check_unit("factor_decay", factor_decay)
-        if not (isinstance(betas, tuple) and len(betas) == 2):
-            raise TypeError(f"betas must be a pair of floats, got {betas!r}")
-        _check_unit("betas[0]", betas[0])
-        _check_unit("betas[1]", betas[1])
-        if not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
-        for count_name, count in (("factor_every", factor_every), ("eig_every", eig_every), ("ns_steps", ns_steps)):
-            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-                raise ValueError(f"{count_name} must be a positive int, got {count!r}")
-        if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
-            raise ValueError(f"rows must be a positive int or None, got {rows!r}")
+        _check_arguments(direction=direction, sides=sides, factors=factors, lr=lr, adamw_lr=adamw_lr,
+                         weight_decay=weight_decay, damping=damping, power=power, momentum=momentum,
+                         factor_decay=factor_decay, betas=betas, eps=eps, factor_every=factor_every,
+                         eig_every=eig_every, ns_steps=ns_steps, rows=rows)
         hidden, rest = hidden_matrices(model)
         experts = expert_layers(model)
         expert_params = {id(p): (group, pname) for _, group in experts for pname, p in group.params.items()}
         rest = [p for p in rest if id(p) not in expert_params]
-        self.direction, self.sides, self.factors = direction, sides, factors
-        self.power, self.damping, self.rows = float(power), float(damping), rows
-        self.factor_decay, self.factor_every, self.eig_every = float(factor_decay), factor_every, eig_every
+        #: the factor settings the row hooks and the refresh read (``opt.damping = …`` reaches both)
+        self.settings = FactorSettings(direction=direction, sides=sides, factors=factors, power=float(power),
+                                       damping=float(damping), rows=rows, factor_decay=float(factor_decay),
+                                       factor_every=factor_every, eig_every=eig_every)
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
         # power 0 with "ortho"/"power": P = I, no factors (with "ortho": Muon itself)
         self.needs_factors = direction.startswith("ekfac") or direction == "spectral" or power != 0.0
@@ -292,11 +328,8 @@ class TransformerKFAC(torch.optim.Optimizer):
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "betas": betas, "eps": eps}
         super().__init__([g for g in groups if g["params"]], defaults)
         #: the rows' hooks (:class:`cgfac.transformer_factors.RowRecorder`) and the factors' refresh
-        self.recorder = RowRecorder(hidden, experts, rows=rows, factors=factors, factor_every=factor_every,
-                                    seed=seed, active=self.needs_factors)
-        self.refresher = FactorRefresh(direction=direction, sides=sides, factors=factors, power=self.power,
-                                       damping=self.damping, factor_decay=self.factor_decay,
-                                       factor_every=factor_every, eig_every=eig_every, process_group=process_group)
+        self.recorder = RowRecorder(hidden, experts, settings=self.settings, seed=seed, active=self.needs_factors)
+        self.refresher = FactorRefresh(self.settings, process_group)
 
     # --- capture ----------------------------------------------------------------------------------
     # --- factors ----------------------------------------------------------------------------------

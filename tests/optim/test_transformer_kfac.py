@@ -501,3 +501,24 @@ def test_factors_refresh_every_factor_every_steps_from_those_steps_rows() -> Non
     nn.functional.cross_entropy(sampled_model(x), y).backward()
     sampled.step()
     assert int(torch.linalg.matrix_rank(sampled.state[sampled_model[2].weight]["factor_a"])) == 4  # 4 of 10 rows
+
+
+def test_settings_changed_through_the_optimizer_reach_the_refresh() -> None:
+    """``opt.damping = …`` (and the other factor settings) after construction: the next refresh uses
+    the new value, as if the optimizer had been built with it."""
+    x, y = batch(n=5)
+    results = []
+    for built, later in ((0.07, None), (0.5, 0.07)):
+        model = mlp()
+        opt = cgfac.optim.TransformerKFAC(model, lr=0.1, weight_decay=0.3, damping=built, eig_every=1,
+                                          ns_dtype=torch.float64)
+        if later is not None:
+            opt.damping = later
+            assert opt.refresher.settings.damping == later and opt.recorder.settings is opt.settings
+        for _ in range(2):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
