@@ -23,7 +23,8 @@ from cgfac.curvature.kron import eigh, factor_eig
 from cgfac.layers.experts import ExpertsGroup, product_hooks
 
 __all__ = ["FactorRefresh", "FactorSettings", "LayerRows", "RowRecorder", "Side", "damped_cholesky", "damped_power",
-           "factor_from_cholesky", "factor_from_power", "power_matrix"]
+           "factor_from_cholesky", "factor_from_power", "lowrank_power", "lowrank_running_factor",
+           "power_matrix"]
 
 
 def damped_power(s: Tensor, q: Tensor, damping: float, dim: int, power: float) -> tuple[Tensor, Tensor, float]:
@@ -191,6 +192,7 @@ class FactorSettings:
     factor_decay: float
     factor_every: int
     eig_every: int
+    rank: int | None = None
 
     @property
     def compact(self) -> bool:
@@ -198,6 +200,46 @@ class FactorSettings:
         the same steps (``factor_every == eig_every``) and recovered from the power when rows arrive."""
         return self.factors == "ema" and not self.direction.startswith("ekfac") and \
             self.factor_every == self.eig_every
+
+
+def lowrank_running_factor(old: tuple[Tensor, Tensor, Tensor] | None, rows: Tensor, decay: float,
+                           rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The running factor ``F ← β F + (1 − β) XᵀX`` kept as its top ``rank`` eigenpairs and an isotropic
+    rest, ``F = Q diag(s) Qᵀ + τ (I − QQᵀ)`` (``Q``: ``d × k`` orthonormal, ``k ≤ rank``); returns
+    ``(Q, s, τ)``. ``rows``: ``X`` (``n × d``, already scaled so that ``F̂ = XᵀX``); ``old``: the
+    previous ``(Q, s, τ)`` or None (then ``F = F̂``).
+
+    ``β F_old + (1 − β) XᵀX = βτ I + RᵀR`` with ``R = [diag(√(β(s − τ))) Qᵀ; √(1 − β) X]``
+    (``(k + n) × d``; ``s ≥ τ``: the kept eigenvalues are the largest), so the update is exact in
+    ``O(d (k + n)²)`` (:func:`~cgfac.curvature.kron.factor_eig`: QR of ``Rᵀ``, a ``(k + n)²``
+    eigendecomposition; no ``d × d`` matrix), then truncated to its top ``rank`` eigenpairs with the
+    trace kept: ``τ = (tr F − Σ s) / (d − k)``, ``tr F = β tr F_old + (1 − β) ‖X‖²_F``."""
+    d = rows.shape[1]
+    if old is None:
+        r, shift, trace = rows, 0.0, float(rows.square().sum())
+    else:
+        q, ev, tau = old
+        shift = decay * float(tau)
+        top = (decay * (ev - tau).clamp_min(0.0)).sqrt()[:, None] * q.T
+        r = torch.cat([top, math.sqrt(1.0 - decay) * rows.to(q.dtype)])
+        trace = decay * (float(ev.sum()) + float(tau) * (d - q.shape[1])) + (1.0 - decay) * float(rows.square().sum())
+    sigma, u = factor_eig(r)  # ascending
+    k = min(rank, sigma.shape[0])
+    q_new, s_new = u[:, -k:], sigma[-k:] + shift
+    tau_new = max(trace - float(s_new.sum()), 0.0) / (d - k) if d > k else 0.0
+    return q_new, s_new, s_new.new_tensor(tau_new)
+
+
+def lowrank_power(q: Tensor, ev: Tensor, tau: Tensor, damping: float, power: float) -> Side:
+    """``(F + λI)^p = (τ + λ)^p (I − QQᵀ) + Q diag((s + λ)^p) Qᵀ`` of :func:`lowrank_running_factor`'s
+    ``F``, ``λ = damping · tr F / d`` (as :func:`damped_power`), as a low-rank :class:`Side`."""
+    d, k = q.shape
+    trace = float(ev.sum()) + float(tau) * (d - k)
+    lam = damping * trace / d
+    if not lam > 0:
+        lam = damping
+    base = (float(tau) + lam) ** power
+    return Side.lowrank(q, (ev + lam).pow(power) - base, base)
 
 
 class LayerRows:
@@ -381,6 +423,39 @@ class FactorRefresh:
             x = torch.cat(chunks)
         return x / math.sqrt(x.shape[0])
 
+    def is_lowrank(self, cap: LayerRows, dim: int) -> bool:
+        """Whether a side of this ``dim`` keeps its running factor low-rank (``rank < dim``; not an
+        expert's, whose statistics are reduced as ``d × d`` sums)."""
+        rank = self.settings.rank
+        return rank is not None and rank < dim and not cap.expert
+
+    def refresh_lowrank(self, cap: LayerRows, state: dict[str, Any], sides: tuple[str, ...]) -> None:
+        """The low-rank running factors of ``sides`` (:func:`lowrank_running_factor`) and their powers,
+        on every step with rows: kept per side as ``basis_*``, ``eigvals_*``, ``tail_*``."""
+        for s in sides:
+            old = (state[f"basis_{s}"], state[f"eigvals_{s}"], state[f"tail_{s}"]) if f"basis_{s}" in state else None
+            rows = self.gathered_rows(getattr(cap, s))
+            assert self.settings.rank is not None
+            try:
+                q, ev, tau = lowrank_running_factor(old, rows, self.settings.factor_decay, self.settings.rank)
+            except (torch.linalg.LinAlgError, RuntimeError):
+                self.factor_failures += 1
+                continue
+            state[f"basis_{s}"], state[f"eigvals_{s}"], state[f"tail_{s}"] = q, ev, tau
+            state[f"side_{s}"] = lowrank_power(q, ev, tau, self.settings.damping, self.settings.power)
+
+    def side_from_state(self, state: dict[str, Any], s: str) -> Side | None:
+        """Side ``s``'s power rebuilt from a loaded state (``power_*``, ``chol_*`` or the low-rank
+        ``basis_*``), or None where it has none yet."""
+        if f"power_{s}" in state:
+            return Side(None, None, 0.0, state[f"power_{s}"])
+        if f"chol_{s}" in state:
+            return Side(None, None, 0.0, None, state[f"chol_{s}"])
+        if f"basis_{s}" in state:
+            return lowrank_power(state[f"basis_{s}"], state[f"eigvals_{s}"], state[f"tail_{s}"],
+                                 self.settings.damping, self.settings.power)
+        return None
+
     def eig(self, f: Tensor) -> tuple[Tensor, Tensor] | None:
         """``F = Q diag(s) Qᵀ`` (``s ≥ 0``; retried in float64 once), or None where it fails."""
         try:
@@ -400,14 +475,17 @@ class FactorRefresh:
         sides = self.layer_sides(dims[0], dims[1])
         have = all(getattr(cap, s) for s in sides)
         if self.settings.factors == "rows":
-            if not have:
-                return
-            for s in sides:
-                rows = self.gathered_rows(getattr(cap, s))
-                ev, q = factor_eig(rows)
-                p = -0.5 if self.settings.direction == "spectral" else self.settings.power
-                state[f"side_{s}"] = Side.lowrank(*damped_power(ev, q, self.settings.damping, rows.shape[1], p))
+            if have:
+                for s in sides:
+                    rows = self.gathered_rows(getattr(cap, s))
+                    ev, q = factor_eig(rows)
+                    p = -0.5 if self.settings.direction == "spectral" else self.settings.power
+                    state[f"side_{s}"] = Side.lowrank(*damped_power(ev, q, self.settings.damping, rows.shape[1], p))
             return
+        lowrank = tuple(s for s in sides if self.is_lowrank(cap, dims[1] if s == "a" else dims[0]))
+        if lowrank and have:
+            self.refresh_lowrank(cap, state, lowrank)
+        sides = tuple(s for s in sides if s not in lowrank)
         fresh: dict[str, Tensor] = {}
         batch = self.expert_outer(cap, sides, state, steps_taken) if cap.expert else (
             {s: self.mean_outer(getattr(cap, s)) for s in sides} if have else None)

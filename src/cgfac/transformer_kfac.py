@@ -76,7 +76,6 @@ from cgfac.transformer_factors import (
     FactorSettings,
     LayerRows,
     RowRecorder,
-    Side,
     damped_cholesky,
     damped_power,
     factor_from_cholesky,
@@ -193,7 +192,7 @@ def adamw_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str
 def _check_arguments(*, direction: str, sides: str, factors: str, lr: float, adamw_lr: float | None,
                      weight_decay: float, damping: float, power: float, momentum: float, factor_decay: float,
                      betas: tuple[float, float], eps: float, factor_every: int, eig_every: int, ns_steps: int,
-                     rows: int | None) -> None:
+                     rows: int | None, rank: int | None) -> None:
     """:class:`TransformerKFAC`'s arguments: ``ValueError``/``TypeError`` naming the first bad one."""
     for name, value, allowed in (("direction", direction, DIRECTIONS), ("sides", sides, SIDES),
                                  ("factors", factors, FACTORS)):
@@ -224,6 +223,11 @@ def _check_arguments(*, direction: str, sides: str, factors: str, lr: float, ada
             raise ValueError(f"{count_name} must be a positive int, got {count!r}")
     if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
         raise ValueError(f"rows must be a positive int or None, got {rows!r}")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+    if rank is not None and (direction not in ("ortho", "power") or factors != "ema"):
+        raise ValueError(f"rank needs direction 'ortho' or 'power' with factors='ema'; got direction={direction!r}, "
+                         f"factors={factors!r}")
 
 
 class _Setting:
@@ -274,6 +278,11 @@ class TransformerKFAC(torch.optim.Optimizer):
         seed: seeds the sampling of rows.
         process_group: the ``torch.distributed`` group whose ranks share the factors (default: the world,
             when initialised): their statistics are averaged (``"ema"``) or their rows gathered (``"rows"``).
+        rank: with ``factors="ema"``, each side wider than ``rank`` keeps its running factor as its top
+            ``rank`` eigenpairs and an isotropic rest, updated from the rows without a ``d × d`` matrix or
+            eigendecomposition (:func:`~cgfac.transformer_factors.lowrank_running_factor`); its power is
+            refreshed with every factor refresh (``eig_every`` does not apply) and costs ``2·rank·d``
+            per row of the momentum instead of ``d²``. None: every side dense.
     """
 
     direction = _Setting()
@@ -285,6 +294,7 @@ class TransformerKFAC(torch.optim.Optimizer):
     factor_decay = _Setting()
     factor_every = _Setting()
     eig_every = _Setting()
+    rank = _Setting()
 
     def __init__(self, model: nn.Module, *, lr: float = 3e-3, weight_decay: float = 0.1,
                  direction: Direction = "ortho", sides: Sides = "input", power: float = -0.5,
@@ -292,13 +302,13 @@ class TransformerKFAC(torch.optim.Optimizer):
                  momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
                  factor_decay: float = 0.95, factor_every: int = 1, eig_every: int = 10, ns_steps: int = 5,
                  ns_dtype: torch.dtype | None = None, adamw_lr: float | None = None, seed: int = 0,
-                 process_group: Any = None) -> None:
+                 process_group: Any = None, rank: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_arguments(direction=direction, sides=sides, factors=factors, lr=lr, adamw_lr=adamw_lr,
                          weight_decay=weight_decay, damping=damping, power=power, momentum=momentum,
                          factor_decay=factor_decay, betas=betas, eps=eps, factor_every=factor_every,
-                         eig_every=eig_every, ns_steps=ns_steps, rows=rows)
+                         eig_every=eig_every, ns_steps=ns_steps, rows=rows, rank=rank)
         hidden, rest = hidden_matrices(model)
         experts = expert_layers(model)
         expert_params = {id(p): (group, pname) for _, group in experts for pname, p in group.params.items()}
@@ -306,7 +316,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         #: the factor settings the row hooks and the refresh read (``opt.damping = …`` reaches both)
         self.settings = FactorSettings(direction=direction, sides=sides, factors=factors, power=float(power),
                                        damping=float(damping), rows=rows, factor_decay=float(factor_decay),
-                                       factor_every=factor_every, eig_every=eig_every)
+                                       factor_every=factor_every, eig_every=eig_every, rank=rank)
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
         # power 0 with "ortho"/"power": P = I, no factors (with "ortho": Muon itself)
         self.needs_factors = direction.startswith("ekfac") or direction == "spectral" or power != 0.0
@@ -516,8 +526,6 @@ class TransformerKFAC(torch.optim.Optimizer):
                 if "dims" in sub:
                     sub["dims"] = tuple(sub["dims"])
                 for s in ("a", "g"):
-                    if f"power_{s}" in sub:
-                        sub[f"side_{s}"] = Side(None, None, 0.0, sub[f"power_{s}"])
-                    if f"chol_{s}" in sub:
-                        sub[f"side_{s}"] = Side(None, None, 0.0, None, sub[f"chol_{s}"])
+                    if (side := self.refresher.side_from_state(sub, s)) is not None:
+                        sub[f"side_{s}"] = side
 

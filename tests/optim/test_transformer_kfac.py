@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import cgfac
-from cgfac.transformer_factors import Side
+from cgfac.transformer_factors import Side, lowrank_power, lowrank_running_factor
 from cgfac.transformer_kfac import (
     NS_COEFFICIENTS,
     UPDATE_RMS,
@@ -246,15 +246,17 @@ def test_power_direction_has_the_update_rms() -> None:
     assert step.pow(2).mean().sqrt().item() == pytest.approx(UPDATE_RMS, rel=1e-9)
 
 
-@pytest.mark.parametrize("factor_every", [1, 2])  # the full state; the compact one (factor_every == eig_every)
+@pytest.mark.parametrize(("factor_every", "rank"), [(1, None), (2, None), (1, 4)])  # full; compact; low-rank
 @pytest.mark.parametrize("direction", ["ortho", "spectral"])
-def test_state_dict_resumes_bit_for_bit(factor_every: int, direction: str) -> None:
+def test_state_dict_resumes_bit_for_bit(factor_every: int, rank: int | None, direction: str) -> None:
+    if rank is not None and direction == "spectral":
+        pytest.skip("rank needs a power (ortho or power)")
     x, y = batch(n=12)
 
     def make():
         model = mlp()
         return model, cgfac.optim.TransformerKFAC(model, lr=0.05, rows=6, sides="both", eig_every=2,
-                                                  factor_every=factor_every, direction=direction)
+                                                  factor_every=factor_every, direction=direction, rank=rank)
 
     def steps(model, opt, k):
         for _ in range(k):
@@ -418,6 +420,7 @@ def test_a_non_finite_gradient_skips_the_step() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "name"), [
+    ({"rank": 0}, "rank"), ({"rank": 3, "direction": "spectral"}, "rank"), ({"rank": 3, "factors": "rows"}, "rank"),
     ({"direction": "newton"}, "direction"), ({"sides": "output"}, "sides"), ({"factors": "window"}, "factors"),
     ({"damping": 0.0}, "damping"), ({"power": 0.5}, "power"), ({"lr": -1.0}, "lr"), ({"momentum": 1.0}, "momentum"),
     ({"rows": 0}, "rows"), ({"eig_every": 0}, "eig_every"), ({"weight_decay": -0.1}, "weight_decay"),
@@ -522,3 +525,84 @@ def test_settings_changed_through_the_optimizer_reach_the_refresh() -> None:
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def represented(q: torch.Tensor, ev: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The dense ``Q diag(s) Qᵀ + τ (I − QQᵀ)`` of a low-rank running factor."""
+    eye = torch.eye(q.shape[0], dtype=q.dtype)
+    return (q * ev) @ q.T + tau * (eye - q @ q.T)
+
+
+def test_lowrank_running_factor_is_the_dense_average_while_its_rank_fits() -> None:
+    """Three updates of 2 rows each (rank ≤ 6 ≤ ``rank`` = 7 < d = 10): the low-rank factor equals the
+    dense running average ``F ← β F + (1 − β) XᵀX`` (the first ``F = XᵀX``), with ``τ = 0``."""
+    g = torch.Generator().manual_seed(3)
+    state, dense = None, None
+    for _ in range(3):
+        x = torch.randn(2, 10, generator=g, dtype=torch.float64)
+        state = lowrank_running_factor(state, x, 0.8, 7)
+        dense = x.T @ x if dense is None else 0.8 * dense + 0.2 * (x.T @ x)
+        torch.testing.assert_close(represented(*state), dense, rtol=1e-10, atol=1e-12)
+    assert float(state[2]) == pytest.approx(0.0, abs=1e-12)
+    torch.testing.assert_close(state[0].T @ state[0], torch.eye(state[0].shape[1], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
+def test_lowrank_running_factor_truncates_to_the_top_eigenpairs_and_keeps_the_trace() -> None:
+    """From a given ``(Q, s, τ)`` and rows, the update equals the top ``k`` eigenpairs of the dense
+    ``β F_old + (1 − β) XᵀX`` (``F_old`` the represented factor), and ``τ`` its remaining trace over ``d − k``."""
+    g = torch.Generator().manual_seed(4)
+    d, k = 12, 4
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
+    old = (q, torch.tensor([9.0, 5.0, 3.0, 2.5], dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64))
+    x = torch.randn(5, d, generator=g, dtype=torch.float64)
+    want = 0.9 * represented(*old) + 0.1 * (x.T @ x)
+    q2, ev2, tau2 = lowrank_running_factor(old, x, 0.9, k)
+    s_all, v_all = torch.linalg.eigh(want)
+    torch.testing.assert_close(ev2, s_all[-k:], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(q2 @ q2.T, v_all[:, -k:] @ v_all[:, -k:].T, rtol=0, atol=1e-9)  # the same subspace
+    assert float(tau2) == pytest.approx((float(torch.trace(want)) - float(s_all[-k:].sum())) / (d - k), rel=1e-12)
+
+
+@pytest.mark.parametrize("p", [-1.0, -0.5, -0.25])
+def test_lowrank_power_is_the_dense_power_of_the_represented_factor(p: float) -> None:
+    g = torch.Generator().manual_seed(5)
+    d, k, damping = 9, 3, 0.05
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
+    ev, tau = torch.tensor([4.0, 2.0, 1.5], dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
+    f = represented(q, ev, tau)
+    want = dense_power(f, damping * float(torch.trace(f)) / d, p)
+    side = lowrank_power(q, ev, tau, damping, p)
+    m = torch.randn(5, d, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(side.right(m), m @ want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(side.left(m.T), want @ m.T, rtol=1e-10, atol=1e-12)
+
+
+def wide_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 9, bias=False), nn.Tanh(), nn.Linear(9, 11), nn.Tanh(),
+                         nn.Linear(11, 3)).double()
+
+
+@pytest.mark.parametrize("sides", ["input", "both"])
+def test_lowrank_steps_equal_the_dense_steps_while_the_rank_fits(sides: str) -> None:
+    """``rank=8`` below every side's width (9–11) but above the factors' rank (3 steps of 2 rows):
+    the low-rank running factors are exact, and three steps equal the dense optimizer's."""
+    g = torch.Generator().manual_seed(6)
+    data = [(torch.randn(2, 10, generator=g, dtype=torch.float64), torch.randint(0, 3, (2,), generator=g))
+            for _ in range(3)]
+    params = []
+    for rank in (None, 8):
+        model = wide_mlp()
+        opt = cgfac.optim.TransformerKFAC(model, lr=0.1, weight_decay=0.1, sides=sides, factor_every=1, eig_every=1,
+                                          factor_decay=0.7, damping=0.05, rank=rank, ns_dtype=torch.float64)
+        for x, y in data:
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        if rank is not None:
+            st = opt.state[model[0].weight]
+            assert st["basis_a"].shape == (10, 6) and "power_a" not in st  # the low-rank state alone
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
