@@ -423,6 +423,14 @@ class FactorRefresh:
             x = torch.cat(chunks)
         return x / math.sqrt(x.shape[0])
 
+    def refresh_from_rows(self, cap: LayerRows, state: dict[str, Any], sides: tuple[str, ...]) -> None:
+        """``factors="rows"``: each side's power from this step's rows alone (low-rank, exact)."""
+        for s in sides:
+            rows = self.gathered_rows(getattr(cap, s))
+            ev, q = factor_eig(rows)
+            p = -0.5 if self.settings.direction == "spectral" else self.settings.power
+            state[f"side_{s}"] = Side.lowrank(*damped_power(ev, q, self.settings.damping, rows.shape[1], p))
+
     def is_lowrank(self, cap: LayerRows, dim: int) -> bool:
         """Whether a side of this ``dim`` keeps its running factor low-rank (``rank < dim``; not an
         expert's, whose statistics are reduced as ``d × d`` sums)."""
@@ -476,11 +484,7 @@ class FactorRefresh:
         have = all(getattr(cap, s) for s in sides)
         if self.settings.factors == "rows":
             if have:
-                for s in sides:
-                    rows = self.gathered_rows(getattr(cap, s))
-                    ev, q = factor_eig(rows)
-                    p = -0.5 if self.settings.direction == "spectral" else self.settings.power
-                    state[f"side_{s}"] = Side.lowrank(*damped_power(ev, q, self.settings.damping, rows.shape[1], p))
+                self.refresh_from_rows(cap, state, sides)
             return
         lowrank = tuple(s for s in sides if self.is_lowrank(cap, dims[1] if s == "a" else dims[0]))
         if lowrank and have:
