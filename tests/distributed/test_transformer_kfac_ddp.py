@@ -1,5 +1,6 @@
 """TransformerKFAC under DDP: two gloo ranks, each on half of the global batch, take the same steps as one
-process on the whole batch (factors averaged, or rows gathered, across the ranks), a mixture-of-experts
+process on the whole batch (factors averaged, or rows gathered, across the ranks; low-rank running
+factors from the gathered rows), a mixture-of-experts
 model's experts included (each expert's routed rows reduced over the ranks); and under FSDP2
 (``fully_shard``: DTensor parameters, uneven shards), the same."""
 
@@ -22,8 +23,8 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("variant", ["ortho-both-ema", "ortho-input-rows", "ekfac", "moe-ortho-both",
-                                     "fsdp2-ortho-both-ema"])
+@pytest.mark.parametrize("variant", ["ortho-both-ema", "ortho-input-rows", "ekfac", "ortho-both-lowrank",
+                                     "moe-ortho-both", "fsdp2-ortho-both-ema"])
 def test_ddp_steps_equal_one_process_on_the_global_batch(ranks, variant: str) -> None:
     for result in ranks:
         r = result["variants"][variant]

@@ -19,6 +19,8 @@ VARIANTS = {
     "ortho-input-rows": {"direction": "ortho", "sides": "input", "power": -0.5, "factors": "rows",
                          "ns_dtype": torch.float64},
     "ekfac": {"direction": "ekfac", "sides": "both", "eig_every": 1},
+    "ortho-both-lowrank": {"direction": "ortho", "sides": "both", "power": -0.5, "rank": 4, "factor_every": 1,
+                           "eig_every": 1, "ns_dtype": torch.float64},
     "moe-ortho-both": {"direction": "ortho", "sides": "both", "power": -0.5, "ns_dtype": torch.float64,
                        "model": "moe"},
 }
