@@ -232,14 +232,20 @@ def lowrank_running_factor(old: tuple[Tensor, Tensor, Tensor] | None, rows: Tens
 
 def lowrank_power(q: Tensor, ev: Tensor, tau: Tensor, damping: float, power: float) -> Side:
     """``(F + λI)^p = (τ + λ)^p (I − QQᵀ) + Q diag((s + λ)^p) Qᵀ`` of :func:`lowrank_running_factor`'s
-    ``F``, ``λ = damping · tr F / d`` (as :func:`damped_power`), as a low-rank :class:`Side`."""
+    ``F``, ``λ = damping · tr F / d`` (as :func:`damped_power`), as a :class:`Side`: low-rank where
+    ``2k < d`` (two ``k``-wide products per step), else the dense ``d × d`` power (one product, as cheap)."""
     d, k = q.shape
     trace = float(ev.sum()) + float(tau) * (d - k)
     lam = damping * trace / d
     if not lam > 0:
         lam = damping
     base = (float(tau) + lam) ** power
-    return Side.lowrank(q, (ev + lam).pow(power) - base, base)
+    coeff = (ev + lam).pow(power) - base
+    if 2 * k >= d:
+        dense = (q * coeff) @ q.T
+        dense.diagonal().add_(base)
+        return Side(None, None, 0.0, dense)
+    return Side.lowrank(q, coeff, base)
 
 
 class LayerRows:

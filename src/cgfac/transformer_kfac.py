@@ -28,8 +28,15 @@ damped power is, for any ``p`` (``λ = damping · tr(F)/d``, relative: unit-free
 
     (F + λI)^p = λ^p (I − QQᵀ) + Q diag((s + λ)^p) Qᵀ          (exact: QQᵀ = I where F has full rank)
 
+``rank=k`` (with ``"ema"``): a side wider than ``k`` keeps its running factor as ``F = Q diag(s) Qᵀ +
+τ (I − QQᵀ)`` (``Q``: ``d × k``; ``τ`` the rest of the trace over ``d − k``), updated on each refresh
+exactly from the rows ``X`` through the same low-rank eigensystem (``β F + (1 − β) XᵀX − βτ I`` has
+rank ``≤ k + n``: :func:`~cgfac.transformer_factors.lowrank_running_factor`) and truncated to its top
+``k`` eigenpairs; then ``(F + λI)^p = (τ + λ)^p (I − QQᵀ) + Q diag((s + λ)^p) Qᵀ``. No ``d × d``
+matrix or eigendecomposition: a refresh costs ``O(d (k + n)²)``, a step ``2 k d`` per row of ``M``.
+
 The direction ``O`` of the Nesterov momentum ``M = (1 − μ) g + μ m``, ``m ← μ m + (1 − μ) g`` (``sides="input"``:
-``P_G = I``; ``"both"``: both factors)::
+``P_G = I``; ``"both"``: both factors; ``"smaller"``: the smaller dimension's factor, the other ``I``)::
 
     "ortho"   O = msgn(P_G M P_A),  P = (F + λI)^p           Newton–Schulz, as torch.optim.Muon
               scaled by 0.2·√max(d_out, d_in) (AdamW's update RMS; Moonlight)

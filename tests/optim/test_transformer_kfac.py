@@ -564,15 +564,17 @@ def test_lowrank_running_factor_truncates_to_the_top_eigenpairs_and_keeps_the_tr
     assert float(tau2) == pytest.approx((float(torch.trace(want)) - float(s_all[-k:].sum())) / (d - k), rel=1e-12)
 
 
+@pytest.mark.parametrize("d", [9, 5])  # applied low-rank (2k < d) and as the dense power (2k ≥ d)
 @pytest.mark.parametrize("p", [-1.0, -0.5, -0.25])
-def test_lowrank_power_is_the_dense_power_of_the_represented_factor(p: float) -> None:
+def test_lowrank_power_is_the_dense_power_of_the_represented_factor(p: float, d: int) -> None:
     g = torch.Generator().manual_seed(5)
-    d, k, damping = 9, 3, 0.05
+    k, damping = 3, 0.05
     q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
     ev, tau = torch.tensor([4.0, 2.0, 1.5], dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
     f = represented(q, ev, tau)
     want = dense_power(f, damping * float(torch.trace(f)) / d, p)
     side = lowrank_power(q, ev, tau, damping, p)
+    assert (side.dense is None) == (2 * k < d)
     m = torch.randn(5, d, generator=g, dtype=torch.float64)
     torch.testing.assert_close(side.right(m), m @ want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(side.left(m.T), want @ m.T, rtol=1e-10, atol=1e-12)
