@@ -271,3 +271,34 @@ $B train --task autoencoder-wide --width-mult 8 --tuned --budget 300 --eval-ever
   --optimizers cgfac-kron-adaptive,adam,muon-original --out benchmarks/train-autoencoder-wide-x8-300s
 $B profile --task autoencoder-wide --width-mult 16 --optimizer cgfac-kron-adaptive --steps 2 --warmup 1 \
   --out benchmarks/profile-autoencoder-wide-x16
+# Round 6 (issue 23): low-rank running factors (TransformerKFAC rank=k) and sides="smaller", seed 0, 2000
+# iterations, two runs at a time on one thread each; joined with the seed-0 runs of Muon, AdamW and the dense
+# factors (train-nanogpt-s-3seeds, train-nanogpt-m-3seeds) into the reports with --from-runs.
+$B train --task nanogpt-s --jobs 2 --optimizers tkfac-ortho-smaller --lr-grid "tkfac-ortho-smaller=4e-3,8e-3" \
+  --hyper "rows=128,factor_every=10,eig_every=10" --out /tmp/runs/s-smaller
+$B train --task nanogpt-s --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "rows=128,factor_every=10,eig_every=10,rank=128|rows=128,factor_every=10,eig_every=10,rank=64" \
+  --out /tmp/runs/s-rank
+$B train --task nanogpt-m --iters 2000 --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "rows=128,factor_every=10,eig_every=10,rank=128|rows=128,factor_every=10,eig_every=10,rank=256" \
+  --out /tmp/runs/m-rank
+$B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs benchmarks/tuning-nanogpt-s-round6/recorded-runs.jsonl \
+  --out benchmarks/tuning-nanogpt-s-round6
+$B train --task nanogpt-m --iters 2000 --jobs 2 --from-runs benchmarks/tuning-nanogpt-m-round6/recorded-runs.jsonl \
+  --out benchmarks/tuning-nanogpt-m-round6
+# Seeds 1 and 2 of the kept settings (S rank=64, M rank=256), joined with seed 0 and Muon's and AdamW's seeds.
+$B train --task nanogpt-s --iters 2000 --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "rows=128,factor_every=10,eig_every=10,rank=64" --seeds 1,2 --out /tmp/runs/s-rank64-seeds
+$B train --task nanogpt-m --iters 2000 --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "rows=128,factor_every=10,eig_every=10,rank=256" --seeds 1,2 --out /tmp/runs/m-rank256-seeds
+$B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs benchmarks/train-nanogpt-s-rank-3seeds/recorded-runs.jsonl \
+  --out benchmarks/train-nanogpt-s-rank-3seeds
+$B train --task nanogpt-m --iters 2000 --jobs 2 --from-runs benchmarks/train-nanogpt-m-rank-3seeds/recorded-runs.jsonl \
+  --out benchmarks/train-nanogpt-m-rank-3seeds
+# Step times, interleaved (one iteration of each optimizer in turn, one thread), the machine otherwise idle.
+S="rows=128,factor_every=10,eig_every=10"
+# (the dense spec says rank=none: the tuned settings it starts from now carry the kept rank)
+PYTHONPATH=src .venv/bin/python scripts/lm_step_time.py --task nanogpt-s --rounds 250 \
+  --json benchmarks/speed-nanogpt-round6/s.json muon-f32 adamw "tkfac-ortho-input:$S,rank=none" "tkfac-ortho-input:$S,rank=64"
+PYTHONPATH=src .venv/bin/python scripts/lm_step_time.py --task nanogpt-m --rounds 80 --warmup 10 \
+  --json benchmarks/speed-nanogpt-round6/m.json muon-f32 adamw "tkfac-ortho-input:$S,rank=none" "tkfac-ortho-input:$S,rank=256"

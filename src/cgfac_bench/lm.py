@@ -133,15 +133,21 @@ WD_GRID: dict[str, tuple[float, ...]] = {name: (0.1,) for name in LM_OPTIMIZERS}
 # nanogpt-m, 2000 iterations, one seed (benchmarks/tuning-nanogpt-m): AdamW {5e-4, 1e-3, 2e-3}: 1.611, 1.562,
 #   1.599; Muon {2e-3, 4e-3, 8e-3}: 1.390, 1.383, 1.401; TransformerKFAC 10/10, 128 rows {1e-3, 2e-3, 4e-3}:
 #   1.387, 1.374, 1.373. nanogpt-moe-s: size S's rates (benchmarks/train-nanogpt-moe-s).
+# Round 6 (benchmarks/tuning-nanogpt-*-round6; time to Muon's final = steps x interleaved step ratio,
+# benchmarks/speed-nanogpt-round6): low-rank running factors. S, lr 4e-3, seed 0: rank=128 1.423 (0.93 of
+#   Muon's steps), rank=64 1.425 (0.93; step 1.07x Muon's against the dense 1.20x: kept); sides="smaller"
+#   1.431 (4e-3), 1.439 (8e-3). M: rank=256 1.376 (0.96; step 1.09x against 1.27x: kept), rank=128 1.380.
+#   The tuned tkfac-ortho-input below is the kept low-rank setting (rounds 2-4 ran it without rank).
 TUNED_LM: dict[str, dict[str, dict[str, Any]]] = {
     "nanogpt-s": {"adamw-published": {"lr": 1e-3, "wd": 0.1}, "adamw": {"lr": 4e-3, "wd": 0.1},
                   "muon-f32": {"lr": 8e-3, "wd": 0.1},
-                  "tkfac-ortho-input": {"lr": 4e-3, "wd": 0.1, "hyper": {"rows": 128}},
+                  "tkfac-ortho-input": {"lr": 4e-3, "wd": 0.1,
+                                        "hyper": {"rows": 128, "factor_every": 10, "eig_every": 10, "rank": 64}},
                   "tkfac-ekfac-ortho": {"lr": 4e-3, "wd": 0.1}},
     "nanogpt-m": {"adamw-published": {"lr": 1e-3, "wd": 0.1}, "adamw": {"lr": 1e-3, "wd": 0.1},
                   "muon-f32": {"lr": 4e-3, "wd": 0.1},
                   "tkfac-ortho-input": {"lr": 4e-3, "wd": 0.1,
-                                        "hyper": {"rows": 128, "factor_every": 10, "eig_every": 10}}},
+                                        "hyper": {"rows": 128, "factor_every": 10, "eig_every": 10, "rank": 256}}},
     "nanogpt-moe-s": {"adamw": {"lr": 4e-3, "wd": 0.1}, "muon-f32": {"lr": 8e-3, "wd": 0.1},
                       "tkfac-ortho-input": {"lr": 4e-3, "wd": 0.1,
                                             "hyper": {"rows": 128, "factor_every": 10, "eig_every": 10}}},
