@@ -282,6 +282,11 @@ $B train --task nanogpt-s --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkf
 $B train --task nanogpt-m --iters 2000 --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
   --hyper "rows=128,factor_every=10,eig_every=10,rank=128|rows=128,factor_every=10,eig_every=10,rank=256" \
   --out /tmp/runs/m-rank
+$B train --task nanogpt-s --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "rows=128,factor_every=10,eig_every=10,rank=64,damping=0.01|rows=128,factor_every=10,eig_every=10,rank=64,damping=0.1" \
+  --out /tmp/runs/s-rank64-damping
+$B train --task nanogpt-s --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=2e-3,8e-3" \
+  --hyper "rows=128,factor_every=10,eig_every=10,rank=64" --out /tmp/runs/s-rank64-lr
 $B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs benchmarks/tuning-nanogpt-s-round6/recorded-runs.jsonl \
   --out benchmarks/tuning-nanogpt-s-round6
 $B train --task nanogpt-m --iters 2000 --jobs 2 --from-runs benchmarks/tuning-nanogpt-m-round6/recorded-runs.jsonl \

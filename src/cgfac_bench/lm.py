@@ -135,7 +135,8 @@ WD_GRID: dict[str, tuple[float, ...]] = {name: (0.1,) for name in LM_OPTIMIZERS}
 #   1.387, 1.374, 1.373. nanogpt-moe-s: size S's rates (benchmarks/train-nanogpt-moe-s).
 # Round 6 (benchmarks/tuning-nanogpt-*-round6; time to Muon's final = steps x interleaved step ratio,
 # benchmarks/speed-nanogpt-round6): low-rank running factors. S, lr 4e-3, seed 0: rank=128 1.423 (0.93 of
-#   Muon's steps), rank=64 1.425 (0.93; step 1.07x Muon's against the dense 1.20x: kept); sides="smaller"
+#   Muon's steps), rank=64 1.425 (0.93; step 1.07x Muon's against the dense 1.20x: kept; lr 2e-3 / 8e-3:
+#   1.456 / 1.426; damping 0.01 / 0.1: 1.429 / 1.425); sides="smaller"
 #   1.431 (4e-3), 1.439 (8e-3). M: rank=256 1.376 (0.96; step 1.09x against 1.27x: kept), rank=128 1.380.
 #   The tuned tkfac-ortho-input below is the kept low-rank setting (rounds 2-4 ran it without rank).
 TUNED_LM: dict[str, dict[str, dict[str, Any]]] = {
