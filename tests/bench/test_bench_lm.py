@@ -27,11 +27,13 @@ def test_every_lm_optimizer_steps(name: str) -> None:
     x = torch.randint(0, 11, (4, 8), generator=g)
     y = torch.randint(0, 11, (4, 8), generator=g)
     losses = []
-    for _ in range(6):
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        losses.append(float(loss))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    # kron-torch wraps its updates in torch.compile (14 s of compilation here): eager is the same maths
+    with torch._dynamo.config.patch(disable=name == "kron"):
+        for _ in range(6):
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            losses.append(float(loss))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < losses[0]

@@ -70,10 +70,20 @@ def test_sweep_summary_picks_the_first_width_where_cgfac_is_sooner() -> None:
     assert summary["ahead"] == {"adam": ["1", "2"]}
 
 
-def test_sweep_and_profile_smoke(tmp_path: Path) -> None:
-    rc = cli.main(["sweep", "--task", "mlp-wide", "--widths", "8,16", "--target", "2.2", "--out", str(tmp_path / "s"),
-                   "--", "--budget", "0.4", "--threads", "1", "--eval-samples", "32", "--batch-size", "32",
-                   "--optimizers", "cgfac-kron,adam", "--lr-grid", "cgfac-kron=0.1;adam=0.003"])
+def test_sweep_and_profile_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the runs in this process (a spawned process per run costs seconds of imports; spawning is
+    # covered by test_bench_train's smoke tests), the thread count restored after
+    from cgfac_bench.loop import train_run
+
+    monkeypatch.setattr(train, "run_isolated", lambda cfg, on_progress: train_run(cfg, on_progress))
+    threads = torch.get_num_threads()
+    try:
+        rc = cli.main(["sweep", "--task", "mlp-wide", "--widths", "8,16", "--target", "2.2",
+                       "--out", str(tmp_path / "s"), "--", "--budget", "0.4", "--threads", "1",
+                       "--eval-samples", "32", "--batch-size", "32", "--optimizers", "cgfac-kron,adam",
+                       "--lr-grid", "cgfac-kron=0.1;adam=0.003"])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     summary = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert set(summary["table"]) == {"cgfac-kron", "adam"} and summary["widths"] == ["8", "16"]
