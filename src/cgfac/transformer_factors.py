@@ -24,7 +24,14 @@ from cgfac.layers.experts import ExpertsGroup, product_hooks
 
 __all__ = ["FactorRefresh", "FactorSettings", "LayerRows", "RowRecorder", "Side", "damped_cholesky", "damped_power",
            "factor_from_cholesky", "factor_from_power", "lowrank_power", "lowrank_running_factor",
-           "power_matrix"]
+           "power_matrix", "relative_damping"]
+
+
+def relative_damping(trace: float, dim: int, damping: float) -> float:
+    """``λ = damping · tr F / d`` (relative to the mean eigenvalue), or ``damping`` itself where that is
+    not positive (a zero factor)."""
+    lam = damping * trace / dim
+    return lam if lam > 0 else damping
 
 
 def damped_power(s: Tensor, q: Tensor, damping: float, dim: int, power: float) -> tuple[Tensor, Tensor, float]:
@@ -34,9 +41,7 @@ def damped_power(s: Tensor, q: Tensor, damping: float, dim: int, power: float) -
     ``coeff = (s + λ)^p − λ^p``. ``q`` (``dim × k``) may hold fewer than ``dim`` columns (the rows'
     span): the formula is exact for the rank-``k`` ``F``.
     """
-    lam = damping * float(s.sum()) / dim
-    if not lam > 0:
-        lam = damping
+    lam = relative_damping(float(s.sum()), dim, damping)
     base = lam**power
     return q, (s + lam).pow(power) - base, base
 
@@ -54,7 +59,17 @@ class Side:
     @classmethod
     def power(cls, q: Tensor, coeff: Tensor, base: float) -> Side:
         """The dense ``P = q diag(coeff + base) qᵀ`` (``q`` square)."""
-        return cls(None, None, base, (q * (coeff + base)) @ q.T)
+        return cls.dense_power((q * (coeff + base)) @ q.T)
+
+    @classmethod
+    def dense_power(cls, dense: Tensor) -> Side:
+        """The dense ``P`` itself."""
+        return cls(None, None, 0.0, dense)
+
+    @classmethod
+    def cholesky(cls, low: Tensor) -> Side:
+        """``"spectral"``'s Cholesky factor ``L`` of ``B = F + λI``."""
+        return cls(None, None, 0.0, None, low)
 
     @classmethod
     def lowrank(cls, q: Tensor, coeff: Tensor, base: float) -> Side:
@@ -113,9 +128,8 @@ def _spd_inverse(matrix: Tensor) -> Tensor | None:
 
 def _damped(factor: Tensor, damping: float) -> Tensor:
     """A copy of ``F + λI``, ``λ = damping · tr(F) / d`` (``damping`` itself where ``tr F = 0``)."""
-    lam = damping * float(factor.diagonal().sum()) / factor.shape[0]
     shifted = factor.clone()
-    shifted.diagonal().add_(lam if lam > 0 else damping)
+    shifted.diagonal().add_(relative_damping(float(factor.diagonal().sum()), factor.shape[0], damping))
     return shifted
 
 
@@ -235,16 +249,13 @@ def lowrank_power(q: Tensor, ev: Tensor, tau: Tensor, damping: float, power: flo
     ``F``, ``λ = damping · tr F / d`` (as :func:`damped_power`), as a :class:`Side`: low-rank where
     ``2k < d`` (two ``k``-wide products per step), else the dense ``d × d`` power (one product, as cheap)."""
     d, k = q.shape
-    trace = float(ev.sum()) + float(tau) * (d - k)
-    lam = damping * trace / d
-    if not lam > 0:
-        lam = damping
+    lam = relative_damping(float(ev.sum()) + float(tau) * (d - k), d, damping)
     base = (float(tau) + lam) ** power
     coeff = (ev + lam).pow(power) - base
     if 2 * k >= d:
         dense = (q * coeff) @ q.T
         dense.diagonal().add_(base)
-        return Side(None, None, 0.0, dense)
+        return Side.dense_power(dense)
     return Side.lowrank(q, coeff, base)
 
 
@@ -369,11 +380,6 @@ class FactorRefresh:
         self.process_group = process_group
         self.factor_failures = 0
 
-    @property
-    def compact(self) -> bool:
-        """:attr:`FactorSettings.compact`."""
-        return self.settings.compact
-
     def layer_sides(self, d_out: int, d_in: int) -> tuple[str, ...]:
         """The sides a ``d_out × d_in`` layer preconditions: ``"a"`` (input) and/or ``"g"`` (output);
         ``sides="smaller"``: the smaller dimension's factor (``d × d``), the input's on a tie."""
@@ -446,12 +452,13 @@ class FactorRefresh:
     def refresh_lowrank(self, cap: LayerRows, state: dict[str, Any], sides: tuple[str, ...]) -> None:
         """The low-rank running factors of ``sides`` (:func:`lowrank_running_factor`) and their powers,
         on every step with rows: kept per side as ``basis_*``, ``eigvals_*``, ``tail_*``."""
+        rank = self.settings.rank
+        assert rank is not None
         for s in sides:
             old = (state[f"basis_{s}"], state[f"eigvals_{s}"], state[f"tail_{s}"]) if f"basis_{s}" in state else None
             rows = self.gathered_rows(getattr(cap, s))
-            assert self.settings.rank is not None
             try:
-                q, ev, tau = lowrank_running_factor(old, rows, self.settings.factor_decay, self.settings.rank)
+                q, ev, tau = lowrank_running_factor(old, rows, self.settings.factor_decay, rank)
             except (torch.linalg.LinAlgError, RuntimeError):
                 self.factor_failures += 1
                 continue
@@ -462,9 +469,9 @@ class FactorRefresh:
         """Side ``s``'s power rebuilt from a loaded state (``power_*``, ``chol_*`` or the low-rank
         ``basis_*``), or None where it has none yet."""
         if f"power_{s}" in state:
-            return Side(None, None, 0.0, state[f"power_{s}"])
+            return Side.dense_power(state[f"power_{s}"])
         if f"chol_{s}" in state:
-            return Side(None, None, 0.0, None, state[f"chol_{s}"])
+            return Side.cholesky(state[f"chol_{s}"])
         if f"basis_{s}" in state:
             return lowrank_power(state[f"basis_{s}"], state[f"eigvals_{s}"], state[f"tail_{s}"],
                                  self.settings.damping, self.settings.power)
@@ -496,6 +503,7 @@ class FactorRefresh:
         if lowrank and have:
             self.refresh_lowrank(cap, state, lowrank)
         sides = tuple(s for s in sides if s not in lowrank)
+        compact = self.settings.compact
         fresh: dict[str, Tensor] = {}
         batch = self.expert_outer(cap, sides, state, steps_taken) if cap.expert else (
             {s: self.mean_outer(getattr(cap, s)) for s in sides} if have else None)
@@ -503,17 +511,17 @@ class FactorRefresh:
             for s in sides:
                 f = batch[s]
                 old = state.get(f"factor_{s}")
-                if old is None and self.compact and f"power_{s}" in state:
+                if old is None and compact and f"power_{s}" in state:
                     old = factor_from_power(state[f"power_{s}"], self.settings.damping, self.settings.power)
-                if old is None and self.compact and f"chol_{s}" in state:
+                if old is None and compact and f"chol_{s}" in state:
                     old = factor_from_cholesky(state[f"chol_{s}"], self.settings.damping)
                 fresh[s] = f if old is None else old.lerp_(f, 1 - self.settings.factor_decay)
-                if not self.compact:
+                if not compact:
                     state[f"factor_{s}"] = fresh[s]
         for s in sides:
-            factor: Tensor | None = fresh.get(s) if self.compact else state.get(f"factor_{s}")
+            factor: Tensor | None = fresh.get(s) if compact else state.get(f"factor_{s}")
             decomposed = any(f"{k}_{s}" in state for k in ("eig", "power", "chol"))
-            if factor is None or (not self.compact and state["step"] % self.settings.eig_every != 0 and decomposed):
+            if factor is None or (not compact and state["step"] % self.settings.eig_every != 0 and decomposed):
                 continue
             if self.settings.direction.startswith("ekfac"):
                 eig = self.eig(factor)
@@ -526,11 +534,11 @@ class FactorRefresh:
                 if self.settings.direction == "spectral":
                     low = damped_cholesky(factor, self.settings.damping)
                     state[f"chol_{s}"] = low
-                    state[f"side_{s}"] = Side(None, None, 0.0, None, low)
+                    state[f"side_{s}"] = Side.cholesky(low)
                     continue
                 dense = power_matrix(factor, self.settings.damping, self.settings.power)
             except (torch.linalg.LinAlgError, RuntimeError):
                 self.factor_failures += 1
                 continue
             state[f"power_{s}"] = dense
-            state[f"side_{s}"] = Side(None, None, 0.0, dense)
+            state[f"side_{s}"] = Side.dense_power(dense)

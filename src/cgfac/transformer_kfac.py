@@ -353,7 +353,7 @@ class TransformerKFAC(torch.optim.Optimizer):
     @property
     def compact(self) -> bool:
         """Whether each side keeps its power alone (the running factor recovered from it)."""
-        return self.refresher.compact
+        return self.settings.compact
 
     @property
     def factor_failures(self) -> int:
