@@ -30,9 +30,9 @@ from torch.profiler import record_function
 
 from cgfac import persist
 from cgfac.capture import Recorder, rank_seed
+from cgfac.config import Hyper, HyperParam
 from cgfac.curvature.base import DeviceTraced, RankBounded, Scaled
 from cgfac.distributed import WorkAssignment
-from cgfac.hyperparams import Hyper, HyperParam
 from cgfac.layers import LayerHelper, Rows
 from cgfac.layers.registry import HelperFactory, check_overrides
 from cgfac.memory import Block, BlockMemory, Budget, resolve_budget
@@ -352,7 +352,7 @@ class Preconditioner:
             self._state(name).stats = st
 
     def hyperparameters(self) -> dict[str, HyperParam]:
-        """Every :class:`~cgfac.hyperparams.HyperParam` attribute by name, in the order they were
+        """Every :class:`~cgfac.config.HyperParam` attribute by name, in the order they were
         set (``damping``, ``kl_clip``, ``lr``, ..., then a subclass's): what a checkpoint saves."""
         return {k: v for k, v in vars(self).items() if isinstance(v, HyperParam)}
 

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from cgfac.base import Preconditioner
+from cgfac.config import Hyper, HyperParam, positive_int
 from cgfac.curvature import Curvature, DirectCurvature, KronRows, RowWindow, eigh
 from cgfac.distributed import COMM_METHODS, choose_comm, comm_bytes
-from cgfac.hyperparams import Hyper, HyperParam, positive_int
 from cgfac.layers import LayerHelper, Rows
 from cgfac.memory import Block, BlockMemory, plan_cgfac
 from cgfac.options import CurvatureKind, DampingForm, check

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from cgfac.base import Preconditioner
+from cgfac.config import Hyper, HyperParam, positive_int
 from cgfac.curvature import KronEigen, RunningFactors
-from cgfac.hyperparams import Hyper, HyperParam, positive_int
 from cgfac.layers import LayerHelper
 from cgfac.memory import Block, BlockMemory, plan_kfac, resolve_forms
 from cgfac.options import DampingForm, FactorWarmup, Strategy, check

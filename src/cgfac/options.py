@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from cgfac.hyperparams import choice
+from cgfac.config import choice
 
 CurvatureKind = Literal["kron", "exact"]
 """``"kron"``: ``G X A + λX = ∇W``; ``"exact"``: ``(F + λI) vec X = vec ∇W`` (empirical-Fisher block)."""

@@ -2,7 +2,7 @@
 
 The format (unchanged since the first checkpoints): ``type``, ``world_size``, ``rank``, ``full``,
 ``steps``, ``fallbacks``, ``skipped_steps``, ``hyperparameters`` (every non-callable
-:class:`cgfac.hyperparams.HyperParam` of :meth:`Checkpointed.hyperparameters` by name), ``generator``
+:class:`cgfac.config.HyperParam` of :meth:`Checkpointed.hyperparameters` by name), ``generator``
 and ``generators`` (the true Fisher's random streams), and ``layers``: per block its
 :class:`cgfac.state.LayerState` entry with every direction stage's per-layer state merged in (the
 graft's ``graft_v``, ``graft_steps``). Subclasses add their own keys (CG-FAC: ``cost_constants``).
@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from cgfac.config import HyperParam
 from cgfac.distributed import WorkAssignment
-from cgfac.hyperparams import HyperParam
 from cgfac.layers import LayerHelper
 from cgfac.state import LayerState
 from cgfac.transforms import DirectionStage

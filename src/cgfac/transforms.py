@@ -27,8 +27,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from cgfac.config import HyperParam
 from cgfac.graft import RMSPropGraft
-from cgfac.hyperparams import HyperParam
 from cgfac.layers import LayerHelper
 
 __all__ = ["DAMPING_SWAMPS", "VANISHING_KL_SCALE", "DirectionStage", "Graft", "KLClip", "Phase", "StepData",

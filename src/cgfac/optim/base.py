@@ -16,7 +16,7 @@ from torch.profiler import record_function
 
 from cgfac import sharded
 from cgfac.base import Preconditioner
-from cgfac.hyperparams import check_range, choice, positive_int
+from cgfac.config import check_range, choice, positive_int
 from cgfac.losses import LOSS_TYPES
 from cgfac.optim.damping import LevenbergMarquardt
 from cgfac.optim.quadratic import ModelSchedule, QuadraticModel, fit_coefficients

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from cgfac.config import HyperParam
     from cgfac.curvature import Curvature
-    from cgfac.hyperparams import HyperParam
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Hyperparameters that are a number or a schedule ``step -> number``, checked on every use."""
+"""Hyperparameters that are a number or a schedule ``step -> number``, checked on every use, and the
+validators of plain arguments (:func:`check_range`, :func:`positive_int`, :func:`choice`)."""
 
 from __future__ import annotations
 
