@@ -30,13 +30,22 @@ from torch.profiler import record_function
 
 from cgfac import persist
 from cgfac.capture import Recorder, rank_seed
-from cgfac.config import Hyper, HyperParam
+from cgfac.config import (
+    DampingScale,
+    FisherKind,
+    GraftKind,
+    Hyper,
+    HyperParam,
+    LossReduction,
+    LossType,
+    ShardedGrads,
+    check,
+)
 from cgfac.curvature.base import DeviceTraced, RankBounded, Scaled
 from cgfac.distributed import WorkAssignment
 from cgfac.layers import LayerHelper, Rows
 from cgfac.layers.registry import HelperFactory, check_overrides
 from cgfac.memory import Block, BlockMemory, Budget, resolve_budget
-from cgfac.options import DampingScale, FisherKind, GraftKind, LossReduction, LossType, ShardedGrads, check
 from cgfac.registration import ReportEntry, annotate, log_report, register, unwrap
 from cgfac.state import LayerState, StateView
 from cgfac.strategies import grads_finite, make_distribution

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from cgfac.config import FisherKind, LossReduction, LossType, check
 from cgfac.fisher import sampled_loss
 from cgfac.layers import Chunk, LayerHelper
-from cgfac.options import FisherKind, LossReduction, LossType, check
 from cgfac.rows import Rows
 
 __all__ = ["Recorder", "rank_seed"]

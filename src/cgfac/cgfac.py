@@ -34,12 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from cgfac.base import Preconditioner
-from cgfac.config import Hyper, HyperParam, positive_int
+from cgfac.config import CurvatureKind, DampingForm, Hyper, HyperParam, check, positive_int
 from cgfac.curvature import Curvature, DirectCurvature, KronRows, RowWindow, eigh
 from cgfac.distributed import COMM_METHODS, choose_comm, comm_bytes
 from cgfac.layers import LayerHelper, Rows
 from cgfac.memory import Block, BlockMemory, plan_cgfac
-from cgfac.options import CurvatureKind, DampingForm, check
 from cgfac.solvers import (
     CG_PROBE_STEPS,
     DEFAULT_CG_PRODUCTS,

@@ -40,11 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from cgfac.base import Preconditioner
-from cgfac.config import Hyper, HyperParam, positive_int
+from cgfac.config import DampingForm, FactorWarmup, Hyper, HyperParam, Strategy, check, positive_int
 from cgfac.curvature import KronEigen, RunningFactors
 from cgfac.layers import LayerHelper
 from cgfac.memory import Block, BlockMemory, plan_kfac, resolve_forms
-from cgfac.options import DampingForm, FactorWarmup, Strategy, check
 from cgfac.state import LayerState, StateView
 
 

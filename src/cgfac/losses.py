@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cgfac.options import LossType, values
+from cgfac.config import LossType, values
 
 __all__ = ["LIKELIHOODS", "LOSS_TYPES", "Bernoulli", "CrossEntropy", "Gaussian", "Likelihood", "likelihood"]
 

@@ -76,8 +76,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cgfac import dtensor
+from cgfac.config import Direction, FactorSource, Sides, values
 from cgfac.layers.experts import ExpertsGroup, experts_helper
-from cgfac.options import Direction, FactorSource, Sides, values
 from cgfac.transformer_factors import (
     FactorRefresh,
     FactorSettings,

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from cgfac.config import DampingForm, values
 from cgfac.curvature.base import RowBlock
-from cgfac.options import DampingForm, values
 
 if TYPE_CHECKING:
     from cgfac.rows import Rows

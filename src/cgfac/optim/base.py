@@ -16,12 +16,11 @@ from torch.profiler import record_function
 
 from cgfac import sharded
 from cgfac.base import Preconditioner
-from cgfac.config import check_range, choice, positive_int
+from cgfac.config import Adaptive, check_range, choice, positive_int, values
 from cgfac.losses import LOSS_TYPES
 from cgfac.optim.damping import LevenbergMarquardt
 from cgfac.optim.quadratic import ModelSchedule, QuadraticModel, fit_coefficients
 from cgfac.optim.replay import Forward, ForwardRecorder, evaluation_loss
-from cgfac.options import Adaptive, values
 
 __all__ = ["ADAPTIVE", "SecondOrderOptimizer"]
 

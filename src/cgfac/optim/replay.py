@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from cgfac.base import Preconditioner
-from cgfac.options import LossType
+from cgfac.config import LossType
 
 __all__ = ["Forward", "ForwardRecorder", "closure_value", "evaluation_loss", "replayed_rng"]
 
