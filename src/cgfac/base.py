@@ -402,7 +402,7 @@ class Preconditioner:
         Captures ``g`` for every covered layer without touching any ``.grad`` (the graph is
         retained for the user's own ``loss.backward()``). ``loss_type``: one of
         ``"cross_entropy"``, ``"gaussian"``/``"mse"``, ``"bernoulli"``. ``targets``: sampled targets
-        to use instead (as :func:`cgfac.fisher.sample_targets` returns them), e.g. to replay a draw.
+        to use instead (as :func:`cgfac.losses.sample_targets` returns them), e.g. to replay a draw.
 
         The sampled backward is ``torch.autograd.grad`` with respect to the covered layers' outputs
         (and the parameters of units captured otherwise): no ``.grad`` is written and no

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from cgfac.config import FisherKind, LossReduction, LossType, check
-from cgfac.fisher import sampled_loss
 from cgfac.layers import Chunk, LayerHelper
+from cgfac.losses import sampled_loss
 from cgfac.rows import Rows
 
 __all__ = ["Recorder", "rank_seed"]

@@ -99,7 +99,7 @@ def resume(load: str, save: str, rank: int, world: int) -> dict:
 
 def reference_targets(outputs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
     """What the ranks sample: rank ``r`` draws its shard's targets from its own stream."""
-    return torch.cat([cgfac.fisher.sample_targets(o, "cross_entropy", g)
+    return torch.cat([cgfac.losses.sample_targets(o, "cross_entropy", g)
                       for o, g in zip(outputs.chunk(len(gens)), gens)])
 
 

@@ -8,14 +8,14 @@ from torch import nn
 
 import cgfac
 import cgfac.capture
-from cgfac import fisher
+from cgfac import losses
 
 
 @pytest.fixture
 def fixed_targets(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampled targets that depend on the row's inputs only (``ŷ = z + sin(row sum)``), so both
     paths draw the same targets for the same samples."""
-    original = fisher.sampled_loss
+    original = losses.sampled_loss
 
     def deterministic(outputs: torch.Tensor, loss_type: str, generator: object = None,
                       targets: torch.Tensor | None = None) -> torch.Tensor:
