@@ -31,7 +31,7 @@ Layout (see also the README's "How the code is organised"): :mod:`cgfac.base` (t
 :mod:`cgfac.registration`, :mod:`cgfac.capture`, :mod:`cgfac.strategies` (distribution),
 :mod:`cgfac.transforms` (graft, KL clip, vanishing-step check), :mod:`cgfac.persist`
 (checkpoint plumbing), :mod:`cgfac.layers`, :mod:`cgfac.curvature`, :mod:`cgfac.solvers`,
-:mod:`cgfac.distributed` and :mod:`cgfac.sharded` (collectives, FSDP2's owner exchange).
+:mod:`cgfac.distributed` and :mod:`cgfac.distributed.sharded` (collectives, FSDP2's owner exchange).
 """
 
 from cgfac import checkpoint, curvature, optim, solvers

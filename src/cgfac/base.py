@@ -42,7 +42,7 @@ from cgfac.config import (
     check,
 )
 from cgfac.curvature.base import DeviceTraced, RankBounded, Scaled
-from cgfac.distributed import WorkAssignment
+from cgfac.distributed.collectives import WorkAssignment
 from cgfac.layers import LayerHelper, Rows
 from cgfac.layers.registry import HelperFactory, check_overrides
 from cgfac.memory import Block, BlockMemory, Budget, resolve_budget
@@ -88,7 +88,7 @@ class Preconditioner:
             layer (deep sigmoid networks), one absolute λ swamps the early layers' curvature.
             ``layer_stats()[name]`` has the layer's ``damping`` and ``curvature_scale``.
         collective_timeout: seconds any collective of the preconditioner may wait before it raises
-            :class:`cgfac.distributed.CollectiveError` (default None: the process group's timeout).
+            :class:`cgfac.distributed.collectives.CollectiveError` (default None: the process group's timeout).
         graft: "none", or "rmsprop": each layer's direction keeps its direction but takes the
             length of RMSProp's step ``‖∇W / (√v̂ + ε)‖`` (Shampoo's grafting, :mod:`cgfac.graft`),
             so the step no longer depends on the curvature's scale and ``lr`` is Adam-like
@@ -97,7 +97,7 @@ class Preconditioner:
         graft_beta2: RMSProp's ``β₂`` (in ``[0, 1)``).
         graft_eps: RMSProp's ``ε`` (> 0).
         sharded_grads: how FSDP2's sharded (``DTensor``) gradients reach a layer's solve
-            (:mod:`cgfac.sharded`): ``"auto"`` (default) the owner scheme (the layer's owner alone
+            (:mod:`cgfac.distributed.sharded`): ``"auto"`` (default) the owner scheme (the layer's owner alone
             gathers ``∇W`` from the shards and returns each rank its rows of the direction) wherever
             the gradients are ``Shard(0)`` on a 1-D mesh of the process group, else an all-gather
             on every rank with the reason logged once; ``"owner"``: the owner scheme or

@@ -16,7 +16,7 @@ cheapest by :mod:`cgfac.solvers.cost`) or any solver registered with :func:`cgfa
 (``ρ = factor_decay``), renormalised to sum to one.
 
 Across processes a layer's curvature reaches its owner rank by one of two routes, chosen per layer
-and step by the bytes each rank sends (``comm="auto"``, :func:`cgfac.distributed.choose_comm`):
+and step by the bytes each rank sends (``comm="auto"``, :func:`cgfac.distributed.collectives.choose_comm`):
 gathering every rank's rows (``(N − 1)/N · m (d_in + d_out)`` numbers per rank for ``m`` rows),
 or, for Kronecker blocks of ``curvature="kron"``, reducing the factor sums ``aᵀa``, ``gᵀg``
 (``d_in² + d_out²``) — cheaper when rows outnumber the widths, as for convolutions' patch rows.
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from cgfac.base import Preconditioner
 from cgfac.config import CurvatureKind, DampingForm, Hyper, HyperParam, check, positive_int
 from cgfac.curvature import Curvature, DirectCurvature, KronRows, RowWindow, eigh
-from cgfac.distributed import COMM_METHODS, choose_comm, comm_bytes
+from cgfac.distributed.collectives import COMM_METHODS, choose_comm, comm_bytes
 from cgfac.layers import LayerHelper, Rows
 from cgfac.memory import Block, BlockMemory, plan_cgfac
 from cgfac.solvers import (

@@ -106,7 +106,7 @@ the factor of the smaller dimension, the input side on a tie)."""
 FactorSource = Literal["ema", "rows"]
 """Where :class:`cgfac.optim.TransformerKFAC`'s factors come from: running averages or this step's rows."""
 ShardedGrads = Literal["auto", "owner", "all-gather"]
-"""How FSDP2's sharded gradients reach a layer's solve (:mod:`cgfac.sharded`): ``"auto"`` the owner
+"""How FSDP2's sharded gradients reach a layer's solve (:mod:`cgfac.distributed.sharded`): ``"auto"`` the owner
 scheme where it applies, else an all-gather; ``"owner"`` the owner scheme or ``ValueError``;
 ``"all-gather"`` every rank all-gathers every layer's gradient."""
 

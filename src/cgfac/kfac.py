@@ -26,7 +26,7 @@ eigendecomposition is computed by one owner rank (greedy assignment by ``d_in³ 
 ``strategy="comm-opt"`` broadcasts the decompositions, after which every rank preconditions
 every layer itself; ``"mem-opt"`` keeps each decomposition on its owner, which broadcasts the
 preconditioned gradient every step. Layers whose FSDP2-sharded gradients go by the owner scheme
-(:mod:`cgfac.sharded`) are solved on their owner under either strategy (only it holds the whole
+(:mod:`cgfac.distributed.sharded`) are solved on their owner under either strategy (only it holds the whole
 ``∇W``): their decompositions stay there and each rank receives only its rows of the direction.
 """
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from cgfac.config import HyperParam
-from cgfac.distributed import WorkAssignment
+from cgfac.distributed.collectives import WorkAssignment
 from cgfac.layers import LayerHelper
 from cgfac.state import LayerState
 from cgfac.transforms import DirectionStage

@@ -22,12 +22,12 @@ The strategies:
 * :class:`SingleProcess`: one process, one device read per step (every check deferred to
   :meth:`~Distribution.settle`, :meth:`SingleProcess.read_back`).
 * :class:`WholeLayerOwners`: data parallel (DDP): every rank holds the whole averaged ``∇W``; each
-  layer has an owner rank (:class:`cgfac.distributed.WorkAssignment`); decisions are agreed by an
+  layer has an owner rank (:class:`cgfac.distributed.collectives.WorkAssignment`); decisions are agreed by an
   all-reduce, directions computed only on owners are broadcast. Also one process for a
   preconditioner that checks as it goes (K-FAC), where every collective is a no-op.
 * :class:`ShardedAllGather`: FSDP2, every rank all-gathers every layer's sharded gradient and
-  writes its own rows (``sharded_grads="all-gather"``, :mod:`cgfac.sharded`).
-* :class:`ShardedOwners`: FSDP2's owner scheme (:class:`cgfac.sharded.OwnerExchange`) for every
+  writes its own rows (``sharded_grads="all-gather"``, :mod:`cgfac.distributed.sharded`).
+* :class:`ShardedOwners`: FSDP2's owner scheme (:class:`cgfac.distributed.sharded.OwnerExchange`) for every
   layer whose gradients allow it; the others are all-gathered (``"auto"``) or raise (``"owner"``).
 """
 
@@ -41,9 +41,9 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor
 
-from cgfac import sharded
 from cgfac.curvature import deferred_checks
-from cgfac.distributed import WorkAssignment
+from cgfac.distributed import sharded
+from cgfac.distributed.collectives import WorkAssignment
 from cgfac.dtensor import local
 from cgfac.layers import LayerHelper
 from cgfac.state import LayerState
@@ -400,7 +400,7 @@ class ShardedAllGather(WholeLayerOwners):
 
 
 class ShardedOwners(WholeLayerOwners):
-    """FSDP2's owner scheme (:class:`cgfac.sharded.OwnerExchange`) wherever a layer's gradients allow it."""
+    """FSDP2's owner scheme (:class:`cgfac.distributed.sharded.OwnerExchange`) wherever a layer's gradients allow it."""
 
     name = "sharded owners"
 
