@@ -9,8 +9,8 @@ matrix ``d_out × d_in``, bias last column), scaled by the KL clip
 (Ba et al. 2017; kfac-pytorch), when ``kl_clip = κ`` is set. Every other trainable module keeps
 its plain gradient and is listed in :meth:`registration_report`.
 
-The class strings collaborators together: :mod:`cgfac.registration` (which module is covered, the
-report), :mod:`cgfac.capture` (what the hooks record, the true Fisher's sampling), a distribution
+The class strings collaborators together: :mod:`cgfac.capture.registration` (which module is covered, the
+report), :mod:`cgfac.capture.capture` (what the hooks record, the true Fisher's sampling), a distribution
 strategy of :mod:`cgfac.strategies` (everything that depends on processes and sharding), the
 direction stages of :mod:`cgfac.transforms` (graft, KL clip, vanishing-step check) and
 :mod:`cgfac.persist` (checkpoints). Subclasses supply the curvature (:meth:`Preconditioner._collect`)
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from cgfac import persist
-from cgfac.capture import Recorder, rank_seed
+from cgfac.capture.capture import Recorder, rank_seed
 from cgfac.config import (
     DampingScale,
     FisherKind,
@@ -46,7 +46,7 @@ from cgfac.distributed.collectives import WorkAssignment
 from cgfac.layers import LayerHelper, Rows
 from cgfac.layers.registry import HelperFactory, check_overrides
 from cgfac.memory import Block, BlockMemory, Budget, resolve_budget
-from cgfac.registration import ReportEntry, annotate, log_report, register, unwrap
+from cgfac.capture.registration import ReportEntry, annotate, log_report, register, unwrap
 from cgfac.state import LayerState, StateView
 from cgfac.strategies import grads_finite, make_distribution
 from cgfac.transforms import DAMPING_SWAMPS, VANISHING_KL_SCALE, DirectionStage, Graft, KLClip, StepData, VanishingCheck
@@ -413,7 +413,7 @@ class Preconditioner:
 
     def sampling_generator(self, device: torch.device | str) -> torch.Generator:
         """The generator :meth:`sample_fisher` draws targets with on ``device``
-        (:meth:`cgfac.capture.Recorder.sampling_generator`)."""
+        (:meth:`cgfac.capture.capture.Recorder.sampling_generator`)."""
         return self.capture.sampling_generator(device)
 
     def capture_limit(self) -> int | None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import cgfac
-import cgfac.capture
+import cgfac.capture.capture
 from cgfac import losses
 
 
@@ -22,7 +22,7 @@ def fixed_targets(monkeypatch: pytest.MonkeyPatch) -> None:
         rows = outputs.reshape(-1, outputs.shape[-1])
         return original(outputs, loss_type, None, rows.detach() + torch.sin(rows.detach().sum(1, keepdim=True)))
 
-    monkeypatch.setattr(cgfac.capture, "sampled_loss", deterministic)
+    monkeypatch.setattr(cgfac.capture.capture, "sampled_loss", deterministic)
 
 
 def _run(sample_subset: bool, cls: type = cgfac.optim.CGFAC, **kwargs: object) -> tuple[list[torch.Tensor], int]:

@@ -59,7 +59,7 @@ class Recorder:
     # --- the layer hooks' protocol (cgfac.layers.Capture) --------------------------------------
     def routed_tokens(self) -> int | None:
         """Tokens ``N`` of the ``nn.ModuleList`` mixture-of-experts call now running (set by the hooks of
-        :func:`cgfac.registration.register` on the module holding ``experts``), or None."""
+        :func:`cgfac.capture.registration.register` on the module holding ``experts``), or None."""
         return self._routed[-1] if self._routed else None
 
     def enter_experts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
