@@ -90,14 +90,14 @@ LossType = Literal["cross_entropy", "gaussian", "mse", "bernoulli"]
 Strategy = Literal["comm-opt", "mem-opt"]
 FactorWarmup = Literal["first", "mean"]
 GraftKind = Literal["none", "rmsprop"]
-"""``"rmsprop"``: each layer's direction rescaled to the length of RMSProp's step (:mod:`cgfac.graft`)."""
+"""``"rmsprop"``: each layer's direction rescaled to the length of RMSProp's step (:mod:`cgfac.precondition.graft`)."""
 DampingScale = Literal["absolute", "relative", "rank"]
 """``"absolute"``: every layer damped by λ; ``"relative"``: by ``λ·tr(C_l)/dim`` (its mean diagonal);
 ``"rank"``: by ``λ·tr(C_l)/rank`` (the mean of its non-zero spectrum, for few rows on wide layers)."""
 Adaptive = Literal["lr+momentum", "lr", "none"]
 """What :class:`cgfac.optim.SecondOrderOptimizer`'s quadratic model chooses: ``(α, μ)``, ``α`` alone, nothing."""
 FactorForm = Literal["dense", "diag-out", "diag-in", "diag"]
-"""K-FAC's forms of a Kronecker block, densest first (:mod:`cgfac.memory`)."""
+"""K-FAC's forms of a Kronecker block, densest first (:mod:`cgfac.precondition.memory`)."""
 Direction = Literal["ortho", "spectral", "power", "ekfac", "ekfac-ortho"]
 """:class:`cgfac.optim.TransformerKFAC`'s directions."""
 Sides = Literal["input", "both", "smaller"]

@@ -106,7 +106,7 @@ def reference_targets(outputs: torch.Tensor, gens: list[torch.Generator]) -> tor
 def rank_generators(world: int, seed: int = 0) -> list[torch.Generator]:
     seeds = []
     for r in range(world):
-        seeds.append(cgfac.base.rank_seed(torch.Generator().manual_seed(seed), r, world))
+        seeds.append(cgfac.capture.capture.rank_seed(torch.Generator().manual_seed(seed), r, world))
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 

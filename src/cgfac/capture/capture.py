@@ -163,7 +163,7 @@ class Recorder:
     def sample_fisher(self, outputs: Tensor, loss_type: LossType, helpers: Iterable[LayerHelper], *,
                       targets: Tensor | None = None) -> None:
         """True Fisher: sample targets from ``outputs`` and back-propagate them once (see
-        :meth:`cgfac.base.Preconditioner.sample_fisher`); ``helpers``: the covered blocks."""
+        :meth:`cgfac.precondition.base.Preconditioner.sample_fisher`); ``helpers``: the covered blocks."""
         if self.fisher != "true":
             raise ValueError("sample_fisher needs fisher='true' at construction")
         check("loss_type", loss_type, LossType)

@@ -51,7 +51,7 @@ class ReportEntry:
     covered: bool
     reason: str
     rule: str = ""  # which rule covered it: "registered:<class>", "layer_helpers[<class>]", "probe:<kind>", "tied"
-    memory: str = ""  # its blocks' planned state: form, bytes and rule (cgfac.memory)
+    memory: str = ""  # its blocks' planned state: form, bytes and rule (cgfac.precondition.memory)
 
     def __str__(self) -> str:
         status = "preconditioned" if self.covered else "plain gradient"
