@@ -44,7 +44,7 @@ library's, so its ``damping`` corresponds to ``damping · n²`` here (``n``: the
 from cgfac.optim.base import SecondOrderOptimizer
 from cgfac.optim.optimizers import CGFAC, KFAC, WIDE_DEFAULTS
 from cgfac.optim.quadratic import output_quad_form
-from cgfac.transformer_kfac import TransformerKFAC, hidden_matrices
+from cgfac.optim.transformer_kfac import TransformerKFAC, hidden_matrices
 
 __all__ = ["CGFAC", "KFAC", "WIDE_DEFAULTS", "SecondOrderOptimizer", "TransformerKFAC", "hidden_matrices",
            "output_quad_form"]
