@@ -27,11 +27,14 @@ Public names (``__all__``), one line each:
 ``solvers``                module: CG, low-rank, eigen and automatic solvers, and their registry
 =========================  ==========================================================================
 
-Layout (see also the README's "How the code is organised"): :mod:`cgfac.precondition.base` (the step),
-:mod:`cgfac.registration`, :mod:`cgfac.capture`, :mod:`cgfac.precondition.strategies` (distribution),
-:mod:`cgfac.precondition.transforms` (graft, KL clip, vanishing-step check), :mod:`cgfac.precondition.persist`
-(checkpoint plumbing), :mod:`cgfac.layers`, :mod:`cgfac.curvature`, :mod:`cgfac.solvers`,
-:mod:`cgfac.distributed` and :mod:`cgfac.distributed.sharded` (collectives, FSDP2's owner exchange).
+Layout (see also the README's "How the code is organised"): :mod:`cgfac.precondition` (the
+preconditioner: the step, CG-FAC, K-FAC, the direction stages, the distribution strategies,
+checkpoint plumbing, state and memory budget), :mod:`cgfac.capture` (registration and what the
+hooks record), :mod:`cgfac.layers`, :mod:`cgfac.curvature`, :mod:`cgfac.solvers`,
+:mod:`cgfac.distributed` (collectives and work assignment, FSDP2's owner exchange), :mod:`cgfac.optim`
+(the optimizers owning the update, ``TransformerKFAC``), :mod:`cgfac.integrations`; and the modules
+:mod:`cgfac.config` (options, hyperparameters, validators), :mod:`cgfac.losses` (likelihoods, the
+true Fisher's sampling), :mod:`cgfac.rows`, :mod:`cgfac.dtensor` and :mod:`cgfac.checkpoint`.
 """
 
 from cgfac import checkpoint, curvature, optim, solvers
