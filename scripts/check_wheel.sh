@@ -46,7 +46,8 @@ for need in ("pyproject.toml", "README.md", "src/cgfac/__init__.py", "src/cgfac/
     assert need in names, f"sdist lacks {need}"
 files = set(zipfile.ZipFile(wheel).namelist())
 for need in ("cgfac/__init__.py", "cgfac/py.typed", "cgfac/optim/__init__.py", "cgfac/optim/base.py",
-             "cgfac/transformer_kfac.py", "cgfac/transformer_factors.py", "cgfac/layers/__init__.py",
+             "cgfac/optim/transformer_kfac.py", "cgfac/optim/transformer_factors.py", "cgfac/layers/__init__.py",
+             "cgfac/precondition/__init__.py", "cgfac/capture/__init__.py", "cgfac/distributed/__init__.py",
              "cgfac/curvature/__init__.py", "cgfac/solvers/__init__.py",
              "cgfac/integrations/transformers.py", "cgfac/integrations/lightning.py", "cgfac_bench/cli.py"):
     assert need in files, f"wheel lacks {need}"

@@ -27,21 +27,24 @@ Public names (``__all__``), one line each:
 ``solvers``                module: CG, low-rank, eigen and automatic solvers, and their registry
 =========================  ==========================================================================
 
-Layout (see also the README's "How the code is organised"): :mod:`cgfac.base` (the step),
-:mod:`cgfac.registration`, :mod:`cgfac.capture`, :mod:`cgfac.strategies` (distribution),
-:mod:`cgfac.transforms` (graft, KL clip, vanishing-step check), :mod:`cgfac.persist`
-(checkpoint plumbing), :mod:`cgfac.layers`, :mod:`cgfac.curvature`, :mod:`cgfac.solvers`,
-:mod:`cgfac.distributed` and :mod:`cgfac.sharded` (collectives, FSDP2's owner exchange).
+Layout (see also the README's "How the code is organised"): :mod:`cgfac.precondition` (the
+preconditioner: the step, CG-FAC, K-FAC, the direction stages, the distribution strategies,
+checkpoint plumbing, state and memory budget), :mod:`cgfac.capture` (registration and what the
+hooks record), :mod:`cgfac.layers`, :mod:`cgfac.curvature`, :mod:`cgfac.solvers`,
+:mod:`cgfac.distributed` (collectives and work assignment, FSDP2's owner exchange), :mod:`cgfac.optim`
+(the optimizers owning the update, ``TransformerKFAC``), :mod:`cgfac.integrations`; and the modules
+:mod:`cgfac.config` (options, hyperparameters, validators), :mod:`cgfac.losses` (likelihoods, the
+true Fisher's sampling), :mod:`cgfac.rows`, :mod:`cgfac.dtensor` and :mod:`cgfac.checkpoint`.
 """
 
 from cgfac import checkpoint, curvature, optim, solvers
-from cgfac.base import Preconditioner, ReportEntry
-from cgfac.cgfac import CGFAC
 from cgfac.curvature import Curvature, DirectCurvature, ExactRows, KronFactors, KronRows
-from cgfac.kfac import KFAC
 from cgfac.layers import LayerGroup, LayerHelper, register_layer_helper
+from cgfac.precondition.base import Preconditioner, ReportEntry
+from cgfac.precondition.cgfac import CGFAC
+from cgfac.precondition.kfac import KFAC
+from cgfac.precondition.state import LayerState
 from cgfac.solvers import Solver, register_solver
-from cgfac.state import LayerState
 
 __all__ = [
     "CGFAC", "KFAC", "Curvature", "DirectCurvature", "ExactRows", "KronFactors", "KronRows", "LayerGroup",

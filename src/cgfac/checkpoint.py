@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from cgfac.base import Preconditioner
+from cgfac.precondition.base import Preconditioner
 
 __all__ = ["full_state_dict", "save_atomic"]
 

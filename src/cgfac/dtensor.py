@@ -1,6 +1,6 @@
 """Tensor-level ``DTensor`` helpers (FSDP2's sharded parameters and gradients): what a layer needs to
 read and write its gradient whether or not it is sharded. No communication of its own beyond
-``DTensor.full_tensor()``; the routes of sharded gradients are in :mod:`cgfac.sharded`.
+``DTensor.full_tensor()``; the routes of sharded gradients are in :mod:`cgfac.distributed.sharded`.
 Plain tensors pass through :func:`full`, :func:`local` and :func:`write_shard` unchanged."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A loss is a per-row negative log-likelihood (rows: every leading position of the outputs ``z``;
 last dimension: classes or features), averaged over rows. Each :class:`Likelihood` gives what the
 library needs of it: targets sampled from the model's distribution ``ŷ ~ p(y | z)`` (the true
-Fisher, :mod:`cgfac.fisher`), the negative log-likelihood of given targets, and the products
+Fisher, :func:`sample_targets`), the negative log-likelihood of given targets, and the products
 ``uᵀ H w`` with ``H`` the Hessian of the loss in ``z`` (the exact GGN of the quadratic model,
 :mod:`cgfac.optim.quadratic`):
 
@@ -13,6 +13,10 @@ Fisher, :mod:`cgfac.fisher`), the negative log-likelihood of given targets, and 
   over the last dimension, ``H = diag(p(1 − p))``.
 * ``"gaussian"`` (alias ``"mse"``, :class:`Gaussian`): means, ``ŷ ~ N(z, I)``, loss ``½‖ŷ − z‖²``
   summed over the last dimension, ``H = I``.
+
+The true Fisher replaces the data labels by labels ``ŷ ~ p(y | x, θ)`` drawn from the model's
+own output distribution (:func:`sample_targets`); back-propagating the loss of ``ŷ``
+(:func:`sampled_loss`) gives output gradients ``g`` whose second moments are the Fisher.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cgfac.options import LossType, values
+from cgfac.config import LossType, values
 
-__all__ = ["LIKELIHOODS", "LOSS_TYPES", "Bernoulli", "CrossEntropy", "Gaussian", "Likelihood", "likelihood"]
+__all__ = ["LIKELIHOODS", "LOSS_TYPES", "Bernoulli", "CrossEntropy", "Gaussian", "Likelihood", "likelihood",
+           "sample_targets", "sampled_loss"]
 
 LOSS_TYPES = values(LossType)
 
@@ -88,3 +93,27 @@ def likelihood(loss_type: str) -> Likelihood:
     if loss_type not in LIKELIHOODS:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     return LIKELIHOODS[loss_type]
+
+
+def _rows(outputs: Tensor) -> Tensor:
+    out = outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
+    return out.reshape(-1, out.shape[-1]) if out.dim() > 1 else out.reshape(-1, 1)
+
+
+@torch.no_grad()
+def sample_targets(outputs: Tensor, loss_type: str, generator: torch.Generator | None = None) -> Tensor:
+    """Targets ``ŷ ~ p(y | outputs)``, one per row (class indices for ``"cross_entropy"``, else
+    shaped like the rows of ``outputs``)."""
+    return likelihood(loss_type).sample(_rows(outputs).detach(), generator)
+
+
+def sampled_loss(outputs: Tensor, loss_type: str, generator: torch.Generator | None = None,
+                 targets: Tensor | None = None) -> Tensor:
+    """Mean over rows of the negative log-likelihood of targets sampled from ``outputs`` (or of
+    the given ``targets``, as :func:`sample_targets` returns them)."""
+    model = likelihood(loss_type)
+    out = _rows(outputs)
+    target = sample_targets(outputs, loss_type, generator) if targets is None else targets.to(out.device)
+    if target.shape[0] != out.shape[0]:
+        raise ValueError(f"targets: {target.shape[0]} rows for {out.shape[0]} output rows")
+    return model.nll(out, target)

@@ -8,7 +8,7 @@ step (``n`` samples × ``T`` positions), ``b`` bytes per number and ``N`` ranks,
   step and on layers without a gradient).
 * CG-FAC: ``16 L`` (row counts, int64) ``+ Σ_{l owned by r} (d_in d_out + 1) b`` (the direction
   and a flag, broadcast) plus, per layer, its curvature by one of two routes
-  (:func:`cgfac.distributed.comm_bytes`): gathering rows, ``m (d_in + d_out) b`` from every rank
+  (:func:`cgfac.distributed.collectives.comm_bytes`): gathering rows, ``m (d_in + d_out) b`` from every rank
   but the owner, or reducing the factor sums, ``(d_in² + d_out²) b`` from every rank. With
   ``comm="auto"`` (the default) each layer takes the route with fewer mean bytes per rank,
   ``(N − 1)/N · m (d_in + d_out)`` against ``d_in² + d_out²`` (Kronecker blocks only; embeddings and
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from cgfac.distributed import choose_comm, comm_bytes, greedy_assignment
+from cgfac.distributed.collectives import choose_comm, comm_bytes, greedy_assignment
 from cgfac.layers import Chunk, LayerHelper, make_helper
 from cgfac_bench.models import build_model, example_input
 

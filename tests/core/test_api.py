@@ -293,10 +293,10 @@ def test_true_fisher_rows_of_every_layer_equal_a_full_backward_of_the_sampled_lo
 def test_public_surface_is_re_exported() -> None:
     """The pieces a preconditioner strings together are reachable from the package root."""
     import cgfac.curvature
+    import cgfac.precondition.state
     import cgfac.solvers
-    import cgfac.state
 
     assert cgfac.Solver is cgfac.solvers.Solver and cgfac.register_solver is cgfac.solvers.register_solver
-    assert cgfac.LayerState is cgfac.state.LayerState
+    assert cgfac.LayerState is cgfac.precondition.state.LayerState
     assert cgfac.Curvature is cgfac.curvature.Curvature and cgfac.KronRows is cgfac.curvature.KronRows
     assert all(hasattr(cgfac, name) for name in cgfac.__all__)

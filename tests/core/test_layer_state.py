@@ -8,7 +8,7 @@ from torch import nn
 
 import cgfac
 from cgfac.curvature import RowWindow, RunningFactors
-from cgfac.state import LayerState
+from cgfac.precondition.state import LayerState
 
 
 def stepped(pre_cls, **kwargs):

@@ -1,4 +1,4 @@
-"""The memory budget (cgfac.memory): sizes from shapes alone, the rule's choice of form, the
+"""The memory budget (cgfac.precondition.memory): sizes from shapes alone, the rule's choice of form, the
 diagonal forms' directions against dense float64 references, and K-FAC at GPT-2's real vocabulary."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 import cgfac
 from cgfac.curvature import KronEigen
-from cgfac.memory import (
+from cgfac.precondition.memory import (
     DEFAULT_BUDGET_FRACTION,
     Block,
     Budget,

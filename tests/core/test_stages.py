@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cgfac
-from cgfac.transforms import Phase, StepData
+from cgfac.precondition.transforms import Phase, StepData
 
 
 class NormCap:

@@ -81,7 +81,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple[torch.Ten
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    return cgfac.sharded.full(t).detach().clone()
+    return cgfac.distributed.sharded.full(t).detach().clone()
 
 
 def shard_model(model: nn.Module, mesh: Any, placement: Callable | None = None) -> None:
@@ -156,8 +156,8 @@ def train(kind: str, rank: int, world: int, mesh=None, *, model_name: str = "net
         opt.step()
     stats = pre.layer_stats()
     return {"directions": dirs, "params": [full(p) for p in model.parameters()],
-            "sharded": all(cgfac.sharded.is_sharded(p) for p in model.parameters()),
-            "local_rows": [cgfac.sharded.local(p).shape[0] for p in model.parameters()],
+            "sharded": all(cgfac.distributed.sharded.is_sharded(p) for p in model.parameters()),
+            "local_rows": [cgfac.distributed.sharded.local(p).shape[0] for p in model.parameters()],
             "routes": {name: st.get("sharded", "") for name, st in stats.items()},
             "fallbacks": pre.fallbacks, "owners": dict(pre.dist.owners), "comm": comm, "bytes_sent": sent,
             "units": {name: [(tuple(p.shape), (sl.start, sl.stop) if sl is not None else None)

@@ -99,14 +99,14 @@ def resume(load: str, save: str, rank: int, world: int) -> dict:
 
 def reference_targets(outputs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
     """What the ranks sample: rank ``r`` draws its shard's targets from its own stream."""
-    return torch.cat([cgfac.fisher.sample_targets(o, "cross_entropy", g)
+    return torch.cat([cgfac.losses.sample_targets(o, "cross_entropy", g)
                       for o, g in zip(outputs.chunk(len(gens)), gens)])
 
 
 def rank_generators(world: int, seed: int = 0) -> list[torch.Generator]:
     seeds = []
     for r in range(world):
-        seeds.append(cgfac.base.rank_seed(torch.Generator().manual_seed(seed), r, world))
+        seeds.append(cgfac.capture.capture.rank_seed(torch.Generator().manual_seed(seed), r, world))
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 

@@ -1,7 +1,7 @@
 """FSDP2 (``fully_shard``) on 2 gloo CPU processes: sharded gradients are preconditioned as the
 unsharded single-process run on the global batch (float64), by the owner scheme (each layer's
 owner alone gathers its gradient rows and returns each rank its rows of the direction) or by
-the all-gather it falls back to; see ``cgfac.sharded``."""
+the all-gather it falls back to; see ``cgfac.distributed.sharded``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import cgfac
-from cgfac.sharded import chunk_rows, row_layout
+from cgfac.distributed.sharded import chunk_rows, row_layout
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "MASTER_ADDR": "127.0.0.1",

@@ -189,8 +189,8 @@ def test_bad_distributed_arguments_name_the_argument() -> None:
 
 def test_equivalent_rows_reproduce_the_factor_sums() -> None:
     """Reduced factor sums enter the window as rows with the same A = aᵀa / rows, G = gᵀg / n."""
-    from cgfac.cgfac import equivalent_rows
     from cgfac.curvature import KronRows
+    from cgfac.precondition.cgfac import equivalent_rows
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(40, 6, generator=gen, dtype=torch.float64)

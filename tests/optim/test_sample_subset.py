@@ -7,22 +7,22 @@ import torch
 from torch import nn
 
 import cgfac
-import cgfac.capture
-from cgfac import fisher
+import cgfac.capture.capture
+from cgfac import losses
 
 
 @pytest.fixture
 def fixed_targets(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampled targets that depend on the row's inputs only (``ŷ = z + sin(row sum)``), so both
     paths draw the same targets for the same samples."""
-    original = fisher.sampled_loss
+    original = losses.sampled_loss
 
     def deterministic(outputs: torch.Tensor, loss_type: str, generator: object = None,
                       targets: torch.Tensor | None = None) -> torch.Tensor:
         rows = outputs.reshape(-1, outputs.shape[-1])
         return original(outputs, loss_type, None, rows.detach() + torch.sin(rows.detach().sum(1, keepdim=True)))
 
-    monkeypatch.setattr(cgfac.capture, "sampled_loss", deterministic)
+    monkeypatch.setattr(cgfac.capture.capture, "sampled_loss", deterministic)
 
 
 def _run(sample_subset: bool, cls: type = cgfac.optim.CGFAC, **kwargs: object) -> tuple[list[torch.Tensor], int]:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import cgfac
-from cgfac.transformer_factors import Side, lowrank_power, lowrank_running_factor
-from cgfac.transformer_kfac import (
+from cgfac.optim.transformer_factors import Side, lowrank_power, lowrank_running_factor
+from cgfac.optim.transformer_kfac import (
     NS_COEFFICIENTS,
     UPDATE_RMS,
     damped_cholesky,

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from cgfac.config import DampingForm, values
 from cgfac.curvature.base import RowBlock
-from cgfac.options import DampingForm, values
 
 if TYPE_CHECKING:
     from cgfac.rows import Rows
@@ -99,7 +99,7 @@ class KronRows(RowBlock):
     def factors(self, diagonal: tuple[bool, bool] = (False, False)) -> tuple[Tensor, Tensor]:
         """The explicit factors ``(A, G)``: ``O(r d²)`` time, ``O(d²)`` memory. ``diagonal``
         ``(in, out)``: that side's factor is only its diagonal, ``Σ_rows a²`` column-wise (a 1-D
-        tensor of ``d`` numbers, ``O(r d)`` time): the cheaper forms of :mod:`cgfac.memory`."""
+        tensor of ``d`` numbers, ``O(r d)`` time): the cheaper forms of :mod:`cgfac.precondition.memory`."""
         a_factor = (self.a * self.a).sum(0) if diagonal[0] else self.a.T @ self.a
         g_factor = (self.g * self.g).sum(0) if diagonal[1] else self.g.T @ self.g
         return a_factor, g_factor
@@ -263,7 +263,7 @@ class KronEigen:
     """Eigendecomposed factors ``A = Q_A diag(s_A) Q_Aᵀ``, ``G = Q_G diag(s_G) Q_Gᵀ`` (K-FAC).
 
     A basis that is None is the identity: that factor is diagonal, ``diag(s)`` (the diagonal
-    forms of :mod:`cgfac.memory`, for a side too wide to keep its ``d × d`` factor), and every
+    forms of :mod:`cgfac.precondition.memory`, for a side too wide to keep its ``d × d`` factor), and every
     formula below holds with ``Q = I`` (the basis change is skipped)."""
 
     s_a: Tensor

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cgfac.base import Preconditioner
+from cgfac.precondition.base import Preconditioner
 
 
 def _callback_class() -> Any:

@@ -47,7 +47,7 @@ try:
 except ImportError as err:  # pragma: no cover - the extra is not installed
     raise ImportError("cgfac.integrations.transformers needs transformers: pip install 'cgfac[hf]'") from err
 
-from cgfac.base import Preconditioner
+from cgfac.precondition.base import Preconditioner
 
 __all__ = ["PreconditionerCallback", "causal_lm_logits", "causal_lm_loss"]
 

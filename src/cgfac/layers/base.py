@@ -59,7 +59,7 @@ class Chunk:
 
 
 class Capture(Protocol):
-    """What a helper's hooks report to (implemented by :class:`cgfac.base.Preconditioner`)."""
+    """What a helper's hooks report to (implemented by :class:`cgfac.precondition.base.Preconditioner`)."""
 
     def capturing(self, module: nn.Module) -> bool: ...
 
@@ -228,7 +228,7 @@ class LayerHelper:
         build = KronRows if curvature == "kron" else ExactRows
         return build.from_rows(window, weights)
 
-    # K-FAC's form of a "kron" block (:mod:`cgfac.memory`): "dense" (both factors ``d × d``),
+    # K-FAC's form of a "kron" block (:mod:`cgfac.precondition.memory`): "dense" (both factors ``d × d``),
     # "diag-in"/"diag-out" (that side's factor kept as its diagonal, basis the identity) or "diag".
     kfac_form = "dense"
 

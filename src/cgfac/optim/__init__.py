@@ -23,7 +23,7 @@ Hessian of the likelihood (``loss_type``) closes the form ``vᵀCw = (1/r) Σ_ro
 * ``"gaussian"``/``"mse"``: ``H = I`` (loss: ``½‖y − z‖²`` summed over the last dimension, mean over rows).
 
 The loss the closure returns must follow that convention (these are also the conventions of
-:func:`cgfac.fisher.sampled_loss`).
+:func:`cgfac.losses.sampled_loss`).
 
 Every ``damping_interval`` (``T``) steps the Levenberg–Marquardt rule (§6.5) adapts ``λ`` from the
 reduction ratio on the same batch ::
@@ -44,7 +44,7 @@ library's, so its ``damping`` corresponds to ``damping · n²`` here (``n``: the
 from cgfac.optim.base import SecondOrderOptimizer
 from cgfac.optim.optimizers import CGFAC, KFAC, WIDE_DEFAULTS
 from cgfac.optim.quadratic import output_quad_form
-from cgfac.transformer_kfac import TransformerKFAC, hidden_matrices
+from cgfac.optim.transformer_kfac import TransformerKFAC, hidden_matrices
 
 __all__ = ["CGFAC", "KFAC", "WIDE_DEFAULTS", "SecondOrderOptimizer", "TransformerKFAC", "hidden_matrices",
            "output_quad_form"]

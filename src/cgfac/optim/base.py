@@ -14,14 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from cgfac import sharded
-from cgfac.base import Preconditioner
-from cgfac.hyperparams import check_range, choice, positive_int
+from cgfac.config import Adaptive, check_range, choice, positive_int, values
+from cgfac.distributed import sharded
 from cgfac.losses import LOSS_TYPES
 from cgfac.optim.damping import LevenbergMarquardt
 from cgfac.optim.quadratic import ModelSchedule, QuadraticModel, fit_coefficients
 from cgfac.optim.replay import Forward, ForwardRecorder, evaluation_loss
-from cgfac.options import Adaptive, values
+from cgfac.precondition.base import Preconditioner
 
 __all__ = ["ADAPTIVE", "SecondOrderOptimizer"]
 

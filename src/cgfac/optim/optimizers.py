@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from cgfac.cgfac import CGFAC as CGFACPreconditioner
-from cgfac.kfac import KFAC as KFACPreconditioner
 from cgfac.optim.base import SecondOrderOptimizer
+from cgfac.precondition.cgfac import CGFAC as CGFACPreconditioner
+from cgfac.precondition.kfac import KFAC as KFACPreconditioner
 
 __all__ = ["CGFAC", "KFAC", "WIDE_DEFAULTS"]
 

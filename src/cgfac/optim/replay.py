@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from cgfac.base import Preconditioner
-from cgfac.options import LossType
+from cgfac.config import LossType
+from cgfac.precondition.base import Preconditioner
 
 __all__ = ["Forward", "ForwardRecorder", "closure_value", "evaluation_loss", "replayed_rng"]
 

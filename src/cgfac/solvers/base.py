@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from cgfac.config import HyperParam
     from cgfac.curvature import Curvature
-    from cgfac.hyperparams import HyperParam
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class SolverState:
 @dataclass
 class Solution:
     """A solve's direction (None: keep the plain gradient, ``fallback`` says why), the method that
-    produced it and its statistics (for :meth:`cgfac.base.Preconditioner.layer_stats`)."""
+    produced it and its statistics (for :meth:`cgfac.precondition.base.Preconditioner.layer_stats`)."""
 
     x: Tensor | None
     method: str

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
-from cgfac.hyperparams import HyperParam
+from cgfac.config import HyperParam
 from cgfac.solvers.base import Solution, Solver, SolverSettings, SolverState, form_keyword
 from cgfac.solvers.pcg import CGResult, cg
 

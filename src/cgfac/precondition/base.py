@@ -9,11 +9,11 @@ matrix ``d_out × d_in``, bias last column), scaled by the KL clip
 (Ba et al. 2017; kfac-pytorch), when ``kl_clip = κ`` is set. Every other trainable module keeps
 its plain gradient and is listed in :meth:`registration_report`.
 
-The class strings collaborators together: :mod:`cgfac.registration` (which module is covered, the
-report), :mod:`cgfac.capture` (what the hooks record, the true Fisher's sampling), a distribution
-strategy of :mod:`cgfac.strategies` (everything that depends on processes and sharding), the
-direction stages of :mod:`cgfac.transforms` (graft, KL clip, vanishing-step check) and
-:mod:`cgfac.persist` (checkpoints). Subclasses supply the curvature (:meth:`Preconditioner._collect`)
+The class strings collaborators together: :mod:`cgfac.capture.registration` (which module is covered, the
+report), :mod:`cgfac.capture.capture` (what the hooks record, the true Fisher's sampling), a distribution
+strategy of :mod:`cgfac.precondition.strategies` (everything that depends on processes and sharding), the
+direction stages of :mod:`cgfac.precondition.transforms` (graft, KL clip, vanishing-step check) and
+:mod:`cgfac.precondition.persist` (checkpoints). Subclasses supply the curvature (:meth:`Preconditioner._collect`)
 and the solve (:meth:`Preconditioner._solve`).
 """
 
@@ -28,19 +28,36 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from cgfac import persist
-from cgfac.capture import Recorder, rank_seed
+from cgfac.capture.capture import Recorder, rank_seed
+from cgfac.capture.registration import ReportEntry, annotate, log_report, register, unwrap
+from cgfac.config import (
+    DampingScale,
+    FisherKind,
+    GraftKind,
+    Hyper,
+    HyperParam,
+    LossReduction,
+    LossType,
+    ShardedGrads,
+    check,
+)
 from cgfac.curvature.base import DeviceTraced, RankBounded, Scaled
-from cgfac.distributed import WorkAssignment
-from cgfac.hyperparams import Hyper, HyperParam
+from cgfac.distributed.collectives import WorkAssignment
 from cgfac.layers import LayerHelper, Rows
 from cgfac.layers.registry import HelperFactory, check_overrides
-from cgfac.memory import Block, BlockMemory, Budget, resolve_budget
-from cgfac.options import DampingScale, FisherKind, GraftKind, LossReduction, LossType, ShardedGrads, check
-from cgfac.registration import ReportEntry, annotate, log_report, register, unwrap
-from cgfac.state import LayerState, StateView
-from cgfac.strategies import grads_finite, make_distribution
-from cgfac.transforms import DAMPING_SWAMPS, VANISHING_KL_SCALE, DirectionStage, Graft, KLClip, StepData, VanishingCheck
+from cgfac.precondition import persist
+from cgfac.precondition.memory import Block, BlockMemory, Budget, resolve_budget
+from cgfac.precondition.state import LayerState, StateView
+from cgfac.precondition.strategies import grads_finite, make_distribution
+from cgfac.precondition.transforms import (
+    DAMPING_SWAMPS,
+    VANISHING_KL_SCALE,
+    DirectionStage,
+    Graft,
+    KLClip,
+    StepData,
+    VanishingCheck,
+)
 
 __all__ = ["DAMPING_SWAMPS", "VANISHING_KL_SCALE", "Preconditioner", "ReportEntry", "layer_damping", "rank_seed",
            "unwrap"]
@@ -79,16 +96,16 @@ class Preconditioner:
             layer (deep sigmoid networks), one absolute λ swamps the early layers' curvature.
             ``layer_stats()[name]`` has the layer's ``damping`` and ``curvature_scale``.
         collective_timeout: seconds any collective of the preconditioner may wait before it raises
-            :class:`cgfac.distributed.CollectiveError` (default None: the process group's timeout).
+            :class:`cgfac.distributed.collectives.CollectiveError` (default None: the process group's timeout).
         graft: "none", or "rmsprop": each layer's direction keeps its direction but takes the
-            length of RMSProp's step ``‖∇W / (√v̂ + ε)‖`` (Shampoo's grafting, :mod:`cgfac.graft`),
+            length of RMSProp's step ``‖∇W / (√v̂ + ε)‖`` (Shampoo's grafting, :mod:`cgfac.precondition.graft`),
             so the step no longer depends on the curvature's scale and ``lr`` is Adam-like
             (use ``kl_clip=None``). Tried on the transformer benchmark, where the KL-clipped step
             trailed AdamW.
         graft_beta2: RMSProp's ``β₂`` (in ``[0, 1)``).
         graft_eps: RMSProp's ``ε`` (> 0).
         sharded_grads: how FSDP2's sharded (``DTensor``) gradients reach a layer's solve
-            (:mod:`cgfac.sharded`): ``"auto"`` (default) the owner scheme (the layer's owner alone
+            (:mod:`cgfac.distributed.sharded`): ``"auto"`` (default) the owner scheme (the layer's owner alone
             gathers ``∇W`` from the shards and returns each rank its rows of the direction) wherever
             the gradients are ``Shard(0)`` on a 1-D mesh of the process group, else an all-gather
             on every rank with the reason logged once; ``"owner"``: the owner scheme or
@@ -97,7 +114,7 @@ class Preconditioner:
         probe_layers: probe modules of unregistered types at registration (:mod:`cgfac.layers.probe`:
             a forward that is ``F.linear``, HF ``Conv1D``'s ``x @ weight + b``, ``F.embedding``, or a
             weight scaling an RMS/Layer-normalised input is covered); False: only registered types.
-        memory_budget: the bytes the blocks' state may take (:mod:`cgfac.memory`): None (default)
+        memory_budget: the bytes the blocks' state may take (:mod:`cgfac.precondition.memory`): None (default)
             a quarter of the device's memory (CPU: total RAM; CUDA: the device's total memory) and
             at most 6× the trainable parameters' bytes (3× AdamW's state; never below 1 GB), a
             number ``≤ 1`` that fraction of the device's memory, a number ``> 1`` bytes, ``math.inf`` none. Every
@@ -175,7 +192,7 @@ class Preconditioner:
         self.capture = Recorder(fisher=self.fisher, loss_reduction=self.loss_reduction, grad_scaler=grad_scaler,
                                 seed=seed, rank=self.dist.rank, world=self.dist.world, wants_rows=self._wants_rows,
                                 limit=lambda: getattr(self, "curvature_samples", None))
-        # The direction stages, applied by step() at their phase in this order (cgfac.transforms).
+        # The direction stages, applied by step() at their phase in this order (cgfac.precondition.transforms).
         self.grafting = Graft(self.graft, self.graft_beta2, self.graft_eps)
         self.clipping = KLClip(self.kl_clip, self.lr)
         self.vanishing = VanishingCheck(self.kl_clip)
@@ -192,14 +209,14 @@ class Preconditioner:
         unique = {id(q): q for q in model.parameters() if q.requires_grad}.values()
         self.memory_budget: Budget = resolve_budget(memory_budget, first.device,
                                                     sum(q.numel() * q.element_size() for q in unique))
-        # Sized before anything is allocated; may choose cheaper forms or raise ValueError (cgfac.memory).
+        # Sized before anything is allocated; may choose cheaper forms or raise ValueError (cgfac.precondition.memory).
         self.memory_plan: dict[str, BlockMemory] = self._plan_memory(
             {name: Block(h.structure, h.d_in, h.d_out, torch.finfo(self.compute_dtype(h)).bits // 8)
              for name, h in self.layers.items()})
         self.report = annotate(self.report, found.blocks, self.memory_plan)
         self._handles = [*found.handles, model.register_forward_pre_hook(self.capture.count_forward_pass)]
         self.states: dict[str, LayerState] = {name: self._new_state(helper) for name, helper in self.layers.items()}
-        self.route = make_distribution(self)  # the distribution strategy (cgfac.strategies)
+        self.route = make_distribution(self)  # the distribution strategy (cgfac.precondition.strategies)
         log_report(type(self).__name__, self.report)
 
     reads_once = False  # whether step() in one process may read the device once (strategies.SingleProcess)
@@ -212,7 +229,7 @@ class Preconditioner:
         In one process (no sharded gradients) the step reads the device once: every decision
         that needs a value (finite gradients, rows and directions; the KL clip's products) and
         every statistic is gathered into one transfer after the solves
-        (:meth:`cgfac.strategies.SingleProcess.read_back`),
+        (:meth:`cgfac.precondition.strategies.SingleProcess.read_back`),
         and the writes follow it. CG's iterations read their residuals (a direct solver's
         don't); with ``graft`` and ``kl_clip`` both set the grafted products take a second read.
         Across processes the decisions are agreed by collectives as they arise."""
@@ -263,7 +280,7 @@ class Preconditioner:
 
     # --- what subclasses define ---------------------------------------------------------------
     def _plan_memory(self, blocks: dict[str, Block]) -> dict[str, BlockMemory]:
-        """Each block's planned state (:mod:`cgfac.memory`), sized from ``blocks`` before anything is
+        """Each block's planned state (:mod:`cgfac.precondition.memory`), sized from ``blocks`` before anything is
         allocated; subclasses size their own state and may choose cheaper forms."""
         return {}
 
@@ -309,7 +326,7 @@ class Preconditioner:
                              self.damping_offset, deferred=self.route.defers)
 
     def _grads_finite(self) -> bool:
-        """Whether every gradient is finite (:func:`cgfac.strategies.grads_finite`)."""
+        """Whether every gradient is finite (:func:`cgfac.precondition.strategies.grads_finite`)."""
         return bool(grads_finite(self.model.parameters()))
 
     def _skip_step(self) -> None:
@@ -352,7 +369,7 @@ class Preconditioner:
             self._state(name).stats = st
 
     def hyperparameters(self) -> dict[str, HyperParam]:
-        """Every :class:`~cgfac.hyperparams.HyperParam` attribute by name, in the order they were
+        """Every :class:`~cgfac.config.HyperParam` attribute by name, in the order they were
         set (``damping``, ``kl_clip``, ``lr``, ..., then a subclass's): what a checkpoint saves."""
         return {k: v for k, v in vars(self).items() if isinstance(v, HyperParam)}
 
@@ -393,7 +410,7 @@ class Preconditioner:
         Captures ``g`` for every covered layer without touching any ``.grad`` (the graph is
         retained for the user's own ``loss.backward()``). ``loss_type``: one of
         ``"cross_entropy"``, ``"gaussian"``/``"mse"``, ``"bernoulli"``. ``targets``: sampled targets
-        to use instead (as :func:`cgfac.fisher.sample_targets` returns them), e.g. to replay a draw.
+        to use instead (as :func:`cgfac.losses.sample_targets` returns them), e.g. to replay a draw.
 
         The sampled backward is ``torch.autograd.grad`` with respect to the covered layers' outputs
         (and the parameters of units captured otherwise): no ``.grad`` is written and no
@@ -404,7 +421,7 @@ class Preconditioner:
 
     def sampling_generator(self, device: torch.device | str) -> torch.Generator:
         """The generator :meth:`sample_fisher` draws targets with on ``device``
-        (:meth:`cgfac.capture.Recorder.sampling_generator`)."""
+        (:meth:`cgfac.capture.capture.Recorder.sampling_generator`)."""
         return self.capture.sampling_generator(device)
 
     def capture_limit(self) -> int | None:

@@ -2,12 +2,12 @@
 
 One step's working data is a :class:`StepData`; each stage (:class:`DirectionStage`) is a small
 object with its own per-layer state (``state_dict``/``load_state_dict``, saved inside each layer's
-checkpoint entry) that reads and changes it. :attr:`cgfac.base.Preconditioner.stages` lists them;
-:meth:`cgfac.base.Preconditioner.step` applies each at its ``phase``, in list order:
+checkpoint entry) that reads and changes it. :attr:`cgfac.precondition.base.Preconditioner.stages` lists them;
+:meth:`cgfac.precondition.base.Preconditioner.step` applies each at its ``phase``, in list order:
 
 * ``"held"``: after the solves and the sharing of directions, before they are scattered, on the
   ranks that hold ``∇W``. :class:`Graft` (``graft="rmsprop"``): each direction takes the length of
-  RMSProp's step (:mod:`cgfac.graft`).
+  RMSProp's step (:mod:`cgfac.precondition.graft`).
 * ``"final"``: once each rank has what it writes (``step.final``, with ``⟨X, ∇W⟩``).
   :class:`KLClip` (``kl_clip=κ``): the scale ``ν = min(1, √(κ / |lr² Σ_layers ⟨X, ∇W⟩|))`` of every
   direction (Ba et al. 2017; kfac-pytorch).
@@ -27,9 +27,9 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from cgfac.graft import RMSPropGraft
-from cgfac.hyperparams import HyperParam
+from cgfac.config import HyperParam
 from cgfac.layers import LayerHelper
+from cgfac.precondition.graft import RMSPropGraft
 
 __all__ = ["DAMPING_SWAMPS", "VANISHING_KL_SCALE", "DirectionStage", "Graft", "KLClip", "Phase", "StepData",
            "VanishingCheck"]

@@ -11,7 +11,7 @@ direction ``X``:
 so the step is as long as Adam's without its first moment (the torch optimizer's momentum
 supplies that), whatever the curvature's scale, damping or batch size: learning rates carry
 over from Adam (SGD with momentum 0.9 sums ≈ 10 gradients, so its ``lr`` is about a tenth of
-Adam's). The second moment ``v`` is part of the block's :class:`cgfac.state.LayerState`.
+Adam's). The second moment ``v`` is part of the block's :class:`cgfac.precondition.state.LayerState`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ curvature is data parallel exactly as under DDP. A layer's gradient reaches its 
 two ways (``sharded_grads`` of the preconditioners; ``layer_stats()[name]["sharded"]`` says which):
 
 * **owner** (:class:`OwnerExchange`; ``"auto"`` wherever it applies): each layer has an owner
-  rank (:class:`cgfac.distributed.WorkAssignment`). One all-to-all sends every rank's rows of
+  rank (:class:`cgfac.distributed.collectives.WorkAssignment`). One all-to-all sends every rank's rows of
   each layer's gradient to that layer's owner, which alone assembles the full ``∇W``, solves,
   and a second all-to-all returns to every rank only its rows of the direction (with a flag
   "keep the plain gradient" and the owner's ``⟨X, ∇W⟩`` for the KL clip). A rank holds full
@@ -41,7 +41,7 @@ from cgfac.dtensor import DTensor, Shard, compute_local_shape_and_global_offset,
 __all__ = ["DTensor", "OwnerExchange", "chunk_rows", "full", "is_sharded", "local", "row_layout", "write_shard"]
 
 if TYPE_CHECKING:
-    from cgfac.distributed import WorkAssignment
+    from cgfac.distributed.collectives import WorkAssignment
 
 
 class ExchangeUnit(Protocol):

@@ -2,9 +2,9 @@
 
 The format (unchanged since the first checkpoints): ``type``, ``world_size``, ``rank``, ``full``,
 ``steps``, ``fallbacks``, ``skipped_steps``, ``hyperparameters`` (every non-callable
-:class:`cgfac.hyperparams.HyperParam` of :meth:`Checkpointed.hyperparameters` by name), ``generator``
+:class:`cgfac.config.HyperParam` of :meth:`Checkpointed.hyperparameters` by name), ``generator``
 and ``generators`` (the true Fisher's random streams), and ``layers``: per block its
-:class:`cgfac.state.LayerState` entry with every direction stage's per-layer state merged in (the
+:class:`cgfac.precondition.state.LayerState` entry with every direction stage's per-layer state merged in (the
 graft's ``graft_v``, ``graft_steps``). Subclasses add their own keys (CG-FAC: ``cost_constants``).
 :func:`cgfac.checkpoint.full_state_dict` assembles the states of every rank. The functions read
 and write only what :class:`Checkpointed` declares.
@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from cgfac.distributed import WorkAssignment
-from cgfac.hyperparams import HyperParam
+from cgfac.config import HyperParam
+from cgfac.distributed.collectives import WorkAssignment
 from cgfac.layers import LayerHelper
-from cgfac.state import LayerState
-from cgfac.transforms import DirectionStage
+from cgfac.precondition.state import LayerState
+from cgfac.precondition.transforms import DirectionStage
 
 __all__ = ["Checkpointed", "check_loadable", "load_state_dict", "state_dict"]
 
@@ -33,7 +33,7 @@ class Generators(Protocol):
 
 
 class Checkpointed(Protocol):
-    """What a checkpoint reads and restores of a preconditioner (:class:`cgfac.base.Preconditioner`)."""
+    """What a checkpoint reads and restores of a preconditioner (:class:`cgfac.precondition.base.Preconditioner`)."""
 
     steps: int
     fallbacks: int
@@ -58,7 +58,7 @@ class Checkpointed(Protocol):
 
 
 def state_dict(pre: Checkpointed) -> dict[str, Any]:
-    """See :meth:`cgfac.base.Preconditioner.state_dict`."""
+    """See :meth:`cgfac.precondition.base.Preconditioner.state_dict`."""
     staged: dict[str, dict[str, Any]] = {}
     for stage in pre.stages:
         for name, entry in stage.state_dict().items():
@@ -101,7 +101,7 @@ def check_loadable(pre: Checkpointed, state: Any) -> None:
 
 
 def load_state_dict(pre: Checkpointed, state: dict[str, Any]) -> None:
-    """See :meth:`cgfac.base.Preconditioner.load_state_dict`."""
+    """See :meth:`cgfac.precondition.base.Preconditioner.load_state_dict`."""
     check_loadable(pre, state)
     hyper = pre.hyperparameters()
     for key, value in state["hyperparameters"].items():

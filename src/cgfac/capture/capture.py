@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from cgfac.fisher import sampled_loss
+from cgfac.config import FisherKind, LossReduction, LossType, check
 from cgfac.layers import Chunk, LayerHelper
-from cgfac.options import FisherKind, LossReduction, LossType, check
+from cgfac.losses import sampled_loss
 from cgfac.rows import Rows
 
 __all__ = ["Recorder", "rank_seed"]
@@ -59,7 +59,7 @@ class Recorder:
     # --- the layer hooks' protocol (cgfac.layers.Capture) --------------------------------------
     def routed_tokens(self) -> int | None:
         """Tokens ``N`` of the ``nn.ModuleList`` mixture-of-experts call now running (set by the hooks of
-        :func:`cgfac.registration.register` on the module holding ``experts``), or None."""
+        :func:`cgfac.capture.registration.register` on the module holding ``experts``), or None."""
         return self._routed[-1] if self._routed else None
 
     def enter_experts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -163,7 +163,7 @@ class Recorder:
     def sample_fisher(self, outputs: Tensor, loss_type: LossType, helpers: Iterable[LayerHelper], *,
                       targets: Tensor | None = None) -> None:
         """True Fisher: sample targets from ``outputs`` and back-propagate them once (see
-        :meth:`cgfac.base.Preconditioner.sample_fisher`); ``helpers``: the covered blocks."""
+        :meth:`cgfac.precondition.base.Preconditioner.sample_fisher`); ``helpers``: the covered blocks."""
         if self.fisher != "true":
             raise ValueError("sample_fisher needs fisher='true' at construction")
         check("loss_type", loss_type, LossType)

@@ -31,7 +31,7 @@ damped power is, for any ``p`` (``λ = damping · tr(F)/d``, relative: unit-free
 ``rank=k`` (with ``"ema"``): a side wider than ``k`` keeps its running factor as ``F = Q diag(s) Qᵀ +
 τ (I − QQᵀ)`` (``Q``: ``d × k``; ``τ`` the rest of the trace over ``d − k``), updated on each refresh
 exactly from the rows ``X`` through the same low-rank eigensystem (``β F + (1 − β) XᵀX − βτ I`` has
-rank ``≤ k + n``: :func:`~cgfac.transformer_factors.lowrank_running_factor`) and truncated to its top
+rank ``≤ k + n``: :func:`~cgfac.optim.transformer_factors.lowrank_running_factor`) and truncated to its top
 ``k`` eigenpairs; then ``(F + λI)^p = (τ + λ)^p (I − QQᵀ) + Q diag((s + λ)^p) Qᵀ``. No ``d × d``
 matrix or eigendecomposition: a refresh costs ``O(d (k + n)²)``, a step ``2 k d`` per row of ``M``.
 
@@ -76,9 +76,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cgfac import dtensor
+from cgfac.config import Direction, FactorSource, Sides, values
 from cgfac.layers.experts import ExpertsGroup, experts_helper
-from cgfac.options import Direction, FactorSource, Sides, values
-from cgfac.transformer_factors import (
+from cgfac.optim.transformer_factors import (
     FactorRefresh,
     FactorSettings,
     LayerRows,
@@ -287,7 +287,7 @@ class TransformerKFAC(torch.optim.Optimizer):
             when initialised): their statistics are averaged (``"ema"``) or their rows gathered (``"rows"``).
         rank: with ``factors="ema"``, each side wider than ``rank`` keeps its running factor as its top
             ``rank`` eigenpairs and an isotropic rest, updated from the rows without a ``d × d`` matrix or
-            eigendecomposition (:func:`~cgfac.transformer_factors.lowrank_running_factor`); its power is
+            eigendecomposition (:func:`~cgfac.optim.transformer_factors.lowrank_running_factor`); its power is
             refreshed with every factor refresh (``eig_every`` does not apply) and costs ``2·rank·d``
             per row of the momentum instead of ``d²``. None: every side dense.
     """
@@ -344,7 +344,7 @@ class TransformerKFAC(torch.optim.Optimizer):
                                         {"params": no_decay, "kind": "adamw", "lr": rest_lr, "weight_decay": 0.0}]
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "betas": betas, "eps": eps}
         super().__init__([g for g in groups if g["params"]], defaults)
-        #: the rows' hooks (:class:`cgfac.transformer_factors.RowRecorder`) and the factors' refresh
+        #: the rows' hooks (:class:`cgfac.optim.transformer_factors.RowRecorder`) and the factors' refresh
         self.recorder = RowRecorder(hidden, experts, settings=self.settings, seed=seed, active=self.needs_factors)
         self.refresher = FactorRefresh(self.settings, process_group)
 

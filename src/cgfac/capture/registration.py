@@ -3,7 +3,7 @@
 :func:`register` walks the (unwrapped) model once: every module with trainable parameters of its
 own gets its helper (one or more units, each a block solved on its own), joins a tied block
 (:mod:`cgfac.layers.tied`), or keeps its plain gradient with the reason in a :class:`ReportEntry`.
-The helpers' hooks report to a :class:`cgfac.layers.Capture` (:class:`cgfac.capture.Recorder`).
+The helpers' hooks report to a :class:`cgfac.layers.Capture` (:class:`cgfac.capture.capture.Recorder`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class ReportEntry:
     covered: bool
     reason: str
     rule: str = ""  # which rule covered it: "registered:<class>", "layer_helpers[<class>]", "probe:<kind>", "tied"
-    memory: str = ""  # its blocks' planned state: form, bytes and rule (cgfac.memory)
+    memory: str = ""  # its blocks' planned state: form, bytes and rule (cgfac.precondition.memory)
 
     def __str__(self) -> str:
         status = "preconditioned" if self.covered else "plain gradient"

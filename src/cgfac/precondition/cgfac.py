@@ -16,7 +16,7 @@ cheapest by :mod:`cgfac.solvers.cost`) or any solver registered with :func:`cgfa
 (``ρ = factor_decay``), renormalised to sum to one.
 
 Across processes a layer's curvature reaches its owner rank by one of two routes, chosen per layer
-and step by the bytes each rank sends (``comm="auto"``, :func:`cgfac.distributed.choose_comm`):
+and step by the bytes each rank sends (``comm="auto"``, :func:`cgfac.distributed.collectives.choose_comm`):
 gathering every rank's rows (``(N − 1)/N · m (d_in + d_out)`` numbers per rank for ``m`` rows),
 or, for Kronecker blocks of ``curvature="kron"``, reducing the factor sums ``aᵀa``, ``gᵀg``
 (``d_in² + d_out²``) — cheaper when rows outnumber the widths, as for convolutions' patch rows.
@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cgfac.base import Preconditioner
+from cgfac.config import CurvatureKind, DampingForm, Hyper, HyperParam, check, positive_int
 from cgfac.curvature import Curvature, DirectCurvature, KronRows, RowWindow, eigh
-from cgfac.distributed import COMM_METHODS, choose_comm, comm_bytes
-from cgfac.hyperparams import Hyper, HyperParam, positive_int
+from cgfac.distributed.collectives import COMM_METHODS, choose_comm, comm_bytes
 from cgfac.layers import LayerHelper, Rows
-from cgfac.memory import Block, BlockMemory, plan_cgfac
-from cgfac.options import CurvatureKind, DampingForm, check
+from cgfac.precondition.base import Preconditioner
+from cgfac.precondition.memory import Block, BlockMemory, plan_cgfac
+from cgfac.precondition.state import LayerState, StateView, solver_field
 from cgfac.solvers import (
     CG_PROBE_STEPS,
     DEFAULT_CG_PRODUCTS,
@@ -53,7 +53,6 @@ from cgfac.solvers import (
     solver_class,
     solver_names,
 )
-from cgfac.state import LayerState, StateView, solver_field
 
 __all__ = ["CGFAC", "CG_PROBE_STEPS", "DEFAULT_CG_PRODUCTS", "SOLVERS", "STALE_DAMPING_RATIO"]
 SOLVERS = ("auto", "cg", "lowrank", "eigen")  # the built-in solvers (see cgfac.solvers.solver_names())
@@ -80,7 +79,7 @@ def equivalent_rows(a_sum: Tensor, g_sum: Tensor, rows: int, n: int) -> Rows:
 class CGFAC(Preconditioner):
     """Matrix-free K-FAC by conjugate gradients (see the module docstring).
 
-    Args (beyond :class:`cgfac.base.Preconditioner`'s):
+    Args (beyond :class:`cgfac.precondition.base.Preconditioner`'s):
         curvature: "kron" or "exact".
         solver: "auto", "cg", "lowrank" or "eigen" ("eigen" needs curvature="kron"), or the name of
             a solver registered with :func:`cgfac.solvers.register_solver`.
@@ -100,7 +99,7 @@ class CGFAC(Preconditioner):
             per rank, per layer), "gather-rows" or "reduce-factors" (Kronecker blocks of
             curvature="kron" only; other blocks always gather rows).
 
-    Per block, :attr:`states` holds a :class:`cgfac.state.LayerState`: the window of rows, the
+    Per block, :attr:`states` holds a :class:`cgfac.precondition.state.LayerState`: the window of rows, the
     solver's state (warm start, CG counts, probes) and the last statistics. ``solutions``,
     ``last_iters``, ``iters_damping``, ``probed_at`` and ``probe_budget`` are dict-like views of the
     solver states' fields.
@@ -154,7 +153,7 @@ class CGFAC(Preconditioner):
         super().__init__(model, **kwargs)
 
     def _plan_memory(self, blocks: dict[str, Block]) -> dict[str, BlockMemory]:
-        """Each block's state (:func:`cgfac.memory.plan_cgfac`): rows, and explicit factors with
+        """Each block's state (:func:`cgfac.precondition.memory.plan_cgfac`): rows, and explicit factors with
         ``solver="eigen"`` (``ValueError`` when they do not fit the budget)."""
         return plan_cgfac(blocks, self.memory_budget, solver=self.solver, window=self.curvature_window,
                           graft=self.graft != "none")

@@ -5,8 +5,8 @@ matrix), its curvature state (CG-FAC: a :class:`~cgfac.curvature.RowWindow` of r
 :class:`~cgfac.curvature.RunningFactors`), its :class:`~cgfac.solvers.SolverState` (warm start,
 CG counts, probes, a kept decomposition) and the statistics of its last step. A preconditioner
 holds ``dict[name, LayerState]`` and checkpoints through :meth:`LayerState.state_dict` (with the
-direction stages' per-layer state merged in, :mod:`cgfac.persist`; the graft's second moment is
-:class:`cgfac.transforms.Graft`'s).
+direction stages' per-layer state merged in, :mod:`cgfac.precondition.persist`; the graft's second moment is
+:class:`cgfac.precondition.transforms.Graft`'s).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ eigendecomposition is computed by one owner rank (greedy assignment by ``d_in³ 
 ``strategy="comm-opt"`` broadcasts the decompositions, after which every rank preconditions
 every layer itself; ``"mem-opt"`` keeps each decomposition on its owner, which broadcasts the
 preconditioned gradient every step. Layers whose FSDP2-sharded gradients go by the owner scheme
-(:mod:`cgfac.sharded`) are solved on their owner under either strategy (only it holds the whole
+(:mod:`cgfac.distributed.sharded`) are solved on their owner under either strategy (only it holds the whole
 ``∇W``): their decompositions stay there and each rank receives only its rows of the direction.
 """
 
@@ -39,19 +39,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cgfac.base import Preconditioner
+from cgfac.config import DampingForm, FactorWarmup, Hyper, HyperParam, Strategy, check, positive_int
 from cgfac.curvature import KronEigen, RunningFactors
-from cgfac.hyperparams import Hyper, HyperParam, positive_int
 from cgfac.layers import LayerHelper
-from cgfac.memory import Block, BlockMemory, plan_kfac, resolve_forms
-from cgfac.options import DampingForm, FactorWarmup, Strategy, check
-from cgfac.state import LayerState, StateView
+from cgfac.precondition.base import Preconditioner
+from cgfac.precondition.memory import Block, BlockMemory, plan_kfac, resolve_forms
+from cgfac.precondition.state import LayerState, StateView
 
 
 class KFAC(Preconditioner):
     """K-FAC with eigendecomposed factors (see the module docstring).
 
-    Args (beyond :class:`cgfac.base.Preconditioner`'s):
+    Args (beyond :class:`cgfac.precondition.base.Preconditioner`'s):
         factor_decay: ρ, the weight of the past in the running factors (0: this batch only).
         factor_update_steps: refresh the factors every this-many steps.
         inv_update_steps: recompute the eigendecompositions every this-many steps.
@@ -68,13 +67,13 @@ class KFAC(Preconditioner):
             the gradient does.
         factor_form: each Kronecker block's form: "auto" (default: dense, unless the blocks'
             state exceeds ``memory_budget``; then, largest saving first, blocks keep their larger
-            side as a diagonal factor, :mod:`cgfac.memory`), "dense", "diag-out", "diag-in" or "diag"
+            side as a diagonal factor, :mod:`cgfac.precondition.memory`), "dense", "diag-out", "diag-in" or "diag"
             (both sides diagonal), or ``{block name or regex: form}`` (others "auto"). A block
             forced "dense" that does not fit the budget raises ``ValueError`` naming it and its
             bytes. ``memory_plan[name]`` and the registration report give each block's form, rule
             and bytes.
 
-    Per block, :attr:`states` holds a :class:`cgfac.state.LayerState`: the running factors
+    Per block, :attr:`states` holds a :class:`cgfac.precondition.state.LayerState`: the running factors
     (:class:`cgfac.curvature.RunningFactors`), the kept decomposition and its age (the solver
     state) and the last statistics. ``factors``, ``eigen``, ``eigen_age`` and ``factor_updates``
     are dict-like views of them.
@@ -108,7 +107,7 @@ class KFAC(Preconditioner):
         super().__init__(model, **kwargs)
 
     def _plan_memory(self, blocks: dict[str, Block]) -> dict[str, BlockMemory]:
-        """Each block's form by the rule of :mod:`cgfac.memory` (set on its helper), with its bytes.
+        """Each block's form by the rule of :mod:`cgfac.precondition.memory` (set on its helper), with its bytes.
         A Kronecker helper with its own ``kfac_factors`` keeps its factors (sized dense, no cheaper form)."""
         for name, block in blocks.items():
             if block.structure == "kron" and type(self.layers[name]).kfac_factors is not LayerHelper.kfac_factors:

@@ -1,6 +1,6 @@
 """Distribution strategies: how one step's gradients, decisions and directions reach each process.
 
-:meth:`cgfac.base.Preconditioner.step` is the same data flow everywhere; one :class:`Distribution`,
+:meth:`cgfac.precondition.base.Preconditioner.step` is the same data flow everywhere; one :class:`Distribution`,
 chosen at construction (:func:`make_distribution`), does whatever depends on processes and
 sharding through one interface:
 
@@ -12,22 +12,22 @@ sharding through one interface:
   writes, with ``⟨X, ∇W⟩`` for the KL clip; :meth:`~Distribution.write`: into ``.grad``.
 
 The strategies never act on the preconditioner: they read what :class:`StepHost` declares and
-return their decisions in the :class:`~cgfac.transforms.StepData` (``False`` from :meth:`~Distribution.agree`
-or :meth:`~Distribution.settle`: skip the step; ``step.undo``: layers whose rows of this step are
-forgotten; a ``"fallback"`` in a layer's stats with no direction: it keeps its plain gradient), which
-:meth:`cgfac.base.Preconditioner.step` carries out.
+return their decisions in the :class:`~cgfac.precondition.transforms.StepData` (``False`` from
+:meth:`~Distribution.agree` or :meth:`~Distribution.settle`: skip the step; ``step.undo``: layers whose
+rows of this step are forgotten; a ``"fallback"`` in a layer's stats with no direction: it keeps its
+plain gradient), which :meth:`cgfac.precondition.base.Preconditioner.step` carries out.
 
 The strategies:
 
 * :class:`SingleProcess`: one process, one device read per step (every check deferred to
   :meth:`~Distribution.settle`, :meth:`SingleProcess.read_back`).
 * :class:`WholeLayerOwners`: data parallel (DDP): every rank holds the whole averaged ``∇W``; each
-  layer has an owner rank (:class:`cgfac.distributed.WorkAssignment`); decisions are agreed by an
+  layer has an owner rank (:class:`cgfac.distributed.collectives.WorkAssignment`); decisions are agreed by an
   all-reduce, directions computed only on owners are broadcast. Also one process for a
   preconditioner that checks as it goes (K-FAC), where every collective is a no-op.
 * :class:`ShardedAllGather`: FSDP2, every rank all-gathers every layer's sharded gradient and
-  writes its own rows (``sharded_grads="all-gather"``, :mod:`cgfac.sharded`).
-* :class:`ShardedOwners`: FSDP2's owner scheme (:class:`cgfac.sharded.OwnerExchange`) for every
+  writes its own rows (``sharded_grads="all-gather"``, :mod:`cgfac.distributed.sharded`).
+* :class:`ShardedOwners`: FSDP2's owner scheme (:class:`cgfac.distributed.sharded.OwnerExchange`) for every
   layer whose gradients allow it; the others are all-gathered (``"auto"``) or raise (``"owner"``).
 """
 
@@ -41,13 +41,13 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor
 
-from cgfac import sharded
 from cgfac.curvature import deferred_checks
-from cgfac.distributed import WorkAssignment
+from cgfac.distributed import sharded
+from cgfac.distributed.collectives import WorkAssignment
 from cgfac.dtensor import local
 from cgfac.layers import LayerHelper
-from cgfac.state import LayerState
-from cgfac.transforms import StepData
+from cgfac.precondition.state import LayerState
+from cgfac.precondition.transforms import StepData
 
 __all__ = ["Distribution", "ShardedAllGather", "ShardedOwners", "SingleProcess", "StepHost", "WholeLayerOwners",
            "grads_finite", "make_distribution"]
@@ -64,7 +64,7 @@ class Enabled(Protocol):
 
 
 class StepHost(Protocol):
-    """What a strategy reads of the preconditioner it serves (:class:`cgfac.base.Preconditioner`):
+    """What a strategy reads of the preconditioner it serves (:class:`cgfac.precondition.base.Preconditioner`):
     the covered blocks in layer order and their states (the one-read step's statistics are filled in
     place), the process group with each layer's owner, the module whose gradients are checked, how
     FSDP2's sharded gradients reach a solve, whether one process may read the device once per step,
@@ -400,7 +400,7 @@ class ShardedAllGather(WholeLayerOwners):
 
 
 class ShardedOwners(WholeLayerOwners):
-    """FSDP2's owner scheme (:class:`cgfac.sharded.OwnerExchange`) wherever a layer's gradients allow it."""
+    """FSDP2's owner scheme (:class:`cgfac.distributed.sharded.OwnerExchange`) wherever a layer's gradients allow it."""
 
     name = "sharded owners"
 

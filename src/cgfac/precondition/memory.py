@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cgfac.options import FactorForm, values
+from cgfac.config import FactorForm, values
 
 __all__ = ["DEFAULT_BUDGET_FLOOR", "DEFAULT_BUDGET_FRACTION", "DEFAULT_PARAMETER_MULTIPLE", "FORMS", "Block",
            "BlockMemory", "Budget", "cgfac_block_bytes",

@@ -1,4 +1,4 @@
-"""TransformerKFAC's factors (:mod:`cgfac.transformer_kfac`): the rows its hooks sample, the factors'
+"""TransformerKFAC's factors (:mod:`cgfac.optim.transformer_kfac`): the rows its hooks sample, the factors'
 statistics averaged over the processes, and each side's damped power refreshed on schedule.
 
 Per hidden layer the forward hook keeps ``rows`` sampled input rows ``a`` and, through a hook on the
@@ -193,7 +193,7 @@ def factor_from_power(power_matrix: Tensor, damping: float, power: float) -> Ten
 
 @dataclass
 class FactorSettings:
-    """The factor settings that :class:`~cgfac.transformer_kfac.TransformerKFAC`, its
+    """The factor settings that :class:`~cgfac.optim.transformer_kfac.TransformerKFAC`, its
     :class:`RowRecorder` and its :class:`FactorRefresh` share (one object: a change made through the
     optimizer, ``opt.damping = 0.1``, reaches the next refresh)."""
 
