@@ -16,7 +16,6 @@ from cgfac.curvature.kron import (
     KronEigen,
     KronFactors,
     KronRows,
-    deferred_checks,
     eigh,
     factor_basis,
     factor_eig,
@@ -28,6 +27,6 @@ from cgfac.curvature.window import RowWindow, window_weights
 
 __all__ = [
     "DAMPING_FORMS", "Curvature", "DeviceTraced", "DirectCurvature", "ExactRows", "KronEigen", "KronFactors",
-    "KronRows", "RankBounded", "RowWindow", "RunningFactors", "Scaled", "deferred_checks", "eigh", "factor_basis",
+    "KronRows", "RankBounded", "RowWindow", "RunningFactors", "Scaled", "eigh", "factor_basis",
     "factor_eig", "factored_damping", "factored_damping_tensor", "window_weights",
 ]

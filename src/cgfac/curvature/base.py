@@ -69,9 +69,10 @@ class Curvature(Protocol):
         """The diagonal of ``C + λI`` as a ``d_out × d_in`` matrix, or None when too costly."""
         ...
 
-    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact", *, check: bool = True) -> Tensor:
         """``X`` of the damped system, exactly, through the rows' low rank (``NotImplementedError``
-        where ``supports_lowrank`` is False)."""
+        where ``supports_lowrank`` is False). ``check=False``: an eigendecomposition it takes need
+        not read its result back to check it (:func:`cgfac.curvature.eigh`; the caller checks ``X``)."""
         ...
 
     def factors(self) -> tuple[Tensor, Tensor] | None:
@@ -111,11 +112,13 @@ class DeviceTraced(RankBounded, Protocol):
 
 @runtime_checkable
 class DirectCurvature(Protocol):
-    """A block solved in closed form: ``X = (C + λI)⁻¹ ∇W`` by ``solve``; ``method`` names it."""
+    """A block solved in closed form: ``X = (C + λI)⁻¹ ∇W`` by ``solve``; ``method`` names it.
+    ``check=False``: an eigendecomposition it takes need not read its result back to check it
+    (:func:`cgfac.curvature.eigh`; the caller checks ``X``)."""
 
     method: str
 
-    def solve(self, grad: Tensor, damping: float) -> Tensor: ...
+    def solve(self, grad: Tensor, damping: float, *, check: bool = True) -> Tensor: ...
 
 
 class RowBlock:

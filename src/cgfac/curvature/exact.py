@@ -141,10 +141,12 @@ class ExactRows(RowBlock):
         k = k.new_zeros(n, k.shape[1]).index_add_(0, self.sample, k)
         return k.new_zeros(n, n).index_add_(1, self.sample, k)
 
-    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact", *, check: bool = True) -> Tensor:
         """Exact solve by Woodbury through the ``n × n`` Gram matrix ``K``::
 
         (λI + K) z = c,  c_s = ⟨J_s, ∇W⟩,   X = (∇W − Σ_s z_s J_s) / λ
+
+        (no eigendecomposition: ``check`` changes nothing)
         """
         check_exact_form(form)
         if self.gram_through_samples():

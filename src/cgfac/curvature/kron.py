@@ -18,9 +18,7 @@ The damped system of a layer is ``G X A + λ X = ∇W`` (``X``, ``∇W``: ``d_ou
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -37,20 +35,6 @@ if TYPE_CHECKING:
 DAMPING_FORMS = values(DampingForm)
 """The values of ``damping_form``: ``"exact"`` solves ``G X A + λX = ∇W``, ``"factored"``
 ``(G + γ_G I) X (A + γ_A I) = ∇W`` with ``γ_A = π√λ``, ``γ_G = √λ/π``."""
-_CHECKED = contextvars.ContextVar("cgfac_checked_eigh", default=True)
-
-
-@contextlib.contextmanager
-def deferred_checks() -> Iterator[None]:
-    """Inside, :func:`eigh` does not read its result back to the host to check it (no device
-    synchronisation): the caller checks the finiteness of what it computes from it (the
-    preconditioners check each direction once per step). A failure that LAPACK or cuSOLVER
-    reports still raises, and is still retried in float64."""
-    token = _CHECKED.set(False)
-    try:
-        yield
-    finally:
-        _CHECKED.reset(token)
 
 
 def factored_damping(trace_a: float, d_in: int, trace_g: float, d_out: int, damping: float) -> tuple[float, float]:
@@ -159,7 +143,7 @@ class KronRows(RowBlock):
             return torch.outer(dg + gamma_g, da + gamma_a)
         return torch.outer(dg, da).add_(damping)
 
-    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact", *, check: bool = True) -> Tensor:
         """Exact solve through each factor's non-zero eigenspace, from whichever is smaller.
 
         Each side is ``A = U diag(w) Uᵀ`` (:func:`factor_basis`): with ``r < d`` rows, ``U = aᵀV``
@@ -172,9 +156,10 @@ class KronRows(RowBlock):
         (exact: the directions outside the eigenspaces are the null space, where ``λX = ∇W``); no
         coefficient divides by ``s``, so eigenvalues near zero are harmless in float32. Factored
         damping is separable, each side through ``(A + γI)⁻¹ = I/γ − U diag(t/(γ(s + γ))) Uᵀ``.
+        ``check``: of the eigendecompositions (:func:`eigh`).
         """
-        s_a, u_a, t_a = factor_basis(self.a)
-        s_g, u_g, t_g = factor_basis(self.g)
+        s_a, u_a, t_a = factor_basis(self.a, check=check)
+        s_g, u_g, t_g = factor_basis(self.g, check=check)
         with record_function("cgfac.lowrank.products"):
             if form == "factored":  # γ as tensors: no host read
                 gamma_a, gamma_g = factored_damping_tensor(torch.linalg.vector_norm(self.a).square(), self.a.shape[1],
@@ -198,7 +183,7 @@ class KronRows(RowBlock):
             return out.neg_().add_(grad, alpha=1 / damping)
 
 
-def factor_basis(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def factor_basis(rows: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(s, U, t)`` with ``rowsᵀ rows = U diag(t) Uᵀ`` and ``UᵀU = diag(s/t)`` (``s``: the non-zero
     eigenvalues and zeros), for a low-rank solve.
 
@@ -209,50 +194,52 @@ def factor_basis(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     which the solve's ``1/λ²``-sized coefficients amplify. ``U`` is never normalised
     (``Uσ^{-1/2}`` loses orthogonality for small ``σ``): the solves use coefficients that carry
     ``t/s`` themselves. Otherwise (``r ≥ d``) ``rowsᵀ rows = Q diag(s) Qᵀ``: ``U = Q``, ``t = s``.
+    ``check``: of the eigendecomposition (:func:`eigh`).
     """
     if rows.shape[0] >= rows.shape[1]:
-        s, q = eigh(rows.T @ rows)
+        s, q = eigh(rows.T @ rows, check=check)
         return s, q, s
     with record_function("cgfac.lowrank.gram"):
         wide = rows.double() if rows.dtype in (torch.float32, torch.float16, torch.bfloat16) else rows
-        s, v = eigh(wide @ wide.T)
+        s, v = eigh(wide @ wide.T, check=check)
         u = (wide.T @ v).to(rows.dtype)
     return s.to(rows.dtype), u, torch.ones(s.shape, dtype=rows.dtype, device=rows.device)
 
 
-def factor_eig(rows: Tensor) -> tuple[Tensor, Tensor]:
+def factor_eig(rows: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor]:
     """Eigenpairs of ``rowsᵀ rows`` (``rows``: ``r × d``), at most ``min(r, d)`` of them.
 
     With ``r < d``: Householder QR ``rowsᵀ = Q R`` (``Q``: ``d × r`` orthonormal), then
     ``rowsᵀ rows = Q (R Rᵀ) Qᵀ`` and ``R Rᵀ = V diag(s) Vᵀ`` give ``(s, Q V)``, orthonormal to
     machine precision (the Gram route ``Q = rowsᵀ U σ^{-1/2}`` loses orthogonality for small
     ``σ``, and the low-rank formula then cancels catastrophically in float32). Otherwise the
-    ``d × d`` factor itself is decomposed.
+    ``d × d`` factor itself is decomposed. ``check``: of the eigendecomposition (:func:`eigh`).
     """
     if rows.shape[0] >= rows.shape[1]:
-        return eigh(rows.T @ rows)
+        return eigh(rows.T @ rows, check=check)
     with record_function("cgfac.lowrank.qr"):
         q, r = torch.linalg.qr(rows.T)
-    s, v = eigh(r @ r.T)
+    s, v = eigh(r @ r.T, check=check)
     return s, q @ v
 
 
-def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+def eigh(matrix: Tensor, *, check: bool = True) -> tuple[Tensor, Tensor]:
     """Symmetric eigendecomposition with eigenvalues clamped at 0.
 
     A failure (no convergence, non-finite output) is retried once in float64; a second failure
-    raises ``torch.linalg.LinAlgError`` for the caller to handle. Inside :func:`deferred_checks`
-    only the failures the library reports are retried: the result is not read back to check it.
+    raises ``torch.linalg.LinAlgError`` for the caller to handle. With ``check=False`` the result
+    is not read back to the host to check it (no device synchronisation): only the failures that
+    LAPACK or cuSOLVER report are retried, and the caller checks the finiteness of what it computes
+    from it (CG-FAC's one-read step checks each direction, :class:`cgfac.solvers.SolverState`'s ``check``).
     """
-    checked = _CHECKED.get()
     with record_function("cgfac.eigh"):
         try:
             s, q = torch.linalg.eigh(matrix)
-            if checked and not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+            if check and not (torch.isfinite(s).all() and torch.isfinite(q).all()):
                 raise torch.linalg.LinAlgError("non-finite eigendecomposition")
         except (torch.linalg.LinAlgError, RuntimeError):
             s, q = torch.linalg.eigh(matrix.double())
-            if checked and not (torch.isfinite(s).all() and torch.isfinite(q).all()):
+            if check and not (torch.isfinite(s).all() and torch.isfinite(q).all()):
                 raise torch.linalg.LinAlgError("eigendecomposition failed in float64") from None
             s, q = s.to(matrix.dtype), q.to(matrix.dtype)
     return s.clamp_min(0), q
@@ -272,10 +259,11 @@ class KronEigen:
     q_g: Tensor | None
 
     @classmethod
-    def from_factors(cls, a_factor: Tensor, g_factor: Tensor) -> KronEigen:
-        """Eigendecompose each factor; a 1-D factor is a diagonal one (its basis the identity)."""
-        s_a, q_a = (a_factor.clamp_min(0), None) if a_factor.dim() == 1 else eigh(a_factor)
-        s_g, q_g = (g_factor.clamp_min(0), None) if g_factor.dim() == 1 else eigh(g_factor)
+    def from_factors(cls, a_factor: Tensor, g_factor: Tensor, *, check: bool = True) -> KronEigen:
+        """Eigendecompose each factor; a 1-D factor is a diagonal one (its basis the identity).
+        ``check``: of the eigendecompositions (:func:`eigh`)."""
+        s_a, q_a = (a_factor.clamp_min(0), None) if a_factor.dim() == 1 else eigh(a_factor, check=check)
+        s_g, q_g = (g_factor.clamp_min(0), None) if g_factor.dim() == 1 else eigh(g_factor, check=check)
         return cls(s_a, q_a, s_g, q_g)
 
     @classmethod
@@ -383,7 +371,7 @@ class KronFactors:
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.a_factor, self.g_factor
 
-    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
+    def solve_lowrank(self, grad: Tensor, damping: float, form: str = "exact", *, check: bool = True) -> Tensor:
         raise NotImplementedError("KronFactors keeps no rows: its low-rank solve is not available (eigen or CG)")
 
     def mean_diagonal(self) -> float:

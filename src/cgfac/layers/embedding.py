@@ -70,8 +70,9 @@ class DiagKron:
             g_parts.append(g * (w / r.n) ** 0.5)
         return cls(cast(Tensor, a_diag), torch.cat(g_parts))  # a window holds at least one batch
 
-    def solve(self, grad: Tensor, damping: float) -> Tensor:
-        s, q = factor_eig(self.g)
+    def solve(self, grad: Tensor, damping: float, *, check: bool = True) -> Tensor:
+        """Through ``G``'s eigenpairs (:func:`~cgfac.curvature.factor_eig`; ``check``: of its eigendecomposition)."""
+        s, q = factor_eig(self.g, check=check)
         return DiagKronEigen(self.a_diag, s, q).solve(grad, damping)
 
     def mean_diagonal(self) -> float:

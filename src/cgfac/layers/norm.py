@@ -54,7 +54,8 @@ class FeatureBlocks:
     blocks: Tensor
     method = "feature-blocks"
 
-    def solve(self, grad: Tensor, damping: float) -> Tensor:
+    def solve(self, grad: Tensor, damping: float, *, check: bool = True) -> Tensor:
+        """``(F_c + λI)⁻¹ ∇_c`` (no eigendecomposition: ``check`` changes nothing)."""
         k = self.blocks.shape[-1]
         eye = torch.eye(k, dtype=self.blocks.dtype, device=self.blocks.device)
         return torch.linalg.solve(self.blocks + damping * eye, grad[..., None])[..., 0]

@@ -233,7 +233,7 @@ class Preconditioner:
         and the writes follow it. CG's iterations read their residuals (a direct solver's
         don't); with ``graft`` and ``kl_clip`` both set the grafted products take a second read.
         Across processes the decisions are agreed by collectives as they arise."""
-        with record_function("cgfac.precondition"), self.route.context():
+        with record_function("cgfac.precondition"):
             step = StepData(self.damping(self.steps), self.steps, self.stats, holds=self.route.holds)
             self.capture.sample_targets = []
             if not self.route.agree(step):  # every layer's ∇W (a non-finite one anywhere skips the step)

@@ -53,6 +53,7 @@ from cgfac.solvers import (
     solver_class,
     solver_names,
 )
+from cgfac.solvers.base import check_keyword
 
 __all__ = ["CGFAC", "CG_PROBE_STEPS", "DEFAULT_CG_PRODUCTS", "SOLVERS", "STALE_DAMPING_RATIO"]
 SOLVERS = ("auto", "cg", "lowrank", "eigen")  # the built-in solvers (see cgfac.solvers.solver_names())
@@ -298,7 +299,8 @@ class CGFAC(Preconditioner):
         if isinstance(operator, DirectCurvature):  # a closed-form exact solve (embedding, normalisation blocks)
             self.stats[name].update(method=operator.method, rows=window.num_rows)
             self.states[name].solver.solution = None
-            return operator.solve(grad, damping)
+            # The one-read step checks the direction in its read: no eigendecomposition is read back.
+            return operator.solve(grad, damping, **check_keyword(not self.route.defers))
         return self.solve_operator(name, operator, grad, damping)
 
     def solve_operator(self, name: str, operator: Curvature, grad: Tensor, damping: float) -> Tensor | None:
@@ -317,7 +319,9 @@ class CGFAC(Preconditioner):
             st["curvature_bound"] = bound if self.route.defers else float(bound)
         if form == "factored":
             st["damping_form"] = "factored"
-        sol = self.solver_object.solve(operator, grad, damping, self._state(name).solver, step=self.steps, form=form)
+        state = self._state(name).solver
+        state.check = not self.route.defers  # the one-read step checks the direction in its read (eigh)
+        sol = self.solver_object.solve(operator, grad, damping, state, step=self.steps, form=form)
         st["method"] = sol.method
         st.update(sol.stats)
         if sol.fallback is not None:

@@ -33,7 +33,6 @@ The strategies:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, cast
@@ -41,7 +40,6 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor
 
-from cgfac.curvature import deferred_checks
 from cgfac.distributed import sharded
 from cgfac.distributed.collectives import WorkAssignment
 from cgfac.dtensor import local
@@ -130,10 +128,6 @@ class Distribution:
         self.owner_routed: set[str] = set()  # this step's layers under the owner scheme
         self.pending: dict[tuple[str, str], Tensor] | None = None  # the one-read step's values to read
 
-    def context(self) -> contextlib.AbstractContextManager[Any]:
-        """What the step runs in."""
-        return contextlib.nullcontext()
-
     @property
     def defers(self) -> bool:
         """Whether this step's checks wait for the one device read (values stay 0-dim tensors, and
@@ -189,9 +183,6 @@ class SingleProcess(Distribution):
     """One process, one device read: every decision that needs a value (finite gradients, rows and
     directions; the KL clip's products) and every statistic is read in one transfer after the
     solves (:meth:`read_back`); with ``graft`` and ``kl_clip`` the grafted products take a second."""
-
-    def context(self) -> contextlib.AbstractContextManager[Any]:
-        return deferred_checks()
 
     def agree(self, step: StepData) -> bool:
         self.owner_routed = set()

@@ -68,7 +68,10 @@ class SolverState:
     the layer, at the damping ``iters_damping``. ``probed_at``: the step of the last CG probe;
     ``probe_budget``: a pending probe's ``(products, alternative method)``. ``decomposition``:
     a kept decomposition (K-FAC's eigenpairs, refreshed every ``inv_update_steps``; any object with
-    ``solve(grad, λ)`` and ``tensors()``), ``decomposition_age`` steps old.
+    ``solve(grad, λ)`` and ``tensors()``), ``decomposition_age`` steps old. ``check``: whether this
+    solve's eigendecompositions read their results back to check them (:func:`cgfac.curvature.eigh`);
+    the preconditioner sets it before each solve, False in CG-FAC's one-read step, which checks the
+    direction instead (:class:`cgfac.precondition.strategies.SingleProcess`). Not saved.
     """
 
     solution: Tensor | None = None
@@ -78,6 +81,7 @@ class SolverState:
     probe_budget: tuple[int, str] | None = None
     decomposition: Decomposition | None = None
     decomposition_age: int = 0
+    check: bool = True
 
     SAVED: ClassVar[tuple[str, ...]] = ("solution", "last_iters", "iters_damping", "probed_at")
 
@@ -120,6 +124,12 @@ def form_keyword(form: str) -> dict[str, str]:
     """``form=`` for a curvature's products only where it is not the default ``"exact"`` (a curvature
     written before the keyword existed keeps working with exact damping)."""
     return {} if form == "exact" else {"form": form}
+
+
+def check_keyword(check: bool) -> dict[str, bool]:
+    """``check=`` for a curvature's solve only where it is not the default True (a curvature written
+    without the keyword keeps working, its eigendecompositions, if any, checked)."""
+    return {} if check else {"check": False}
 
 
 class Solver(ABC):
@@ -177,3 +187,18 @@ class DirectSolver(Solver):
               form: str = "exact") -> Solution:
         state.solution = None
         return Solution(self.direct(op, grad, damping, form), self.name)
+
+
+class DecomposingSolver(DirectSolver):
+    """A direct solver through eigendecompositions: :meth:`direct` takes ``check`` (whether they read
+    their results back to check them, :func:`cgfac.curvature.eigh`), the layer's ``state.check``."""
+
+    @abstractmethod
+    def direct(self, op: Curvature, grad: Tensor, damping: float, form: str = "exact", *,
+               check: bool = True) -> Tensor:
+        """``X`` of the damped system."""
+
+    def solve(self, op: Curvature, grad: Tensor, damping: float, state: SolverState, *, step: int = 0,
+              form: str = "exact") -> Solution:
+        state.solution = None
+        return Solution(self.direct(op, grad, damping, form, check=state.check), self.name)

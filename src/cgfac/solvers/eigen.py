@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import Tensor
 
 from cgfac.curvature.kron import KronEigen
-from cgfac.solvers.base import DirectSolver
+from cgfac.solvers.base import DecomposingSolver
 
 if TYPE_CHECKING:
     from cgfac.curvature.base import Curvature
     from cgfac.solvers.base import CostConstants
 
 
-class EigenSolver(DirectSolver):
+class EigenSolver(DecomposingSolver):
     """Form the factors, eigendecompose both, solve (K-FAC's solve, every step)."""
 
     name: ClassVar[str] = "eigen"
@@ -35,12 +35,14 @@ class EigenSolver(DirectSolver):
         p = d_in * d_out
         return r_a * d_in**2 + r_g * d_out**2 + c.c_eig * (d_in**3 + d_out**3) + 2 * p * (d_in + d_out) + c.o_call
 
-    def decompose(self, op: Curvature) -> KronEigen:
-        """The eigendecomposition of ``op``'s factors (K-FAC keeps it for ``inv_update_steps``)."""
+    def decompose(self, op: Curvature, *, check: bool = True) -> KronEigen:
+        """The eigendecomposition of ``op``'s factors (K-FAC keeps it for ``inv_update_steps``);
+        ``check``: whether it reads its result back to check it (:func:`cgfac.curvature.eigh`)."""
         factors = op.factors()
         if factors is None:
             raise ValueError(f"the eigen solver needs explicit Kronecker factors; curvature kind {op.kind!r} has none")
-        return KronEigen.from_factors(*factors)
+        return KronEigen.from_factors(*factors, check=check)
 
-    def direct(self, op: Curvature, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
-        return self.decompose(op).solve(grad, damping, form=form)
+    def direct(self, op: Curvature, grad: Tensor, damping: float, form: str = "exact", *,
+               check: bool = True) -> Tensor:
+        return self.decompose(op, check=check).solve(grad, damping, form=form)

@@ -14,11 +14,11 @@ Woodbury through the ``n × n`` Gram matrix of per-sample gradients. Costs
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from cgfac.solvers.base import DirectSolver, form_keyword
+from cgfac.solvers.base import DecomposingSolver, check_keyword, form_keyword
 
 if TYPE_CHECKING:
     from cgfac.curvature.base import Curvature
@@ -32,7 +32,7 @@ def factor_cost(rows: int, width: int, c: CostConstants) -> float:
     return rows * width**2 + c.c_eig * width**3
 
 
-class LowRankSolver(DirectSolver):
+class LowRankSolver(DecomposingSolver):
     """The exact low-rank solve of Kronecker rows, Woodbury on the exact block."""
 
     name: ClassVar[str] = "lowrank"
@@ -54,5 +54,7 @@ class LowRankSolver(DirectSolver):
         p = d_in * d_out
         return min(rows**2 * (d_in + d_out), rows * p + n * n * p) + 2 * rows * p + c.c_solve * n**3 + c.o_call
 
-    def direct(self, op: Curvature, grad: Tensor, damping: float, form: str = "exact") -> Tensor:
-        return op.solve_lowrank(grad, damping, **form_keyword(form))
+    def direct(self, op: Curvature, grad: Tensor, damping: float, form: str = "exact", *,
+               check: bool = True) -> Tensor:
+        keywords: dict[str, Any] = {**form_keyword(form), **check_keyword(check)}  # only the non-defaults
+        return op.solve_lowrank(grad, damping, **keywords)
