@@ -9,6 +9,7 @@ from host_reads import count_reads
 from torch import nn
 
 import cgfac
+from cgfac.curvature import eigh, kron
 
 
 def _model() -> nn.Module:
@@ -86,3 +87,49 @@ def test_non_finite_rows_are_dropped_after_the_read_and_the_older_batch_restored
     assert pre.windows["0"].batches[0] is kept
     torch.testing.assert_close(pre.layers["0"].grad_matrix(), grad)  # the plain gradient
     assert pre.layer_stats()["0"]["fallback"].startswith("non-finite curvature rows")
+
+
+def test_eigh_reads_back_its_result_only_when_asked_to_check() -> None:
+    m = torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    m = m @ m.T
+    with count_reads() as unchecked:
+        s, q = eigh(m, check=False)
+    with count_reads() as checked:
+        s2, q2 = eigh(m)
+    assert not unchecked and checked
+    assert torch.equal(s, s2) and torch.equal(q, q2)
+
+
+@pytest.mark.parametrize("solver", ["eigen", "lowrank"])
+def test_the_one_read_step_skips_every_eigendecomposition_check(solver: str, monkeypatch) -> None:
+    """Every eigendecomposition of the one-read step (the eigen and low-rank solvers, the embedding's
+    closed form) leaves its check to the step's read; K-FAC (checks as it goes) keeps them."""
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.out = nn.Embedding(30, 12), nn.Linear(12, 10)
+
+        def forward(self, i: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(i).mean(1))
+
+    seen: list[bool] = []
+    real = kron.eigh
+
+    def recording(matrix: torch.Tensor, *, check: bool = True):
+        seen.append(check)
+        return real(matrix, check=check)
+
+    monkeypatch.setattr(kron, "eigh", recording)
+    torch.manual_seed(0)
+    for make in (lambda m: cgfac.CGFAC(m, solver=solver), lambda m: cgfac.KFAC(m)):
+        model = Tagger()
+        pre = make(model)
+        idx = torch.randint(0, 30, (16, 5), generator=torch.Generator().manual_seed(4))
+        F.cross_entropy(model(idx), torch.randint(0, 10, (16,))).backward()
+        seen.clear()
+        pre.step()
+        assert seen and all(c is isinstance(pre, cgfac.KFAC) for c in seen), seen
+        if isinstance(pre, cgfac.CGFAC):
+            assert pre.layer_stats()["emb"]["method"] == "diag-kron"
+            assert pre.layer_stats()["out"]["method"] == solver
