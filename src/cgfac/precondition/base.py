@@ -39,15 +39,15 @@ from cgfac.config import (
     LossReduction,
     LossType,
     ShardedGrads,
-    check,
 )
 from cgfac.curvature.base import DeviceTraced, RankBounded, Scaled
 from cgfac.distributed.collectives import WorkAssignment
 from cgfac.layers import LayerHelper, Rows
-from cgfac.layers.registry import HelperFactory, check_overrides
+from cgfac.layers.registry import HelperFactory
 from cgfac.precondition import persist
 from cgfac.precondition.memory import Block, BlockMemory, Budget, resolve_budget
-from cgfac.precondition.state import LayerState, StateView
+from cgfac.precondition.settings import PreconditionerSettings
+from cgfac.precondition.state import LayerState, StatsField
 from cgfac.precondition.strategies import grads_finite, make_distribution
 from cgfac.precondition.transforms import (
     DAMPING_SWAMPS,
@@ -66,61 +66,29 @@ __all__ = ["DAMPING_SWAMPS", "VANISHING_KL_SCALE", "Preconditioner", "ReportEntr
 class Preconditioner:
     """Base of :class:`cgfac.CGFAC` and :class:`cgfac.KFAC`.
 
+    Each keyword in full: [`PreconditionerSettings`][cgfac.precondition.settings.PreconditionerSettings].
+
     Args:
-        model: the module to precondition (a ``DistributedDataParallel`` wrapper works too; its
-            layers are named as in the wrapped module, without the ``module.`` prefix).
+        model: the module to precondition (a ``DistributedDataParallel`` wrapper: layers named without ``module.``).
         damping: λ > 0, a float or a callable ``step -> float``.
         kl_clip: κ for the KL clip of the step, or None to disable it (applied after grafting).
         lr: the learning rate the optimizer will apply, used only by the KL clip.
         skip_layers: module names, class names (str) or classes left with their plain gradient.
         loss_reduction: "mean" (the loss averages per-sample losses) or "sum".
-        fisher: "empirical" (``g`` from the user's backward) or "true" (``g`` from targets
-            sampled by :meth:`sample_fisher`; the user's backward only supplies ``∇W``).
-        grad_scaler: a ``torch.amp.GradScaler`` whose scale multiplies the captured gradients
-            (call ``scaler.unscale_(optimizer)`` before :meth:`step`).
-        seed: seeds the sampler of the true Fisher; across processes each rank samples from its own
-            stream (the ``rank``-th of ``world`` seeds drawn from a generator seeded with ``seed``,
-            :func:`rank_seed`), so ranks never draw the same targets for their different samples.
-        process_group: the ``torch.distributed`` group to work in (default: the world, when
-            initialised); see :mod:`cgfac.distributed`.
-        solve_dtype: dtype of curvature and solves (default: the parameters' dtype, at least
-            float32). ``torch.float64`` when λ is tiny against the curvature's scale: a solve's
-            relative error is about ``eps · (s_max + λ) / λ``.
-        layer_helpers: ``{module type: factory}`` overriding the global registry
-            (:func:`cgfac.register_layer_helper`) for this preconditioner; the most-derived
-            registered class of a module wins, an override over a global entry at one class.
-        damping_scale: "absolute" (every layer is damped by λ) or "relative": layer ``l`` is
-            damped by ``λ·s_l``, ``s_l = tr(C_l)/dim`` the mean diagonal of its curvature
-            (``tr(A)·tr(G)/(d_in·d_out)`` for a Kronecker block). Relative damping is unit-free
-            and follows each layer's own scale: where back-propagated gradients shrink layer by
-            layer (deep sigmoid networks), one absolute λ swamps the early layers' curvature.
-            ``layer_stats()[name]`` has the layer's ``damping`` and ``curvature_scale``.
-        collective_timeout: seconds any collective of the preconditioner may wait before it raises
-            :class:`cgfac.distributed.collectives.CollectiveError` (default None: the process group's timeout).
-        graft: "none", or "rmsprop": each layer's direction keeps its direction but takes the
-            length of RMSProp's step ``‖∇W / (√v̂ + ε)‖`` (Shampoo's grafting, :mod:`cgfac.precondition.graft`),
-            so the step no longer depends on the curvature's scale and ``lr`` is Adam-like
-            (use ``kl_clip=None``). Tried on the transformer benchmark, where the KL-clipped step
-            trailed AdamW.
+        fisher: "empirical" (``g`` from the user's backward) or "true" (from targets sampled by :meth:`sample_fisher`).
+        grad_scaler: a ``torch.amp.GradScaler`` whose scale multiplies the captured gradients.
+        seed: seeds the sampler of the true Fisher (each rank its own stream, :func:`rank_seed`).
+        process_group: the ``torch.distributed`` group to work in (default: the world, when initialised).
+        solve_dtype: dtype of curvature and solves (default: the parameters' dtype, at least float32).
+        layer_helpers: ``{module type: factory}`` overriding the global registry for this preconditioner.
+        damping_scale: "absolute" (every layer damped by λ), "relative" (by ``λ·tr(C_l)/dim``) or "rank".
+        collective_timeout: seconds any collective may wait before it raises (default: the group's timeout).
+        graft: "none", or "rmsprop": each layer's direction takes the length of RMSProp's step.
         graft_beta2: RMSProp's ``β₂`` (in ``[0, 1)``).
         graft_eps: RMSProp's ``ε`` (> 0).
-        sharded_grads: how FSDP2's sharded (``DTensor``) gradients reach a layer's solve
-            (:mod:`cgfac.distributed.sharded`): ``"auto"`` (default) the owner scheme (the layer's owner alone
-            gathers ``∇W`` from the shards and returns each rank its rows of the direction) wherever
-            the gradients are ``Shard(0)`` on a 1-D mesh of the process group, else an all-gather
-            on every rank with the reason logged once; ``"owner"``: the owner scheme or
-            ``ValueError`` naming the layer; ``"all-gather"``: every rank all-gathers every layer.
-            ``layer_stats()[name]["sharded"]`` says which. Plain gradients are unaffected.
-        probe_layers: probe modules of unregistered types at registration (:mod:`cgfac.layers.probe`:
-            a forward that is ``F.linear``, HF ``Conv1D``'s ``x @ weight + b``, ``F.embedding``, or a
-            weight scaling an RMS/Layer-normalised input is covered); False: only registered types.
-        memory_budget: the bytes the blocks' state may take (:mod:`cgfac.precondition.memory`): None (default)
-            a quarter of the device's memory (CPU: total RAM; CUDA: the device's total memory) and
-            at most 6× the trainable parameters' bytes (3× AdamW's state; never below 1 GB), a
-            number ``≤ 1`` that fraction of the device's memory, a number ``> 1`` bytes, ``math.inf`` none. Every
-            block's state is sized at registration, before anything is allocated
-            (:attr:`memory_plan`); K-FAC gives blocks over the budget a cheaper form, and the
-            registration report names each block's form, rule and bytes.
+        sharded_grads: how FSDP2's sharded gradients reach a layer's solve: "auto", "owner" or "all-gather".
+        probe_layers: probe modules of unregistered types at registration; False: only registered types.
+        memory_budget: the bytes the blocks' state may take (None: a share of the device's memory; ``math.inf``).
 
     Tied weights (a Parameter used by several covered modules, e.g. an embedding and the output
     head) are one block, ``"<first>+<other>"``, fed by the rows of every use
@@ -138,57 +106,31 @@ class Preconditioner:
         self,
         model: nn.Module,
         *,
-        damping: Hyper = 1e-3,
-        kl_clip: Hyper | None = 1e-3,
-        lr: Hyper = 0.1,
-        skip_layers: Iterable[str | type] = (),
-        loss_reduction: LossReduction = "mean",
-        fisher: FisherKind = "empirical",
-        grad_scaler: Any = None,
-        seed: int = 0,
-        process_group: Any = None,
-        solve_dtype: torch.dtype | None = None,
-        layer_helpers: Mapping[type, HelperFactory] | None = None,
-        damping_scale: DampingScale = "absolute",
-        collective_timeout: float | None = None,
-        graft: GraftKind = "none",
-        graft_beta2: float = 0.999,
-        graft_eps: float = 1e-8,
-        sharded_grads: ShardedGrads = "auto",
-        probe_layers: bool = True,
+        damping: Hyper = 1e-3, kl_clip: Hyper | None = 1e-3, lr: Hyper = 0.1, skip_layers: Iterable[str | type] = (),
+        loss_reduction: LossReduction = "mean", fisher: FisherKind = "empirical", grad_scaler: Any = None,
+        seed: int = 0, process_group: Any = None, solve_dtype: torch.dtype | None = None,
+        layer_helpers: Mapping[type, HelperFactory] | None = None, damping_scale: DampingScale = "absolute",
+        collective_timeout: float | None = None, graft: GraftKind = "none", graft_beta2: float = 0.999,
+        graft_eps: float = 1e-8, sharded_grads: ShardedGrads = "auto", probe_layers: bool = True,
         memory_budget: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.damping = HyperParam("damping", damping, low=0.0, low_open=True)
-        self.kl_clip = None if kl_clip is None else HyperParam("kl_clip", kl_clip, low=0.0, low_open=True)
-        self.lr = HyperParam("lr", lr, low=0.0)
-        self.loss_reduction: LossReduction = check("loss_reduction", loss_reduction, LossReduction)
-        self.fisher: FisherKind = check("fisher", fisher, FisherKind)
-        if isinstance(skip_layers, (str, type)):
-            skip_layers = [skip_layers]
-        self.skip_layers = list(skip_layers)
-        for s in self.skip_layers:
-            if not isinstance(s, (str, type)):
-                raise TypeError(f"skip_layers entries must be str or type, got {type(s).__name__}")
-        self.grad_scaler = grad_scaler
-        if solve_dtype is not None and not (isinstance(solve_dtype, torch.dtype) and solve_dtype.is_floating_point):
-            raise TypeError(f"solve_dtype must be a floating torch.dtype, got {solve_dtype!r}")
-        self.solve_dtype = solve_dtype
-        self.layer_helpers = check_overrides(layer_helpers)
-        self.damping_scale: DampingScale = check("damping_scale", damping_scale, DampingScale)
-        self.graft: GraftKind = check("graft", graft, GraftKind)
-        self.graft_beta2 = HyperParam("graft_beta2", graft_beta2, low=0.0, high=0.999999)(0)
-        self.graft_eps = HyperParam("graft_eps", graft_eps, low=0.0, low_open=True)(0)
-        self.sharded_grads: ShardedGrads = check("sharded_grads", sharded_grads, ShardedGrads)
-        if not isinstance(probe_layers, bool):
-            raise TypeError(f"probe_layers must be a bool, got {type(probe_layers).__name__}")
-        self.probe_layers = probe_layers
+        cfg = PreconditionerSettings.check(  # every keyword's check (cgfac.precondition.settings)
+            damping=damping, kl_clip=kl_clip, lr=lr, skip_layers=skip_layers, loss_reduction=loss_reduction,
+            fisher=fisher, grad_scaler=grad_scaler, seed=seed, process_group=process_group, solve_dtype=solve_dtype,
+            layer_helpers=layer_helpers, damping_scale=damping_scale, collective_timeout=collective_timeout,
+            graft=graft, graft_beta2=graft_beta2, graft_eps=graft_eps, sharded_grads=sharded_grads,
+            probe_layers=probe_layers, memory_budget=memory_budget)
+        # the public attributes, in the order they were always set (hyperparameters() lists them so)
+        self.damping, self.kl_clip, self.lr = cfg.damping, cfg.kl_clip, cfg.lr
+        self.loss_reduction, self.fisher, self.skip_layers = cfg.loss_reduction, cfg.fisher, cfg.skip_layers
+        self.grad_scaler, self.solve_dtype, self.layer_helpers = cfg.grad_scaler, cfg.solve_dtype, cfg.layer_helpers
+        self.damping_scale, self.graft, self.graft_beta2 = cfg.damping_scale, cfg.graft, cfg.graft_beta2
+        self.graft_eps, self.sharded_grads, self.probe_layers = cfg.graft_eps, cfg.sharded_grads, cfg.probe_layers
         self.damping_offset = 0.0  # added to every layer's damping after scaling (cgfac.optim: weight decay)
         self.dist = WorkAssignment(process_group, collective_timeout)
-        self.steps = 0
-        self.fallbacks = 0
-        self.skipped_steps = 0
+        self.steps = self.fallbacks = self.skipped_steps = 0
         self.capture = Recorder(fisher=self.fisher, loss_reduction=self.loss_reduction, grad_scaler=grad_scaler,
                                 seed=seed, rank=self.dist.rank, world=self.dist.world, wants_rows=self._wants_rows,
                                 limit=lambda: getattr(self, "curvature_samples", None))
@@ -205,10 +147,8 @@ class Preconditioner:
         if not self.layers:
             raise ValueError("model: no covered layer with trainable parameters to precondition "
                              "(see cgfac.register_layer_helper)")
-        first = next(iter(self.layers.values()))
-        unique = {id(q): q for q in model.parameters() if q.requires_grad}.values()
-        self.memory_budget: Budget = resolve_budget(memory_budget, first.device,
-                                                    sum(q.numel() * q.element_size() for q in unique))
+        self.memory_budget: Budget = resolve_budget(memory_budget, next(iter(self.layers.values())).device,
+                                                    trainable_bytes(model))
         # Sized before anything is allocated; may choose cheaper forms or raise ValueError (cgfac.precondition.memory).
         self.memory_plan: dict[str, BlockMemory] = self._plan_memory(
             {name: Block(h.structure, h.d_in, h.d_out, torch.finfo(self.compute_dtype(h)).bits // 8)
@@ -310,11 +250,8 @@ class Preconditioner:
 
     # --- helpers of the step ------------------------------------------------------------------
     def compute_dtype(self, helper: LayerHelper) -> torch.dtype:
-        """The dtype of a layer's curvature and solve: ``solve_dtype``, else the layer's dtype
-        promoted to at least float32."""
-        if self.solve_dtype is not None:
-            return self.solve_dtype
-        return torch.promote_types(helper.dtype, torch.float32)
+        """The dtype of a layer's curvature and solve: ``solve_dtype``, else the layer's, at least float32."""
+        return compute_dtype(self.solve_dtype, helper.dtype)
 
     def _rows(self, helper: LayerHelper, max_samples: int | None = None) -> Rows | None:
         """This step's rows for a layer, in the compute dtype, unscaled by any GradScaler."""
@@ -331,17 +268,8 @@ class Preconditioner:
 
     def _skip_step(self) -> None:
         """A non-finite gradient: nothing of this batch is kept, and no parameter may move by it."""
-        for helper in self.layers.values():
-            helper.discard_rows()
+        skip_batch(self.layers.values(), self.model.parameters(), self.grad_scaler, distributed=self.dist.active)
         self.skipped_steps += 1
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            return  # the scaler sees the non-finite gradients and skips optimizer.step itself
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.zero_()
-        where = " (on this or another rank)" if self.dist.active else ""
-        warnings.warn(f"cgfac: non-finite gradient{where}; every .grad was zeroed and this step skipped",
-                      RuntimeWarning, stacklevel=3)
 
     def _fell_back(self, name: str, reason: str) -> None:
         """Count and warn: layer ``name`` keeps its plain gradient this step."""
@@ -356,17 +284,8 @@ class Preconditioner:
             self.states[name] = LayerState(None)
         return self.states[name]
 
-    @property
-    def stats(self) -> StateView:
-        """Per-layer statistics of the last step, a view of each :class:`LayerState`'s ``stats``."""
-        return StateView(lambda: self.states, lambda s: s.stats, lambda s, v: setattr(s, "stats", v))
-
-    @stats.setter
-    def stats(self, value: Mapping[str, dict[str, Any]]) -> None:
-        for state in self.states.values():
-            state.stats = None
-        for name, st in value.items():
-            self._state(name).stats = st
+    stats = StatsField()
+    """Per-layer statistics of the last step, a view of each :class:`LayerState`'s ``stats`` (assignable)."""
 
     def hyperparameters(self) -> dict[str, HyperParam]:
         """Every :class:`~cgfac.config.HyperParam` attribute by name, in the order they were
@@ -375,8 +294,7 @@ class Preconditioner:
 
     def layer_stats(self) -> dict[str, dict[str, Any]]:
         """Per-layer statistics of the last step (method, iterations, residual, damping, ...)."""
-        return {k: {key: float(value) if isinstance(value, Tensor) and value.dim() == 0 else value
-                    for key, value in v.items()} for k, v in self.stats.items()}
+        return {name: plain_stats(st) for name, st in self.stats.items()}
 
     def registration_report(self) -> list[ReportEntry]:
         """Every module with trainable parameters of its own, covered or not, and why."""
@@ -472,3 +390,37 @@ def layer_damping(st: dict[str, Any], damping: float, curvature: Scaled, damping
     lam = lam + offset
     st["damping"] = lam
     return lam
+
+
+def skip_batch(layers: Iterable[LayerHelper], parameters: Iterable[Tensor], grad_scaler: Any, *,
+               distributed: bool) -> None:
+    """:meth:`Preconditioner._skip_step`'s work: every layer's rows are discarded and, unless an enabled
+    ``grad_scaler`` skips ``optimizer.step`` itself, every ``.grad`` is zeroed, with a warning."""
+    for helper in layers:
+        helper.discard_rows()
+    if grad_scaler is not None and grad_scaler.is_enabled():
+        return  # the scaler sees the non-finite gradients and skips optimizer.step itself
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.zero_()
+    where = " (on this or another rank)" if distributed else ""
+    warnings.warn(f"cgfac: non-finite gradient{where}; every .grad was zeroed and this step skipped",
+                  RuntimeWarning, stacklevel=4)
+
+
+def trainable_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s trainable parameters, each shared one counted once."""
+    unique = {id(q): q for q in model.parameters() if q.requires_grad}.values()
+    return sum(q.numel() * q.element_size() for q in unique)
+
+
+def compute_dtype(solve_dtype: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """:meth:`Preconditioner.compute_dtype`: ``solve_dtype``, else ``dtype`` promoted to at least float32."""
+    if solve_dtype is not None:
+        return solve_dtype
+    return torch.promote_types(dtype, torch.float32)
+
+
+def plain_stats(st: dict[str, Any]) -> dict[str, Any]:
+    """One layer's statistics with every 0-d tensor as a float (:meth:`Preconditioner.layer_stats`)."""
+    return {key: float(value) if isinstance(value, Tensor) and value.dim() == 0 else value for key, value in st.items()}

@@ -11,9 +11,9 @@ direction stages' per-layer state merged in, :mod:`cgfac.precondition.persist`; 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, overload
 
 import torch
 
@@ -80,6 +80,15 @@ class StateView(MutableMapping[str, Any]):
             states[name] = LayerState(None)
         self._put(states[name], value)
 
+    def assign(self, value: Mapping[str, Any]) -> None:
+        """Every layer's field replaced: ``value``'s where it has the name (a state made for a new name), else None."""
+        if self._put is None:
+            raise TypeError("this view is read-only")
+        for state in self._states().values():
+            self._put(state, None)
+        for name, v in value.items():
+            self[name] = v
+
     def __delitem__(self, name: str) -> None:
         self[name]
         self.__setitem__(name, None)
@@ -92,6 +101,31 @@ class StateView(MutableMapping[str, Any]):
 
     def __repr__(self) -> str:
         return repr(dict(self.items()))
+
+
+class HasStates(Protocol):
+    """What holds per-layer states: a preconditioner."""
+
+    states: dict[str, LayerState]
+
+
+class StatsField:
+    """The ``stats`` attribute of a holder of ``states``: ``holder.stats`` is a :class:`StateView` of each
+    :attr:`LayerState.stats`, and assigning a mapping to it replaces every layer's (:meth:`StateView.assign`)."""
+
+    @overload
+    def __get__(self, holder: None, owner: type) -> StatsField: ...
+
+    @overload
+    def __get__(self, holder: HasStates, owner: type) -> StateView: ...
+
+    def __get__(self, holder: HasStates | None, owner: type) -> StatsField | StateView:
+        if holder is None:
+            return self
+        return StateView(lambda: holder.states, lambda s: s.stats, lambda s, v: setattr(s, "stats", v))
+
+    def __set__(self, holder: HasStates, value: Mapping[str, dict[str, Any]]) -> None:
+        self.__get__(holder, type(holder)).assign(value)
 
 
 def solver_field(states: Callable[[], dict[str, LayerState]], name: str) -> StateView:
