@@ -43,10 +43,6 @@ THIRD_PARTY_PRIVATE = {
 
 # Over the size limits on purpose, or not yet split: "module path:qualified name" -> reason.
 SIZE_EXCEPTIONS = {
-    "cgfac/precondition/base.py:Preconditioner": "over by its ~70-line argument docstring; the step's code is under "
-                                                 "300 lines",
-    "cgfac/precondition/base.py:Preconditioner.__init__": "argument validation of its 20 keywords, then the "
-                                                          "collaborators",
     "cgfac/capture/registration.py:register": "one walk over the modules with every reason a module is not covered",
     "cgfac/layers/probe.py:probe_helper": "one trace of a module's forward with each covered pattern's test",
 }
