@@ -268,8 +268,8 @@ class Preconditioner:
 
     def _skip_step(self) -> None:
         """A non-finite gradient: nothing of this batch is kept, and no parameter may move by it."""
+        self.skipped_steps += 1  # counted before the warning, as a filter may raise it
         skip_batch(self.layers.values(), self.model.parameters(), self.grad_scaler, distributed=self.dist.active)
-        self.skipped_steps += 1
 
     def _fell_back(self, name: str, reason: str) -> None:
         """Count and warn: layer ``name`` keeps its plain gradient this step."""
