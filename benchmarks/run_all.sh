@@ -307,3 +307,32 @@ PYTHONPATH=src .venv/bin/python scripts/lm_step_time.py --task nanogpt-s --round
   --json benchmarks/speed-nanogpt-round6/s.json muon-f32 adamw "tkfac-ortho-input:$S,rank=none" "tkfac-ortho-input:$S,rank=64"
 PYTHONPATH=src .venv/bin/python scripts/lm_step_time.py --task nanogpt-m --rounds 80 --warmup 10 \
   --json benchmarks/speed-nanogpt-round6/m.json muon-f32 adamw "tkfac-ortho-input:$S,rank=none" "tkfac-ortho-input:$S,rank=256"
+
+# --- Round 7 (issue 23): four Newton-Schulz iterations on the preconditioned momentum ---
+# S, seed 0: 3/4 iterations for TransformerKFAC (rank=64) and Muon; then 4 iterations on seeds 1, 2.
+$B train --task nanogpt-s --iters 2000 --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "$S,rank=64,ns_steps=3|$S,rank=64,ns_steps=4" --out /tmp/runs/s-ns
+$B train --task nanogpt-s --iters 2000 --jobs 2 --optimizers muon-f32 --lr-grid "muon-f32=8e-3" \
+  --hyper "ns_steps=3|ns_steps=4" --out /tmp/runs/s-muon-ns
+$B train --task nanogpt-s --iters 2000 --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "$S,rank=64,ns_steps=4" --seeds 1,2 --out /tmp/runs/s-ns4-seeds
+# M: 4 iterations (rank=256) on 3 seeds; Muon with 4 on seed 0.
+$B train --task nanogpt-m --iters 2000 --jobs 2 --optimizers tkfac-ortho-input --lr-grid "tkfac-ortho-input=4e-3" \
+  --hyper "$S,rank=256,ns_steps=4" --seeds 0,1,2 --out /tmp/runs/m-ns4
+$B train --task nanogpt-m --iters 2000 --jobs 1 --threads 1 --optimizers muon-f32 --lr-grid "muon-f32=4e-3" \
+  --hyper "ns_steps=4" --out /tmp/runs/m-muon-ns4
+# Reports over the recorded runs (with the references' seeds of round 6), the interleaved step times
+# (machine otherwise idle; the files' specs predate the tuned M setting's ns_steps=4, so their 5 is
+# implicit) and the time ratios (steps ratio x interleaved step ratio).
+$B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs benchmarks/tuning-nanogpt-s-ns/recorded-runs.jsonl \
+  --out benchmarks/tuning-nanogpt-s-ns
+$B train --task nanogpt-m --iters 2000 --jobs 2 --from-runs benchmarks/train-nanogpt-m-ns4-3seeds/recorded-runs.jsonl \
+  --out benchmarks/train-nanogpt-m-ns4-3seeds
+PYTHONPATH=src .venv/bin/python scripts/lm_step_time.py --task nanogpt-s --rounds 250 \
+  --json benchmarks/speed-nanogpt-round7/s.json muon-f32 adamw "tkfac-ortho-input:$S,rank=64,ns_steps=5" "tkfac-ortho-input:$S,rank=64,ns_steps=4"
+PYTHONPATH=src .venv/bin/python scripts/lm_step_time.py --task nanogpt-m --rounds 80 --warmup 10 \
+  --json benchmarks/speed-nanogpt-round7/m.json muon-f32 adamw "tkfac-ortho-input:$S,rank=256,ns_steps=5" "tkfac-ortho-input:$S,rank=256,ns_steps=4"
+PYTHONPATH=src .venv/bin/python scripts/lm_time_to_target.py benchmarks/tuning-nanogpt-s-ns/recorded-runs.jsonl \
+  benchmarks/speed-nanogpt-round7/s.json "tkfac-ortho-input:$S,rank=64,ns_steps=5" "tkfac-ortho-input:$S,rank=64,ns_steps=4"
+PYTHONPATH=src .venv/bin/python scripts/lm_time_to_target.py benchmarks/train-nanogpt-m-ns4-3seeds/recorded-runs.jsonl \
+  benchmarks/speed-nanogpt-round7/m.json "tkfac-ortho-input:$S,rank=256,ns_steps=5" "tkfac-ortho-input:$S,rank=256,ns_steps=4"

@@ -141,8 +141,11 @@ WD_GRID: dict[str, tuple[float, ...]] = {name: (0.1,) for name in LM_OPTIMIZERS}
 #   The tuned tkfac-ortho-input below is the kept low-rank setting (rounds 2-4 ran it without rank).
 # Round 7 (benchmarks/tuning-nanogpt-s-ns): fewer Newton-Schulz iterations, S, seed 0, rank=64 at 4e-3
 #   (against 5: 1.425; Muon 1.434): ns_steps=4 1.431, 3 1.445; Muon itself 1.445 (4), 1.466 (3). The
-#   preconditioned momentum needs fewer iterations than Muon's, but each one dropped costs more steps
-#   than the <= 6.5% of the step it saves (a fifth of Muon's 39 ms over AdamW's, round 6): 5 kept.
+#   preconditioned momentum needs fewer iterations than Muon's. At S, 3 seeds, 4 iterations save 5% of
+#   the step and reach Muon's final in 0.98x its time (5: 0.99x), but end behind it (1.437 against 1.434;
+#   5: 1.425): 5 kept at S. M (benchmarks/train-nanogpt-m-ns4-3seeds, 3 seeds): ns_steps=4 1.375 against
+#   1.372, 0.95 of Muon's steps against 0.93, step 1.02x Muon's against 1.10x (speed-nanogpt-round7), so
+#   0.97x Muon's time against 1.02x: kept at M. Muon at M with 4: 1.392 against 1.387.
 TUNED_LM: dict[str, dict[str, dict[str, Any]]] = {
     "nanogpt-s": {"adamw-published": {"lr": 1e-3, "wd": 0.1}, "adamw": {"lr": 4e-3, "wd": 0.1},
                   "muon-f32": {"lr": 8e-3, "wd": 0.1},
@@ -152,7 +155,8 @@ TUNED_LM: dict[str, dict[str, dict[str, Any]]] = {
     "nanogpt-m": {"adamw-published": {"lr": 1e-3, "wd": 0.1}, "adamw": {"lr": 1e-3, "wd": 0.1},
                   "muon-f32": {"lr": 4e-3, "wd": 0.1},
                   "tkfac-ortho-input": {"lr": 4e-3, "wd": 0.1,
-                                        "hyper": {"rows": 128, "factor_every": 10, "eig_every": 10, "rank": 256}}},
+                                        "hyper": {"rows": 128, "factor_every": 10, "eig_every": 10, "rank": 256,
+                                                  "ns_steps": 4}}},
     "nanogpt-moe-s": {"adamw": {"lr": 4e-3, "wd": 0.1}, "muon-f32": {"lr": 8e-3, "wd": 0.1},
                       "tkfac-ortho-input": {"lr": 4e-3, "wd": 0.1,
                                             "hyper": {"rows": 128, "factor_every": 10, "eig_every": 10}}},
