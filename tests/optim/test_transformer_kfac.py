@@ -20,6 +20,7 @@ from cgfac.optim.transformer_kfac import (
     factor_from_cholesky,
     factor_from_power,
     newton_schulz,
+    ns_coefficients,
     power_matrix,
 )
 
@@ -77,6 +78,65 @@ def test_newton_schulz_is_the_quintic_on_the_singular_values(shape) -> None:
     assert sv.min() > 0.6 and sv.max() < 1.25  # the 5-step quintic's band around 1
     assert (got - polar(m)).abs().max() < 0.4
     torch.testing.assert_close(polar(got), polar(m), rtol=1e-9, atol=1e-10)  # the same singular vectors
+
+
+def polar_express_map(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The Polar Express schedule (arXiv 2505.16932, Algorithm 1) on scalars, written out from the paper."""
+    paper = [(8.28721201814563, -23.595886519098837, 17.300387312530933),
+             (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+             (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+             (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+             (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+             (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+             (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+             (1.875, -1.25, 0.375)]
+    safe = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in paper[:-1]] + paper[-1:]
+    for i in range(steps):
+        a, b, c = safe[min(i, len(safe) - 1)]
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 9), (6, 6)])
+@pytest.mark.parametrize("steps", [4, 5, 6, 10])
+def test_polar_express_is_its_schedule_on_the_singular_values(shape, steps) -> None:
+    """In float64, NS(m) = U f(S/(1.01‖m‖_F)) Vᵀ with the paper's per-iteration quintics; from 6 steps
+    on it is the polar factor within 0.01, and at 5 within the documented [0.84, 1.12] band."""
+    m = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    got = newton_schulz(m, steps=steps, dtype=torch.float64, schedule="polar-express")
+    torch.testing.assert_close(got, (u * polar_express_map(s / (1.01 * m.norm()), steps)) @ vh,
+                               rtol=1e-10, atol=1e-12)
+    sv = torch.linalg.svdvals(got)
+    assert s.min() / m.norm() > 1e-3  # inside the schedule's design interval
+    if steps >= 6:
+        torch.testing.assert_close(got, polar(m), rtol=0, atol=1e-2)
+    elif steps == 5:
+        assert sv.min() > 0.84 and sv.max() < 1.125
+    torch.testing.assert_close(polar(got), polar(m), rtol=1e-9, atol=1e-10)
+
+
+def test_ns_schedule_is_checked_and_reaches_the_step() -> None:
+    with pytest.raises(ValueError, match="ns_schedule"):
+        cgfac.optim.TransformerKFAC(mlp(), ns_schedule="fast")
+    with pytest.raises(ValueError, match="ns_schedule"):
+        ns_coefficients("fast", 3)
+    assert ns_coefficients("jordan", 2) == [NS_COEFFICIENTS] * 2
+    x, y = batch(n=5)
+    model, ref_model = mlp(), mlp()
+    rows = captured(ref_model, x, y)
+    nn.functional.cross_entropy(ref_model(x), y).backward()
+    opt = cgfac.optim.TransformerKFAC(model, lr=0.1, weight_decay=0.0, power=-0.5, damping=0.07, momentum=0.0,
+                                      ns_dtype=torch.float64, ns_steps=6, ns_schedule="polar-express")
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    for i in (0, 2):
+        w, a = ref_model[i].weight, rows[i][0]
+        fa = a.T @ a / a.shape[0]
+        m = w.grad @ dense_power(fa, 0.07 * float(torch.trace(fa)) / fa.shape[0], -0.5)
+        want = w.detach() - 0.1 * UPDATE_RMS * math.sqrt(max(m.shape)) * newton_schulz(
+            m, 6, dtype=torch.float64, schedule="polar-express")
+        torch.testing.assert_close(model[i].weight.detach(), want, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("rows", [3, 20])  # low rank (r < d) and full rank

@@ -94,10 +94,25 @@ DIRECTIONS = values(Direction)
 SIDES = values(Sides)
 FACTORS = values(FactorSource)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic (Keller Jordan)
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932, degree 5, lower bound 1e-3): one
+# quintic per iteration, each minimax-optimal on the interval the previous ones leave, so the first k are
+# the best k-step schedule; every one but the last divided by the paper's safety factor 1.01 (a, b/1.01³,
+# c/1.01⁵), and iterations past the eighth repeat the last.
+_POLAR_EXPRESS = ((8.28721201814563, -23.595886519098837, 17.300387312530933),
+                  (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+                  (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+                  (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+                  (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+                  (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+                  (1.8750014808534479, -1.2500016453999487, 0.3750001645474248))
+POLAR_EXPRESS_COEFFICIENTS = (*((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS),
+                              (1.875, -1.25, 0.375))
+NS_SCHEDULES = ("jordan", "polar-express")
 UPDATE_RMS = 0.2  # AdamW's typical update RMS (Moonlight's matching constant)
 
-__all__ = ["DIRECTIONS", "TransformerKFAC", "damped_cholesky", "damped_power", "expert_layers", "factor_from_cholesky",
-           "factor_from_power", "hidden_matrices", "newton_schulz", "power_matrix"]
+__all__ = ["DIRECTIONS", "NS_SCHEDULES", "POLAR_EXPRESS_COEFFICIENTS", "TransformerKFAC", "damped_cholesky",
+           "damped_power", "expert_layers", "factor_from_cholesky", "factor_from_power", "hidden_matrices",
+           "newton_schulz", "ns_coefficients", "power_matrix"]
 
 
 def _is_matrix_layer(module: nn.Module) -> bool:
@@ -147,20 +162,36 @@ def expert_layers(model: nn.Module) -> list[tuple[str, ExpertsGroup]]:
     return out
 
 
-def newton_schulz(m: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """``msgn(m) ≈ U Vᵀ`` (``m = U S Vᵀ``) by the quintic Newton–Schulz iteration of torch.optim.Muon.
+def ns_coefficients(schedule: str, steps: int) -> list[tuple[float, float, float]]:
+    """The ``(a, b, c)`` of each of ``steps`` Newton–Schulz iterations: ``"jordan"``, torch.optim.Muon's
+    one quintic every time; ``"polar-express"``, :data:`POLAR_EXPRESS_COEFFICIENTS` in turn."""
+    if schedule == "jordan":
+        return [NS_COEFFICIENTS] * steps
+    if schedule == "polar-express":
+        table = POLAR_EXPRESS_COEFFICIENTS
+        return [table[min(i, len(table) - 1)] for i in range(steps)]
+    raise ValueError(f"ns_schedule must be one of {NS_SCHEDULES}, got {schedule!r}")
 
-    ``X ← a X + (b XXᵀ + c (XXᵀ)²) X`` from ``X = m / ‖m‖_F`` on the wide orientation, in ``dtype``.
-    The coefficients trade convergence for speed: the singular values land in about [0.7, 1.2] after
-    5 steps (not 1), which Muon's authors found does not hurt training; the result is ``m``'s dtype.
+
+def newton_schulz(m: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
+                  schedule: str = "jordan") -> Tensor:
+    """``msgn(m) ≈ U Vᵀ`` (``m = U S Vᵀ``) by quintic Newton–Schulz iterations.
+
+    ``X ← a X + (b XXᵀ + c (XXᵀ)²) X`` on the wide orientation, in ``dtype``, each singular value
+    ``σ ← a σ + b σ³ + c σ⁵``. ``schedule="jordan"`` (torch.optim.Muon's): from ``X = m / ‖m‖_F``, one
+    quintic that trades convergence for speed: the singular values land in about [0.7, 1.2] after 5
+    steps (not 1), which Muon's authors found does not hurt training. ``"polar-express"``: from
+    ``X = m / (1.01 ‖m‖_F)``, the Polar Express schedule (:func:`ns_coefficients`): the singular values
+    in ``[10⁻³, 1]·‖m‖_F`` land in [0.84, 1.12] after 5 steps and [0.993, 1.001] after 6 (Jordan's:
+    [0.47, 1.20] and [0.68, 1.20]; after 4, [0.42, 1.56] against [0.14, 1.20]). The result is ``m``'s dtype.
     """
-    a, b, c = NS_COEFFICIENTS
+    coefficients = ns_coefficients(schedule, steps)
     x = m.to(dtype)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
-    x = x / x.norm().clamp_min(eps)
-    for _ in range(steps):
+    x = x / (x.norm() * (1.01 if schedule == "polar-express" else 1.0)).clamp_min(eps)
+    for a, b, c in coefficients:
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.T if tall else x).to(m.dtype)
@@ -278,6 +309,8 @@ class TransformerKFAC(torch.optim.Optimizer):
         factor_every: the running factors' refresh period (steps); rows are captured on those steps only.
         eig_every: the period (steps) of the factors' eigendecompositions.
         ns_steps: Newton–Schulz iterations of ``"ortho"``.
+        ns_schedule: their coefficients (:func:`newton_schulz`): "jordan" (torch.optim.Muon's quintic)
+            or "polar-express" (Polar Express, one quintic per iteration; closer to the polar factor).
         ns_dtype: the Newton–Schulz iterations' dtype (default: bfloat16, as torch.optim.Muon, on CUDA;
             float32 elsewhere: a CPU without bfloat16 matrix units emulates it, and torch.optim.Muon's
             step cost 16x AdamW's on the 2-core AMD EPYC of the benchmarks).
@@ -308,7 +341,8 @@ class TransformerKFAC(torch.optim.Optimizer):
                  damping: float = 0.03, factors: FactorSource = "ema", rows: int | None = None,
                  momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
                  factor_decay: float = 0.95, factor_every: int = 1, eig_every: int = 10, ns_steps: int = 5,
-                 ns_dtype: torch.dtype | None = None, adamw_lr: float | None = None, seed: int = 0,
+                 ns_dtype: torch.dtype | None = None, ns_schedule: str = "jordan", adamw_lr: float | None = None,
+                 seed: int = 0,
                  process_group: Any = None, rank: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -324,7 +358,9 @@ class TransformerKFAC(torch.optim.Optimizer):
         self.settings = FactorSettings(direction=direction, sides=sides, factors=factors, power=float(power),
                                        damping=float(damping), rows=rows, factor_decay=float(factor_decay),
                                        factor_every=factor_every, eig_every=eig_every, rank=rank)
-        self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
+        if ns_schedule not in NS_SCHEDULES:
+            raise ValueError(f"ns_schedule must be one of {NS_SCHEDULES}, got {ns_schedule!r}")
+        self.ns_steps, self.ns_dtype, self.ns_schedule = ns_steps, ns_dtype, ns_schedule
         # power 0 with "ortho"/"power": P = I, no factors (with "ortho": Muon itself)
         self.needs_factors = direction.startswith("ekfac") or direction == "spectral" or power != 0.0
         self.process_group = process_group
@@ -452,7 +488,8 @@ class TransformerKFAC(torch.optim.Optimizer):
     def _orthogonalised(self, m: Tensor) -> Tensor:
         """``msgn(m)`` by Newton–Schulz, scaled to AdamW's update RMS: ``0.2·√max(d_out, d_in)``."""
         dtype = self.ns_dtype or (torch.bfloat16 if m.is_cuda else torch.float32)
-        return newton_schulz(m, self.ns_steps, dtype=dtype).mul_(UPDATE_RMS * math.sqrt(max(m.shape)))
+        o = newton_schulz(m, self.ns_steps, dtype=dtype, schedule=self.ns_schedule)
+        return o.mul_(UPDATE_RMS * math.sqrt(max(m.shape)))
 
     def _spectral(self, m: Tensor, state: dict[str, Any]) -> Tensor:
         """``O = X_G msgn(X_Gᵀ M X_A) X_Aᵀ`` (``X Xᵀ = B⁻¹``), rescaled to RMS 0.2; a side
@@ -463,7 +500,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         if side_g is not None:
             m = side_g.whiten_left(m)
         dtype = self.ns_dtype or (torch.bfloat16 if m.is_cuda else torch.float32)
-        o = newton_schulz(m, self.ns_steps, dtype=dtype)
+        o = newton_schulz(m, self.ns_steps, dtype=dtype, schedule=self.ns_schedule)
         if side_a is not None:
             o = side_a.unwhiten_right(o)
         if side_g is not None:
