@@ -34,8 +34,9 @@ preconditioned gradient every step. Layers whose FSDP2-sharded gradients go by t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -47,13 +48,18 @@ from cgfac.layers import LayerHelper
 from cgfac.precondition.base import Preconditioner
 from cgfac.precondition.memory import Block, BlockMemory, plan_kfac, resolve_forms
 from cgfac.precondition.state import LayerState, StateView
-from cgfac.solvers import FactorKind, KronFactorKind, PeriodicEigenSolver, factor_kind
+from cgfac.solvers import Decomposition, FactorKind, KronFactorKind, PeriodicEigenSolver, factor_kind
 
 
 def kfac_kind(helper: LayerHelper) -> FactorKind:
     """How K-FAC forms and decomposes the factors of ``helper``'s block (its structure, shape and
     ``kfac_form``)."""
     return factor_kind(helper.structure, helper.d_in, helper.d_out, helper.kfac_form)
+
+
+def rebuild_decomposition(helper: LayerHelper, tensors: Sequence[Tensor]) -> Decomposition:
+    """A saved decomposition of ``helper``'s block from its tensors (its kind as the block is now)."""
+    return kfac_kind(helper).rebuild(tensors)
 
 
 class KFAC(Preconditioner):
@@ -139,7 +145,7 @@ class KFAC(Preconditioner):
         return plan
 
     def _new_state(self, helper: LayerHelper) -> LayerState:
-        return LayerState(helper, RunningFactors(self.factor_warmup), rebuild=lambda t: kfac_kind(helper).rebuild(t))
+        return LayerState(helper, RunningFactors(self.factor_warmup), rebuild=partial(rebuild_decomposition, helper))
 
     def _running(self, name: str) -> RunningFactors:
         running = self.states[name].curvature
