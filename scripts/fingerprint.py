@@ -78,6 +78,31 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
 TARGETS: list[torch.Tensor] = []  # the current batch's targets, for loss_fn
 
 
+def mixed_net() -> nn.Module:
+    """An embedding (diag-kron block), a normalisation layer (feature blocks) and linear layers."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Embedding(10, 6), nn.LayerNorm(6), nn.Linear(6, 8), nn.Tanh(), nn.Flatten(1),
+                         nn.Linear(24, 4)).double()
+
+
+def mixed_batch(step: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(200 + step)
+    return torch.randint(0, 10, (n, 3), generator=gen), torch.randint(0, 4, (n,), generator=gen)
+
+
+# K-FAC on every block type and factor form, both damping forms and strategies; the run is
+# resumed from a checkpoint into a fresh preconditioner after RELOAD_STEP (the decompositions rebuilt).
+KFAC_MIXED: dict[str, Callable[[nn.Module], cgfac.Preconditioner]] = {
+    "kfac-mixed-forms": lambda m: cgfac.KFAC(m, inv_update_steps=2, factor_form={"2": "diag-in", "5": "diag-out"},
+                                             damping_form="factored", kl_clip=1e-2),
+    "kfac-mixed-diag-mem-opt": lambda m: cgfac.KFAC(m, inv_update_steps=3, factor_form={"2|5": "diag"},
+                                                    strategy="mem-opt", factor_warmup="mean", kl_clip=None),
+    "kfac-mixed-dense": lambda m: cgfac.KFAC(m, inv_update_steps=2, factor_form="dense", kl_clip=None,
+                                             damping_scale="relative"),
+}
+RELOAD_STEP = 1
+
+
 def snapshot(obj: Any) -> Any:
     """A detached copy of tensors inside dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
@@ -116,6 +141,38 @@ def run_preconditioner(make: Callable[[nn.Module], Any], steps: int = STEPS, *, 
     return out
 
 
+def run_kfac_mixed(make: Callable[[nn.Module], Any], steps: int = STEPS, *, rank: int = 0,
+                   world: int = 1) -> list[dict[str, Any]]:
+    """Like :func:`run_preconditioner` on :func:`mixed_net`, with a checkpoint round trip after
+    :data:`RELOAD_STEP`."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = mixed_net()
+    module = DistributedDataParallel(model) if world > 1 else model
+    pre = make(module)
+    out = []
+    for step in range(steps):
+        x, y = mixed_batch(step)
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        model.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+        if step == BAD_GRAD_STEP and rank == world - 1:
+            next(model.parameters()).grad[0, 0] = math.nan
+        pre.step()
+        out.append({"grads": [snapshot(p.grad) for p in model.parameters()], "stats": snapshot(pre.layer_stats()),
+                    "counters": (pre.steps, pre.fallbacks, pre.skipped_steps), "state": snapshot(pre.state_dict())})
+        if step == RELOAD_STEP:
+            state = pre.state_dict()
+            pre.remove()
+            pre = make(module)
+            pre.load_state_dict(state)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.sub_(0.1 * p.grad)
+    return out
+
+
 def run_optimizer(make: Callable[[nn.Module], Any], steps: int = STEPS) -> list[dict[str, Any]]:
     model = net()
     opt = make(model)
@@ -142,6 +199,8 @@ def record_single() -> dict[str, Any]:
         warnings.simplefilter("ignore")
         for name, make in PRECONDITIONERS.items():
             result[name] = run_preconditioner(make)
+        for name, make in KFAC_MIXED.items():
+            result[name] = run_kfac_mixed(make)
         for name, make in OPTIMIZERS.items():
             result[name] = run_optimizer(make)
     return result
@@ -157,6 +216,7 @@ def worker(out: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = {name: run_preconditioner(make, rank=rank, world=world) for name, make in PRECONDITIONERS.items()}
+        result.update({name: run_kfac_mixed(make, rank=rank, world=world) for name, make in KFAC_MIXED.items()})
     torch.save(result, out.with_suffix(f".rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -13,6 +13,7 @@ from torch import nn
 
 import cgfac
 from cgfac.curvature import KronEigen
+from cgfac.precondition.kfac import kfac_kind
 from cgfac.precondition.memory import (
     DEFAULT_BUDGET_FRACTION,
     Block,
@@ -232,12 +233,12 @@ def test_diagonal_form_checkpoint_and_broadcast_tensors():
     other.load_state_dict(state)
     grad = torch.randn(5, 9, dtype=torch.float64)
     torch.testing.assert_close(other.eigen["0"].solve(grad, 0.1), pre.eigen["0"].solve(grad, 0.1))
-    helper = pre.layers["0"]
-    empty = helper.kfac_empty_decomposition(pre.factors["0"])
+    kind = kfac_kind(pre.layers["0"])
+    empty = kind.empty_tensors(pre.factors["0"])
     assert [t.shape for t in empty] == [t.shape for t in pre.eigen["0"].tensors()]
-    rebuilt = helper.kfac_decomposition(pre.eigen["0"].tensors())
+    rebuilt = kind.rebuild(pre.eigen["0"].tensors())
     assert isinstance(rebuilt, KronEigen) and rebuilt.q_g is None
-    assert [t.shape for t in helper.kfac_zero_factors(grad)] == [t.shape for t in pre.factors["0"]]
+    assert [t.shape for t in kind.zero_factors(grad)] == [t.shape for t in pre.factors["0"]]
 
 
 def test_kfac_at_gpt2_vocabulary_size():

@@ -14,9 +14,10 @@ Three block structures exist (``LayerHelper.structure``):
   rows ``a`` hold indices; solved exactly and directly.
 * ``"feature-blocks"``: a small exact block per feature (normalisation layers), solved directly.
 
-A unit decides which curvature operator represents it (:meth:`LayerHelper.operator`) and, for
-K-FAC, its factors and their decomposition (:meth:`LayerHelper.kfac_factors`,
-:meth:`LayerHelper.kfac_decompose`); the defaults are the dense Kronecker ones.
+A unit decides which curvature operator represents it (:meth:`LayerHelper.operator`). K-FAC's
+factors and their decomposition follow its ``structure`` (:class:`cgfac.solvers.FactorKind`: the
+dense Kronecker ones for ``"kron"``; the embeddings' and normalisation layers' kinds are registered
+beside their helpers).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from cgfac import dtensor
 from cgfac.curvature.exact import ExactRows
-from cgfac.curvature.kron import KronEigen, KronRows
+from cgfac.curvature.kron import KronRows
 from cgfac.rows import Rows
 
 
@@ -230,39 +231,9 @@ class LayerHelper:
 
     # K-FAC's form of a "kron" block (:mod:`cgfac.precondition.memory`): "dense" (both factors ``d × d``),
     # "diag-in"/"diag-out" (that side's factor kept as its diagonal, basis the identity) or "diag".
+    # K-FAC's factors and their decomposition are the block structure's
+    # :class:`cgfac.solvers.FactorKind` (:func:`cgfac.solvers.factor_kind`), not the helper's.
     kfac_form = "dense"
-
-    @property
-    def kfac_diagonal(self) -> tuple[bool, bool]:
-        """Which sides, ``(in, out)``, K-FAC keeps as diagonal factors (:attr:`kfac_form`)."""
-        return self.kfac_form in ("diag-in", "diag"), self.kfac_form in ("diag-out", "diag")
-
-    def kfac_factors(self, rows: Rows) -> tuple[Tensor, ...]:
-        """This batch's K-FAC factors (averaged over ranks by weight ``n``); a diagonal side
-        (:attr:`kfac_form`) is the 1-D diagonal of its factor, never formed whole."""
-        return KronRows.from_rows([rows], [1.0]).factors(self.kfac_diagonal)
-
-    def kfac_zero_factors(self, like: Tensor) -> tuple[Tensor, ...]:
-        diag_in, diag_out = self.kfac_diagonal
-        return (like.new_zeros(self.d_in) if diag_in else like.new_zeros(self.d_in, self.d_in),
-                like.new_zeros(self.d_out) if diag_out else like.new_zeros(self.d_out, self.d_out))
-
-    def kfac_decompose(self, factors: Sequence[Tensor]) -> Any:
-        """An object with ``solve(grad, damping)`` and ``tensors()`` (for broadcasts, checkpoints)."""
-        return KronEigen.from_factors(*factors)
-
-    def kfac_decomposition(self, tensors: Sequence[Tensor]) -> Any:
-        """Rebuild :meth:`kfac_decompose`'s result from its ``tensors()``."""
-        return KronEigen.from_tensors(tensors, self.kfac_diagonal)
-
-    def kfac_empty_decomposition(self, factors: Sequence[Tensor]) -> list[Tensor]:
-        """Zero tensors shaped like ``kfac_decompose(factors).tensors()`` (broadcast buffers)."""
-        a, g = factors
-        return KronEigen.empty_tensors(a, g)
-
-    def decomposition_cost(self) -> float:
-        diag_in, diag_out = self.kfac_diagonal
-        return float((self.d_in if diag_in else self.d_in**3) + (self.d_out if diag_out else self.d_out**3))
 
     # --- capture ------------------------------------------------------------------------------
     def discard_rows(self) -> None:

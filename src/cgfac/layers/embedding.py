@@ -33,6 +33,7 @@ from cgfac.curvature.base import check_exact_form
 from cgfac.curvature.exact import ExactRows
 from cgfac.curvature.kron import eigh, factor_eig
 from cgfac.layers.base import LayerHelper, Rows
+from cgfac.solvers.eigen import FactorKind, register_factor_kind
 
 MAX_INDEX = 2**24  # indices are carried as float rows: exact in float32 below this
 
@@ -217,27 +218,34 @@ class EmbeddingHelper(LayerHelper):
             return DiagKron.from_rows(window, weights, self.d_in)
         return ExactIndexRows.from_index_rows(window, weights, self.d_in)
 
-    def kfac_factors(self, rows: Rows) -> tuple[Tensor, ...]:
+
+class DiagKronFactors(FactorKind):
+    """K-FAC's factors of an embedding (structure ``"diag-kron"``): ``diag(A)`` (the index counts,
+    ``d_in = num_embeddings``) and ``G``; decomposed as :class:`DiagKronEigen` (``G``'s eigenpairs)."""
+
+    def batch_factors(self, rows: Rows) -> tuple[Tensor, ...]:
         op = DiagKron.from_rows([rows], [1.0], self.d_in)
         return op.a_diag, op.g.T @ op.g
 
-    def kfac_zero_factors(self, like: Tensor) -> tuple[Tensor, ...]:
+    def zero_factors(self, like: Tensor) -> tuple[Tensor, ...]:
         return like.new_zeros(self.d_in), like.new_zeros(self.d_out, self.d_out)
 
-    def kfac_decompose(self, factors: Sequence[Tensor]) -> DiagKronEigen:
+    def decompose(self, factors: Sequence[Tensor]) -> DiagKronEigen:
         a_diag, g_factor = factors
         return DiagKronEigen(a_diag, *eigh(g_factor))
 
-    def kfac_decomposition(self, tensors: Sequence[Tensor]) -> DiagKronEigen:
+    def rebuild(self, tensors: Sequence[Tensor]) -> DiagKronEigen:
         return DiagKronEigen(*tensors)
 
-    def kfac_empty_decomposition(self, factors: Sequence[Tensor]) -> list[Tensor]:
+    def empty_tensors(self, factors: Sequence[Tensor]) -> list[Tensor]:
         a_diag, g_factor = factors
         return [torch.zeros_like(a_diag), g_factor.new_zeros(g_factor.shape[0]), torch.zeros_like(g_factor)]
 
-    def decomposition_cost(self) -> float:
+    def cost(self) -> float:
         return float(self.d_out**3 + self.d_in * self.d_out)
 
+
+register_factor_kind(EmbeddingHelper.structure, DiagKronFactors)
 
 def embedding_helper(name: str, module: nn.Embedding) -> EmbeddingHelper | str:
     if not module.weight.requires_grad:

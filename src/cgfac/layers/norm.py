@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cgfac.layers.base import LayerHelper, Rows
+from cgfac.solvers.eigen import FactorKind, register_factor_kind
 
 
 def feature_jacobians(rows: Rows, k: int) -> Tensor:
@@ -117,24 +118,31 @@ class NormHelper(LayerHelper):
     def operator(self, curvature: str, window: Sequence[Rows], weights: Sequence[float]) -> FeatureBlocks:
         return FeatureBlocks(feature_blocks(window, weights, self.d_in))
 
-    def kfac_factors(self, rows: Rows) -> tuple[Tensor, ...]:
+
+class FeatureBlockFactors(FactorKind):
+    """K-FAC's factors of a normalisation layer (structure ``"feature-blocks"``): the per-feature
+    blocks ``(C, k, k)`` (``C = d_out``, ``k = d_in``), solved directly (:class:`FeatureBlocks`)."""
+
+    def batch_factors(self, rows: Rows) -> tuple[Tensor, ...]:
         return (feature_blocks([rows], [1.0], self.d_in),)
 
-    def kfac_zero_factors(self, like: Tensor) -> tuple[Tensor, ...]:
+    def zero_factors(self, like: Tensor) -> tuple[Tensor, ...]:
         return (like.new_zeros(self.d_out, self.d_in, self.d_in),)
 
-    def kfac_decompose(self, factors: Sequence[Tensor]) -> FeatureBlocks:
+    def decompose(self, factors: Sequence[Tensor]) -> FeatureBlocks:
         return FeatureBlocks(factors[0].clone())
 
-    def kfac_decomposition(self, tensors: Sequence[Tensor]) -> FeatureBlocks:
+    def rebuild(self, tensors: Sequence[Tensor]) -> FeatureBlocks:
         return FeatureBlocks(*tensors)
 
-    def kfac_empty_decomposition(self, factors: Sequence[Tensor]) -> list[Tensor]:
+    def empty_tensors(self, factors: Sequence[Tensor]) -> list[Tensor]:
         return [torch.zeros_like(factors[0])]
 
-    def decomposition_cost(self) -> float:
+    def cost(self) -> float:
         return float(self.d_out * self.d_in**3)
 
+
+register_factor_kind(NormHelper.structure, FeatureBlockFactors)
 
 EPS_NAMES = ("eps", "variance_epsilon", "epsilon")  # where model-specific norms keep ε (LlamaRMSNorm: variance_epsilon)
 

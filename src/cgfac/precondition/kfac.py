@@ -3,7 +3,9 @@
 Every ``factor_update_steps`` steps the factors of each layer are refreshed from this batch's
 rows (``cgfac.curvature.kron`` scaling) as running averages ``A ← ρ A + (1 − ρ) A_batch`` (likewise
 ``G``; ``ρ = factor_decay``, the first batch initialises them). Every ``inv_update_steps`` steps
-they are eigendecomposed, and every step the direction is ::
+they are eigendecomposed (the eigen solver with a refresh period,
+:class:`cgfac.solvers.PeriodicEigenSolver`; each block type's factors and decomposition are its
+:class:`cgfac.solvers.FactorKind`), and every step the direction is ::
 
     X = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (s_G s_Aᵀ + λ)] Q_Aᵀ
 
@@ -32,8 +34,9 @@ preconditioned gradient every step. Layers whose FSDP2-sharded gradients go by t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,6 +48,18 @@ from cgfac.layers import LayerHelper
 from cgfac.precondition.base import Preconditioner
 from cgfac.precondition.memory import Block, BlockMemory, plan_kfac, resolve_forms
 from cgfac.precondition.state import LayerState, StateView
+from cgfac.solvers import Decomposition, FactorKind, KronFactorKind, PeriodicEigenSolver, factor_kind
+
+
+def kfac_kind(helper: LayerHelper) -> FactorKind:
+    """How K-FAC forms and decomposes the factors of ``helper``'s block (its structure, shape and
+    ``kfac_form``)."""
+    return factor_kind(helper.structure, helper.d_in, helper.d_out, helper.kfac_form)
+
+
+def rebuild_decomposition(helper: LayerHelper, tensors: Sequence[Tensor]) -> Decomposition:
+    """A saved decomposition of ``helper``'s block from its tensors (its kind as the block is now)."""
+    return kfac_kind(helper).rebuild(tensors)
 
 
 class KFAC(Preconditioner):
@@ -100,17 +115,27 @@ class KFAC(Preconditioner):
         self.factor_warmup: FactorWarmup = check("factor_warmup", factor_warmup, FactorWarmup)
         self.factor_decay = HyperParam("factor_decay", factor_decay, low=0.0, high=1.0)
         self.factor_update_steps = positive_int("factor_update_steps", factor_update_steps)
-        self.inv_update_steps = positive_int("inv_update_steps", inv_update_steps)
+        self.eigen_solver = PeriodicEigenSolver(positive_int("inv_update_steps", inv_update_steps))
         self.strategy: Strategy = check("strategy", strategy, Strategy)
         self.curvature_samples = positive_int("curvature_samples", curvature_samples, allow_none=True)
         self.steps = 0
         super().__init__(model, **kwargs)
 
+    @property
+    def inv_update_steps(self) -> int:
+        """The refresh period of the eigendecompositions (:attr:`eigen_solver`'s)."""
+        return self.eigen_solver.period
+
+    @inv_update_steps.setter
+    def inv_update_steps(self, steps: int) -> None:
+        self.eigen_solver.period = positive_int("inv_update_steps", steps)
+
     def _plan_memory(self, blocks: dict[str, Block]) -> dict[str, BlockMemory]:
         """Each block's form by the rule of :mod:`cgfac.precondition.memory` (set on its helper), with its bytes.
-        A Kronecker helper with its own ``kfac_factors`` keeps its factors (sized dense, no cheaper form)."""
+        Kronecker blocks whose registered factor kind is not the dense one keep their factors (sized
+        dense, no cheaper form)."""
         for name, block in blocks.items():
-            if block.structure == "kron" and type(self.layers[name]).kfac_factors is not LayerHelper.kfac_factors:
+            if block.structure == "kron" and not isinstance(kfac_kind(self.layers[name]), KronFactorKind):
                 blocks[name] = replace(block, structure="kron (own factors)")
         requested = resolve_forms(list(blocks), self.factor_form)
         plan = plan_kfac(blocks, self.memory_budget, requested, graft=self.graft != "none")
@@ -120,7 +145,7 @@ class KFAC(Preconditioner):
         return plan
 
     def _new_state(self, helper: LayerHelper) -> LayerState:
-        return LayerState(helper, RunningFactors(self.factor_warmup))
+        return LayerState(helper, RunningFactors(self.factor_warmup), rebuild=partial(rebuild_decomposition, helper))
 
     def _running(self, name: str) -> RunningFactors:
         running = self.states[name].curvature
@@ -169,7 +194,7 @@ class KFAC(Preconditioner):
 
     def _collect(self, active: dict[str, tuple[LayerHelper, Tensor]]) -> None:
         if self.dist.active and not self.dist.owners:
-            self.dist.assign({n: h.decomposition_cost() for n, h in self.layers.items()})
+            self.dist.assign({n: kfac_kind(h).cost() for n, h in self.layers.items()})
             for name in self.layers:  # a full state loaded on every rank: keep only what this rank uses
                 if not self._holds_decomposition(name):
                     self.states[name].solver.decomposition = None
@@ -186,12 +211,12 @@ class KFAC(Preconditioner):
         for name, (helper, _) in active.items():
             rows = self._rows(helper, self.curvature_samples)
             if rows is not None:
-                local[name] = (helper.kfac_factors(rows), rows.n)
+                local[name] = (kfac_kind(helper).batch_factors(rows), rows.n)
         if not self.dist.active:
             return {name: fs for name, (fs, _) in local.items()}
         buffers = {}
         for name, (helper, grad) in active.items():
-            fs, n = local.get(name, (helper.kfac_zero_factors(grad), 0))
+            fs, n = local.get(name, (kfac_kind(helper).zero_factors(grad), 0))
             buffers[name] = [*(f * n for f in fs), grad.new_full((1,), float(n))]
         self.dist.all_reduce_sum([t for bufs in buffers.values() for t in bufs])
         return {name: tuple(f / bufs[-1] for f in bufs[:-1]) for name, bufs in buffers.items() if bufs[-1] > 0}
@@ -208,49 +233,49 @@ class KFAC(Preconditioner):
             running.update(new, rho)
 
     def _refresh_decompositions(self, names: list[str]) -> None:
-        """Eigendecompose due layers on their owners; comm-opt broadcasts the results."""
-        due = [n for n in names if self._holds_decomposition(n)
-               and (self.states[n].solver.decomposition is None or self.steps % self.inv_update_steps == 0)]
+        """Eigendecompose due layers on their owners (:attr:`eigen_solver`); comm-opt broadcasts the results."""
+        solver = self.eigen_solver
+        due = [n for n in names if self._holds_decomposition(n) and solver.due(self.states[n].solver, self.steps)]
         fresh: dict[str, Any] = {}
         for name in due:
             if not self.dist.owns(name):
                 continue
             try:
-                fresh[name] = self.layers[name].kfac_decompose(self._factors(name))
+                fresh[name] = solver.refresh(kfac_kind(self.layers[name]), self._factors(name))
             except torch.linalg.LinAlgError as err:
                 fresh[name] = None
                 self.stats[name]["decomposition_error"] = str(err)
         if self.dist.active and self.strategy == "comm-opt":  # not the owner scheme's: only their owner holds them
             self._broadcast_decompositions([n for n in due if n not in self.route.owner_routed], fresh)
         for name in due:
-            e, solver = fresh.get(name), self.states[name].solver
+            e, state = fresh.get(name), self.states[name].solver
             if e is not None:
-                solver.decomposition, solver.decomposition_age = e, 0
-            elif solver.decomposition is not None:
+                solver.keep(state, e)
+            elif state.decomposition is not None:
                 error = self.stats[name].get("decomposition_error", "failed on its owner")
                 self.stats[name]["decomposition_error"] = error + " (previous decomposition kept)"
-                solver.decomposition_age += 1
+                solver.age(state)
             else:
                 self.stats[name]["fallback"] = "solve failed: " + self.stats[name].get(
                     "decomposition_error", "eigendecomposition failed on its owner")
         for name in names:
-            solver = self.states[name].solver
-            if solver.decomposition is not None and name not in due:
-                solver.decomposition_age += 1
+            state = self.states[name].solver
+            if state.decomposition is not None and name not in due:
+                solver.age(state)
 
     def _broadcast_decompositions(self, due: list[str], fresh: dict[str, Any]) -> None:
         items = []
         buffers = {}
         for name in due:
-            helper, factors = self.layers[name], self._factors(name)
+            kind, factors = kfac_kind(self.layers[name]), self._factors(name)
             e = fresh.get(name)
             flag = factors[0].new_ones(1) if e is not None else factors[0].new_zeros(1)
-            tensors = list(e.tensors()) if e is not None else helper.kfac_empty_decomposition(factors)
+            tensors = list(e.tensors()) if e is not None else kind.empty_tensors(factors)
             buffers[name] = (tensors, flag)
             items.append((self.dist.owner(name), [*tensors, flag]))
         self.dist.broadcast_from_owners(items)
         for name, (tensors, flag) in buffers.items():
-            fresh[name] = self.layers[name].kfac_decomposition(tensors) if flag.item() == 1 else None
+            fresh[name] = kfac_kind(self.layers[name]).rebuild(tensors) if flag.item() == 1 else None
 
     def _solve(self, name: str, helper: LayerHelper, grad: Tensor, damping: float) -> Tensor | None:
         solver = self.states[name].solver
@@ -264,5 +289,5 @@ class KFAC(Preconditioner):
             self.stats[name]["curvature_bound"] = float(eigen.s_a.sum()) * float(eigen.s_g.sum())
         if self.damping_form == "factored" and isinstance(eigen, KronEigen):
             self.stats[name]["damping_form"] = "factored"
-            return eigen.solve(grad, damping, form="factored")
-        return eigen.solve(grad, damping)
+            return self.eigen_solver.solve(solver, grad, damping, form="factored")
+        return self.eigen_solver.solve(solver, grad, damping)

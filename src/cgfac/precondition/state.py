@@ -11,25 +11,29 @@ direction stages' per-layer state merged in, :mod:`cgfac.precondition.persist`; 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, overload
 
 import torch
+from torch import Tensor
 
 from cgfac.curvature import RowWindow, RunningFactors
 from cgfac.layers import LayerHelper
-from cgfac.solvers import SolverState
+from cgfac.solvers import Decomposition, SolverState
 
 
 @dataclass
 class LayerState:
-    """One block's state (see the module docstring); ``stats`` is None before its first step."""
+    """One block's state (see the module docstring); ``stats`` is None before its first step.
+    ``rebuild``: how a saved decomposition's tensors become one again (K-FAC: the block's
+    :class:`cgfac.solvers.FactorKind`; None: a saved one is not restored)."""
 
     helper: LayerHelper | None
     curvature: RowWindow | RunningFactors | None = None
     solver: SolverState = field(default_factory=SolverState)
     stats: dict[str, Any] | None = None
+    rebuild: Callable[[Sequence[Tensor]], Decomposition] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """``shape`` (``(d_out, d_in)``, checked on load), the curvature's state (``window``, or
@@ -52,8 +56,7 @@ class LayerState:
             self.curvature.load_state_dict(state["window"], device)
         elif isinstance(self.curvature, RunningFactors):
             self.curvature.load_state_dict(state, device)
-        rebuild = self.helper.kfac_decomposition if self.helper is not None else None
-        self.solver.load_state_dict(state, device, rebuild)
+        self.solver.load_state_dict(state, device, self.rebuild)
 
 
 class StateView(MutableMapping[str, Any]):

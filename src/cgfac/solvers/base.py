@@ -51,7 +51,7 @@ class SolverSettings:
 class Decomposition(Protocol):
     """A kept factorisation of a layer's curvature (K-FAC's eigenpairs :class:`cgfac.curvature.KronEigen`,
     a layer type's own): a solve at any ``λ``, its scale for ``damping_scale``, and the tensors a
-    checkpoint keeps (the layer's helper rebuilds it from them)."""
+    checkpoint keeps (the block's :class:`cgfac.solvers.FactorKind` rebuilds it from them)."""
 
     def solve(self, grad: Tensor, damping: float) -> Tensor: ...
 
