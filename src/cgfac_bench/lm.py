@@ -28,7 +28,8 @@ Optimizers (:func:`make_lm_optimizer`; ``lr`` and ``wd`` per run, ``--hyper`` fo
   (:func:`cgfac.optim.hidden_matrices`), AdamW (β (0.9, 0.99), wd on ≥ 2-D) on the rest;
   ``muon-original``: Muon's own scaling, the rest at ``adamw_lr`` (hyper, default 3e-3); ``muon-f32``:
   the same update as ``muon`` with Newton–Schulz in float32 (:class:`cgfac.optim.TransformerKFAC` with
-  ``power=0``): torch.optim.Muon runs it in bfloat16, which a CPU without bfloat16 units emulates;
+  ``power=0``, ``ns_form="plain"``: torch.optim.Muon's Newton–Schulz as it computes it, unless
+  ``--hyper ns_form=gram``): torch.optim.Muon runs it in bfloat16, which a CPU without bfloat16 units emulates;
 * ``soap``: ``pytorch_optimizer.SOAP``; ``kron``: PSGD Kron (``kron_torch.Kron``), if installed;
 * ``tkfac-*``: :class:`cgfac.optim.TransformerKFAC` candidates (:data:`TKFAC_VARIANTS`).
 
@@ -199,7 +200,7 @@ def make_lm_optimizer(name: str, model: nn.Module, lr: float, wd: float,
         return kron_torch.Kron(params, lr=lr, weight_decay=wd, **hyper)
     if name == "muon-f32":  # Muon computed in float32: TransformerKFAC with P = I is Muon's update exactly
         return cgfac.optim.TransformerKFAC(model, lr=lr, weight_decay=wd, direction="ortho", power=0.0,
-                                           ns_dtype=torch.float32, **hyper)
+                                           ns_dtype=torch.float32, **{"ns_form": "plain", **hyper})
     if name in TKFAC_VARIANTS:
         return cgfac.optim.TransformerKFAC(model, lr=lr, weight_decay=wd, **{**TKFAC_VARIANTS[name], **hyper})
     raise ValueError(f"optimizer must be one of {LM_OPTIMIZERS}, got {name!r}")

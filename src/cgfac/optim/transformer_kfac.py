@@ -108,11 +108,12 @@ _POLAR_EXPRESS = ((8.28721201814563, -23.595886519098837, 17.300387312530933),
 POLAR_EXPRESS_COEFFICIENTS = (*((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS),
                               (1.875, -1.25, 0.375))
 NS_SCHEDULES = ("jordan", "polar-express")
+NS_FORMS = ("auto", "plain", "gram")
 UPDATE_RMS = 0.2  # AdamW's typical update RMS (Moonlight's matching constant)
 
-__all__ = ["DIRECTIONS", "NS_SCHEDULES", "POLAR_EXPRESS_COEFFICIENTS", "TransformerKFAC", "damped_cholesky",
-           "damped_power", "expert_layers", "factor_from_cholesky", "factor_from_power", "hidden_matrices",
-           "newton_schulz", "ns_coefficients", "power_matrix"]
+__all__ = ["DIRECTIONS", "NS_FORMS", "NS_SCHEDULES", "POLAR_EXPRESS_COEFFICIENTS", "TransformerKFAC", "damped_cholesky",
+           "damped_power", "expert_layers", "factor_from_cholesky", "factor_from_power", "gram_form_cheaper",
+           "hidden_matrices", "newton_schulz", "ns_coefficients", "power_matrix"]
 
 
 def _is_matrix_layer(module: nn.Module) -> bool:
@@ -173,27 +174,56 @@ def ns_coefficients(schedule: str, steps: int) -> list[tuple[float, float, float
     raise ValueError(f"ns_schedule must be one of {NS_SCHEDULES}, got {schedule!r}")
 
 
+def gram_form_cheaper(rows: int, cols: int, steps: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`newton_schulz`'s Gram form costs fewer flops on a ``rows × cols`` matrix
+    (``m = min``, ``n = max``): ``2m²n + (4k − 3)m³`` against the plain form's ``k (2m²n + m³)``
+    multiply-adds for ``k`` steps; in float32 and float64 only (a Gram matrix in bfloat16 loses the
+    singular values below ``√ε·σ_max ≈ 0.06·σ_max``)."""
+    m, n = min(rows, cols), max(rows, cols)
+    return dtype in (torch.float32, torch.float64) and 2 * m * m * n + (4 * steps - 3) * m**3 < steps * (
+        2 * m * m * n + m**3)
+
+
 def newton_schulz(m: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
-                  schedule: str = "jordan") -> Tensor:
+                  schedule: str = "jordan", form: str = "auto") -> Tensor:
     """``msgn(m) ≈ U Vᵀ`` (``m = U S Vᵀ``) by quintic Newton–Schulz iterations.
 
-    ``X ← a X + (b XXᵀ + c (XXᵀ)²) X`` on the wide orientation, in ``dtype``, each singular value
-    ``σ ← a σ + b σ³ + c σ⁵``. ``schedule="jordan"`` (torch.optim.Muon's): from ``X = m / ‖m‖_F``, one
-    quintic that trades convergence for speed: the singular values land in about [0.7, 1.2] after 5
-    steps (not 1), which Muon's authors found does not hurt training. ``"polar-express"``: from
-    ``X = m / (1.01 ‖m‖_F)``, the Polar Express schedule (:func:`ns_coefficients`): the singular values
-    in ``[10⁻³, 1]·‖m‖_F`` land in [0.84, 1.12] after 5 steps and [0.993, 1.001] after 6 (Jordan's:
-    [0.47, 1.20] and [0.68, 1.20]; after 4, [0.42, 1.56] against [0.14, 1.20]). The result is ``m``'s dtype.
+    ``X ← P X``, ``P = a I + b XXᵀ + c (XXᵀ)²``, on the wide orientation (``X``: ``m × n``, ``m ≤ n``)
+    in ``dtype``: each singular value ``σ ← a σ + b σ³ + c σ⁵``. ``schedule="jordan"`` (torch.optim.Muon's):
+    from ``X = m / ‖m‖_F``, one quintic that trades convergence for speed: the singular values land in
+    about [0.7, 1.2] after 5 steps (not 1), which Muon's authors found does not hurt training.
+    ``"polar-express"``: from ``X = m / (1.01 ‖m‖_F)``, the Polar Express schedule (:func:`ns_coefficients`):
+    the singular values in ``[10⁻³, 1]·‖m‖_F`` land in [0.84, 1.12] after 5 steps and [0.993, 1.001]
+    after 6 (Jordan's: [0.47, 1.20] and [0.68, 1.20]; after 4, [0.42, 1.56] against [0.14, 1.20]).
+
+    ``form="plain"`` updates ``X`` (per step ``2m²n + m³``); ``"gram"`` iterates on the ``m × m``
+    Gram matrix alone (every ``P`` is a polynomial in ``R₀ = X₀X₀ᵀ``, so they commute):
+    ``R ← P R P``, ``Q ← P Q``, and ``X = Q X₀`` once at the end (``2m²n + (4k − 3)m³`` in all; the
+    same result in exact arithmetic); ``"auto"`` takes the cheaper (:func:`gram_form_cheaper`), the
+    Gram form for a matrix about twice as wide as tall or more. The result is ``m``'s dtype.
     """
+    if form not in NS_FORMS:
+        raise ValueError(f"ns_form must be one of {NS_FORMS}, got {form!r}")
     coefficients = ns_coefficients(schedule, steps)
     x = m.to(dtype)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
     x = x / (x.norm() * (1.01 if schedule == "polar-express" else 1.0)).clamp_min(eps)
-    for a, b, c in coefficients:
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if form == "gram" or (form == "auto" and gram_form_cheaper(x.shape[0], x.shape[1], steps, dtype)):
+        r, q = x @ x.T, None
+        for i, (a, b, c) in enumerate(coefficients):
+            p = torch.addmm(r, r, r, beta=b, alpha=c)
+            p.diagonal().add_(a)
+            q = p if q is None else p @ q
+            if i + 1 < len(coefficients):
+                r = p @ r @ p
+        if q is not None:
+            x = q @ x
+    else:
+        for a, b, c in coefficients:
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.T if tall else x).to(m.dtype)
 
 
@@ -311,6 +341,8 @@ class TransformerKFAC(torch.optim.Optimizer):
         ns_steps: Newton–Schulz iterations of ``"ortho"``.
         ns_schedule: their coefficients (:func:`newton_schulz`): "jordan" (torch.optim.Muon's quintic)
             or "polar-express" (Polar Express, one quintic per iteration; closer to the polar factor).
+        ns_form: how they are computed (:func:`newton_schulz`): "auto" (the Gram form where it costs
+            fewer flops, in float32 and float64), "plain" (torch.optim.Muon's) or "gram".
         ns_dtype: the Newton–Schulz iterations' dtype (default: bfloat16, as torch.optim.Muon, on CUDA;
             float32 elsewhere: a CPU without bfloat16 matrix units emulates it, and torch.optim.Muon's
             step cost 16x AdamW's on the 2-core AMD EPYC of the benchmarks).
@@ -341,8 +373,8 @@ class TransformerKFAC(torch.optim.Optimizer):
                  damping: float = 0.03, factors: FactorSource = "ema", rows: int | None = None,
                  momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
                  factor_decay: float = 0.95, factor_every: int = 1, eig_every: int = 10, ns_steps: int = 5,
-                 ns_dtype: torch.dtype | None = None, ns_schedule: str = "jordan", adamw_lr: float | None = None,
-                 seed: int = 0,
+                 ns_dtype: torch.dtype | None = None, ns_schedule: str = "jordan", ns_form: str = "auto",
+                 adamw_lr: float | None = None, seed: int = 0,
                  process_group: Any = None, rank: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -360,7 +392,9 @@ class TransformerKFAC(torch.optim.Optimizer):
                                        factor_every=factor_every, eig_every=eig_every, rank=rank)
         if ns_schedule not in NS_SCHEDULES:
             raise ValueError(f"ns_schedule must be one of {NS_SCHEDULES}, got {ns_schedule!r}")
-        self.ns_steps, self.ns_dtype, self.ns_schedule = ns_steps, ns_dtype, ns_schedule
+        if ns_form not in NS_FORMS:
+            raise ValueError(f"ns_form must be one of {NS_FORMS}, got {ns_form!r}")
+        self.ns_steps, self.ns_dtype, self.ns_schedule, self.ns_form = ns_steps, ns_dtype, ns_schedule, ns_form
         # power 0 with "ortho"/"power": P = I, no factors (with "ortho": Muon itself)
         self.needs_factors = direction.startswith("ekfac") or direction == "spectral" or power != 0.0
         self.process_group = process_group
@@ -488,7 +522,7 @@ class TransformerKFAC(torch.optim.Optimizer):
     def _orthogonalised(self, m: Tensor) -> Tensor:
         """``msgn(m)`` by Newton–Schulz, scaled to AdamW's update RMS: ``0.2·√max(d_out, d_in)``."""
         dtype = self.ns_dtype or (torch.bfloat16 if m.is_cuda else torch.float32)
-        o = newton_schulz(m, self.ns_steps, dtype=dtype, schedule=self.ns_schedule)
+        o = newton_schulz(m, self.ns_steps, dtype=dtype, schedule=self.ns_schedule, form=self.ns_form)
         return o.mul_(UPDATE_RMS * math.sqrt(max(m.shape)))
 
     def _spectral(self, m: Tensor, state: dict[str, Any]) -> Tensor:
@@ -500,7 +534,7 @@ class TransformerKFAC(torch.optim.Optimizer):
         if side_g is not None:
             m = side_g.whiten_left(m)
         dtype = self.ns_dtype or (torch.bfloat16 if m.is_cuda else torch.float32)
-        o = newton_schulz(m, self.ns_steps, dtype=dtype, schedule=self.ns_schedule)
+        o = newton_schulz(m, self.ns_steps, dtype=dtype, schedule=self.ns_schedule, form=self.ns_form)
         if side_a is not None:
             o = side_a.unwhiten_right(o)
         if side_g is not None:
