@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 # The entry-point check reinstalls a .venv made before the benchmarks moved to cgfac_bench (cgfac-bench's target).
-if ! .venv/bin/python -c "import cgfac, cgfac_bench, torch, tqdm, matplotlib, sklearn, pytest, hypothesis, scipy, mnist, pytorch_optimizer, kron_torch, mypy, importlinter, transformers, accelerate, lightning, mkdocs, material, mkdocstrings, mkdocstrings_handlers.python, griffe, build
+if ! .venv/bin/python -c "import cgfac, cgfac_bench, torch, tqdm, matplotlib, sklearn, pytest, xdist, hypothesis, scipy, mnist, pytorch_optimizer, kron_torch, mypy, importlinter, transformers, accelerate, lightning, mkdocs, material, mkdocstrings, mkdocstrings_handlers.python, griffe, build
 from importlib.metadata import entry_points
 assert [e.value for e in entry_points(group='console_scripts', name='cgfac-bench')] == ['cgfac_bench.cli:main']" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip

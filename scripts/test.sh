@@ -4,7 +4,8 @@
 # README's and the docs' code, every script of examples/, an API entry for every public name), build
 # the documentation site with warnings as errors (mkdocs.yml), then build the sdist and wheel and
 # smoke-test the wheel in a fresh virtual environment (scripts/check_wheel.sh). Each step's seconds
-# are printed at the end.
+# are printed at the end. The tests run on two pytest-xdist workers (one torch thread each, tests/conftest.py):
+# most of the suite's time is spent in subprocesses (examples, torchrun launches) that overlap well.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TIMES=""
@@ -17,7 +18,7 @@ timed bash scripts/setup.sh
 timed .venv/bin/python -m ruff check src tests examples docs
 timed .venv/bin/python -m mypy
 timed .venv/bin/lint-imports
-timed .venv/bin/python -m pytest -q "$@"
+timed .venv/bin/python -m pytest -q -n "${CGFAC_TEST_WORKERS:-2}" "$@"
 SITE=$(mktemp -d "${TMPDIR:-/tmp}/cgfac-site.XXXXXX")
 export NO_MKDOCS_2_WARNING=1  # mkdocs-material's notice about MkDocs 2.0
 timed .venv/bin/python -m mkdocs build --strict --quiet --site-dir "$SITE"

@@ -7,8 +7,14 @@ dense reference cases of :mod:`reference` are fixtures for the tests in sub-fold
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 from reference import Case, cases
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per worker: the workers share the cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,18 @@ from cgfac_bench import cli, factory, loop, tasks, train
 GRID = "cgfac-kron=0.1;cgfac-exact=0.1;kfac=0.1;adam=0.003;sgd=0.1"
 
 
-def test_train_smoke(tmp_path: Path) -> None:
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The runs in this process, the thread count restored after: a spawned process per run costs
+    seconds of imports. Spawning itself is covered by :func:`test_tuned_settings_with_hyper_overrides`
+    (and torchrun by :func:`test_train_on_two_processes_through_torchrun`)."""
+    monkeypatch.setattr(train, "run_isolated", lambda cfg, on_progress: loop.train_run(cfg, on_progress))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_smoke(tmp_path: Path, in_process: None) -> None:
     rc = cli.main(["train", "--task", "digits", "--budget", "0.5", "--eval-every", "0.1", "--threads", "1",
                    "--lr-grid", GRID, "--out", str(tmp_path)])
     assert rc == 0
@@ -121,7 +133,7 @@ def _run_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str, optimi
     return json.loads((tmp_path / "results.json").read_text())
 
 
-def test_train_transformer_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_transformer_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_process: None) -> None:
     """The byte-level LM: held-out bits per byte and coverage recorded, and shown in the table."""
     record = _run_task(tmp_path, monkeypatch, "transformer", "kfac,adamw", "kfac=0.1;adamw=0.003")
     assert record["settings"]["eval_samples"] == 16 and record["settings"]["batch_size"] == 32
@@ -136,7 +148,13 @@ def test_train_transformer_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert "held-out bits/byte" in table and "| adamw |" in table and "| kfac |" in table
 
 
-def test_train_cnn_norm_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_cnn_norm_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_process: None) -> None:
+    full = train.load_task_data  # MNIST's 10k test images through the CNN would be most of the test's time
+
+    def fewer_test_images(task: str) -> dict:
+        return {k: v[:500] if k.startswith("test_") else v for k, v in full(task).items()}
+
+    monkeypatch.setattr(train, "load_task_data", fewer_test_images)
     record = _run_task(tmp_path, monkeypatch, "cnn-norm", "kfac", "0.1")
     (run,) = record["runs"]
     assert "error" not in run, run.get("traceback")
@@ -179,7 +197,8 @@ def test_tuned_settings_with_hyper_overrides(tmp_path: Path, monkeypatch: pytest
     assert "curvature window 3" in (tmp_path / "results.md").read_text()
 
 
-def test_hyper_flag_parses_and_overrides_tuned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hyper_flag_parses_and_overrides_tuned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               in_process: None) -> None:
     """``--hyper field=value,...`` sets SecondOrder fields (typed), over the tuned ones; bad fields fail."""
     assert train.parse_hyper("kfac_samples=250,min_damping=1e-3,damping_form=factored,quad_samples=none") == {
         "kfac_samples": 250, "min_damping": 1e-3, "damping_form": "factored", "quad_samples": None}
