@@ -1,4 +1,5 @@
-"""pre.step() reads the device once per step in one process (counted, not timed)."""
+"""The one-process strategy (:mod:`cgfac.precondition.strategies`): the step's skip decision on
+non-finite gradients, and its one device read (counted, not timed)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,60 @@ from host_reads import count_reads
 from torch import nn
 
 import cgfac
-from cgfac.curvature import eigh, kron
+from cgfac.curvature import kron
+
+
+def net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 8),
+                         nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 4))
+
+
+def batch(step: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, 1, 4, 4, generator=gen), torch.randint(0, 4, (n,), generator=gen)
+
+
+def one_backward(model: nn.Module, step: int = 0) -> None:
+    model.zero_grad()
+    x, y = batch(step)
+    F.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("cls", [cgfac.CGFAC, cgfac.KFAC])
+def test_non_finite_gradient_skips_the_step(cls) -> None:
+    torch.manual_seed(0)
+    model = net()
+    pre = cls(model)
+    one_backward(model)
+    model[3].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        pre.step()
+    assert pre.skipped_steps == 1 and pre.steps == 0
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    assert all(not h.chunks for h in pre.layers.values())
+
+
+def test_non_finite_gradient_is_left_to_an_enabled_grad_scaler() -> None:
+    torch.manual_seed(0)
+    model = net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    pre = cgfac.CGFAC(model, grad_scaler=scaler)
+    one_backward(model)
+    model[3].weight.grad[0, 0] = float("inf")
+    before = [p.grad.clone() for p in model.parameters()]
+    pre.step()
+    assert pre.skipped_steps == 1
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+
+
+def test_large_float16_gradients_are_not_mistaken_for_overflow() -> None:
+    model = nn.Linear(300, 300).half()
+    pre = cgfac.CGFAC(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 60000.0)  # finite, but their float16 sum would overflow
+    assert pre._grads_finite()
+    model.weight.grad[0, 0] = float("inf")
+    assert not pre._grads_finite()
 
 
 def _model() -> nn.Module:
@@ -87,17 +141,6 @@ def test_non_finite_rows_are_dropped_after_the_read_and_the_older_batch_restored
     assert pre.windows["0"].batches[0] is kept
     torch.testing.assert_close(pre.layers["0"].grad_matrix(), grad)  # the plain gradient
     assert pre.layer_stats()["0"]["fallback"].startswith("non-finite curvature rows")
-
-
-def test_eigh_reads_back_its_result_only_when_asked_to_check() -> None:
-    m = torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    m = m @ m.T
-    with count_reads() as unchecked:
-        s, q = eigh(m, check=False)
-    with count_reads() as checked:
-        s2, q2 = eigh(m)
-    assert not unchecked and checked
-    assert torch.equal(s, s2) and torch.equal(q, q2)
 
 
 @pytest.mark.parametrize("solver", ["eigen", "lowrank"])
