@@ -1,5 +1,5 @@
-"""Every curvature implements the declared interface; K-FAC's running factors are a curvature
-CG-FAC's solvers accept."""
+"""The curvature interface (:mod:`cgfac.curvature.base`): every implementation satisfies the protocol,
+and a solver works on any of them (CG on K-FAC's running factors gives K-FAC's direction)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import cgfac
-from cgfac.curvature import Curvature, ExactRows, KronFactors, KronRows, RowWindow, RunningFactors
+from cgfac.curvature import Curvature, ExactRows, KronFactors, KronRows, RunningFactors
 from cgfac.layers import Rows
 from cgfac.solvers import CGSolver, EigenSolver, SolverState
 
@@ -51,15 +51,3 @@ def test_cg_on_kfac_running_factors_gives_kfac_direction() -> None:
     x_eigen = EigenSolver().solve(op, grad, 0.1, SolverState()).x
     torch.testing.assert_close(x_cg, want, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(x_eigen, want, rtol=1e-10, atol=1e-12)
-
-
-def test_row_window_weights_and_state() -> None:
-    window = RowWindow(2)
-    for seed in range(3):
-        window.append(rows(seed))
-    assert len(window) == 2 and window.num_rows == 20
-    w = window.weights(0.5)
-    assert abs(sum(w) - 1) < 1e-12 and w[1] > w[0]  # newest last, heaviest
-    other = RowWindow(1)
-    other.load_state_dict(window.state_dict(), torch.device("cpu"))
-    assert len(other) == 1 and torch.equal(next(iter(other)).a, list(window)[-1].a)

@@ -1,6 +1,7 @@
-"""The quadratic model's schedule (``quad_every``): the rule on its own, and the optimizer's steps
-between evaluations, which reuse the last (α, μ) with this step's direction (float64, values); its
-checkpoint round trip is ``test_optim.py::test_state_dict_round_trip[kfac-quad-every]``."""
+"""The quadratic model (:mod:`cgfac.optim.quadratic`): the coefficients against a direct minimisation, and
+the model's schedule (``quad_every``): the rule on its own, and the optimizer's steps between
+evaluations, which reuse the last (α, μ) with this step's direction (float64, values); its checkpoint
+round trip is ``tests/optim/test_base.py::test_state_dict_round_trip[kfac-quad-every]``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,29 @@ import torch.nn.functional as F
 from torch import nn
 
 import cgfac
-from cgfac.optim.quadratic import ModelSchedule
+from cgfac.optim.quadratic import ModelSchedule, solve_coefficients
+
+
+def test_coefficients_minimise_the_model() -> None:
+    damped = torch.tensor([[2.0, 0.3], [0.3, 1.0]], dtype=torch.float64)
+    lin = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    alpha, mu = solve_coefficients(damped, lin, "lr+momentum", True, 0.9) or (0.0, 0.0)
+    c = torch.tensor([alpha, mu], dtype=torch.float64)
+    torch.testing.assert_close(damped @ c + lin, torch.zeros(2, dtype=torch.float64), atol=1e-14, rtol=0)
+    # α alone with μ fixed: ∂/∂α of ½cᵀMc + linᵀc = 0 at c = (α, 0.9)
+    alpha, mu = solve_coefficients(damped, lin, "lr", True, 0.9) or (0.0, 0.0)
+    assert mu == 0.9
+    assert float(damped[0, 0] * alpha + damped[0, 1] * mu + lin[0]) == pytest.approx(0.0, abs=1e-14)
+    alpha, mu = solve_coefficients(damped, lin, "lr+momentum", False, 0.9) or (0.0, 0.0)
+    assert (alpha, mu) == (pytest.approx(0.5), 0.0)
+
+
+def test_no_finite_minimum() -> None:
+    lin = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    assert solve_coefficients(torch.tensor([[-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64), lin, "lr", False,
+                              0.0) is None
+    assert solve_coefficients(torch.tensor([[math.nan, 0.0], [0.0, 1.0]], dtype=torch.float64), lin, "lr", False,
+                              0.0) is None
 
 
 def test_period_doubles_while_coefficients_hold_and_resets_when_they_move() -> None:
