@@ -1,13 +1,15 @@
-"""The benchmark models: shapes, causality, and every parameter registered by CG-FAC and K-FAC."""
+"""The benchmark models: shapes, causality, and every parameter registered by CG-FAC and K-FAC;
+the wide tasks' widths."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import cgfac
-from cgfac_bench.models import INPUT_SHAPES, MODELS, build_model, transformer_lm
+from cgfac_bench.models import INPUT_SHAPES, MODELS, build_model, transformer_lm, wide_widths
 
 
 def _inputs(task: str, batch: int) -> torch.Tensor:
@@ -86,3 +88,18 @@ def test_nanogpt_moe_routes_tokens_to_experts_and_is_covered() -> None:
     pre = cgfac.KFAC(model)
     assert all(e.covered for e in pre.registration_report())
     assert "blocks.0.moe.experts.mlp_proj:3" in pre.layers
+
+
+def test_wide_models_scale_the_hidden_widths() -> None:
+    assert wide_widths(1) == (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+    assert wide_widths(4) == (784, 4000, 2000, 1000, 30, 1000, 2000, 4000, 784)
+    model = build_model("autoencoder-wide", width_mult=0.5)
+    shapes = [tuple(m.weight.shape) for m in model if isinstance(m, nn.Linear)]
+    assert shapes[0] == (500, 784) and shapes[3] == (30, 125) and shapes[-1] == (784, 500)
+    assert model(torch.rand(3, 784)).shape == (3, 784)
+    mlp = build_model("mlp-wide", width=32)
+    assert [tuple(m.weight.shape) for m in mlp if isinstance(m, nn.Linear)] == [(32, 784), (32, 32), (32, 32), (10, 32)]
+    with pytest.raises(ValueError, match="width_mult"):
+        wide_widths(0)
+    with pytest.raises(ValueError, match="do not apply"):
+        build_model("mlp", width=3)

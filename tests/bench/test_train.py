@@ -1,4 +1,5 @@
-"""Smoke tests of ``cgfac-bench train`` and ``cgfac-bench cg-iters`` on the quick digits task."""
+"""Smoke tests of ``cgfac-bench train`` (:mod:`cgfac_bench.train`) on the quick digits task, its tuned
+settings and ``--hyper`` overrides."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgfac_bench import cli, factory, loop, tasks, train
+from cgfac_bench import cli, loop, tasks, train
 
 GRID = "cgfac-kron=0.1;cgfac-exact=0.1;kfac=0.1;adam=0.003;sgd=0.1"
 
@@ -68,48 +69,6 @@ def test_divergence_is_recorded_not_raised(tmp_path: Path, monkeypatch: pytest.M
     ok = {**run, "diverged": False, "final_train_loss": 2.0, "lr": 0.3}
     assert train.best_runs([run, ok])["kfac"] is ok
     assert train.best_runs([run])["kfac"] is run
-
-
-def test_optimizer_registry_builds_every_name() -> None:
-    """Every optimizer name has a builder; the preconditioned ones come with their preconditioner."""
-    assert set(factory.BUILDERS) == set(train.ALL_OPTIMIZERS)
-    hp = train.SecondOrder(damping=1e-3, kl_clip=1e-3)
-    for name in train.ALL_OPTIMIZERS:
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-        opt, pre = train.make_optimizer(name, model, 0.1, hp)
-        assert isinstance(opt, torch.optim.Optimizer)
-        assert (pre is not None) == (name in ("kfac", "cgfac-kron", "cgfac-exact")), name
-    with pytest.raises(ValueError, match="optimizer must be one of"):
-        train.make_optimizer("adagrad", torch.nn.Linear(4, 3), 0.1, hp)
-
-
-def test_lr_grid_and_target_helpers() -> None:
-    assert train.parse_lr_grid(None, ["adam"]) == {"adam": list(train.LR_GRID["adam"])}
-    assert train.parse_lr_grid("0.5", ["adam", "sgd"]) == {"adam": [0.5], "sgd": [0.5]}
-    assert train.parse_lr_grid("sgd=0.2,0.4", ["adam", "sgd"])["sgd"] == [0.2, 0.4]
-    for bad in ("kfac=0.1", "adam=-1", "adam=x"):
-        with pytest.raises(ValueError):
-            train.parse_lr_grid(bad, ["adam"])
-    runs = [{"optimizer": "adam", "curve": [(0.0, 0, 3.0), (1.0, 10, 1.0)]},
-            {"optimizer": "kfac", "curve": [(0.0, 0, 3.0), (0.5, 4, 0.9)]}]
-    target = train.adam_target(runs)
-    assert target == 1.0
-    assert train.time_to(runs[1], target) == 0.5 and train.time_to(runs[1], 0.1) is None
-
-
-def test_cg_iters_smoke(tmp_path: Path) -> None:
-    rc = cli.main(["cg-iters", "--task", "digits", "--steps", "4", "--threads", "1", "--out", str(tmp_path)])
-    assert rc == 0
-    for name in ("results.json", "results.md", "cg_iters.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    record = json.loads((tmp_path / "results.json").read_text())
-    assert len(record["train_loss"]) == 4 and all(math.isfinite(v) for v in record["train_loss"])
-    for layer in record["layers"].values():
-        assert len(layer["warm"]) == len(layer["cold"]) == 4
-        assert layer["warm"][0] == layer["cold"][0]  # step 0: both start from zero on the same system
-        assert all(isinstance(i, int) and 0 <= i <= 200 for i in layer["warm"] + layer["cold"])
-        assert layer["cold_summary"]["solves"] == 3
-    assert "| all |" in (tmp_path / "results.md").read_text()
 
 
 def test_train_on_two_processes_through_torchrun(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The tuned settings of ``cgfac-bench train --tuned`` (:mod:`cgfac_bench.tuned`) as data: every entry
-says where it came from, and :data:`TUNED`'s dictionaries are the table."""
+says where it came from, and :data:`TUNED`'s dictionaries are the table;
+the library's wide defaults are the tuned ones."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from cgfac_bench import tuned
+import cgfac
+from cgfac_bench import train, tuned
 from cgfac_bench.hyper import ALL_OPTIMIZERS, SecondOrder
 from cgfac_bench.tasks import TASKS
 
@@ -36,3 +40,40 @@ def test_tuned_dicts_are_the_table() -> None:
             assert entry["lr"] == setting.lr and entry.get("damping") == setting.damping
             assert entry.get("hyper", {}) == dict(setting.hyper) and set(entry) <= {"lr", "damping", "hyper"}
     assert tuned.WIDE_CGFAC is tuned.TUNED["autoencoder-wide"]["cgfac-kron-adaptive"]
+
+
+def test_wide_defaults_are_the_tuned_settings_and_step_with_one_read() -> None:
+    from host_reads import count_reads
+
+    tuned = train.TUNED["autoencoder-wide"]["cgfac-kron-adaptive"]
+    wide = cgfac.optim.WIDE_DEFAULTS
+    assert wide["damping"] == tuned["damping"]
+    assert all(wide[k] == v for k, v in tuned["hyper"].items())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 300), nn.Tanh(), nn.Linear(300, 50))
+    opt = cgfac.optim.CGFAC.wide(model, loss_type="gaussian", curvature_samples=16, quad_samples=16)
+    pre = opt.preconditioner
+    assert (pre.curvature_samples, pre.solver, pre.damping_form, pre.fisher) == (16, "lowrank", "factored", "true")
+    x = torch.randn(64, 50)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = 0.5 * (model(x) - x).pow(2).sum(1).mean()
+        loss.backward()
+        return loss
+
+    first = float(closure())
+    inner = pre.step
+    reads: list[int] = []
+
+    def counted() -> None:
+        with count_reads() as seen:
+            inner()
+        reads.append(len(seen))
+
+    pre.step = counted  # type: ignore[method-assign]
+    for _ in range(5):
+        opt.step(closure)
+    assert reads == [1] * 5
+    assert float(closure()) < first
+    assert all(st.solver.solution is None for st in pre.states.values())

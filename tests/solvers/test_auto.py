@@ -1,11 +1,14 @@
-"""The automatic choice (:mod:`cgfac.solvers.auto`): CG's bounded probe and its fallback."""
+"""The automatic choice (:mod:`cgfac.solvers.auto`): CG's bounded probe and its fallback, and no
+warm-start copy kept where CG cannot win."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import cgfac
+from cgfac.solvers import CG_PROBE_STEPS
 
 
 def test_cg_probe_is_bounded_and_falls_back_to_the_cheaper_method(monkeypatch) -> None:
@@ -40,3 +43,28 @@ def test_cg_probe_is_bounded_and_falls_back_to_the_cheaper_method(monkeypatch) -
     easy = KronRows(torch.eye(20, dtype=torch.float64)[:12] * 1e-3, g * 1e-3)
     pre.solve_operator("w", easy, grad, 1.0)
     assert pre.layer_stats()["w"]["method"] == "cg" and pre.layer_stats()["w"]["converged"]
+
+
+@pytest.mark.parametrize(("o_iter", "copy_kept"), [(3e7, False), (1e5, True)])
+def test_no_warm_start_copy_where_cg_cannot_win(o_iter: float, copy_kept: bool) -> None:
+    """Wide layer, few rows: where no CG solve or probe could win (each CG product's overhead too
+    large) the automatic choice solves by low rank and keeps no d_out × d_in copy, even at the steps
+    where a periodic probe would be due; where CG can win (small overhead), the copy is kept for it. The
+    cost constants are fixed: measured, this layer sits near the break-even on a 2-core CPU and the
+    outcome would follow the load."""
+    from cgfac.solvers.base import CostConstants
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 400), nn.Tanh(), nn.Linear(400, 300))
+    pre = cgfac.CGFAC(model, curvature_samples=4, kl_clip=None)
+    pre.cost_constants = CostConstants(c_eig=15.3, c_solve=3.33, c_qr=18.4, thin=1.33, o_iter=o_iter, o_call=2.75e7)
+    x = torch.randn(16, 300)
+    for _ in range(CG_PROBE_STEPS + 2):
+        model.zero_grad()
+        (model(x) - x).pow(2).sum(1).mean().backward()
+        pre.step()
+        if not copy_kept:
+            assert all(st.solver.solution is None for st in pre.states.values())
+    assert all((st.solver.solution is not None) == copy_kept for st in pre.states.values())
+    if not copy_kept:
+        assert {st["method"] for st in pre.layer_stats().values()} == {"lowrank"}
