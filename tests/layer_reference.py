@@ -1,4 +1,4 @@
-"""Dense references for the layer families (float64, tiny models), shared by ``test_layers_*``.
+"""Dense references for the layer families (float64, tiny models), shared by the tests in ``tests/layers``.
 
 Independent of the library's helpers: per-sample gradients from ``torch.func.vmap(grad)``,
 rows from explicit slicing / one-hot matrices and ``retain_grad`` output gradients, and the

@@ -37,7 +37,7 @@ def test_sweep_summary_picks_the_first_width_where_cgfac_is_sooner() -> None:
 
 def test_sweep_and_profile_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the runs in this process (a spawned process per run costs seconds of imports; spawning is
-    # covered by test_bench_train's smoke tests), the thread count restored after
+    # covered by test_train's smoke tests), the thread count restored after
     from cgfac_bench.loop import train_run
 
     monkeypatch.setattr(train, "run_isolated", lambda cfg, on_progress: train_run(cfg, on_progress))

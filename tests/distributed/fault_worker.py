@@ -1,4 +1,4 @@
-"""Workers for the fault tests (``tests/distributed/test_faults.py``).
+"""Workers for the fault tests (``tests/distributed/test_collectives.py``).
 
 ``--mode kill|raise|hang``: launched directly (no torchrun agent to stop the others), 2 gloo
 ranks train with CG-FAC; at step ``FAIL_AT`` rank 1 is SIGKILLed, raises, or hangs between its

@@ -1,4 +1,4 @@
-"""Worker for the FSDP2 tests (``tests/distributed/test_fsdp.py``): 2 gloo CPU processes, parameters and
+"""Worker for the FSDP2 tests (``tests/distributed/test_sharded.py``): 2 gloo CPU processes, parameters and
 gradients sharded by ``torch.distributed.fsdp.fully_shard``; each rank trains on its shard of the
 global batch and saves, per run, the full directions and parameters of every step, what
 ``pre.step()`` communicated (``DTensor.full_tensor`` calls and the numbers they and the
