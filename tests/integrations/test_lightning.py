@@ -1,0 +1,90 @@
+"""The Lightning ``Trainer`` callback (:mod:`cgfac.integrations.lightning`) with a preconditioner, for
+real: tiny random GPT-2 and Llama (float64, CPU), a few steps with gradient accumulation and clipping,
+against a plain loop of the same steps (same batches, same order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import VOCAB, one_thread, tiny_model, token_batches  # noqa: F401  (autouse fixture)
+from torch import nn
+
+import cgfac
+
+pytest.importorskip("transformers")
+
+STEPS, MICRO, ACCUM = 3, 2, 2  # optimizer steps, sequences per micro-batch, micro-batches per step
+
+
+def micro_batches() -> list[dict[str, torch.Tensor]]:
+    return token_batches(STEPS * ACCUM, MICRO)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """The micro-batches' sequences in order (no sampler: the Trainer sees the plain loop's order)."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        for b in self.batches:
+            for i in range(b["input_ids"].shape[0]):
+                yield {k: v[i] for k, v in b.items()}
+
+
+def preconditioner(model: nn.Module) -> cgfac.KFAC:
+    return cgfac.KFAC(model, damping=1e-2, lr=3e-3, kl_clip=1e-2, inv_update_steps=2)
+
+
+def coverage(pre: cgfac.KFAC, model: nn.Module) -> float:
+    covered = {id(p) for h in pre.layers.values() for p in h.params()}
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if id(p) in covered) / sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lightning_trainer_with_preconditioner_callback_equals_plain_loop(arch: str, tmp_path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+
+    from cgfac.integrations.lightning import PreconditionerCallback
+
+    class LM(pl.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.losses: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            loss = self.model(**batch).loss
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.model.parameters(), lr=3e-3)
+
+    batches = micro_batches()
+    want = tiny_model(arch)
+    want_pre = preconditioner(want)
+    opt = torch.optim.AdamW(want.parameters(), lr=3e-3)
+    for s in range(STEPS):
+        for b in batches[s * ACCUM: (s + 1) * ACCUM]:
+            (want(**b).loss / ACCUM).backward()
+        want_pre.step()  # Lightning: the callback, then clipping, then the optimizer
+        torch.nn.utils.clip_grad_norm_(want.parameters(), 1.0)
+        opt.step()
+        want.zero_grad()
+
+    module = LM(tiny_model(arch))
+    pre = preconditioner(module.model)
+    loader = torch.utils.data.DataLoader(Stream(batches), batch_size=MICRO)
+    trainer = pl.Trainer(max_steps=STEPS, accumulate_grad_batches=ACCUM, gradient_clip_val=1.0, accelerator="cpu",
+                         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[PreconditionerCallback(pre)],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, loader)
+    assert pre.steps == STEPS and coverage(pre, module.model) == 1.0
+    for (name, p), q in zip(module.model.named_parameters(), want.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+    per_step = [sum(module.losses[s * ACCUM: (s + 1) * ACCUM]) for s in range(STEPS)]
+    assert per_step[-1] < per_step[0]
+    assert module.model.lm_head.weight.shape[0] == VOCAB
