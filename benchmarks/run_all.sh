@@ -336,3 +336,39 @@ PYTHONPATH=src .venv/bin/python scripts/lm_time_to_target.py benchmarks/tuning-n
   benchmarks/speed-nanogpt-round7/s.json "tkfac-ortho-input:$S,rank=64,ns_steps=5" "tkfac-ortho-input:$S,rank=64,ns_steps=4"
 PYTHONPATH=src .venv/bin/python scripts/lm_time_to_target.py benchmarks/train-nanogpt-m-ns4-3seeds/recorded-runs.jsonl \
   benchmarks/speed-nanogpt-round7/m.json "tkfac-ortho-input:$S,rank=256,ns_steps=5" "tkfac-ortho-input:$S,rank=256,ns_steps=4"
+
+# --- Round 8 (issue 23): Newton-Schulz in Gram form (ns_form="auto", now the default); Polar Express ---
+# Polar Express coefficients, S seed 0, 4 and 5 iterations, for TransformerKFAC and for Muon (muon-f32
+# takes the same --hyper; the factor keys do nothing with power=0).
+$B train --task nanogpt-s --iters 2000 --jobs 2 --optimizers tkfac-ortho-input,muon-f32 \
+  --lr-grid "tkfac-ortho-input=4e-3;muon-f32=8e-3" \
+  --hyper "$S,rank=64,ns_schedule=polar-express|$S,rank=64,ns_steps=4,ns_schedule=polar-express" --out /tmp/runs/s-pe
+# The Gram form's runs (every matrix in Gram form): S seeds 0-2, M seed 0 (one run at a time per core).
+$B train --task nanogpt-s --iters 2000 --jobs 1 --threads 1 --optimizers tkfac-ortho-input \
+  --lr-grid "tkfac-ortho-input=4e-3" --hyper "$S,rank=64,ns_steps=5,ns_form=gram" --seeds 0,1,2 --out /tmp/runs/s-gram
+$B train --task nanogpt-m --iters 2000 --jobs 1 --threads 1 --optimizers tkfac-ortho-input \
+  --lr-grid "tkfac-ortho-input=4e-3" --hyper "$S,rank=256,ns_steps=4,ns_form=gram" --out /tmp/runs/m-gram
+# Step times, interleaved, the machine otherwise idle: the plain form (torch.optim.Muon's, as before),
+# the default "auto" (the Gram form on the rectangular matrices), and Muon given the Gram form too.
+PYTHONPATH=src .venv/bin/python scripts/lm_step_time.py --task nanogpt-s --rounds 250 \
+  --json benchmarks/speed-nanogpt-round8/s.json muon-f32 adamw "tkfac-ortho-input:$S,rank=64,ns_steps=5,ns_form=plain" \
+  "tkfac-ortho-input:$S,rank=64,ns_steps=5" "tkfac-ortho-input:$S,rank=64,ns_steps=4" "muon-f32:ns_form=gram"
+PYTHONPATH=src .venv/bin/python scripts/lm_step_time.py --task nanogpt-m --rounds 80 --warmup 10 \
+  --json benchmarks/speed-nanogpt-round8/m.json muon-f32 adamw "tkfac-ortho-input:$S,rank=256,ns_steps=4,ns_form=plain" \
+  "tkfac-ortho-input:$S,rank=256,ns_steps=4" "tkfac-ortho-input:$S,rank=256,ns_steps=5" "muon-f32:ns_form=gram"
+# Reports over the recorded runs (round 7's references and plain-form runs, then this round's) and the
+# time ratios: steps ratio per seed x the interleaved step ratio ("A@B": A's runs at B's step time).
+$B train --task nanogpt-s --iters 2000 --jobs 2 --from-runs benchmarks/tuning-nanogpt-s-round8/recorded-runs.jsonl \
+  --out benchmarks/tuning-nanogpt-s-round8
+$B train --task nanogpt-m --iters 2000 --jobs 2 --from-runs benchmarks/train-nanogpt-m-round8/recorded-runs.jsonl \
+  --out benchmarks/train-nanogpt-m-round8
+PYTHONPATH=src .venv/bin/python scripts/lm_time_to_target.py benchmarks/tuning-nanogpt-s-round8/recorded-runs.jsonl \
+  benchmarks/speed-nanogpt-round8/s.json \
+  "tkfac-ortho-input:$S,rank=64,ns_steps=5,ns_form=gram@tkfac-ortho-input:$S,rank=64,ns_steps=5" \
+  "tkfac-ortho-input:$S,rank=64,ns_steps=5" "tkfac-ortho-input:$S,rank=64,ns_steps=4" \
+  "tkfac-ortho-input:$S,rank=64,ns_steps=5@tkfac-ortho-input:$S,rank=64,ns_steps=5,ns_form=plain"
+PYTHONPATH=src .venv/bin/python scripts/lm_time_to_target.py benchmarks/train-nanogpt-m-round8/recorded-runs.jsonl \
+  benchmarks/speed-nanogpt-round8/m.json \
+  "tkfac-ortho-input:$S,rank=256,ns_steps=4,ns_form=gram@tkfac-ortho-input:$S,rank=256,ns_steps=4" \
+  "tkfac-ortho-input:$S,rank=256,ns_steps=4" "tkfac-ortho-input:$S,rank=256,ns_steps=5" \
+  "tkfac-ortho-input:$S,rank=256,ns_steps=4@tkfac-ortho-input:$S,rank=256,ns_steps=4,ns_form=plain"

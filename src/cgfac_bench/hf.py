@@ -8,7 +8,7 @@ on the standard library's text, and Muon as a peer (issue 17's evidence).
   evaluation (:func:`cgfac_bench.data.load_stdlib_text`, held-out bits per byte) it shares.
   The run is the harness's own loop (forward, backward, ``pre.step()``, ``opt.step()``), which is
   exactly what ``transformers.Trainer`` does with ``PreconditionerCallback`` (tested against each
-  other in ``tests/integrations/test_integrations.py``), without ``Trainer``'s logging in the timed steps.
+  other in ``tests/integrations/test_transformers.py``), without ``Trainer``'s logging in the timed steps.
 * Muon (``muon``, ``muon-original``: :mod:`cgfac_bench.peers`) takes the hidden 2-D matrices (the
   blocks' ``Conv1D`` projections), AdamW the rest (embeddings and the tied head, biases, LayerNorms).
 

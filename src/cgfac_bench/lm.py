@@ -147,6 +147,10 @@ WD_GRID: dict[str, tuple[float, ...]] = {name: (0.1,) for name in LM_OPTIMIZERS}
 #   5: 1.425): 5 kept at S. M (benchmarks/train-nanogpt-m-ns4-3seeds, 3 seeds): ns_steps=4 1.375 against
 #   1.372, 0.95 of Muon's steps against 0.93, step 1.02x Muon's against 1.10x (speed-nanogpt-round7), so
 #   0.97x Muon's time against 1.02x: kept at M. Muon at M with 4: 1.392 against 1.387.
+# Round 8 (benchmarks/tuning-nanogpt-s-round8, train-nanogpt-m-round8, speed-nanogpt-round8): Newton-Schulz
+#   in Gram form (TransformerKFAC's default ns_form="auto"; the same maths) cuts the step to 1.00x Muon's
+#   at S and 0.89x at M (plain form: 1.08x, 1.01x); muon-f32 keeps torch.optim.Muon's plain form. Polar
+#   Express coefficients (S, seed 0): ours 1.431 (5), 1.430 (4); Muon 1.443 (5), 1.443 (4): Jordan's kept.
 TUNED_LM: dict[str, dict[str, dict[str, Any]]] = {
     "nanogpt-s": {"adamw-published": {"lr": 1e-3, "wd": 0.1}, "adamw": {"lr": 4e-3, "wd": 0.1},
                   "muon-f32": {"lr": 8e-3, "wd": 0.1},
