@@ -115,17 +115,20 @@ def snapshot(obj: Any) -> Any:
 
 
 def run_preconditioner(make: Callable[[nn.Module], Any], steps: int = STEPS, *, rank: int = 0,
-                       world: int = 1) -> list[dict[str, Any]]:
-    """``steps`` steps of a preconditioner (under DDP, on this rank's share of each batch, when
-    ``world > 1``); the last rank's gradient turns NaN at :data:`BAD_GRAD_STEP`."""
+                       world: int = 1, model_fn: Callable[[], nn.Module] = net,
+                       batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]] = batch,
+                       reload_step: int | None = None) -> list[dict[str, Any]]:
+    """``steps`` steps of a preconditioner on ``model_fn()`` (under DDP, on this rank's share of each
+    batch, when ``world > 1``); the last rank's gradient turns NaN at :data:`BAD_GRAD_STEP`; with
+    ``reload_step``, the preconditioner is rebuilt from its ``state_dict`` after that step."""
     from torch.nn.parallel import DistributedDataParallel
 
-    model = net()
+    model = model_fn()
     module = DistributedDataParallel(model) if world > 1 else model
     pre = make(module)
     out = []
     for step in range(steps):
-        x, y = batch(step)
+        x, y = batch_fn(step)
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         model.zero_grad()
         F.cross_entropy(module(x), y).backward()
@@ -134,34 +137,7 @@ def run_preconditioner(make: Callable[[nn.Module], Any], steps: int = STEPS, *, 
         pre.step()
         out.append({"grads": [snapshot(p.grad) for p in model.parameters()], "stats": snapshot(pre.layer_stats()),
                     "counters": (pre.steps, pre.fallbacks, pre.skipped_steps), "state": snapshot(pre.state_dict())})
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.sub_(0.1 * p.grad)
-    return out
-
-
-def run_kfac_mixed(make: Callable[[nn.Module], Any], steps: int = STEPS, *, rank: int = 0,
-                   world: int = 1) -> list[dict[str, Any]]:
-    """Like :func:`run_preconditioner` on :func:`mixed_net`, with a checkpoint round trip after
-    :data:`RELOAD_STEP`."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    model = mixed_net()
-    module = DistributedDataParallel(model) if world > 1 else model
-    pre = make(module)
-    out = []
-    for step in range(steps):
-        x, y = mixed_batch(step)
-        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-        model.zero_grad()
-        F.cross_entropy(module(x), y).backward()
-        if step == BAD_GRAD_STEP and rank == world - 1:
-            next(model.parameters()).grad[0, 0] = math.nan
-        pre.step()
-        out.append({"grads": [snapshot(p.grad) for p in model.parameters()], "stats": snapshot(pre.layer_stats()),
-                    "counters": (pre.steps, pre.fallbacks, pre.skipped_steps), "state": snapshot(pre.state_dict())})
-        if step == RELOAD_STEP:
+        if step == reload_step:
             state = pre.state_dict()
             pre.remove()
             pre = make(module)
@@ -171,6 +147,13 @@ def run_kfac_mixed(make: Callable[[nn.Module], Any], steps: int = STEPS, *, rank
                 if p.grad is not None:
                     p.sub_(0.1 * p.grad)
     return out
+
+
+def run_kfac_mixed(make: Callable[[nn.Module], Any], steps: int = STEPS, *, rank: int = 0,
+                   world: int = 1) -> list[dict[str, Any]]:
+    """:func:`run_preconditioner` on :func:`mixed_net`, with a checkpoint round trip after :data:`RELOAD_STEP`."""
+    return run_preconditioner(make, steps, rank=rank, world=world, model_fn=mixed_net, batch_fn=mixed_batch,
+                              reload_step=RELOAD_STEP)
 
 
 def run_optimizer(make: Callable[[nn.Module], Any], steps: int = STEPS) -> list[dict[str, Any]]:
