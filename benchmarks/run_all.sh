@@ -372,3 +372,9 @@ PYTHONPATH=src .venv/bin/python scripts/lm_time_to_target.py benchmarks/train-na
   "tkfac-ortho-input:$S,rank=256,ns_steps=4,ns_form=gram@tkfac-ortho-input:$S,rank=256,ns_steps=4" \
   "tkfac-ortho-input:$S,rank=256,ns_steps=4" "tkfac-ortho-input:$S,rank=256,ns_steps=5" \
   "tkfac-ortho-input:$S,rank=256,ns_steps=4@tkfac-ortho-input:$S,rank=256,ns_steps=4,ns_form=plain"
+
+# --- Round 8 (issue 26): the ×4 target run with the quadratic model on a schedule, 3 seeds ---
+W="--task autoencoder-wide --width-mult 4 --tuned --budget 300 --eval-every 25 --eval-samples 5000"
+$B train $W --optimizers cgfac-kron-adaptive,adam --hyper quad_every=5,quad_tol=0.5 --seeds 0,1,2 \
+  --out benchmarks/train-autoencoder-wide-x4-300s-round8-quad5
+PYTHONPATH=src .venv/bin/python scripts/time_to_peer.py benchmarks/train-autoencoder-wide-x4-300s-round8-quad5/results.json
