@@ -24,3 +24,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per worker: the
 def dense_cases() -> list[Case]:
     """Small models with inputs, targets and a loss, whose blocks the dense references cover."""
     return cases()
+
+
+@pytest.fixture(params=cases(), ids=lambda c: c.name)
+def case(request: pytest.FixtureRequest) -> Case:
+    """Each dense reference case in turn (a test parametrized on ``case`` overrides it)."""
+    return request.param

@@ -6,6 +6,9 @@ import os
 
 import pytest
 import torch
+from torch import nn
+
+import cgfac
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,3 +61,33 @@ def token_batches(count: int, batch: int, *, seed: int = 1) -> list[dict[str, to
             ids[:, t] = torch.where(keep, table[ids[:, t - 1]], noise)
         out.append({"input_ids": ids, "labels": ids.clone()})
     return out
+
+
+# The integration tests' shared set-up (tests/integrations): micro-batches, their stream, the preconditioner.
+STEPS, MICRO, ACCUM = 3, 2, 2  # optimizer steps, sequences per micro-batch, micro-batches per step
+
+
+def micro_batches() -> list[dict[str, torch.Tensor]]:
+    return token_batches(STEPS * ACCUM, MICRO)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """The micro-batches' sequences in order (no sampler: the Trainer sees the plain loop's order)."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        for b in self.batches:
+            for i in range(b["input_ids"].shape[0]):
+                yield {k: v[i] for k, v in b.items()}
+
+
+def preconditioner(model: nn.Module) -> cgfac.KFAC:
+    return cgfac.KFAC(model, damping=1e-2, lr=3e-3, kl_clip=1e-2, inv_update_steps=2)
+
+
+def coverage(pre: cgfac.KFAC, model: nn.Module) -> float:
+    covered = {id(p) for h in pre.layers.values() for p in h.params()}
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if id(p) in covered) / sum(p.numel() for p in params)

@@ -195,3 +195,21 @@ def cases() -> list[Case]:
             nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 3, 3, bias=False)),
              rand(3, 2, 5, 4), labels(3, 3), ce),
     ]
+
+
+def double_model(case: Case) -> nn.Module:
+    """``case``'s model in float64, its parameters drawn from seed 0."""
+    torch.manual_seed(0)
+    return case.make_model().double()
+
+
+def library_rows(case: Case, model: nn.Module) -> dict:
+    """Rows captured by the library's hooks on one forward/backward of the mean-reduced loss."""
+    import cgfac
+
+    pre = cgfac.CGFAC(model)
+    model.zero_grad()
+    case.loss(model(case.x), case.y).backward()
+    rows = {name: pre._rows(helper) for name, helper in pre.layers.items()}
+    pre.remove()
+    return rows

@@ -5,36 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import Case, cases, exact_fisher, per_sample_grads, unvec, vec
+from reference import Case, double_model, exact_fisher, library_rows, per_sample_grads, unvec, vec
 
-import cgfac
 from cgfac.curvature.exact import ExactRows
-
-CASES = cases()
-
-
-def library_rows(case: Case, model: torch.nn.Module) -> dict:
-    """Rows captured by the library's hooks on one forward/backward of the mean-reduced loss."""
-    pre = cgfac.CGFAC(model)
-    model.zero_grad()
-    case.loss(model(case.x), case.y).backward()
-    rows = {name: pre._rows(helper) for name, helper in pre.layers.items()}
-    pre.remove()
-    return rows
-
-
-@pytest.fixture(params=CASES, ids=lambda c: c.name)
-def case(request) -> Case:
-    return request.param
-
-
-def make(case: Case) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return case.make_model().double()
 
 
 def test_exact_product_matches_per_sample_fisher(case: Case) -> None:
-    model = make(case)
+    model = double_model(case)
     jac = per_sample_grads(case, model)
     rows = library_rows(case, model)
     gen = torch.Generator().manual_seed(2)

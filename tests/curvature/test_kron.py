@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from host_reads import count_reads
-from reference import Case, capture, cases, dense_kron, factors, unvec, vec
+from reference import Case, capture, dense_kron, double_model, factors, library_rows, unvec, vec
 from torch import nn
 
 import cgfac
@@ -143,31 +143,8 @@ def test_eigh_reads_back_its_result_only_when_asked_to_check() -> None:
     assert torch.equal(s, s2) and torch.equal(q, q2)
 
 
-CASES = cases()
-
-
-def library_rows(case: Case, model: torch.nn.Module) -> dict:
-    """Rows captured by the library's hooks on one forward/backward of the mean-reduced loss."""
-    pre = cgfac.CGFAC(model)
-    model.zero_grad()
-    case.loss(model(case.x), case.y).backward()
-    rows = {name: pre._rows(helper) for name, helper in pre.layers.items()}
-    pre.remove()
-    return rows
-
-
-@pytest.fixture(params=CASES, ids=lambda c: c.name)
-def case(request) -> Case:
-    return request.param
-
-
-def make(case: Case) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return case.make_model().double()
-
-
 def test_kron_product_matches_torch_kron(case: Case) -> None:
-    model = make(case)
+    model = double_model(case)
     ref = capture(case, model)
     rows = library_rows(case, model)
     gen = torch.Generator().manual_seed(1)

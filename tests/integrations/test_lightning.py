@@ -6,41 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import VOCAB, one_thread, tiny_model, token_batches  # noqa: F401  (autouse fixture)
-from torch import nn
-
-import cgfac
+from hf_models import (  # noqa: F401  (one_thread: an autouse fixture)
+    ACCUM,
+    MICRO,
+    STEPS,
+    VOCAB,
+    Stream,
+    coverage,
+    micro_batches,
+    one_thread,
+    preconditioner,
+    tiny_model,
+)
 
 pytest.importorskip("transformers")
-
-STEPS, MICRO, ACCUM = 3, 2, 2  # optimizer steps, sequences per micro-batch, micro-batches per step
-
-
-def micro_batches() -> list[dict[str, torch.Tensor]]:
-    return token_batches(STEPS * ACCUM, MICRO)
-
-
-class Stream(torch.utils.data.IterableDataset):
-    """The micro-batches' sequences in order (no sampler: the Trainer sees the plain loop's order)."""
-
-    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
-        self.batches = batches
-
-    def __iter__(self):
-        for b in self.batches:
-            for i in range(b["input_ids"].shape[0]):
-                yield {k: v[i] for k, v in b.items()}
-
-
-def preconditioner(model: nn.Module) -> cgfac.KFAC:
-    return cgfac.KFAC(model, damping=1e-2, lr=3e-3, kl_clip=1e-2, inv_update_steps=2)
-
-
-def coverage(pre: cgfac.KFAC, model: nn.Module) -> float:
-    covered = {id(p) for h in pre.layers.values() for p in h.params()}
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if id(p) in covered) / sum(p.numel() for p in params)
-
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_lightning_trainer_with_preconditioner_callback_equals_plain_loop(arch: str, tmp_path) -> None:

@@ -2,37 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from reference import Case, capture, cases
-
-import cgfac
-
-CASES = cases()
-
-
-def library_rows(case: Case, model: torch.nn.Module) -> dict:
-    """Rows captured by the library's hooks on one forward/backward of the mean-reduced loss."""
-    pre = cgfac.CGFAC(model)
-    model.zero_grad()
-    case.loss(model(case.x), case.y).backward()
-    rows = {name: pre._rows(helper) for name, helper in pre.layers.items()}
-    pre.remove()
-    return rows
-
-
-@pytest.fixture(params=CASES, ids=lambda c: c.name)
-def case(request) -> Case:
-    return request.param
-
-
-def make(case: Case) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return case.make_model().double()
+from reference import Case, capture, double_model, library_rows
 
 
 def test_captured_rows_match_reference(case: Case) -> None:
-    model = make(case)
+    model = double_model(case)
     ref = capture(case, model)
     rows = library_rows(case, model)
     for name, (a, g, n) in ref.items():
