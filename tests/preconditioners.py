@@ -1,10 +1,11 @@
-"""The preconditioners every solve path is checked with, at one damping, and the preconditioned
-gradients they leave (shared by ``test_directions``, ``test_relative_damping`` and ``layer_reference``)."""
+"""The preconditioners every solve path is checked with, at one damping, the preconditioned
+gradients they leave, and the dense directions they are checked against (shared by
+``test_directions``, ``test_transforms``, ``test_relative_damping`` and ``layer_reference``)."""
 
 from __future__ import annotations
 
 import torch
-from reference import covered
+from reference import Case, capture, covered, dense_kron, exact_fisher, factors, mean_grad, per_sample_grads, unvec, vec
 
 import cgfac
 
@@ -32,4 +33,20 @@ def preconditioned_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, m in covered(model).items():
         w = m.weight.grad.reshape(m.weight.shape[0], -1)
         out[name] = torch.cat([w, m.bias.grad[:, None]], 1) if m.bias is not None else w
+    return out
+
+
+def dense_directions(case: Case, model: torch.nn.Module, exact: bool) -> dict[str, torch.Tensor]:
+    """``(A ⊗ G + λI)⁻¹ vec ∇W`` or ``(F + λI)⁻¹ vec ∇W`` per layer, by ``torch.linalg.solve``."""
+    grads = mean_grad(case, model)
+    out = {}
+    if exact:
+        for name, j in per_sample_grads(case, model).items():
+            system = exact_fisher(j) + DAMPING * torch.eye(j.shape[1] * j.shape[2], dtype=j.dtype)
+            out[name] = unvec(torch.linalg.solve(system, vec(grads[name])), grads[name].shape)
+    else:
+        for name, (a, g, n) in capture(case, model).items():
+            a_f, g_f = factors(a, g, n)
+            system = dense_kron(a_f, g_f) + DAMPING * torch.eye(a_f.shape[0] * g_f.shape[0], dtype=a.dtype)
+            out[name] = unvec(torch.linalg.solve(system, vec(grads[name])), grads[name].shape)
     return out

@@ -6,40 +6,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from preconditioners import DAMPING, PRECONDITIONERS, preconditioned_grads
+from preconditioners import PRECONDITIONERS, dense_directions, preconditioned_grads
 from reference import (
     Case,
-    capture,
     cases,
-    dense_kron,
-    exact_fisher,
-    factors,
-    mean_grad,
-    per_sample_grads,
-    unvec,
-    vec,
 )
 from torch import nn
 
 import cgfac
 
 CASES = cases()
-
-
-def dense_directions(case: Case, model: torch.nn.Module, exact: bool) -> dict[str, torch.Tensor]:
-    """``(A ⊗ G + λI)⁻¹ vec ∇W`` or ``(F + λI)⁻¹ vec ∇W`` per layer, by ``torch.linalg.solve``."""
-    grads = mean_grad(case, model)
-    out = {}
-    if exact:
-        for name, j in per_sample_grads(case, model).items():
-            system = exact_fisher(j) + DAMPING * torch.eye(j.shape[1] * j.shape[2], dtype=j.dtype)
-            out[name] = unvec(torch.linalg.solve(system, vec(grads[name])), grads[name].shape)
-    else:
-        for name, (a, g, n) in capture(case, model).items():
-            a_f, g_f = factors(a, g, n)
-            system = dense_kron(a_f, g_f) + DAMPING * torch.eye(a_f.shape[0] * g_f.shape[0], dtype=a.dtype)
-            out[name] = unvec(torch.linalg.solve(system, vec(grads[name])), grads[name].shape)
-    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -12,18 +12,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from preconditioners import DAMPING, preconditioned_grads
+from preconditioners import DAMPING, dense_directions, preconditioned_grads
 from reference import (
-    Case,
     capture,
     cases,
-    dense_kron,
-    exact_fisher,
     factors,
     mean_grad,
-    per_sample_grads,
-    unvec,
-    vec,
 )
 from torch import nn
 
@@ -146,22 +140,6 @@ def test_ordinary_settings_not_reported():
 
 
 CASES = cases()
-
-
-def dense_directions(case: Case, model: torch.nn.Module, exact: bool) -> dict[str, torch.Tensor]:
-    """``(A ⊗ G + λI)⁻¹ vec ∇W`` or ``(F + λI)⁻¹ vec ∇W`` per layer, by ``torch.linalg.solve``."""
-    grads = mean_grad(case, model)
-    out = {}
-    if exact:
-        for name, j in per_sample_grads(case, model).items():
-            system = exact_fisher(j) + DAMPING * torch.eye(j.shape[1] * j.shape[2], dtype=j.dtype)
-            out[name] = unvec(torch.linalg.solve(system, vec(grads[name])), grads[name].shape)
-    else:
-        for name, (a, g, n) in capture(case, model).items():
-            a_f, g_f = factors(a, g, n)
-            system = dense_kron(a_f, g_f) + DAMPING * torch.eye(a_f.shape[0] * g_f.shape[0], dtype=a.dtype)
-            out[name] = unvec(torch.linalg.solve(system, vec(grads[name])), grads[name].shape)
-    return out
 
 
 def test_kl_clip_scales_direction() -> None:
